@@ -1,0 +1,1 @@
+"""The reward side of rlft: training reward models on preference pairs, building preference data, scoring."""

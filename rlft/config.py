@@ -1,0 +1,282 @@
+"""Typed run configs: dataclasses loaded from YAML plus `key.sub=value` command-line overrides.
+
+Every stage's config is a tree of dataclasses whose fields carry a `help` string (see `option`). Loading
+refuses unknown keys (with a suggestion), coerces and checks types, and runs each section's
+`__post_init__` checks, all before any model is loaded. Shared sections (model, LoRA, data) live here;
+each stage defines its own top-level config next to its code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from rlft.errors import RlftError
+
+
+class ConfigError(RlftError):
+    pass
+
+
+class ConfigValueError(ValueError):
+    """Raised by a section's checks; the loader prefixes the dotted path of the section."""
+
+    def __init__(self, key: str, problem: str):
+        super().__init__(f"{key}: {problem}")
+        self.key, self.problem = key, problem
+
+
+def option(default: Any, help: str):
+    """A config field with its documentation. Mutable defaults are copied per instance."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+def section(cls, help: str):
+    """A nested config section."""
+    return field(default_factory=cls, metadata={"help": help})
+
+
+def require(condition: bool, key: str, problem: str) -> None:
+    if not condition:
+        raise ConfigValueError(key, problem)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Shared sections
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = option(
+        "smollm2-135m-instruct",
+        "HF hub id, local directory, or an embedded name (smollm2-135m-instruct, all-minilm-l6-v2) "
+        "that works offline.",
+    )
+    revision: str = option("", "Hub revision (branch, tag or commit); empty for the default.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = option(
+        "auto", "Weights/compute dtype. auto: bfloat16 on a GPU that supports it, else float32."
+    )
+    quantization: Literal["none", "4bit", "8bit"] = option(
+        "none", "Load the frozen base with bitsandbytes: 4bit (NF4, double quant) or 8bit = QLoRA."
+    )
+    gradient_checkpointing: bool = option(False, "Trade compute for activation memory.")
+    trust_remote_code: bool = option(False, "Allow model code from the hub (only for models you trust).")
+    attn_implementation: str = option("", "e.g. sdpa, eager, flash_attention_2; empty for the default.")
+
+
+@dataclass
+class LoraConfig:
+    r: int = option(16, "LoRA rank.")
+    alpha: int = option(32, "LoRA alpha; the update is scaled by alpha / r.")
+    dropout: float = option(0.05, "Dropout on the LoRA input.")
+    target_modules: list[str] = option(
+        ["all-linear"], "Module names to adapt, or ['all-linear'] for every linear layer but the head."
+    )
+
+    def __post_init__(self):
+        require(self.r > 0, "r", f"must be a positive integer rank, got {self.r} (try 8, 16 or 32)")
+        require(self.alpha > 0, "alpha", f"must be positive, got {self.alpha}")
+        require(0 <= self.dropout < 1, "dropout", f"must be in [0, 1), got {self.dropout}")
+        require(len(self.target_modules) > 0, "target_modules", "must name at least one module")
+
+
+@dataclass
+class DataConfig:
+    path: str = option(
+        "chatterbot",
+        "A local .jsonl/.json/.csv/.parquet file or directory, an HF hub dataset name, or a built-in "
+        "offline dataset (chatterbot: English dialog pairs).",
+    )
+    subset: str = option("", "Hub dataset configuration name (subset), if any.")
+    split: str = option("train", "Split to train on.")
+    eval_split: str = option("", "Split to evaluate on; empty: hold out eval_fraction of `split`.")
+    eval_fraction: float = option(0.1, "Share of `split` held out for evaluation when eval_split is empty.")
+    max_samples: int = option(0, "Use at most this many training rows (0: all).")
+    max_eval_samples: int = option(0, "Use at most this many evaluation rows (0: all).")
+
+    def __post_init__(self):
+        require(bool(self.path), "path", "must name a file, a hub dataset or a built-in dataset")
+        require(0 < self.eval_fraction < 1, "eval_fraction", f"must be in (0, 1), got {self.eval_fraction}")
+        require(self.max_samples >= 0, "max_samples", "must be >= 0 (0 means all)")
+        require(self.max_eval_samples >= 0, "max_eval_samples", "must be >= 0 (0 means all)")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_config(cls: type, path: str | Path | None = None, overrides: list[str] = ()):
+    """Build `cls` from an optional YAML file and `a.b=value` overrides (later ones win)."""
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file '{path}' not found: check the --config path")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file '{path}' is not valid YAML: {str(e).splitlines()[0]}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file '{path}' must hold a mapping of keys to values")
+    for override in overrides:
+        _apply_override(data, override)
+    return from_dict(cls, data)
+
+
+def _apply_override(data: dict, override: str) -> None:
+    key, sep, raw = override.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override '{override}' is not of the form key.sub=value (e.g. lora.r=32)")
+    *parents, leaf = key.strip().split(".")
+    node = data
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override '{override}': '{part}' is a value, not a section")
+    node[leaf] = yaml.safe_load(raw) if raw.strip() else ""
+
+
+def from_dict(cls: type, data: dict, prefix: str = ""):
+    """Recursively build dataclass `cls` from `data`, refusing unknown keys and wrong types."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"'{prefix.rstrip('.')}' must be a section (a mapping), got {data!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    for key in data:
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), fields, n=1)
+            hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; valid keys: {', '.join(fields)}"
+            raise ConfigError(f"unknown config key '{prefix}{key}'{hint}")
+    kwargs = {}
+    for name, value in data.items():
+        kind = hints[name]
+        if dataclasses.is_dataclass(kind):
+            kwargs[name] = from_dict(kind, value if value is not None else {}, f"{prefix}{name}.")
+        else:
+            kwargs[name] = _coerce(value, kind, f"{prefix}{name}")
+    try:
+        return cls(**kwargs)
+    except ConfigValueError as e:
+        raise ConfigError(f"bad value for '{prefix}{e.key}': {e.problem}") from None
+
+
+def _coerce(value: Any, kind: Any, key: str) -> Any:
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    bad = ConfigError(f"bad value for '{key}': expected {_type_name(kind)}, got {value!r}")
+    if origin is Literal:
+        if value not in args:
+            close = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise ConfigError(f"bad value for '{key}': {value!r} is not one of {list(args)}{hint}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is not type(None):
+                try:
+                    return _coerce(value, arg, key)
+                except ConfigError:
+                    pass
+        raise bad
+    if origin is list:
+        if not isinstance(value, list):
+            value = [value]  # a single item where a list is expected is a list of one
+        return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise bad
+        return dict(value)
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        raise bad
+    if kind is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise bad
+    if kind is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                raise bad from None
+        raise bad
+    if kind is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise bad
+    return value
+
+
+def _type_name(kind: Any) -> str:
+    if typing.get_origin(kind) is Literal:
+        return " | ".join(map(str, typing.get_args(kind)))
+    return getattr(kind, "__name__", str(kind).replace("typing.", ""))
+
+
+def to_dict(config) -> dict:
+    return dataclasses.asdict(config)
+
+
+def save_config(config, path: str | Path) -> None:
+    """Write the fully resolved config next to a run's outputs, so the run can be reproduced."""
+    Path(path).write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+
+
+def describe(cls: type, prefix: str = "") -> list[tuple[str, str, Any, str]]:
+    """(key, type, default, help) for every leaf field: the config reference in README and --help."""
+    rows = []
+    hints = typing.get_type_hints(cls)
+    default = cls()
+    for f in dataclasses.fields(cls):
+        kind = hints[f.name]
+        if dataclasses.is_dataclass(kind):
+            rows += describe(kind, f"{prefix}{f.name}.")
+        else:
+            rows.append((f"{prefix}{f.name}", _type_name(kind), getattr(default, f.name), f.metadata.get("help", "")))
+    return rows
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation settings for the stages that run on TRL's trainers (sft, reward)."""
+
+    epochs: float = option(1.0, "Passes over the training data (ignored when max_steps > 0).")
+    max_steps: int = option(0, "Stop after this many optimiser steps (0: use epochs).")
+    batch_size: int = option(8, "Rows per device per forward pass.")
+    gradient_accumulation_steps: int = option(1, "Forward passes per optimiser step.")
+    learning_rate: float = option(2e-4, "Peak learning rate.")
+    lr_scheduler: str = option("cosine", "transformers scheduler name: linear, cosine, constant, ...")
+    warmup_ratio: float = option(0.03, "Share of steps spent warming up the learning rate.")
+    weight_decay: float = option(0.0, "AdamW weight decay.")
+    max_grad_norm: float = option(1.0, "Clip the gradient norm to this.")
+    max_length: int = option(512, "Truncate tokenized rows to this many tokens.")
+    logging_steps: int = option(10, "Log every this many steps (TensorBoard and metrics).")
+    eval_steps: int = option(0, "Evaluate every this many steps during training (0: only before and after).")
+    save_steps: int = option(100, "Checkpoint every this many steps; a rerun with resume=true continues from the last.")
+
+    def __post_init__(self):
+        require(self.epochs > 0, "epochs", f"must be > 0, got {self.epochs}")
+        require(self.max_steps >= 0, "max_steps", "must be >= 0 (0: use epochs)")
+        require(self.batch_size > 0, "batch_size", f"must be a positive integer, got {self.batch_size}")
+        require(self.gradient_accumulation_steps > 0, "gradient_accumulation_steps", "must be >= 1")
+        require(self.learning_rate > 0, "learning_rate", f"must be > 0, got {self.learning_rate}")
+        require(0 <= self.warmup_ratio < 1, "warmup_ratio", "must be in [0, 1)")
+        require(self.max_grad_norm > 0, "max_grad_norm", "must be > 0")
+        require(self.max_length > 0, "max_length", "must be > 0")
+        require(self.logging_steps > 0, "logging_steps", "must be >= 1")
+        require(self.save_steps > 0, "save_steps", "must be >= 1")

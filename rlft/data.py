@@ -1,0 +1,143 @@
+"""Datasets in: local files, hub datasets, and built-in offline datasets; the row formats TRL users know.
+
+Row formats (TRL's names):
+- conversational: a `messages` column of [{"role", "content"}, ...]
+- prompt-completion: `prompt` and `completion` columns, strings or message lists
+- language modeling: a `text` column
+- preference: `chosen` and `rejected` (plus an optional `prompt`), strings or message lists
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from pathlib import Path
+
+from rlft.config import DataConfig
+from rlft.errors import RlftError
+
+FILE_TYPES = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+BUILTIN = ("chatterbot",)
+FORMATS = {
+    "conversational": ("messages",),
+    "prompt_completion": ("prompt", "completion"),
+    "text": ("text",),
+    "preference": ("chosen", "rejected"),
+    "prompt_only": ("prompt",),
+}
+
+
+def chatterbot_pairs() -> list[dict]:
+    """English dialog pairs from the `chatterbot-corpus` package: each statement and its reply."""
+    import importlib.util
+
+    import yaml
+
+    spec = importlib.util.find_spec("chatterbot_corpus")
+    if spec is None:
+        raise RlftError("the built-in 'chatterbot' dataset needs the package: pip install chatterbot-corpus")
+    folder = Path(list(spec.submodule_search_locations)[0]) / "data" / "english"
+    rows, seen = [], set()
+    for file in sorted(glob.glob(str(folder / "*.yml"))):
+        for conversation in yaml.safe_load(Path(file).read_text())["conversations"]:
+            turns = [str(t).strip() for t in conversation]
+            for statement, reply in zip(turns, turns[1:]):
+                if statement and reply and (statement, reply) not in seen:
+                    seen.add((statement, reply))
+                    rows.append(
+                        {
+                            "prompt": [{"role": "user", "content": statement}],
+                            "completion": [{"role": "assistant", "content": reply}],
+                        }
+                    )
+    return rows
+
+
+def load_any(path: str, subset: str = "", split: str = "train"):
+    """Load one split from a built-in name, a local file or directory, or the hub."""
+    import datasets
+
+    if path in BUILTIN:
+        return datasets.Dataset.from_list(chatterbot_pairs())
+    local = Path(path)
+    if local.suffix in FILE_TYPES or os.sep in path and not local.exists():
+        if not local.is_file():
+            raise RlftError(f"data file '{path}' not found: check data.path (or the path you passed)")
+        if local.suffix not in FILE_TYPES:
+            raise RlftError(f"data file '{path}': unsupported type; use one of {', '.join(FILE_TYPES)}")
+        builder = FILE_TYPES[local.suffix]
+        try:
+            return datasets.load_dataset(builder, data_files=str(local), split="train")
+        except Exception as e:  # the datasets library raises many types for a malformed file
+            raise RlftError(f"could not read data file '{path}': {str(e).splitlines()[0]}") from None
+    try:
+        if local.is_dir():
+            return datasets.load_from_disk(path) if (local / "dataset_info.json").exists() else \
+                datasets.load_dataset(path, split=split)
+        return datasets.load_dataset(path, subset or None, split=split)
+    except Exception as e:
+        if local.exists():
+            raise RlftError(f"could not read dataset '{path}': {str(e).splitlines()[0]}") from None
+        raise RlftError(
+            f"dataset '{path}' not found: not a local file, not built in ({', '.join(BUILTIN)}), and not "
+            f"reachable on the hub ({type(e).__name__}). Check data.path"
+        ) from None
+
+
+def detect_format(dataset, allowed: tuple[str, ...], what: str = "data") -> str:
+    """Name the first format in `allowed` whose columns the dataset has; else one line naming both."""
+    columns = set(dataset.column_names)
+    for name in allowed:
+        if set(FORMATS[name]) <= columns:
+            return name
+    wanted = " or ".join("+".join(FORMATS[name]) for name in allowed)
+    raise RlftError(
+        f"{what} has columns {sorted(columns)} but needs {wanted}: rename the columns or pick another dataset"
+    )
+
+
+def load_splits(config: DataConfig, allowed: tuple[str, ...], seed: int = 0, what: str = "data"):
+    """(train, eval, format) for a stage. Eval is `eval_split`, or a seeded hold-out of `split`."""
+    train = load_any(config.path, config.subset, config.split)
+    if len(train) == 0:
+        raise RlftError(f"dataset '{config.path}' (split '{config.split}') is empty: point data.path at rows")
+    data_format = detect_format(train, allowed, what)
+    if config.eval_split:
+        evaluation = load_any(config.path, config.subset, config.eval_split)
+    else:
+        if len(train) < 2:
+            raise RlftError(f"dataset '{config.path}' has {len(train)} row: need at least 2 to hold one out")
+        parts = train.train_test_split(test_size=config.eval_fraction, seed=seed)
+        train, evaluation = parts["train"], parts["test"]
+    if config.max_samples:
+        train = train.shuffle(seed=seed).select(range(min(config.max_samples, len(train))))
+    if config.max_eval_samples:
+        evaluation = evaluation.select(range(min(config.max_eval_samples, len(evaluation))))
+    return train, evaluation, data_format
+
+
+def to_prompt_completion(dataset):
+    """Split `messages` rows at the last assistant turn, so loss falls on the final reply only."""
+
+    def split(row):
+        messages = row["messages"]
+        last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
+        if last is None or last == 0:
+            raise RlftError("a `messages` row has no assistant reply after a prompt: each row needs one")
+        return {"prompt": messages[:last], "completion": messages[last : last + 1]}
+
+    return dataset.map(split, remove_columns=dataset.column_names)
+
+
+def prompt_texts(dataset, tokenizer) -> list[str]:
+    """Prompt strings ready for generation: chat template applied to message prompts."""
+    data_format = detect_format(dataset, ("prompt_only", "conversational"), "prompt data")
+    if data_format == "conversational":
+        dataset = to_prompt_completion(dataset)
+    texts = []
+    for prompt in dataset["prompt"]:
+        if isinstance(prompt, str):
+            texts.append(prompt)
+        else:
+            texts.append(tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True))
+    return texts

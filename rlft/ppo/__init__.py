@@ -1,0 +1,1 @@
+"""PPO for RLHF: the math in `core`, the loop that calls it alongside."""

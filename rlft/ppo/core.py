@@ -1,0 +1,266 @@
+"""PPO/RLHF math as small pure torch functions; the PPO loop calls these, tests check them by hand.
+
+Shapes: B = batch, T = response_len, V = vocab. `response_mask: (B, T)` (bool or 0/1 float) marks
+real response tokens; padded positions never enter a statistic and come back as 0.
+"""
+
+import torch
+import torch.nn.functional as F
+
+KL_ESTIMATORS = ("k1", "k3", "abs", "mse")
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """Mean of `x` over positions where `mask` is set; over everything, or along `dim`.
+
+    `torch.where` rather than `x * mask`, so a NaN/inf in a padded slot cannot leak in.
+    An empty mask gives 0 rather than NaN.
+    """
+    mask = mask.bool()
+    total = torch.where(mask, x, 0).sum(dim)
+    return total / mask.sum(dim).clamp(min=1)
+
+
+def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
+    """Variance of `x` over all masked positions (a scalar).
+
+    With `unbiased`, Bessel's correction n / (n - 1); a single valid value gives variance 0.
+    """
+    centered = x - masked_mean(x, mask)
+    var = masked_mean(centered**2, mask)
+    if unbiased:
+        n = mask.bool().sum()
+        var = var * n / (n - 1).clamp(min=1)
+    return var
+
+
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
+    """Normalise `x` to zero mean and unit variance over valid positions; padded positions are 0.
+
+    x, mask: (B, T). `shift_mean=False` restores the mean afterwards (used for rewards, so
+    their sign is kept). Reference: `whiten` in openai/lm-human-preferences and TRL.
+    """
+    mean, var = masked_mean(x, mask), masked_var(x, mask)
+    whitened = (x - mean) * torch.rsqrt(var + 1e-8)
+    if not shift_mean:
+        whitened = whitened + mean
+    return torch.where(mask.bool(), whitened, 0)
+
+
+def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Log-probability of each `tokens` under softmax(logits / temperature).
+
+    logits: (B, T, V), tokens: (B, T) -> (B, T), float32. Use the same temperature as the
+    sampler, or the policy ratio and the KL are measured against the wrong distribution
+    (Huang et al. 2024, "The N+ implementation details of RLHF with PPO", detail on temperature).
+    """
+    if temperature != 1.0:
+        logits = logits / temperature  # temporary, freed as soon as log_softmax returns
+    # log_softmax then gather: the float32 log-softmax output is the only (B, T, V) tensor kept
+    # (autograd saves it for backward). float32 because bf16 log-ratios are too coarse for PPO.
+    logprobs = logits.log_softmax(dim=-1, dtype=torch.float32)
+    return logprobs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Entropy of softmax(logits / temperature) per position: (B, T, V) -> (B, T)."""
+    # entr(p) = -p ln p with entr(0) = 0, so -inf logits (banned tokens) give 0, not NaN
+    return torch.special.entr((logits / temperature).softmax(dim=-1, dtype=torch.float32)).sum(-1)
+
+
+def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str = "k1") -> torch.Tensor:
+    """Per-token sample estimate of KL(pi || pi_ref) from the sampled tokens' log-probs.
+
+    logprobs, ref_logprobs: (B, T) -> (B, T). Estimators (Schulman, "Approximating KL
+    divergence", 2020): k1 = log p - log q (unbiased, can be negative; Ziegler et al. 2019);
+    k3 = (r - 1) - log r with r = q/p (unbiased, always >= 0); "abs" = |k1|; "mse" = k1^2 / 2
+    (Schulman's k2). Not clamped: callers see extreme log-ratios rather than a silent cap.
+    """
+    log_ratio = logprobs - ref_logprobs
+    if estimator == "k1":
+        return log_ratio
+    if estimator == "k3":
+        return torch.expm1(-log_ratio) + log_ratio
+    if estimator == "abs":
+        return log_ratio.abs()
+    if estimator == "mse":
+        return 0.5 * log_ratio.square()
+    raise ValueError(f"unknown KL estimator {estimator!r}; expected one of {', '.join(KL_ESTIMATORS)}")
+
+
+def exact_kl_from_logits(logits: torch.Tensor, ref_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Full-vocabulary KL(pi || pi_ref) per position: sum_v p(v) (log p(v) - log q(v)).
+
+    logits, ref_logits: (B, T, V) -> (B, T). The exact quantity k1 and k3 estimate from samples;
+    useful as a diagnostic, too heavy to keep around for every token of a large vocabulary.
+    """
+    logprobs = (logits / temperature).log_softmax(dim=-1, dtype=torch.float32)
+    ref_logprobs = (ref_logits / temperature).log_softmax(dim=-1, dtype=torch.float32)
+    # tokens pi never picks (-inf logits) contribute 0, not 0 * -inf = NaN
+    terms = torch.where(logprobs > -torch.inf, logprobs.exp() * (logprobs - ref_logprobs), 0)
+    return terms.sum(-1)
+
+
+def per_token_rewards(
+    scores: torch.Tensor, kl: torch.Tensor, kl_coef: float, response_mask: torch.Tensor
+) -> torch.Tensor:
+    """r_t = -kl_coef * kl_t on every response token, plus the reward-model score on the last one.
+
+    scores: (B,), kl: (B, T), response_mask: (B, T) -> rewards (B, T), 0 at padded positions.
+    Rows may have different lengths. A row with no valid token gets no reward at all (its score
+    is dropped: there is no token to credit it to). Reference: Ziegler et al. 2019 eq. 2;
+    `compute_rewards` in TRL's PPOTrainer.
+    """
+    mask = response_mask.bool()
+    rewards = torch.where(mask, -kl_coef * kl, 0)
+    # The last set position: the first one in the flipped row. Empty rows point at T - 1,
+    # and their score is zeroed below.
+    last = mask.shape[-1] - 1 - mask.flip(-1).long().argmax(-1)
+    score = torch.where(mask.any(-1), scores.to(rewards.dtype), 0)
+    return rewards.scatter_add(-1, last.unsqueeze(-1), score.unsqueeze(-1))
+
+
+def gae(
+    rewards: torch.Tensor, values: torch.Tensor, response_mask: torch.Tensor, gamma: float, lam: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation (Schulman et al. 2016, eq. 16); returns = advantages + values.
+
+    rewards, values, response_mask: (B, T) -> (advantages, returns), both (B, T), 0 at padding.
+    delta_t = r_t + gamma V_{t+1} - V_t and A_t = delta_t + gamma lam A_{t+1}. The value after the
+    last valid token is 0: the episode ends there, whether at EOS or at the length limit
+    (the usual RLHF choice, as in TRL). Assumes right padding (a prefix mask, as from
+    `response_mask_from_eos`). Loops backwards over T, vectorised over the batch.
+    """
+    mask = response_mask.bool()
+    rewards = torch.where(mask, rewards, 0)
+    values = torch.where(mask, values, 0)  # so V_{t+1} past the end of a row is 0
+    advantages = torch.zeros_like(values)
+    next_advantage = torch.zeros_like(values[:, 0])
+    next_value = torch.zeros_like(values[:, 0])
+    for t in reversed(range(values.shape[-1])):
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        next_advantage = delta + gamma * lam * next_advantage  # stays 0 through right padding
+        advantages[:, t] = next_advantage
+        next_value = values[:, t]
+    return advantages, advantages + values
+
+
+def policy_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    response_mask: torch.Tensor,
+    clip_range: float,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """PPO clipped surrogate loss (Schulman et al. 2017, eq. 7), a token-level masked mean.
+
+    logprobs, old_logprobs, advantages, response_mask: (B, T) -> (scalar loss, stats).
+    loss = mean(max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps))).
+    stats (detached scalars): `clipfrac`, share of tokens where the clipped term won;
+    `approxkl`, 0.5 * mean((logp - old)^2), the k2 estimator TRL logs (Huang et al. 2024);
+    `ratio`, the mean probability ratio.
+    """
+    log_ratio = logprobs - old_logprobs
+    ratio = log_ratio.exp()
+    unclipped = -advantages * ratio
+    clipped = -advantages * ratio.clamp(1 - clip_range, 1 + clip_range)
+    loss = masked_mean(torch.maximum(unclipped, clipped), response_mask)
+    with torch.no_grad():
+        stats = {
+            "clipfrac": masked_mean((clipped > unclipped).float(), response_mask),
+            "approxkl": 0.5 * masked_mean(log_ratio.square(), response_mask),
+            "ratio": masked_mean(ratio, response_mask),
+        }
+    return loss, stats
+
+
+def value_loss(
+    values: torch.Tensor,
+    old_values: torch.Tensor,
+    returns: torch.Tensor,
+    response_mask: torch.Tensor,
+    clip_range_value: float,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Clipped value loss: 0.5 * mean(max((v - R)^2, (clip(v, old - eps, old + eps) - R)^2)).
+
+    values, old_values, returns, response_mask: (B, T) -> (scalar loss, {"clipfrac"}).
+    Reference: openai/baselines ppo2 `vf_loss`; Huang et al. 2024 (value function clipping).
+    """
+    clipped_values = old_values + (values - old_values).clamp(-clip_range_value, clip_range_value)
+    unclipped_loss = (values - returns).square()
+    clipped_loss = (clipped_values - returns).square()
+    loss = 0.5 * masked_mean(torch.maximum(unclipped_loss, clipped_loss), response_mask)
+    with torch.no_grad():
+        stats = {"clipfrac": masked_mean((clipped_loss > unclipped_loss).float(), response_mask)}
+    return loss, stats
+
+
+class FixedKLController:
+    """Constant KL coefficient, with the same interface as `AdaptiveKLController`."""
+
+    def __init__(self, kl_coef: float):
+        self.value = float(kl_coef)
+
+    def update(self, current_kl: float, n_steps: int) -> None:
+        pass
+
+    def state_dict(self) -> dict:
+        return {"value": self.value}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.value = float(state["value"])
+
+
+class AdaptiveKLController:
+    """KL coefficient steered towards a target KL (Ziegler et al. 2019, section 2.2, eq. 3).
+
+    error = clip(current_kl / target - 1, -0.2, 0.2); value *= 1 + error * n_steps / horizon,
+    where n_steps is the number of samples since the last update (the batch size).
+    Reference: `AdaptiveKLController` in openai/lm-human-preferences, train_policy.py.
+    target and horizon are configuration; only `value` is checkpointed.
+    """
+
+    def __init__(self, init_kl_coef: float, target: float, horizon: float):
+        self.value = float(init_kl_coef)
+        self.target = float(target)
+        self.horizon = float(horizon)
+
+    def update(self, current_kl: float, n_steps: int) -> None:
+        proportional_error = min(max(float(current_kl) / self.target - 1, -0.2), 0.2)
+        self.value *= 1 + proportional_error * n_steps / self.horizon
+
+    def state_dict(self) -> dict:
+        return {"value": self.value}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.value = float(state["value"])
+
+
+def first_true_index(bools: torch.Tensor) -> torch.Tensor:
+    """Index of the first True along the last dim: (B, T) -> (B,) long; T for rows with none."""
+    length = bools.shape[-1]
+    positions = torch.arange(length, device=bools.device).expand_as(bools)
+    return torch.where(bools, positions, length).min(-1).values
+
+
+def response_mask_from_eos(
+    response_ids: torch.Tensor, eos_token_id: int, pad_token_id: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mask of the real response: every token up to AND INCLUDING the first EOS, none after.
+
+    response_ids: (B, T) -> (response_mask (B, T) bool, ended_with_eos (B,) bool).
+    Only the first EOS counts, whatever follows it, so pad == eos (as in SmolLM) is safe.
+    A row with no EOS is all valid (truncated at the length limit), unless `pad_token_id`
+    is given, differs from EOS, and appears: then the row ends just before its first pad.
+    The EOS is kept so the policy is credited for choosing to stop.
+    """
+    length = response_ids.shape[-1]
+    first_eos = first_true_index(response_ids == eos_token_id)
+    ended_with_eos = first_eos < length
+    end = first_eos + 1  # exclusive end, counting the EOS
+    if pad_token_id is not None and pad_token_id != eos_token_id:
+        first_pad = first_true_index(response_ids == pad_token_id)
+        ended_with_eos &= first_eos < first_pad
+        end = torch.minimum(end, first_pad)
+    positions = torch.arange(length, device=response_ids.device)
+    return positions < end.unsqueeze(-1), ended_with_eos

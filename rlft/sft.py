@@ -1,0 +1,141 @@
+"""Stage 1, `rlft sft`: supervised LoRA / QLoRA fine-tuning of a causal LM on TRL's SFTTrainer.
+
+setup (config, data, model + adapter) -> eval loss before -> train (resumable) -> eval loss after -> save
+adapter, tokenizer, resolved config and metrics (metrics.json last: it marks the run complete).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from rlft import runs
+from rlft.config import DataConfig, LoraConfig, ModelConfig, TrainConfig, option, require, section
+from rlft.data import load_splits, to_prompt_completion
+from rlft.errors import RlftError
+from rlft.hf_training import last_checkpoint, training_kwargs
+from rlft.models import add_lora, count_parameters, load_model, load_tokenizer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SFTConfig:
+    output_dir: str = option("runs/sft", "Where the adapter, tokenizer, config, metrics and logs go.")
+    seed: int = option(0, "Seed for data order, hold-out split, LoRA init and dropout.")
+    resume: bool = option(True, "Continue from the last checkpoint in output_dir if there is one.")
+    completion_only_loss: bool = option(
+        True, "Train on completion tokens only (prompt-completion rows; `messages` rows: the last reply)."
+    )
+    merge: bool = option(False, "Also save the base with the adapter merged in, to output_dir/merged.")
+    num_samples: int = option(3, "Held-out prompts to generate from after training (saved in metrics.json).")
+    model: ModelConfig = section(ModelConfig, "The base model.")
+    lora: LoraConfig = section(LoraConfig, "The trained adapter.")
+    data: DataConfig = section(DataConfig, "Training data: messages, prompt+completion, or text rows.")
+    train: TrainConfig = section(TrainConfig, "Optimisation.")
+
+    def __post_init__(self):
+        require(self.num_samples >= 0, "num_samples", "must be >= 0")
+
+
+def run(config: SFTConfig) -> dict:
+    from trl import SFTConfig as TrlSFTConfig
+    from trl import SFTTrainer
+
+    started = time.time()
+    runs.seed_everything(config.seed)
+    out = runs.prepare(config.output_dir, config)
+
+    # Data first: a wrong column should fail before minutes of model loading.
+    train_data, eval_data, data_format = load_splits(
+        config.data, ("conversational", "prompt_completion", "text"), config.seed, "SFT data"
+    )
+    if data_format == "conversational" and config.completion_only_loss:
+        train_data, eval_data = to_prompt_completion(train_data), to_prompt_completion(eval_data)
+    tokenizer = load_tokenizer(config.model)
+    model = add_lora(load_model(config.model), config.model, config.lora)
+    trainable, total = count_parameters(model)
+    log.info("LoRA: %.2fM trainable of %.1fM parameters", trainable / 1e6, total / 1e6)
+
+    args = TrlSFTConfig(
+        **training_kwargs(config.train, config.model, out, config.seed),
+        completion_only_loss=config.completion_only_loss if data_format != "text" else None,
+        dataset_num_proc=1,
+    )
+    trainer = SFTTrainer(
+        model=model, args=args, train_dataset=train_data, eval_dataset=eval_data, processing_class=tokenizer
+    )
+
+    checkpoint = last_checkpoint(out) if config.resume else None
+    before_file = out / "eval_before.json"
+    if checkpoint and before_file.is_file():  # resumed: the "before" figure is the untrained model's
+        eval_before = runs.read_json(before_file)["eval_loss"]
+    else:
+        eval_before = trainer.evaluate()["eval_loss"]
+        runs.write_json(before_file, {"eval_loss": eval_before})
+    log.info("eval loss before training: %.4f", eval_before)
+
+    trainer.train(resume_from_checkpoint=checkpoint)
+    check_finite_losses(trainer.state.log_history)
+    eval_after = trainer.evaluate()["eval_loss"]
+    log.info("eval loss after training: %.4f (before %.4f)", eval_after, eval_before)
+
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    if config.merge:
+        save_merged(config.model, out)
+    metrics = {
+        "eval_loss_before": eval_before,
+        "eval_loss_after": eval_after,
+        "train_rows": len(train_data),
+        "eval_rows": len(eval_data),
+        "steps": trainer.state.global_step,
+        "trainable_parameters": trainable,
+        "wall_time_s": time.time() - started,
+        "peak_rss_mb": runs.peak_rss_mb(),
+        "samples": sample_completions(model, tokenizer, eval_data, config.num_samples),
+    }
+    runs.write_json(out / runs.METRICS, metrics)
+    return metrics
+
+
+def check_finite_losses(log_history: list[dict]) -> None:
+    for entry in log_history:
+        if "loss" in entry and not math.isfinite(entry["loss"]):
+            raise RlftError(
+                f"training loss became {entry['loss']} at step {entry.get('step')}: lower train.learning_rate "
+                "or use model.dtype=float32; the last good checkpoint is kept in output_dir/checkpoints"
+            )
+
+
+def save_merged(model_config: ModelConfig, out: Path) -> None:
+    """Merge into a freshly loaded full-precision base: merging into 4-bit weights would lose precision."""
+    from dataclasses import replace
+
+    from peft import PeftModel
+
+    base = load_model(replace(model_config, quantization="none"), device="cpu")
+    merged = PeftModel.from_pretrained(base, out).merge_and_unload()
+    merged.save_pretrained(out / "merged")
+    load_tokenizer(model_config).save_pretrained(out / "merged")
+
+
+def sample_completions(model, tokenizer, eval_data, count: int, max_new_tokens: int = 48) -> list[dict]:
+    """Greedy completions of the first held-out prompts: a quick look at what training did."""
+    if count == 0 or "prompt" not in eval_data.column_names:
+        return []
+    from rlft.data import prompt_texts
+
+    prompts = prompt_texts(eval_data.select(range(min(count, len(eval_data)))), tokenizer)
+    model.eval()
+    samples = []
+    for prompt in prompts:
+        inputs = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).to(model.device)
+        output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                                pad_token_id=tokenizer.pad_token_id)
+        completion = tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+        samples.append({"prompt": prompt, "completion": completion})
+    return samples

@@ -1,0 +1,24 @@
+import os
+
+import pytest
+
+# Two cores: keep torch from oversubscribing them, and never touch the hub.
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from tests import tiny  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_lm_dir(tmp_path_factory):
+    """A saved tiny random Llama + word-level chat tokenizer, loadable by path."""
+    return tiny.save_tiny_causal_lm(tmp_path_factory.mktemp("tiny_lm"))
+
+
+@pytest.fixture(scope="session")
+def tiny_reward_dir(tmp_path_factory):
+    """A saved tiny random BERT sequence classifier (one output) + the same tokenizer."""
+    return tiny.save_tiny_reward_backbone(tmp_path_factory.mktemp("tiny_rm"))

@@ -1,0 +1,295 @@
+"""Hand-checkable tests of the PPO/RLHF math in rlft.ppo.core; comments show the arithmetic."""
+
+import math
+
+import pytest
+import torch
+
+from rlft.ppo.core import (
+    AdaptiveKLController,
+    FixedKLController,
+    entropy_from_logits,
+    exact_kl_from_logits,
+    first_true_index,
+    gae,
+    kl_penalty,
+    logprobs_from_logits,
+    masked_mean,
+    masked_var,
+    masked_whiten,
+    per_token_rewards,
+    policy_loss,
+    response_mask_from_eos,
+    value_loss,
+)
+
+E = math.e
+
+
+def close(actual, expected, atol=1e-5):
+    torch.testing.assert_close(torch.as_tensor(actual).float(), torch.as_tensor(expected).float(), atol=atol, rtol=0)
+
+
+# --- masked statistics -------------------------------------------------------------------------
+
+
+def test_masked_mean_and_var_ignore_padding():
+    # valid values 2, 4, 6: mean 4; squared deviations 4, 0, 4 -> biased var 8/3, unbiased 8/2 = 4
+    x = torch.tensor([[2.0, 4.0, 6.0, 1e9]])
+    mask = torch.tensor([[1, 1, 1, 0]])
+    close(masked_mean(x, mask), 4.0)
+    close(masked_var(x, mask), 4.0)
+    close(masked_var(x, mask, unbiased=False), 8 / 3)
+    # per row: row 0 is (1 + 3) / 2 = 2, row 1 is 10 / 1
+    rows = torch.tensor([[1.0, 3.0, 100.0], [10.0, -5.0, -5.0]])
+    close(masked_mean(rows, torch.tensor([[1, 1, 0], [1, 0, 0]]), dim=1), [2.0, 10.0])
+
+
+def test_masked_whiten_hand_values_and_padding_is_ignored():
+    # mean 4, unbiased std 2 -> (2-4)/2, (4-4)/2, (6-4)/2 = -1, 0, 1; padded slot comes back 0
+    mask = torch.tensor([[True, True, False], [True, False, False]])
+    x = torch.tensor([[2.0, 4.0, 123.0], [6.0, -7.0, 55.0]])
+    close(masked_whiten(x, mask), [[-1.0, 0.0, 0.0], [1.0, 0.0, 0.0]], atol=1e-4)
+    # shift_mean=False adds the mean 4 back: 3, 4, 5
+    close(masked_whiten(x, mask, shift_mean=False), [[3.0, 4.0, 0.0], [5.0, 0.0, 0.0]], atol=1e-4)
+    # arbitrary garbage (even NaN / inf) in padded slots changes nothing
+    garbage = x.clone()
+    garbage[~mask] = torch.tensor([float("nan"), float("inf"), -1e30])
+    close(masked_whiten(garbage, mask), masked_whiten(x, mask))
+
+
+# --- log-probs, entropy, KL --------------------------------------------------------------------
+
+
+def test_logprobs_from_logits_hand_value_and_temperature():
+    # logits (0, ln 3): softmax = (1/4, 3/4). At temperature 2 the logits halve to (0, ln 3 / 2),
+    # i.e. (1, sqrt 3) / (1 + sqrt 3), so token 0 gets log(1 / (1 + sqrt 3)).
+    logits = torch.tensor([[[0.0, math.log(3.0)]]])
+    close(logprobs_from_logits(logits, torch.tensor([[1]])), [[math.log(0.75)]])
+    close(logprobs_from_logits(logits, torch.tensor([[0]]), temperature=2.0), [[-math.log(1 + math.sqrt(3))]])
+    # random case: equals gather of log_softmax(logits / T), not of log_softmax(logits)
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 5, 7, generator=gen) * 3
+    tokens = torch.randint(0, 7, (2, 5), generator=gen)
+    expected = torch.log_softmax(logits / 0.7, -1).gather(-1, tokens[..., None]).squeeze(-1)
+    actual = logprobs_from_logits(logits, tokens, temperature=0.7)
+    close(actual, expected)
+    assert actual.shape == (2, 5)
+    assert not torch.allclose(actual, logprobs_from_logits(logits, tokens))
+
+
+def test_entropy_from_logits():
+    # uniform over 4 tokens: ln 4. (1/4, 3/4): -(1/4 ln 1/4 + 3/4 ln 3/4) = 0.5623
+    logits = torch.tensor([[[0.0, 0.0, 0.0, 0.0], [0.0, math.log(3.0), -math.inf, -math.inf]]])
+    close(entropy_from_logits(logits), [[math.log(4.0), -(0.25 * math.log(0.25) + 0.75 * math.log(0.75))]])
+    # temperature 1/2 doubles the logits: (1, 9) / 10 -> -(0.1 ln 0.1 + 0.9 ln 0.9) = 0.3251
+    close(entropy_from_logits(logits[:, 1:], temperature=0.5), [[-(0.1 * math.log(0.1) + 0.9 * math.log(0.9))]])
+
+
+def test_kl_estimators_on_hand_values():
+    # token 0: logp - logq = -1 - (-2) = +1; token 1: logp - logq = -2 - (-1) = -1
+    logprobs = torch.tensor([[-1.0, -2.0]])
+    ref_logprobs = torch.tensor([[-2.0, -1.0]])
+    close(kl_penalty(logprobs, ref_logprobs, "k1"), [[1.0, -1.0]])
+    close(kl_penalty(logprobs, ref_logprobs, "abs"), [[1.0, 1.0]])
+    close(kl_penalty(logprobs, ref_logprobs, "mse"), [[0.5, 0.5]])
+    # k3 = (r - 1) - ln r with r = exp(ref - logp): r = 1/e -> 1/e - 1 + 1 = 1/e; r = e -> e - 1 - 1 = e - 2
+    close(kl_penalty(logprobs, ref_logprobs, "k3"), [[1 / E, E - 2]])
+
+
+def test_kl_estimators_vanish_when_policies_agree():
+    logprobs = -torch.rand(3, 4) * 5
+    for estimator in ("k1", "k3", "abs", "mse"):
+        close(kl_penalty(logprobs, logprobs.clone(), estimator), torch.zeros(3, 4))
+
+
+def test_unknown_kl_estimator_names_the_valid_ones():
+    with pytest.raises(ValueError, match="k1, k3, abs, mse"):
+        kl_penalty(torch.zeros(1, 1), torch.zeros(1, 1), "k2")
+
+
+def test_exact_kl_hand_values():
+    logits = torch.randn(2, 3, 5)
+    close(exact_kl_from_logits(logits, logits.clone()), torch.zeros(2, 3))
+    # p = (1/2, 1/2), q = softmax(0, ln 3) = (1/4, 3/4):
+    # KL(p||q) = 1/2 ln(1/2 / 1/4) + 1/2 ln(1/2 / 3/4) = 1/2 ln 2 + 1/2 ln(2/3) = 1/2 ln(4/3) = 0.14384
+    uniform = torch.tensor([[[0.0, 0.0]]])
+    skewed = torch.tensor([[[0.0, math.log(3.0)]]])
+    close(exact_kl_from_logits(uniform, skewed), [[0.5 * math.log(4 / 3)]])
+    # reversed, KL(q||p) = 1/4 ln(1/4 / 1/2) + 3/4 ln(3/4 / 1/2) = -0.17329 + 0.30410 = 0.13081 (not symmetric)
+    close(exact_kl_from_logits(skewed, uniform), [[0.25 * math.log(0.5) + 0.75 * math.log(1.5)]])
+    # temperature 2 on logits (0, 2 ln 3) gives (0, ln 3) again, so this is the same 0.13081
+    close(exact_kl_from_logits(skewed * 2, uniform, temperature=2.0), [[0.25 * math.log(0.5) + 0.75 * math.log(1.5)]])
+    # a token pi bans (-inf logit) adds 0 * ln(0 / q) = 0. q = (1/5, 3/5, 1/5):
+    # KL = 1/2 ln(1/2 / 1/5) + 1/2 ln(1/2 / 3/5) + 0 = 1/2 ln 2.5 + 1/2 ln(5/6) = 0.4581 - 0.0912 = 0.3670
+    banned = torch.tensor([[[0.0, 0.0, -math.inf]]])
+    ref = torch.tensor([[[0.0, math.log(3.0), 0.0]]])
+    close(exact_kl_from_logits(banned, ref), [[0.5 * math.log(2.5) + 0.5 * math.log(5 / 6)]])
+
+
+def test_exact_kl_is_the_expectation_of_k1_and_k3_samples():
+    # p = (.5, .3, .2), q = (.2, .3, .5): KL = .5 ln 2.5 + .3 ln 1 + .2 ln .4 = 0.4581 - 0.1833 = 0.2749.
+    # The k1 samples have std ~0.72, so with 200k samples the standard error is ~0.0016.
+    logits = torch.tensor([0.5, 0.3, 0.2]).log().view(1, 1, 3)
+    ref_logits = torch.tensor([0.2, 0.3, 0.5]).log().view(1, 1, 3)
+    exact = exact_kl_from_logits(logits, ref_logits).item()
+    assert exact == pytest.approx(0.5 * math.log(2.5) + 0.2 * math.log(0.4), abs=1e-5)
+    n = 200_000
+    tokens = torch.multinomial(logits.view(3).exp(), n, replacement=True, generator=torch.Generator().manual_seed(0))
+    tokens = tokens.view(1, n)
+    logprobs = logprobs_from_logits(logits.expand(1, n, 3), tokens)
+    ref_logprobs = logprobs_from_logits(ref_logits.expand(1, n, 3), tokens)
+    assert kl_penalty(logprobs, ref_logprobs, "k1").mean().item() == pytest.approx(exact, abs=0.01)
+    assert kl_penalty(logprobs, ref_logprobs, "k3").mean().item() == pytest.approx(exact, abs=0.01)
+
+
+# --- rewards and advantages --------------------------------------------------------------------
+
+
+def test_per_token_rewards_puts_score_on_last_valid_token_of_ragged_rows():
+    # rows of length 3, 1 and 0; kl_coef 0.5 so each valid token gets -0.5 * kl
+    kl = torch.tensor([[0.1, 0.2, 0.3], [0.4, 9.0, 9.0], [9.0, 9.0, 9.0]])
+    mask = torch.tensor([[1, 1, 1], [1, 0, 0], [0, 0, 0]])
+    scores = torch.tensor([1.0, 2.0, 3.0])
+    rewards = per_token_rewards(scores, kl, 0.5, mask)
+    # row 0: -0.05, -0.1, -0.15 + 1 = 0.85; row 1: -0.2 + 2 = 1.8 then padding; row 2: empty, score dropped
+    close(rewards, [[-0.05, -0.1, 0.85], [1.8, 0.0, 0.0], [0.0, 0.0, 0.0]])
+
+
+def test_gae_three_step_hand_example():
+    # gamma 0.9, lam 0.8 (gamma * lam = 0.72), rewards (1, 0, 2), values (0.5, 1.0, 1.5), V after the end = 0
+    # t=2: delta = 2 + 0.9*0   - 1.5 = 0.5;   A2 = 0.5
+    # t=1: delta = 0 + 0.9*1.5 - 1.0 = 0.35;  A1 = 0.35 + 0.72*0.5  = 0.71
+    # t=0: delta = 1 + 0.9*1.0 - 0.5 = 1.4;   A0 = 1.4  + 0.72*0.71 = 1.9112
+    # returns = A + V = (2.4112, 1.71, 2.0)
+    rewards = torch.tensor([[1.0, 0.0, 2.0]])
+    values = torch.tensor([[0.5, 1.0, 1.5]])
+    advantages, returns = gae(rewards, values, torch.ones(1, 3), gamma=0.9, lam=0.8)
+    close(advantages, [[1.9112, 0.71, 0.5]])
+    close(returns, [[2.4112, 1.71, 2.0]])
+
+
+def test_gae_padding_changes_nothing_and_each_row_bootstraps_zero_at_its_own_end():
+    # Row 0 is the hand example above padded with garbage; row 1 stops after two tokens, so
+    # t=1: delta = 0 + 0.9*0 - 1.0 = -1.0; A1 = -1.0.  t=0: delta = 1.4; A0 = 1.4 + 0.72*(-1.0) = 0.68
+    rewards = torch.tensor([[1.0, 0.0, 2.0, 50.0, -7.0], [1.0, 0.0, 2.0, 50.0, -7.0]])
+    values = torch.tensor([[0.5, 1.0, 1.5, 30.0, 4.0], [0.5, 1.0, 1.5, 30.0, 4.0]])
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 0, 0, 0]])
+    advantages, returns = gae(rewards, values, mask, gamma=0.9, lam=0.8)
+    close(advantages, [[1.9112, 0.71, 0.5, 0.0, 0.0], [0.68, -1.0, 0.0, 0.0, 0.0]])
+    close(returns, [[2.4112, 1.71, 2.0, 0.0, 0.0], [1.18, 0.0, 0.0, 0.0, 0.0]])
+
+
+# --- losses ------------------------------------------------------------------------------------
+
+
+def test_policy_loss_clip_cases():
+    # clip_range 0.2, one token per case, log-ratio +-1 so ratio is e or 1/e:
+    #  A=+1, ratio e:   -e = -2.718 vs clipped -1.2    -> max -1.2    (clipped)
+    #  A=+1, ratio 1/e: -0.368      vs clipped -0.8    -> max -0.368  (not clipped)
+    #  A=-1, ratio e:    2.718      vs clipped  1.2    -> max  2.718  (not clipped)
+    #  A=-1, ratio 1/e:  0.368      vs clipped  0.8    -> max  0.8    (clipped)
+    # a fifth, padded token with a huge ratio must not count
+    old_logprobs = torch.full((1, 5), -2.0)
+    logprobs = (old_logprobs + torch.tensor([[1.0, -1.0, 1.0, -1.0, 9.0]])).requires_grad_()
+    advantages = torch.tensor([[1.0, 1.0, -1.0, -1.0, 100.0]])
+    mask = torch.tensor([[1, 1, 1, 1, 0]])
+    loss, stats = policy_loss(logprobs, old_logprobs, advantages, mask, clip_range=0.2)
+    close(loss, (-1.2 - 1 / E + E + 0.8) / 4)
+    close(stats["clipfrac"], 0.5)
+    close(stats["approxkl"], 0.5)  # 0.5 * mean(1, 1, 1, 1)
+    close(stats["ratio"], (E + 1 / E) / 2)  # (2e + 2/e) / 4
+    # one case at a time, so clipfrac must pick out exactly the clipped ones
+    for i, expected in enumerate([1.0, 0.0, 0.0, 1.0]):
+        one = slice(i, i + 1)
+        _, single = policy_loss(logprobs[:, one], old_logprobs[:, one], advantages[:, one], mask[:, one], 0.2)
+        close(single["clipfrac"], expected)
+    # ratio e^0.1 = 1.105 is inside (0.8, 1.2): both terms are equal, so nothing counts as clipped
+    _, inside = policy_loss(torch.tensor([[0.1]]), torch.zeros(1, 1), torch.ones(1, 1), torch.ones(1, 1), 0.2)
+    close(inside["clipfrac"], 0.0)
+    # clipped tokens and padding get no gradient; unclipped ones get -A * ratio / 4
+    loss.backward()
+    close(logprobs.grad, [[0.0, -1 / E / 4, E / 4, 0.0, 0.0]])
+
+
+def test_value_loss_clipping():
+    # old value 0, clip 0.2, return 1:
+    #  v=1:   (1-1)^2 = 0     vs (0.2-1)^2 = 0.64  -> 0.64 (clipped)
+    #  v=0.1: (0.1-1)^2 = 0.81 both                -> 0.81
+    #  v=-1:  (-1-1)^2 = 4    vs (-0.2-1)^2 = 1.44 -> 4
+    # loss = 0.5 * (0.64 + 0.81 + 4) / 3 = 0.908333; a padded fourth token does not count
+    values = torch.tensor([[1.0, 0.1, -1.0, 50.0]])
+    mask = torch.tensor([[1, 1, 1, 0]])
+    loss, stats = value_loss(values, torch.zeros(1, 4), torch.ones(1, 4), mask, clip_range_value=0.2)
+    close(loss, 0.5 * (0.64 + 0.81 + 4.0) / 3)
+    close(stats["clipfrac"], 1 / 3)
+
+
+# --- KL controllers ----------------------------------------------------------------------------
+
+
+def test_adaptive_kl_controller_moves_towards_target_with_clamped_error():
+    # target 6, horizon 10000, n_steps 100 -> mult = 1 + error * 0.01
+    def updated(current_kl):
+        controller = AdaptiveKLController(0.1, target=6.0, horizon=10_000)
+        controller.update(current_kl, n_steps=100)
+        return controller.value
+
+    assert updated(6.6) == pytest.approx(0.1 * 1.001)  # error 6.6/6 - 1 = 0.1, inside the clamp
+    assert updated(12.0) == pytest.approx(0.1 * 1.002)  # error 1.0 clamped to 0.2: beta rises
+    assert updated(3.0) == pytest.approx(0.1 * 0.998)  # error -0.5 clamped to -0.2: beta falls
+    assert updated(6.0) == pytest.approx(0.1)
+
+
+def test_fixed_kl_controller_never_moves():
+    controller = FixedKLController(0.05)
+    controller.update(100.0, n_steps=64)
+    assert controller.value == 0.05
+
+
+def test_kl_controller_state_round_trips():
+    controller = AdaptiveKLController(0.2, target=6.0, horizon=1000)
+    for kl in (12.0, 3.0, 8.0):
+        controller.update(kl, n_steps=64)
+    restored = AdaptiveKLController(0.2, target=6.0, horizon=1000)
+    restored.load_state_dict(controller.state_dict())
+    assert restored.value == controller.value != 0.2
+    controller.update(9.0, n_steps=64)
+    restored.update(9.0, n_steps=64)
+    assert restored.value == controller.value
+    fixed = FixedKLController(0.0)
+    fixed.load_state_dict(FixedKLController(0.3).state_dict())
+    assert fixed.value == 0.3
+
+
+# --- response masks ----------------------------------------------------------------------------
+
+
+def test_first_true_index():
+    bools = torch.tensor([[False, True, True], [False, False, False], [True, False, False]])
+    assert first_true_index(bools).tolist() == [1, 3, 0]
+
+
+def test_response_mask_stops_after_first_eos_including_it():
+    eos = 2
+    ids = torch.tensor(
+        [
+            [5, eos, 7, eos],  # ends at the first EOS; tokens after it are out even if another EOS follows
+            [5, 6, 7, 8],  # no EOS: truncated at the length limit, all valid
+            [eos, eos, eos, eos],  # pad == eos (SmolLM): only the first counts
+            [5, 6, 7, eos],  # EOS on the last position
+        ]
+    )
+    mask, ended = response_mask_from_eos(ids, eos_token_id=eos, pad_token_id=eos)
+    assert mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0], [1, 1, 1, 1]]
+    assert mask.dtype == torch.bool
+    assert ended.tolist() == [True, False, True, True]
+
+
+def test_response_mask_with_distinct_pad_token():
+    eos, pad = 2, 0
+    ids = torch.tensor([[5, eos, pad, pad], [5, 6, pad, pad], [5, 6, 7, 8], [5, pad, eos, pad]])
+    mask, ended = response_mask_from_eos(ids, eos_token_id=eos, pad_token_id=pad)
+    # rows 1 and 3 are padded before any EOS: they end before the first pad, not with EOS
+    assert mask.tolist() == [[1, 1, 0, 0], [1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]]
+    assert ended.tolist() == [True, False, False, False]
