@@ -192,6 +192,8 @@ def _coerce(value: Any, kind: Any, key: str) -> Any:
         if not isinstance(value, list):
             value = [value]  # a single item where a list is expected is a list of one
         return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(kind):
+        return from_dict(kind, value, f"{key}.")
     if origin is dict:
         if not isinstance(value, dict):
             raise bad

@@ -129,15 +129,21 @@ def to_prompt_completion(dataset):
     return dataset.map(split, remove_columns=dataset.column_names)
 
 
-def prompt_texts(dataset, tokenizer) -> list[str]:
-    """Prompt strings ready for generation: chat template applied to message prompts."""
+def prompts_of(dataset) -> list:
+    """The raw prompts of a dataset: strings, or message lists (from `prompt`, or `messages` minus the reply)."""
     data_format = detect_format(dataset, ("prompt_only", "conversational"), "prompt data")
     if data_format == "conversational":
         dataset = to_prompt_completion(dataset)
-    texts = []
-    for prompt in dataset["prompt"]:
-        if isinstance(prompt, str):
-            texts.append(prompt)
-        else:
-            texts.append(tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True))
-    return texts
+    prompts = list(dataset["prompt"])
+    if not prompts:
+        raise RlftError("the prompt dataset is empty: point data.path at rows with a `prompt` column")
+    return prompts
+
+
+def render_prompts(tokenizer, prompts: list) -> list[str]:
+    """Prompt strings ready for generation: message lists go through the tokenizer's chat template."""
+    return [
+        prompt if isinstance(prompt, str)
+        else tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+        for prompt in prompts
+    ]

@@ -14,10 +14,12 @@ from pathlib import Path
 
 from rlft import runs
 from rlft.config import DataConfig, LoraConfig, ModelConfig, TrainConfig, option, require, section
-from rlft.data import load_splits, to_prompt_completion
+from rlft.data import load_splits, prompts_of, render_prompts, to_prompt_completion
+from rlft.generation import SamplingConfig, complete
 from rlft.errors import RlftError
 from rlft.hf_training import last_checkpoint, training_kwargs
 from rlft.models import add_lora, count_parameters, load_model, load_tokenizer
+from rlft.policy import save_adapter
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +85,7 @@ def run(config: SFTConfig) -> dict:
     eval_after = trainer.evaluate()["eval_loss"]
     log.info("eval loss after training: %.4f (before %.4f)", eval_after, eval_before)
 
-    model.save_pretrained(out)
+    save_adapter(model, out, config.model, reference_adapter=None)
     tokenizer.save_pretrained(out)
     if config.merge:
         save_merged(config.model, out)
@@ -123,19 +125,10 @@ def save_merged(model_config: ModelConfig, out: Path) -> None:
     load_tokenizer(model_config).save_pretrained(out / "merged")
 
 
-def sample_completions(model, tokenizer, eval_data, count: int, max_new_tokens: int = 48) -> list[dict]:
+def sample_completions(model, tokenizer, eval_data, count: int) -> list[dict]:
     """Greedy completions of the first held-out prompts: a quick look at what training did."""
     if count == 0 or "prompt" not in eval_data.column_names:
         return []
-    from rlft.data import prompt_texts
-
-    prompts = prompt_texts(eval_data.select(range(min(count, len(eval_data)))), tokenizer)
-    model.eval()
-    samples = []
-    for prompt in prompts:
-        inputs = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).to(model.device)
-        output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
-                                pad_token_id=tokenizer.pad_token_id)
-        completion = tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
-        samples.append({"prompt": prompt, "completion": completion})
-    return samples
+    prompts = prompts_of(eval_data.select(range(min(count, len(eval_data)))))
+    completions = complete(model, tokenizer, render_prompts(tokenizer, prompts), SamplingConfig(), greedy=True)
+    return [{"prompt": p, "completion": c[0]} for p, c in zip(prompts, completions)]

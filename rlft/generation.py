@@ -1,0 +1,93 @@
+"""Batched sampling from a causal LM: left-padded prompts, KV cache, responses cut at EOS.
+
+One implementation for every stage that generates: PPO rollouts, preference building, eval, SFT samples.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from rlft.config import option, require
+from rlft.errors import RlftError
+
+
+@dataclass
+class SamplingConfig:
+    max_new_tokens: int = option(48, "Longest response in tokens.")
+    temperature: float = option(1.0, "Sampling temperature; PPO recomputes log-probs at the same temperature.")
+    top_p: float = option(1.0, "Nucleus sampling mass (1.0: off).")
+    top_k: int = option(0, "Sample from the k most likely tokens (0: off).")
+    max_prompt_length: int = option(256, "Prompts longer than this many tokens are an error, not silently cut.")
+
+    def __post_init__(self):
+        require(self.max_new_tokens > 0, "max_new_tokens", "must be >= 1")
+        require(self.temperature > 0, "temperature", "must be > 0 (use a small value for near-greedy)")
+        require(0 < self.top_p <= 1, "top_p", "must be in (0, 1]")
+        require(self.top_k >= 0, "top_k", "must be >= 0")
+        require(self.max_prompt_length > 0, "max_prompt_length", "must be >= 1")
+
+
+def encode_prompts(tokenizer, texts: list[str], max_length: int, device) -> dict[str, torch.Tensor]:
+    """Left-pad prompt texts (already chat-templated) so generated tokens line up at the right end."""
+    if not texts:
+        raise RlftError("no prompts to generate from: the prompt dataset is empty")
+    encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    longest = max(range(len(encoded)), key=lambda i: len(encoded[i]))
+    if len(encoded[longest]) > max_length:
+        raise RlftError(
+            f"a prompt is {len(encoded[longest])} tokens, longer than sampling.max_prompt_length={max_length} "
+            f"({texts[longest][:60]!r}...): raise the limit or drop long prompts"
+        )
+    width = max(len(ids) for ids in encoded)
+    input_ids = torch.full((len(encoded), width), tokenizer.pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(encoded), width), dtype=torch.long)
+    for row, ids in enumerate(encoded):
+        input_ids[row, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
+        attention_mask[row, width - len(ids) :] = 1
+    return {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device)}
+
+
+@torch.no_grad()
+def sample(model, prompt: dict[str, torch.Tensor], sampling: SamplingConfig, tokenizer, greedy: bool = False):
+    """Response token ids (batch, <= max_new_tokens); after a row's first EOS the tokens are padding."""
+    output = model.generate(
+        **prompt,
+        do_sample=not greedy,
+        temperature=sampling.temperature if not greedy else None,
+        top_p=sampling.top_p if not greedy else None,
+        top_k=sampling.top_k if not greedy else None,
+        max_new_tokens=sampling.max_new_tokens,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        use_cache=True,
+    )
+    return output[:, prompt["input_ids"].shape[1] :]
+
+
+def decode_responses(tokenizer, response_ids: torch.Tensor) -> list[str]:
+    """Text of each response up to (not including) its first EOS."""
+    texts = []
+    for row in response_ids.tolist():
+        if tokenizer.eos_token_id in row:
+            row = row[: row.index(tokenizer.eos_token_id)]
+        texts.append(tokenizer.decode(row, skip_special_tokens=True).strip())
+    return texts
+
+
+def complete(model, tokenizer, prompt_texts: list[str], sampling: SamplingConfig, batch_size: int = 16,
+             greedy: bool = False, num_samples: int = 1) -> list[list[str]]:
+    """`num_samples` completions for each templated prompt, in batches: [[completion, ...], ...]."""
+    was_training = model.training
+    model.eval()
+    results: list[list[str]] = [[] for _ in prompt_texts]
+    for _ in range(num_samples):
+        for start in range(0, len(prompt_texts), batch_size):
+            batch = prompt_texts[start : start + batch_size]
+            prompt = encode_prompts(tokenizer, batch, sampling.max_prompt_length, model.device)
+            texts = decode_responses(tokenizer, sample(model, prompt, sampling, tokenizer, greedy))
+            for offset, text in enumerate(texts):
+                results[start + offset].append(text)
+    model.train(was_training)
+    return results
