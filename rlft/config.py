@@ -243,13 +243,13 @@ def describe(cls: type, prefix: str = "") -> list[tuple[str, str, Any, str]]:
     """(key, type, default, help) for every leaf field: the config reference in README and --help."""
     rows = []
     hints = typing.get_type_hints(cls)
-    default = cls()
     for f in dataclasses.fields(cls):
         kind = hints[f.name]
         if dataclasses.is_dataclass(kind):
             rows += describe(kind, f"{prefix}{f.name}.")
         else:
-            rows.append((f"{prefix}{f.name}", _type_name(kind), getattr(default, f.name), f.metadata.get("help", "")))
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            rows.append((f"{prefix}{f.name}", _type_name(kind), default, f.metadata.get("help", "")))
     return rows
 
 

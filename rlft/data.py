@@ -59,17 +59,23 @@ def load_any(path: str, subset: str = "", split: str = "train"):
 
     if path in BUILTIN:
         return datasets.Dataset.from_list(chatterbot_pairs())
+    if path == "chatterbot-sentiment":  # preference pairs ranked by VADER; splits train and test
+        from reward_models.preferences import chatterbot_sentiment_pairs
+
+        return datasets.Dataset.from_list(chatterbot_sentiment_pairs(split))
     local = Path(path)
     if local.suffix in FILE_TYPES or os.sep in path and not local.exists():
         if not local.is_file():
             raise RlftError(f"data file '{path}' not found: check data.path (or the path you passed)")
         if local.suffix not in FILE_TYPES:
             raise RlftError(f"data file '{path}': unsupported type; use one of {', '.join(FILE_TYPES)}")
+        if local.stat().st_size == 0:
+            raise RlftError(f"data file '{path}' is empty: it needs at least one row")
         builder = FILE_TYPES[local.suffix]
         try:
             return datasets.load_dataset(builder, data_files=str(local), split="train")
         except Exception as e:  # the datasets library raises many types for a malformed file
-            raise RlftError(f"could not read data file '{path}': {str(e).splitlines()[0]}") from None
+            raise RlftError(f"could not read data file '{path}': {first_line(e)}") from None
     try:
         if local.is_dir():
             return datasets.load_from_disk(path) if (local / "dataset_info.json").exists() else \
@@ -77,11 +83,15 @@ def load_any(path: str, subset: str = "", split: str = "train"):
         return datasets.load_dataset(path, subset or None, split=split)
     except Exception as e:
         if local.exists():
-            raise RlftError(f"could not read dataset '{path}': {str(e).splitlines()[0]}") from None
+            raise RlftError(f"could not read dataset '{path}': {first_line(e)}") from None
         raise RlftError(
             f"dataset '{path}' not found: not a local file, not built in ({', '.join(BUILTIN)}), and not "
             f"reachable on the hub ({type(e).__name__}). Check data.path"
         ) from None
+
+
+def first_line(error: Exception) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
 def detect_format(dataset, allowed: tuple[str, ...], what: str = "data") -> str:

@@ -51,6 +51,9 @@ def build_causal_lm(tokenizer, seed: int = 0, hidden: int = 32, layers: int = 2)
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=None,
         tie_word_embeddings=True,
+        # HF's default 0.02 gives a 32-wide model near-uniform logits that no LoRA can sharpen
+        # (the tied head is frozen); 0.2 lets a toy policy actually learn within a test.
+        initializer_range=0.2,
     )
     return LlamaForCausalLM(config)
 

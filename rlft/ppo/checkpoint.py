@@ -1,0 +1,87 @@
+"""Atomic PPO checkpoints: everything needed to continue a run exactly.
+
+checkpoints/step-000010/
+    policy/            the PPO adapter (PeftModel.save_pretrained + rlft_adapter.json): loadable on its own
+    value_head.pt      critic head weights
+    trainer_state.pt   optimiser, scheduler, KL controller, step
+    rng_state_<rank>.pt  torch / numpy / python RNG of each process
+A checkpoint is built in a hidden staging folder and renamed into place, so a crash never leaves a
+half-written one; resuming picks the newest complete folder.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from rlft.config import ModelConfig
+from rlft.policy import save_adapter
+
+STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+def latest(run_dir: Path) -> Path | None:
+    folder = run_dir / "checkpoints"
+    if not folder.is_dir():
+        return None
+    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := STEP_DIR.match(p.name))]
+    return max(found)[1] if found else None
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save(accelerator, run_dir: Path, step: int, policy, value_head, trainer_state: dict,
+         model_config: ModelConfig, reference_adapter: str | None, keep: int = 2) -> Path:
+    """Write checkpoint `step` atomically (all processes call this)."""
+    folder = run_dir / "checkpoints"
+    final = folder / f"step-{step:06d}"
+    staging = folder / f".staging-step-{step:06d}"
+    if accelerator.is_main_process:
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    torch.save(rng_state(), staging / f"rng_state_{accelerator.process_index}.pt")
+    if accelerator.is_main_process:
+        save_adapter(policy, staging / "policy", model_config, reference_adapter)
+        torch.save(value_head.state_dict(), staging / "value_head.pt")
+        torch.save(trainer_state, staging / "trainer_state.pt")
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(staging, final)
+        for old in sorted(p for p in folder.iterdir() if STEP_DIR.match(p.name))[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def load(folder: Path, process_index: int, policy, value_head) -> dict:
+    """Restore adapter and head weights and this process's RNG; return the trainer state."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    set_peft_model_state_dict(policy, load_file(folder / "policy" / "adapter_model.safetensors"))
+    value_head.load_state_dict(torch.load(folder / "value_head.pt", weights_only=True))
+    rng_file = folder / f"rng_state_{process_index}.pt"
+    if rng_file.is_file():  # resuming with a different process count: fresh RNG for new ranks
+        set_rng_state(torch.load(rng_file, weights_only=False))
+    return torch.load(folder / "trainer_state.pt", weights_only=False)

@@ -1,0 +1,78 @@
+"""`rlft ppo` configuration: one dataclass tree, defaults in configs/ppo.yaml."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from rlft.config import DataConfig, LoraConfig, ModelConfig, option, require, section
+from rlft.generation import SamplingConfig
+from reward_models.scorers import ScorerConfig
+
+
+@dataclass
+class PPOHyperparameters:
+    steps: int = option(20, "PPO steps; each is one rollout (generate, score) and one update.")
+    rollout_batch_size: int = option(16, "Prompts per step per process.")
+    mini_batch_size: int = option(8, "Rollout rows per optimiser step.")
+    gradient_accumulation_steps: int = option(1, "Micro-batches per mini-batch (mini_batch_size must divide evenly).")
+    ppo_epochs: int = option(2, "Passes over each rollout.")
+    forward_batch_size: int = option(16, "Rows per no-grad forward pass when computing log-probs and values.")
+    learning_rate: float = option(1e-4, "AdamW learning rate for the adapter and value head.")
+    lr_schedule: Literal["constant", "linear"] = option("constant", "linear: decay to 0 over `steps`.")
+    max_grad_norm: float = option(1.0, "Clip the gradient norm to this.")
+    clip_range: float = option(0.2, "PPO ratio clip epsilon.")
+    clip_range_value: float = option(0.2, "Value clip around the rollout's values.")
+    value_loss_coef: float = option(0.1, "Weight of the value loss (the value head shares the trunk).")
+    entropy_coef: float = option(0.0, "Entropy bonus weight (0: entropy is only logged).")
+    gamma: float = option(1.0, "Discount factor for GAE.")
+    lam: float = option(0.95, "GAE lambda.")
+    whiten_advantages: bool = option(True, "Normalise advantages per rollout.")
+    whiten_rewards: bool = option(False, "Normalise per-token rewards per rollout (keeps their mean).")
+    score_clip: float = option(0.0, "Clip scores to [-score_clip, score_clip] (0: off).")
+    missing_eos_penalty: float = option(1.0, "Subtract this from the score of a completion without EOS (0: off).")
+    kl_estimator: Literal["k1", "k3", "abs", "mse"] = option("k1", "Per-token KL estimator in the reward.")
+    kl_coef: float = option(0.05, "Initial beta, the per-token KL penalty weight.")
+    adaptive_kl: bool = option(True, "Adapt beta towards target_kl (Ziegler et al. 2019); false: fixed beta.")
+    target_kl: float = option(4.0, "Target KL per sequence (nats) for the adaptive controller.")
+    kl_horizon: int = option(1000, "Adaptive controller horizon in samples.")
+    early_stop_approxkl: float = option(0.0, "Stop an update's epochs once approx-KL exceeds this (0: off).")
+    max_kl: float = option(100.0, "Abort when the mean KL per sequence exceeds this: the policy has run away.")
+
+    def __post_init__(self):
+        for key in ("steps", "rollout_batch_size", "mini_batch_size", "gradient_accumulation_steps",
+                    "ppo_epochs", "forward_batch_size", "kl_horizon"):
+            require(getattr(self, key) > 0, key, f"must be >= 1, got {getattr(self, key)}")
+        require(self.rollout_batch_size % self.mini_batch_size == 0, "mini_batch_size",
+                f"must divide rollout_batch_size={self.rollout_batch_size}")
+        require(self.mini_batch_size % self.gradient_accumulation_steps == 0, "gradient_accumulation_steps",
+                f"must divide mini_batch_size={self.mini_batch_size}")
+        require(self.learning_rate > 0, "learning_rate", "must be > 0")
+        require(self.kl_coef >= 0, "kl_coef", "must be >= 0")
+        require(self.target_kl > 0, "target_kl", "must be > 0")
+        require(0 < self.gamma <= 1 and 0 <= self.lam <= 1, "gamma", "gamma must be in (0, 1], lam in [0, 1]")
+        require(self.clip_range > 0 and self.clip_range_value > 0, "clip_range", "clip ranges must be > 0")
+        require(self.max_kl > 0, "max_kl", "must be > 0")
+
+
+@dataclass
+class PPOConfig:
+    output_dir: str = option("runs/ppo", "Run directory: adapter, checkpoints, metrics.jsonl, TensorBoard.")
+    seed: int = option(0, "Seed for prompt order, sampling and initialisation.")
+    resume: bool = option(True, "Continue from the last checkpoint in output_dir if there is one.")
+    sft_adapter: str = option(
+        "", "SFT adapter folder to start from; it is merged into the base, so it is also the reference."
+    )
+    save_every: int = option(10, "Checkpoint every this many steps (and at the end).")
+    sample_every: int = option(5, "Log a table of sample completions every this many steps.")
+    model: ModelConfig = section(ModelConfig, "The frozen base.")
+    lora: LoraConfig = section(LoraConfig, "The PPO adapter (the policy).")
+    data: DataConfig = section(DataConfig, "Prompts: a `prompt` column (string or messages) or `messages`.")
+    sampling: SamplingConfig = section(SamplingConfig, "Rollout sampling.")
+    reward: list[ScorerConfig] = option([], "Scorers summed (with weights) into the score of a completion.")
+    ppo: PPOHyperparameters = section(PPOHyperparameters, "PPO optimisation.")
+
+    def __post_init__(self):
+        require(len(self.reward) > 0, "reward", "name at least one scorer (a reward model dir or module:function)")
+        require(self.save_every > 0, "save_every", "must be >= 1")
+        require(self.sample_every > 0, "sample_every", "must be >= 1")

@@ -1,0 +1,319 @@
+"""Stage 3, `rlft ppo`: PPO with a LoRA policy, its frozen reference (adapter off) and a reward scorer.
+
+Read top to bottom: setup -> for each step: 1. generate, 2. score, 3. reference and values, 4. per-token
+rewards, 5. advantages, 6. update, 7. KL controller, log, checkpoint -> save. The math is in core.py.
+Runs as one process or under `accelerate launch` (DDP); every process takes its own prompts.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections import defaultdict
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+
+from rlft import runs
+from rlft.data import load_splits, prompts_of, render_prompts
+from rlft.errors import RlftError
+from rlft.models import add_lora, load_tokenizer
+from rlft.policy import load_reference, save_adapter
+from rlft.ppo import checkpoint
+from rlft.ppo.config import PPOConfig, PPOHyperparameters
+from rlft.ppo.core import (AdaptiveKLController, FixedKLController, gae, kl_penalty, masked_mean, masked_var,
+                           masked_whiten, per_token_rewards, policy_loss, value_loss)
+from rlft.ppo.model import PolicyWithValueHead
+from rlft.ppo.rollout import Rollout, collect
+from reward_models.scorers import build_scorer
+
+log = logging.getLogger(__name__)
+__all__ = ["PPOConfig", "run"]
+
+
+def run(config: PPOConfig) -> dict:
+    from accelerate import Accelerator
+
+    accelerator = Accelerator()
+    hp = config.ppo
+    out = Path(config.output_dir)
+    if accelerator.is_main_process:
+        runs.prepare(out, config)
+    runs.seed_everything(config.seed)  # same on every process: identical adapter and head init
+
+    # Setup: prompts and scorer first, so bad input fails before the policy loads.
+    tokenizer = load_tokenizer(config.model)
+    train_data, _, _ = load_splits(config.data, ("prompt_only", "conversational"), config.seed, "prompt data")
+    prompts = prompts_of(train_data)
+    prompt_texts = render_prompts(tokenizer, prompts)
+    check_prompt_lengths(tokenizer, prompt_texts, config.sampling.max_prompt_length)
+    scorer = build_scorer(config.reward, accelerator.device)
+    reference_adapter = config.sft_adapter or None
+    base = load_reference(config.model, reference_adapter, accelerator.device)
+    actor_critic = PolicyWithValueHead(add_lora(base, config.model, config.lora))
+    actor_critic.eval()  # no dropout anywhere: rollout and update log-probs must come from one function
+    trainable = [p for p in actor_critic.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=hp.learning_rate, eps=1e-5)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, (lambda step: 1 - step / hp.steps) if hp.lr_schedule == "linear" else (lambda step: 1.0)
+    )
+    kl_controller = (AdaptiveKLController(hp.kl_coef, hp.target_kl, hp.kl_horizon) if hp.adaptive_kl
+                     else FixedKLController(hp.kl_coef))
+
+    start_step = 0
+    last = checkpoint.latest(out) if config.resume else None
+    if last is not None:
+        state = checkpoint.load(last, accelerator.process_index, actor_critic.policy, actor_critic.value_head)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        kl_controller.load_state_dict(state["kl_controller"])
+        start_step = state["step"]
+        log.info("resumed from %s (step %d)", last, start_step)
+    else:
+        torch.manual_seed(config.seed + 1000 * accelerator.process_index)  # distinct samples per process
+    model, optimizer = accelerator.prepare(actor_critic, optimizer)
+    logger = MetricsLogger(out, start_step, accelerator.is_main_process)
+
+    from tqdm.auto import tqdm
+
+    progress = tqdm(range(start_step, hp.steps), desc="ppo", disable=not accelerator.is_main_process,
+                    initial=start_step, total=hp.steps)
+    for step in progress:
+        started = time.perf_counter()
+        rows = prompt_batch(step, accelerator.process_index, accelerator.num_processes,
+                            hp.rollout_batch_size, len(prompts), config.seed)
+
+        # 1.-3. generate, score, policy/reference log-probs and values
+        rollout = collect(actor_critic, actor_critic.policy, tokenizer, [prompts[i] for i in rows],
+                          [prompt_texts[i] for i in rows], scorer, config.sampling, hp.forward_batch_size,
+                          hp.missing_eos_penalty, hp.score_clip)
+        mask = rollout.response_mask
+
+        # 4. per-token rewards: -beta * KL on every token, plus the score on the last one
+        kl = kl_penalty(rollout.logprobs, rollout.ref_logprobs, hp.kl_estimator)
+        rewards = per_token_rewards(rollout.scores, kl, kl_controller.value, mask)
+        if hp.whiten_rewards:
+            rewards = masked_whiten(rewards, mask, shift_mean=False)
+
+        # 5. advantages (GAE) and returns
+        advantages, returns = gae(rewards, rollout.values, mask, hp.gamma, hp.lam)
+        if hp.whiten_advantages:
+            advantages = masked_whiten(advantages, mask)
+
+        # 6. update: several epochs of clipped policy and value losses over mini-batches
+        update_started = time.perf_counter()
+        update_stats = ppo_update(model, accelerator, optimizer, rollout, advantages, returns, hp,
+                                  config.sampling.temperature)
+        scheduler.step()
+        rollout.timings["time/update"] = time.perf_counter() - update_started
+
+        # 7. KL controller, on the KL of all processes' samples so beta stays identical everywhere
+        sequence_kl = torch.where(mask, rollout.logprobs - rollout.ref_logprobs, 0).sum(1)
+        mean_kl = accelerator.reduce(sequence_kl.mean(), "mean").item()
+        beta = kl_controller.value
+        kl_controller.update(mean_kl, hp.rollout_batch_size * accelerator.num_processes)
+
+        metrics = step_metrics(accelerator, rollout, rewards, kl, beta, mean_kl, returns, update_stats)
+        metrics.update(rollout.timings)
+        metrics["time/step"] = time.perf_counter() - started
+        metrics["perf/samples_per_s"] = len(rows) * accelerator.num_processes / metrics["time/step"]
+        metrics["perf/tokens_per_s"] = metrics["response/length"] * metrics["perf/samples_per_s"]
+        metrics["lr"] = scheduler.get_last_lr()[0]
+        logger.log(step + 1, metrics)
+        progress.set_postfix(score=f"{metrics['objective/scores']:.3f}", kl=f"{mean_kl:.2f}", beta=f"{beta:.3f}")
+        if (step + 1) % config.sample_every == 0 or step == start_step:
+            logger.samples(step + 1, rollout)
+
+        if not math.isfinite(mean_kl) or mean_kl > hp.max_kl:
+            raise RlftError(
+                f"mean KL per sequence reached {mean_kl:.1f} > ppo.max_kl={hp.max_kl} at step {step + 1}: the "
+                "policy ran away from its reference; lower ppo.learning_rate or raise ppo.kl_coef "
+                f"(last checkpoint kept in {out / 'checkpoints'})"
+            )
+        if (step + 1) % config.save_every == 0 or step + 1 == hp.steps:
+            trainer_state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                             "kl_controller": kl_controller.state_dict(), "step": step + 1}
+            checkpoint.save(accelerator, out, step + 1, actor_critic.policy, actor_critic.value_head,
+                            trainer_state, config.model, reference_adapter)
+
+    summary = {}
+    if accelerator.is_main_process:
+        save_adapter(actor_critic.policy, out / "policy", config.model, reference_adapter)
+        torch.save(actor_critic.value_head.state_dict(), out / "policy" / "value_head.pt")
+        summary = logger.summary()
+        summary["peak_rss_mb"] = runs.peak_rss_mb()
+        runs.write_json(out / runs.METRICS, summary)
+    logger.close()
+    accelerator.wait_for_everyone()
+    return summary
+
+
+def ppo_update(model, accelerator, optimizer, rollout: Rollout, advantages, returns,
+               hp: PPOHyperparameters, temperature: float) -> dict:
+    """Step 6: `ppo_epochs` passes of shuffled mini-batches; gradient accumulation over micro-batches.
+
+    Each micro-batch's token-mean loss is weighted by its share of the mini-batch's tokens, so the
+    gradient equals that of one pass over the whole mini-batch (accumulation 4x1 == 1x4).
+    """
+    input_ids, attention_mask, mask = rollout.input_ids, rollout.attention_mask, rollout.response_mask
+    length = rollout.response_ids.shape[1]
+    micro_size = hp.mini_batch_size // hp.gradient_accumulation_steps
+    stats = defaultdict(list)
+    for epoch in range(hp.ppo_epochs):
+        epoch_approxkl = []
+        order = torch.randperm(len(rollout.prompts))
+        for start in range(0, len(order), hp.mini_batch_size):
+            mini_batch = order[start : start + hp.mini_batch_size]
+            mini_tokens = mask[mini_batch].sum().clamp(min=1)
+            for micro_start in range(0, len(mini_batch), micro_size):
+                rows = mini_batch[micro_start : micro_start + micro_size]
+                is_last = micro_start + micro_size >= len(mini_batch)
+                with accelerator.no_sync(model) if not is_last else nullcontext():
+                    logprobs, values, entropy = model(input_ids[rows], attention_mask[rows], length, temperature,
+                                                      with_entropy=True)
+                    pg_loss, pg_stats = policy_loss(logprobs, rollout.logprobs[rows], advantages[rows], mask[rows],
+                                                    hp.clip_range)
+                    vf_loss, vf_stats = value_loss(values, rollout.values[rows], returns[rows], mask[rows],
+                                                   hp.clip_range_value)
+                    mean_entropy = masked_mean(entropy, mask[rows])
+                    loss = pg_loss + hp.value_loss_coef * vf_loss - hp.entropy_coef * mean_entropy
+                    if not torch.isfinite(loss):
+                        raise RlftError("PPO loss became NaN/inf: lower ppo.learning_rate or check the scorer's scores")
+                    accelerator.backward(loss * mask[rows].sum() / mini_tokens)
+                stats["loss/policy"].append(pg_loss.item())
+                stats["loss/value"].append(vf_loss.item())
+                stats["policy/entropy"].append(mean_entropy.item())
+                stats["policy/clipfrac"].append(pg_stats["clipfrac"].item())
+                stats["policy/approxkl"].append(pg_stats["approxkl"].item())
+                stats["val/clipfrac"].append(vf_stats["clipfrac"].item())
+                epoch_approxkl.append(pg_stats["approxkl"].item())
+            grad_norm = accelerator.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
+                                                    hp.max_grad_norm)
+            stats["policy/grad_norm"].append(float(grad_norm))
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        stats["policy/epochs"] = [epoch + 1]
+        if hp.early_stop_approxkl and sum(epoch_approxkl) / len(epoch_approxkl) > hp.early_stop_approxkl:
+            break  # the policy already moved as far as one update should
+    return {key: sum(values) / len(values) for key, values in stats.items()}
+
+
+def step_metrics(accelerator, rollout: Rollout, rewards, kl, beta: float, mean_kl: float, returns,
+                 update_stats: dict) -> dict:
+    """Namespaced per-step metrics, averaged over processes (the same names in JSONL, TensorBoard, reports)."""
+    mask = rollout.response_mask
+    scores = accelerator.gather(rollout.scores)
+    non_score = torch.where(mask, -beta * kl, 0).sum(1)
+    explained_variance = 1 - masked_var(returns - rollout.values, mask) / masked_var(returns, mask).clamp(min=1e-8)
+    local = {
+        "objective/kl_penalty": torch.where(mask, kl, 0).sum(1).mean(),
+        "objective/non_score_reward": non_score.mean(),
+        "objective/rlhf_reward": (rollout.scores + non_score).mean(),
+        "val/explained_variance": explained_variance,
+        "val/mean": masked_mean(rollout.values, mask),
+        "response/length": mask.sum(1).float().mean(),
+        "response/eos_rate": rollout.ended_with_eos.float().mean(),
+    }
+    metrics = {key: accelerator.reduce(value.detach().float(), "mean").item() for key, value in local.items()}
+    metrics.update({
+        "objective/scores": scores.mean().item(),
+        "objective/scores_std": scores.std().item() if len(scores) > 1 else 0.0,
+        "objective/kl": mean_kl,
+        "objective/kl_coef": beta,
+    })
+    metrics.update(update_stats)
+    return metrics
+
+
+def prompt_batch(step: int, rank: int, world: int, batch_size: int, num_prompts: int, seed: int) -> list[int]:
+    """Prompt indices for one process at one step: a fresh seeded permutation per pass over the data.
+
+    A pure function of (step, rank), so a resumed run sees exactly the prompts it would have seen.
+    """
+    indices = []
+    for position in range((step * world + rank) * batch_size, (step * world + rank + 1) * batch_size):
+        epoch, offset = divmod(position, num_prompts)
+        order = torch.randperm(num_prompts, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+        indices.append(int(order[offset]))
+    return indices
+
+
+def check_prompt_lengths(tokenizer, prompt_texts: list[str], max_prompt_length: int) -> None:
+    lengths = [len(ids) for ids in tokenizer(prompt_texts, add_special_tokens=False)["input_ids"]]
+    too_long = sum(length > max_prompt_length for length in lengths)
+    if too_long:
+        raise RlftError(
+            f"{too_long} of {len(lengths)} prompts are longer than sampling.max_prompt_length={max_prompt_length} "
+            f"tokens (longest {max(lengths)}): raise the limit or filter the prompts"
+        )
+
+
+class MetricsLogger:
+    """Per-step metrics to metrics.jsonl and TensorBoard (main process only); samples to samples.jsonl."""
+
+    def __init__(self, out: Path, start_step: int, active: bool):
+        self.active, self.out, self.history = active, out, []
+        self.writer = None
+        if not active:
+            return
+        from torch.utils.tensorboard import SummaryWriter
+
+        jsonl = out / "metrics.jsonl"
+        if jsonl.is_file():  # a resumed run rewrites the steps after its checkpoint
+            for line in jsonl.read_text().splitlines():
+                try:
+                    entry = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a line cut short by a crash
+                if entry.get("step", 0) <= start_step:
+                    self.history.append(entry)
+            jsonl.write_text("".join(json.dumps(entry) + "\n" for entry in self.history))
+        self.writer = SummaryWriter(str(out / "tensorboard"), purge_step=start_step + 1)
+
+    def log(self, step: int, metrics: dict) -> None:
+        if not self.active:
+            return
+        entry = {"step": step, **metrics}
+        self.history.append(entry)
+        with open(self.out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(entry) + "\n")
+        for key, value in metrics.items():
+            self.writer.add_scalar(key, value, step)
+
+    def samples(self, step: int, rollout: Rollout, count: int = 4) -> None:
+        if not self.active:
+            return
+        rows = [{"step": step, "prompt": prompt if isinstance(prompt, str) else prompt[-1]["content"],
+                 "completion": completion, "score": round(float(score), 4)}
+                for prompt, completion, score in zip(rollout.prompts, rollout.completions, rollout.scores)][:count]
+        with open(self.out / "samples.jsonl", "a") as f:
+            f.writelines(json.dumps(row) + "\n" for row in rows)
+        cell = lambda text, width: text[:width].replace("|", "/").replace("\n", " ")  # noqa: E731
+        table = "| prompt | completion | score |\n|---|---|---|\n" + "".join(
+            f"| {cell(r['prompt'], 80)} | {cell(r['completion'], 160)} | {r['score']} |\n" for r in rows)
+        self.writer.add_text("samples", table, step)
+        for row in rows:
+            log.info("step %d sample: %r -> %r (score %.3f)", step, row["prompt"][:60], row["completion"][:100],
+                     row["score"])
+
+    def summary(self) -> dict:
+        """First and last steps' headline figures, and the run's mean throughput and time split."""
+        if not self.history:
+            return {}
+        first, last = self.history[0], self.history[-1]
+        keys = ("objective/scores", "objective/kl", "objective/kl_coef", "response/length", "response/eos_rate")
+        summary = {"steps": last["step"]}
+        summary.update({f"first/{k}": first.get(k) for k in keys})
+        summary.update({f"last/{k}": last.get(k) for k in keys})
+        for key in ("perf/samples_per_s", "perf/tokens_per_s", "time/generate", "time/score", "time/forward",
+                    "time/update", "time/step"):
+            values = [entry[key] for entry in self.history if key in entry]
+            summary[f"mean/{key}"] = sum(values) / len(values) if values else None
+        return summary
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()

@@ -1,0 +1,247 @@
+"""PPO end to end on a tiny random Llama: learning, exactness, memory, resume, accumulation, DDP, bad input."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from rlft.cli import main
+from rlft.config import load_config
+from rlft.ppo.config import PPOConfig
+
+TARGET = "great"
+WORDS = "hello how are you tell me about the cat dog sun rain day night".split()
+
+
+def share_of_target(prompts, completions):
+    """Rule reward: the share of the completion's words that are the target word."""
+    return [c.split().count(TARGET) / max(len(c.split()), 1) for c in completions]
+
+
+def nan_reward(prompts, completions):
+    return [float("nan")] * len(completions)
+
+
+@pytest.fixture(scope="module")
+def prompts_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("prompts") / "prompts.jsonl"
+    rows = [{"prompt": [{"role": "user", "content": " ".join(WORDS[i % 7 : i % 7 + 3])}]} for i in range(64)]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def ppo_config(tiny_lm_dir, prompts_file, out, *overrides):
+    return load_config(PPOConfig, None, [
+        f"output_dir={out}", f"model.name_or_path={tiny_lm_dir}", f"data.path={prompts_file}",
+        "reward=[{kind: function, path: 'tests.test_ppo:share_of_target'}]",
+        "lora.r=8", "lora.alpha=16", "lora.dropout=0.0",
+        "sampling.max_new_tokens=8", "ppo.rollout_batch_size=16", "ppo.mini_batch_size=8",
+        "ppo.ppo_epochs=2", "ppo.learning_rate=3e-3", "ppo.steps=4", "ppo.adaptive_kl=false",
+        "ppo.kl_coef=0.01", "ppo.missing_eos_penalty=0", "save_every=2", *overrides,
+    ])
+
+
+def history(out):
+    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_reward_rises_on_a_toy_task(tiny_lm_dir, prompts_file, tmp_path):
+    from rlft.ppo.train import run
+
+    run(ppo_config(tiny_lm_dir, prompts_file, tmp_path, "ppo.steps=30", "save_every=100"))
+    scores = [entry["objective/scores"] for entry in history(tmp_path)]
+    first, last = sum(scores[:5]) / 5, sum(scores[-5:]) / 5
+    # A random 79-word model says the target ~1/79 of the time; PPO must make it a habit.
+    assert last > first + 0.2, scores
+    assert (tmp_path / "policy" / "adapter_model.safetensors").is_file()
+    assert (tmp_path / "metrics.json").is_file()
+
+
+def test_huge_fixed_beta_keeps_policy_at_reference(tiny_lm_dir, prompts_file, tmp_path):
+    from rlft.ppo.train import run
+
+    # Same run as the learning test but for beta: 0.01 there lets KL reach tens of nats.
+    run(ppo_config(tiny_lm_dir, prompts_file, tmp_path, "ppo.steps=30", "ppo.kl_coef=50", "save_every=100"))
+    entries = history(tmp_path)
+    kls = [e["objective/kl"] for e in entries]
+    # The sampled k1 estimate over 16 sequences is noisy (+-0.3 nats) around a true KL near 0.
+    assert max(abs(kl) for kl in kls) < 1.0 and abs(sum(kls[-10:]) / 10) < 0.5, kls
+    scores = [e["objective/scores"] for e in entries]
+    assert abs(sum(scores[-5:]) / 5 - sum(scores[:5]) / 5) < 0.05, scores
+    assert all(e["objective/kl_coef"] == 50 for e in entries)  # fixed controller never moves
+
+
+def test_first_step_kl_is_exactly_zero_and_reference_is_the_sft_model(tiny_lm_dir, prompts_file, tmp_path):
+    """Starting from an SFT adapter: reference = SFT model, and at step 0 policy == reference exactly."""
+    from peft import PeftModel
+
+    from rlft.config import LoraConfig, ModelConfig
+    from rlft.models import add_lora, load_model, load_tokenizer
+    from rlft.policy import load_reference, save_adapter
+    from rlft.ppo.model import PolicyWithValueHead
+    from rlft.ppo.rollout import collect
+    from reward_models.scorers import build_scorer
+
+    model_config = ModelConfig(name_or_path=str(tiny_lm_dir))
+    sft = add_lora(load_model(model_config), model_config, LoraConfig(r=4, alpha=8, dropout=0.0))
+    with torch.no_grad():  # a non-trivial SFT adapter, so "reference == raw base" would be caught
+        for name, param in sft.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.5)
+    save_adapter(sft, tmp_path / "sft", model_config, None)
+
+    config = ppo_config(tiny_lm_dir, prompts_file, tmp_path / "ppo", f"sft_adapter={tmp_path / 'sft'}")
+    tokenizer = load_tokenizer(model_config)
+    base = load_reference(model_config, str(tmp_path / "sft"), "cpu")
+    actor_critic = PolicyWithValueHead(add_lora(base, model_config, config.lora)).eval()
+    texts = [tokenizer.apply_chat_template([{"role": "user", "content": w}], tokenize=False,
+                                           add_generation_prompt=True) for w in WORDS[:6]]
+    rollout = collect(actor_critic, actor_critic.policy, tokenizer, WORDS[:6], texts,
+                      build_scorer(config.reward), config.sampling, 4, 0.0, 0.0)
+    assert torch.equal(rollout.logprobs, rollout.ref_logprobs)  # KL exactly 0, not just small
+
+    sft_model = PeftModel.from_pretrained(load_model(model_config), tmp_path / "sft").eval()
+    raw_base = load_model(model_config).eval()
+    from rlft.ppo.core import logprobs_from_logits
+    from rlft.ppo.model import position_ids_for
+
+    ids, attention = rollout.input_ids, rollout.attention_mask
+    length = rollout.response_ids.shape[1]
+    with torch.no_grad():
+        def logprobs_of(model):
+            logits = model(input_ids=ids, attention_mask=attention, position_ids=position_ids_for(attention)).logits
+            return logprobs_from_logits(logits[:, -length - 1 : -1], ids[:, -length:])
+        sft_logprobs, base_logprobs = logprobs_of(sft_model), logprobs_of(raw_base)
+    mask = rollout.response_mask
+    torch.testing.assert_close(rollout.ref_logprobs[mask], sft_logprobs[mask], atol=1e-5, rtol=1e-5)
+    assert (rollout.ref_logprobs[mask] - base_logprobs[mask]).abs().max() > 1e-2  # and not the raw base
+
+
+def test_reference_and_critic_add_no_copy_of_the_base(tiny_lm_dir):
+    from rlft.config import LoraConfig, ModelConfig
+    from rlft.models import add_lora, load_model
+    from rlft.ppo.model import PolicyWithValueHead
+
+    model_config = ModelConfig(name_or_path=str(tiny_lm_dir))
+    base = load_model(model_config)
+    base_elements = sum(p.numel() for p in base.parameters())
+    actor_critic = PolicyWithValueHead(add_lora(base, model_config, LoraConfig(r=4, alpha=8)))
+    storage = {}
+    for tensor in list(actor_critic.parameters()) + list(actor_critic.buffers()):
+        storage[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+    trainable_bytes = sum(p.numel() * p.element_size() for p in actor_critic.parameters() if p.requires_grad)
+    base_bytes = base_elements * 4
+    # Policy + reference + critic = base once + adapter + head (+ rotary buffers), far below two copies.
+    assert sum(storage.values()) < base_bytes + trainable_bytes + 4096
+    assert sum(storage.values()) < 1.5 * base_bytes
+
+
+def test_resume_matches_uninterrupted_run(tiny_lm_dir, prompts_file, tmp_path):
+    from rlft.ppo.train import run
+
+    run(ppo_config(tiny_lm_dir, prompts_file, tmp_path / "straight", "ppo.adaptive_kl=true"))
+    run(ppo_config(tiny_lm_dir, prompts_file, tmp_path / "resumed", "ppo.adaptive_kl=true", "ppo.steps=2"))
+    run(ppo_config(tiny_lm_dir, prompts_file, tmp_path / "resumed", "ppo.adaptive_kl=true"))
+    straight, resumed = history(tmp_path / "straight"), history(tmp_path / "resumed")
+    assert [e["step"] for e in resumed] == [1, 2, 3, 4]
+    for a, b in zip(straight, resumed):
+        for key in ("objective/scores", "objective/kl", "objective/kl_coef", "loss/policy", "loss/value"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), (a["step"], key)
+
+
+def test_gradient_accumulation_equals_one_big_batch(tiny_lm_dir):
+    from accelerate import Accelerator
+
+    from rlft.config import LoraConfig, ModelConfig
+    from rlft.generation import SamplingConfig
+    from rlft.models import add_lora, load_model, load_tokenizer
+    from rlft.ppo.config import PPOHyperparameters
+    from rlft.ppo.model import PolicyWithValueHead
+    from rlft.ppo.rollout import collect
+    from rlft.ppo.train import ppo_update
+
+    model_config = ModelConfig(name_or_path=str(tiny_lm_dir))
+    tokenizer = load_tokenizer(model_config)
+    texts = [tokenizer.apply_chat_template([{"role": "user", "content": w}], tokenize=False,
+                                           add_generation_prompt=True) for w in WORDS[:8]]
+
+    def updated_adapter(accumulation):
+        torch.manual_seed(0)
+        model = PolicyWithValueHead(add_lora(load_model(model_config), model_config, LoraConfig(r=4, dropout=0.0))).eval()
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if "lora_B" in name:
+                    param.normal_(0, 0.1)
+        rollout = collect(model, model.policy, tokenizer, WORDS[:8], texts,
+                          lambda p, c: torch.linspace(-1, 1, len(c)), SamplingConfig(max_new_tokens=6), 8, 0.0, 0.0)
+        advantages = torch.randn_like(rollout.values) * rollout.response_mask
+        returns = torch.randn_like(rollout.values)
+        hp = PPOHyperparameters(rollout_batch_size=8, mini_batch_size=8, gradient_accumulation_steps=accumulation,
+                                ppo_epochs=1, learning_rate=1e-2)
+        optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        torch.manual_seed(1)
+        ppo_update(model, Accelerator(cpu=True), optimizer, rollout, advantages, returns, hp, 1.0)
+        return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    one, four = updated_adapter(1), updated_adapter(4)
+    for name in one:
+        torch.testing.assert_close(one[name], four[name], atol=1e-6, rtol=1e-5)
+
+
+def test_runs_under_accelerate_launch_with_two_processes(tiny_lm_dir, prompts_file, tmp_path):
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "-m", "rlft", "ppo", f"output_dir={tmp_path}", f"model.name_or_path={tiny_lm_dir}",
+               f"data.path={prompts_file}", "reward=[{kind: function, path: 'tests.test_ppo:share_of_target'}]",
+               "sampling.max_new_tokens=6", "ppo.rollout_batch_size=4", "ppo.mini_batch_size=4", "ppo.steps=2",
+               "lora.r=4"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    entries = history(tmp_path)
+    assert [e["step"] for e in entries] == [1, 2]
+    assert entries[-1]["perf/samples_per_s"] > 0
+    assert (tmp_path / "policy" / "adapter_model.safetensors").is_file()
+
+
+def cli_args(tiny_lm_dir, prompts_file, out, *overrides):
+    return ["ppo", f"output_dir={out}", f"model.name_or_path={tiny_lm_dir}", f"data.path={prompts_file}",
+            "reward=[{kind: function, path: 'tests.test_ppo:share_of_target'}]", "sampling.max_new_tokens=6",
+            "ppo.rollout_batch_size=4", "ppo.mini_batch_size=4", "ppo.steps=2", *overrides]
+
+
+def one_error_line(capsys):
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) >= 1 and "Traceback" not in "\n".join(err)
+    return err[-1]
+
+
+def test_bad_input_fails_with_one_clear_line(tiny_lm_dir, prompts_file, tmp_path, capsys):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    assert main(cli_args(tiny_lm_dir, empty, tmp_path / "a")) == 2
+    assert "empty" in one_error_line(capsys) or "could not read" in capsys.readouterr().err
+
+    assert main(cli_args(tiny_lm_dir, prompts_file, tmp_path / "b", "sampling.max_prompt_length=3")) == 2
+    assert "longer than sampling.max_prompt_length=3" in one_error_line(capsys)
+
+    nan = "reward=[{kind: function, path: 'tests.test_ppo:nan_reward'}]"
+    assert main(cli_args(tiny_lm_dir, prompts_file, tmp_path / "c", nan)) == 2
+    assert "nan" in one_error_line(capsys).lower()
+
+    assert main(cli_args(tiny_lm_dir, prompts_file, tmp_path / "d", "ppo.mini_batch_size=3")) == 2
+    assert "ppo.mini_batch_size" in one_error_line(capsys)
+
+
+def test_kl_explosion_stops_the_run_and_keeps_the_last_checkpoint(tiny_lm_dir, prompts_file, tmp_path, capsys):
+    # Step 1 saves a checkpoint; a huge learning rate then drives KL far past the limit.
+    args = cli_args(tiny_lm_dir, prompts_file, tmp_path, "ppo.steps=6", "save_every=1", "ppo.learning_rate=3.0",
+                    "ppo.max_kl=0.5", "ppo.kl_coef=0")
+    assert main(args) == 2
+    assert "ppo.max_kl" in one_error_line(capsys)
+    checkpoints = sorted((tmp_path / "checkpoints").glob("step-*"))
+    assert checkpoints and (checkpoints[-1] / "policy" / "adapter_model.safetensors").is_file()
