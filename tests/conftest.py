@@ -19,6 +19,12 @@ def tiny_lm_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_lm_dir_64(tmp_path_factory):
+    """Like tiny_lm_dir but 64 wide: bitsandbytes' 4-bit CPU kernels need rows of at least one 64-block."""
+    return tiny.save_tiny_causal_lm(tmp_path_factory.mktemp("tiny_lm_64"), hidden=64)
+
+
+@pytest.fixture(scope="session")
 def tiny_reward_dir(tmp_path_factory):
     """A saved tiny random BERT sequence classifier (one output) + the same tokenizer."""
     return tiny.save_tiny_reward_backbone(tmp_path_factory.mktemp("tiny_rm"))

@@ -58,10 +58,10 @@ def build_causal_lm(tokenizer, seed: int = 0, hidden: int = 32, layers: int = 2)
     return LlamaForCausalLM(config)
 
 
-def save_tiny_causal_lm(folder: Path, seed: int = 0) -> Path:
+def save_tiny_causal_lm(folder: Path, seed: int = 0, hidden: int = 32) -> Path:
     folder = Path(folder)
     tokenizer = build_tokenizer()
-    build_causal_lm(tokenizer, seed).save_pretrained(folder)
+    build_causal_lm(tokenizer, seed, hidden).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
 
