@@ -43,6 +43,9 @@ def setup_logging() -> None:
     for noisy in ("bitsandbytes", "httpx", "urllib3", "filelock", "datasets", "accelerate.utils.other"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import datasets
+
+    datasets.disable_progress_bars()  # per-map bars drown the log; the training bars stay
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -94,7 +94,7 @@ class DataConfig:
     path: str = option(
         "chatterbot",
         "A local .jsonl/.json/.csv/.parquet file or directory, an HF hub dataset name, or a built-in "
-        "offline dataset (chatterbot: English dialog pairs).",
+        "offline dataset (chatterbot: English dialog pairs; chatterbot-sentiment: VADER-ranked reply pairs).",
     )
     subset: str = option("", "Hub dataset configuration name (subset), if any.")
     split: str = option("train", "Split to train on.")

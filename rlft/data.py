@@ -17,7 +17,7 @@ from rlft.config import DataConfig
 from rlft.errors import RlftError
 
 FILE_TYPES = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
-BUILTIN = ("chatterbot",)
+BUILTIN = ("chatterbot", "chatterbot-sentiment")
 FORMATS = {
     "conversational": ("messages",),
     "prompt_completion": ("prompt", "completion"),
@@ -57,7 +57,7 @@ def load_any(path: str, subset: str = "", split: str = "train"):
     """Load one split from a built-in name, a local file or directory, or the hub."""
     import datasets
 
-    if path in BUILTIN:
+    if path == "chatterbot":
         return datasets.Dataset.from_list(chatterbot_pairs())
     if path == "chatterbot-sentiment":  # preference pairs ranked by VADER; splits train and test
         from reward_models.preferences import chatterbot_sentiment_pairs
@@ -71,6 +71,9 @@ def load_any(path: str, subset: str = "", split: str = "train"):
             raise RlftError(f"data file '{path}': unsupported type; use one of {', '.join(FILE_TYPES)}")
         if local.stat().st_size == 0:
             raise RlftError(f"data file '{path}' is empty: it needs at least one row")
+        if split != "train":
+            raise RlftError(f"data file '{path}' has one split (train), not '{split}': hold out rows with "
+                            "data.eval_fraction and data.eval_split=''")
         builder = FILE_TYPES[local.suffix]
         try:
             return datasets.load_dataset(builder, data_files=str(local), split="train")

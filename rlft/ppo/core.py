@@ -5,7 +5,6 @@ real response tokens; padded positions never enter a statistic and come back as 
 """
 
 import torch
-import torch.nn.functional as F
 
 KL_ESTIMATORS = ("k1", "k3", "abs", "mse")
 

@@ -1,0 +1,145 @@
+"""`rlft preferences`: preference pairs without human labels, from a policy's own samples and a judge.
+
+For each prompt: sample `num_samples` completions from the policy (an SFT adapter, or a plain base
+model), score them with the judge (any scorer), and keep (prompt, chosen=best, rejected=worst) unless
+the judge ties them or their gap is under `min_gap`. Pairs go to output_dir/pairs.jsonl in TRL's
+conversational preference format, ready for `rlft reward data.path=<output_dir>/pairs.jsonl`. Because
+both sides are SFT samples, the reward model's normalization.json then centres the SFT policy at 0.
+
+Also builds the built-in offline dataset `chatterbot-sentiment` (no policy needed; see its function).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from dataclasses import dataclass, field
+
+from reward_models.scorers import ScorerConfig, build_scorer
+from rlft import runs
+from rlft.config import DataConfig, ModelConfig, option, require, section
+from rlft.data import load_splits, prompts_of, render_prompts
+from rlft.errors import RlftError
+from rlft.generation import SamplingConfig, complete
+
+log = logging.getLogger(__name__)
+PAIRS = "pairs.jsonl"
+
+
+@dataclass
+class PreferenceConfig:
+    output_dir: str = option("runs/preferences", "Where pairs.jsonl, the resolved config and metrics go.")
+    seed: int = option(0, "Seed for the prompt hold-out and sampling.")
+    policy: str = option("", "SFT adapter folder (an rlft sft output) to sample from; empty: sample from `model`.")
+    model: ModelConfig = section(ModelConfig, "The model to sample from when `policy` is empty.")
+    data: DataConfig = section(
+        DataConfig, "Prompts (`prompt` or `messages` rows). Only the training split is used, so with the "
+        "SFT run's seed and eval_fraction the held-out prompts stay unseen.",
+    )
+    num_samples: int = option(4, "Completions sampled per prompt (>= 2); the judge's best and worst form a pair.")
+    batch_size: int = option(16, "Prompts per generation batch.")
+    min_gap: float = option(0.0, "Skip a prompt when best minus worst judge score is below this (ties always).")
+    sampling: SamplingConfig = section(SamplingConfig, "How completions are sampled.")
+    judge: list[ScorerConfig] = field(
+        default_factory=lambda: [ScorerConfig(kind="function", path="reward_models.judges:sentiment")],
+        metadata={"help": "Scorers (weighted sum) that rank the samples: rule functions or reward models."},
+    )
+
+    def __post_init__(self):
+        require(self.num_samples >= 2, "num_samples", f"must be >= 2 to form a pair, got {self.num_samples}")
+        require(self.batch_size > 0, "batch_size", "must be >= 1")
+        require(self.min_gap >= 0, "min_gap", "must be >= 0")
+        require(len(self.judge) > 0, "judge", "name at least one scorer, e.g. reward_models.judges:sentiment")
+
+
+def run(config: PreferenceConfig) -> dict:
+    from rlft.models import load_model, load_tokenizer
+    from rlft.policy import load_policy
+
+    started = time.time()
+    runs.seed_everything(config.seed)
+    out = runs.prepare(config.output_dir, config)
+    train_data, _, _ = load_splits(config.data, ("prompt_only", "conversational"), config.seed, "prompt data")
+    prompts = prompts_of(train_data)
+    judge = build_scorer(config.judge)  # before the policy: a judge that doesn't import fails in seconds
+    if config.policy:
+        model, tokenizer, _ = load_policy(config.policy)
+    else:
+        model, tokenizer = load_model(config.model), load_tokenizer(config.model)
+
+    samples = complete(model, tokenizer, render_prompts(tokenizer, prompts), config.sampling,
+                       config.batch_size, num_samples=config.num_samples)
+    k = config.num_samples
+    scores = judge([p for p in prompts for _ in range(k)], [c for row in samples for c in row]).view(-1, k)
+    rows = [pick_pair(p, s, sc.tolist(), config.min_gap) for p, s, sc in zip(prompts, samples, scores)]
+    rows = [row for row in rows if row is not None]
+    if not rows:
+        raise RlftError(f"the judge '{judge.name}' tied every prompt's samples (or min_gap={config.min_gap} "
+                        "was never reached): raise num_samples or sampling.temperature, or lower min_gap")
+    with open(out / PAIRS, "w") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+    gaps = [row["score_chosen"] - row["score_rejected"] for row in rows]
+    metrics = {
+        "pairs": len(rows),
+        "prompts": len(prompts),
+        "mean_gap": sum(gaps) / len(gaps),
+        "judge/mean_score": scores.mean().item(),
+        "judge": judge.name,
+        "wall_time_s": time.time() - started,
+        "peak_rss_mb": runs.peak_rss_mb(),
+    }
+    log.info("%d pairs from %d prompts, mean judge gap %.3f", len(rows), len(prompts), metrics["mean_gap"])
+    runs.write_json(out / runs.METRICS, metrics)
+    return metrics
+
+
+def pick_pair(prompt, candidates: list[str], scores: list[float], min_gap: float) -> dict | None:
+    """A preference row of the judge's best and worst candidate, or None on a tie or a gap under min_gap."""
+    best = max(range(len(candidates)), key=scores.__getitem__)
+    worst = min(range(len(candidates)), key=scores.__getitem__)
+    gap = scores[best] - scores[worst]
+    if gap <= 0 or gap < min_gap or candidates[best] == candidates[worst]:
+        return None
+    chosen, rejected = candidates[best], candidates[worst]
+    if isinstance(prompt, list):  # conversational: the completions become assistant turns
+        chosen, rejected = [{"role": "assistant", "content": chosen}], [{"role": "assistant", "content": rejected}]
+    return {"prompt": prompt, "chosen": chosen, "rejected": rejected,
+            "score_chosen": scores[best], "score_rejected": scores[worst]}
+
+
+def chatterbot_sentiment_pairs(split: str = "train", alternatives: int = 3, min_gap: float = 0.3) -> list[dict]:
+    """The built-in offline preference dataset `chatterbot-sentiment`: ~670 train and ~150 test pairs.
+
+    Chatterbot prompts mostly have one reply (104 of 1038 have two or more, and only 41 of those differ
+    in sentiment by 0.3), so each prompt's candidates are its own replies plus `alternatives` replies
+    drawn (seeded) from other prompts, and the VADER judge's best and worst candidates form the pair when
+    their compound scores differ by >= min_gap. The signal is the sentiment of the reply, learnable from
+    its words. 20% of the prompts form `test`; its alternatives come from test replies that never occur
+    in train, so held-out accuracy measures unseen text, not memorised replies.
+    """
+    from reward_models.judges import sentiment
+    from rlft.data import chatterbot_pairs
+
+    if split not in ("train", "test"):
+        raise RlftError(f"the built-in 'chatterbot-sentiment' dataset has splits train and test, not '{split}'")
+    groups: dict[str, list[str]] = {}
+    for row in chatterbot_pairs():
+        groups.setdefault(row["prompt"][0]["content"], []).append(row["completion"][0]["content"])
+    order = sorted(groups)
+    random.Random(0).shuffle(order)
+    cut = len(order) // 5
+    part = order[:cut] if split == "test" else order[cut:]
+    train_replies = {reply for prompt in order[cut:] for reply in groups[prompt]}
+    pool = {reply for prompt in part for reply in groups[prompt]}
+    pool = sorted(pool - train_replies) if split == "test" else sorted(pool)
+    rng, rows = random.Random(0), []
+    for prompt in part:
+        own = [reply for reply in groups[prompt] if reply in pool]
+        candidates = list(dict.fromkeys(own + rng.sample(pool, alternatives)))
+        row = pick_pair([{"role": "user", "content": prompt}], candidates, sentiment(None, candidates), min_gap)
+        if row is not None:
+            rows.append(row)
+    return rows

@@ -1,0 +1,170 @@
+"""Stage 2, `rlft reward`: a Bradley-Terry reward model on preference pairs, on TRL's RewardTrainer.
+
+setup (config, data, model) -> tokenize pairs with the scorers' `encode` -> held-out pairwise accuracy
+before -> train (resumable) -> accuracy after -> normalization.json -> save model + tokenizer (HF format,
+loadable by AutoModelForSequenceClassification and by `kind: model` scorers) -> metrics.json last.
+
+The loss is TRL's -log sigmoid(r(chosen) - r(rejected) [- margin]) (Ouyang et al. 2022, eq. 1). We
+tokenize the pairs ourselves, so TRL skips its own formatting: training and scoring share one format.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+
+from reward_models.scorers import NORMALIZATION, encode, length_limit, score_ids
+from rlft import runs
+from rlft.config import DataConfig, LoraConfig, ModelConfig, TrainConfig, option, require, section
+from rlft.data import load_splits
+from rlft.errors import RlftError
+from rlft.hf_training import last_checkpoint, training_kwargs
+from rlft.models import MINILM, add_lora, count_parameters, load_model, load_tokenizer
+from rlft.sft import check_finite_losses
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RewardModelConfig(ModelConfig):
+    name_or_path: str = option(
+        MINILM, "Any model AutoModelForSequenceClassification loads (a new 1-output head is added): a hub id, "
+        "a local directory, or an embedded name (all-minilm-l6-v2, smollm2-135m-instruct).",
+    )
+
+
+@dataclass
+class RewardConfig:
+    output_dir: str = option("runs/reward", "Where the model, tokenizer, normalization, config and metrics go.")
+    seed: int = option(0, "Seed for the head's initialisation, data order and the hold-out split.")
+    resume: bool = option(True, "Continue from the last checkpoint in output_dir if there is one.")
+    lora_enabled: bool = option(
+        False, "Train a LoRA adapter (merged into the saved model) instead of all weights; full fine-tuning "
+        "suits a small backbone like MiniLM, LoRA a large causal LM.",
+    )
+    model: RewardModelConfig = section(RewardModelConfig, "The backbone.")
+    lora: LoraConfig = section(LoraConfig, "The adapter, when lora_enabled (the score head is trained in full).")
+    data: DataConfig = section(
+        DataConfig, "Preference pairs: chosen + rejected (+ optional prompt, margin), text or messages.",
+    )
+    train: TrainConfig = section(TrainConfig, "Optimisation; train.max_length also truncates every pair.")
+
+    def __post_init__(self):
+        require(self.model.quantization == "none" or self.lora_enabled, "model.quantization",
+                "a quantized backbone can only be trained with lora_enabled: true")
+
+
+def run(config: RewardConfig) -> dict:
+    from transformers import AutoModelForSequenceClassification
+    from trl import RewardConfig as TrlRewardConfig
+    from trl import RewardTrainer
+
+    started = time.time()
+    runs.seed_everything(config.seed)  # before loading: it initialises the new score head
+    out = runs.prepare(config.output_dir, config)
+
+    # Data first: a wrong column should fail before the model loads.
+    train_rows, eval_rows, _ = load_splits(config.data, ("preference",), config.seed, "reward data")
+    if len(eval_rows) == 0:
+        raise RlftError(f"the evaluation split of '{config.data.path}' is empty: check data.eval_split")
+    tokenizer = load_tokenizer(config.model)
+    model = load_model(config.model, loader=AutoModelForSequenceClassification, num_labels=1)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    max_length = length_limit(model, tokenizer, config.train.max_length)
+    train_data, eval_data = (tokenize_pairs(rows, tokenizer, max_length) for rows in (train_rows, eval_rows))
+    if config.lora_enabled:
+        model = add_lora(model, config.model, config.lora, task_type="SEQ_CLS")  # SEQ_CLS trains the head too
+    else:
+        model.requires_grad_(True)  # load_model returns it frozen
+        if config.model.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    trainable, total = count_parameters(model)
+    log.info("training %.1fM of %.1fM parameters on %d pairs", trainable / 1e6, total / 1e6, len(train_data))
+
+    # Batches of similar length: with short replies, padding is most of the compute on a CPU. The trainer
+    # keeps our `length` column for its sampler only if it keeps unused columns; TRL's collator ignores them.
+    args = TrlRewardConfig(**training_kwargs(config.train, config.model, out, config.seed),
+                           train_sampling_strategy="group_by_length", remove_unused_columns=False)
+    trainer = RewardTrainer(
+        model=model, args=args, train_dataset=train_data, eval_dataset=eval_data, processing_class=tokenizer
+    )
+    checkpoint = last_checkpoint(out) if config.resume else None
+    before_file = out / "eval_before.json"
+    if checkpoint and before_file.is_file():  # resumed: "before" means the untrained model
+        accuracy_before = runs.read_json(before_file)["eval_accuracy"]
+    else:
+        accuracy_before = pairwise_accuracy(model, eval_data, tokenizer.pad_token_id, config.train.batch_size)
+        runs.write_json(before_file, {"eval_accuracy": accuracy_before})
+    log.info("held-out pairwise accuracy before training: %.3f", accuracy_before)
+
+    trainer.train(resume_from_checkpoint=checkpoint)
+    check_finite_losses(trainer.state.log_history)
+    accuracy_after = pairwise_accuracy(model, eval_data, tokenizer.pad_token_id, config.train.batch_size)
+    log.info("held-out pairwise accuracy after training: %.3f (before %.3f)", accuracy_after, accuracy_before)
+
+    if config.lora_enabled:
+        model = model.merge_and_unload()  # a plain classifier: scorers load it without peft
+    model.save_pretrained(out)
+    tokenizer.model_max_length = max_length  # scorers of this model truncate where training did
+    tokenizer.save_pretrained(out)
+    # The scores of the training completions: when they are SFT samples (as `rlft preferences` makes
+    # them), normalising by these makes the SFT policy's rewards mean 0 and std 1 at the start of PPO.
+    completions = list(train_data["chosen_ids"]) + list(train_data["rejected_ids"])
+    scores = score_ids(model, completions, tokenizer.pad_token_id, config.train.batch_size)
+    normalization = {"mean": scores.mean().item(), "std": max(scores.std().item(), 1e-6), "count": len(scores)}
+    runs.write_json(out / NORMALIZATION, normalization)
+    metrics = {
+        "eval_accuracy_before": accuracy_before,
+        "eval_accuracy_after": accuracy_after,
+        "train_rows": len(train_data),
+        "eval_rows": len(eval_data),
+        "steps": trainer.state.global_step,
+        "trainable_parameters": trainable,
+        "normalization": normalization,
+        "wall_time_s": time.time() - started,
+        "peak_rss_mb": runs.peak_rss_mb(),
+    }
+    runs.write_json(out / runs.METRICS, metrics)
+    return metrics
+
+
+def split_pair(row: dict) -> list[tuple]:
+    """[(prompt, chosen completion), (prompt, rejected completion)] for any of TRL's preference shapes.
+
+    Explicit `prompt`, or implicit: message lists end in the reply; texts share a prefix, cut at its last
+    space ("The sky is blue." / "The sky is green." -> "The sky is", "blue." / "green.").
+    """
+    prompt, sides = row.get("prompt"), [row["chosen"], row["rejected"]]
+    if all(isinstance(side, str) for side in sides):
+        if prompt is None:
+            cut = os.path.commonprefix(sides).rfind(" ") + 1
+            prompt, sides = sides[0][:cut].strip(), [side[cut:] for side in sides]
+        return [(prompt, side) for side in sides]
+    if all(isinstance(side, list) and side for side in sides) and isinstance(prompt, (list, type(None))):
+        return [((prompt or []) + side[:-1], side[-1]["content"]) for side in sides]
+    raise RlftError(
+        "a preference row mixes text and message lists, or has an empty side: chosen/rejected must both be "
+        f"strings or both non-empty message lists, with a prompt of the same kind (got {str(row)[:120]}...)"
+    )
+
+
+def tokenize_pairs(dataset, tokenizer, max_length: int):
+    """chosen_ids / rejected_ids (and margin, if given) through scorers.encode, the scorers' own format;
+    `length` lets the trainer batch pairs of similar length."""
+
+    def tokenize(row):
+        (chosen_prompt, chosen), (rejected_prompt, rejected) = split_pair(row)
+        chosen_ids = encode(tokenizer, chosen_prompt, chosen, max_length)
+        rejected_ids = encode(tokenizer, rejected_prompt, rejected, max_length)
+        return {"chosen_ids": chosen_ids, "rejected_ids": rejected_ids, "length": len(chosen_ids) + len(rejected_ids)}
+
+    return dataset.map(tokenize, remove_columns=[c for c in dataset.column_names if c != "margin"])
+
+
+def pairwise_accuracy(model, pairs, pad_token_id: int, batch_size: int) -> float:
+    """Share of pairs where r(chosen) > r(rejected) strictly: a tie (an untrained constant head) is a miss."""
+    chosen = score_ids(model, list(pairs["chosen_ids"]), pad_token_id, batch_size)
+    rejected = score_ids(model, list(pairs["rejected_ids"]), pad_token_id, batch_size)
+    return (chosen > rejected).float().mean().item()

@@ -1,0 +1,167 @@
+"""`rlft reward`: Bradley-Terry reward models on preference pairs (reward_models/train.py)."""
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from reward_models.scorers import ScorerConfig, build_scorer, encode
+from reward_models.train import RewardConfig, run, split_pair, tokenize_pairs
+from rlft.cli import main
+from rlft.config import ConfigError, load_config
+from rlft.data import load_splits
+from rlft.errors import RlftError
+from rlft.runs import read_json
+
+CONFIGS = Path(__file__).parents[1] / "configs"
+FILLER = "the a cat dog sun rain day night is very big small red blue one two".split()
+
+
+def write_marker_pairs(path: Path, count: int, seed: int = 0) -> Path:
+    """Chosen replies contain "great"; rejected ones the same number of filler words, so length gives nothing away."""
+    rng = random.Random(seed)
+    with open(path, "w") as f:
+        for _ in range(count):
+            prompt = [{"role": "user", "content": " ".join(rng.choices(FILLER, k=3))}]
+            words = rng.choices(FILLER, k=4)
+            chosen = words[:]
+            chosen.insert(rng.randrange(5), "great")
+            rejected = words[:]
+            rejected.insert(rng.randrange(5), rng.choice(FILLER))
+            row = {"prompt": prompt, "chosen": [{"role": "assistant", "content": " ".join(chosen)}],
+                   "rejected": [{"role": "assistant", "content": " ".join(rejected)}]}
+            f.write(json.dumps(row) + "\n")
+    return path
+
+
+def tiny_config(backbone, data, out, *overrides) -> RewardConfig:
+    return load_config(RewardConfig, None, [
+        f"model.name_or_path={backbone}", f"data.path={data}", f"output_dir={out}", "data.eval_fraction=0.2",
+        "train.epochs=4", "train.batch_size=16", "train.learning_rate=2e-3", "train.warmup_ratio=0",
+        "train.logging_steps=5", *overrides,
+    ])
+
+
+def test_tiny_bert_learns_a_marker_word_and_its_scorer_agrees(tiny_reward_dir, tmp_path):
+    """Through run(): held-out accuracy goes from chance to >= 90%, and the saved model, loaded as a
+    `kind: model` scorer, ranks the same held-out pairs the same way (training and scoring share a format)."""
+    pairs = write_marker_pairs(tmp_path / "pairs.jsonl", 200)
+    config = tiny_config(tiny_reward_dir, pairs, tmp_path / "rm", "train.max_length=40")
+    metrics = run(config)
+    assert metrics["eval_accuracy_after"] >= 0.9, metrics
+    assert metrics["eval_accuracy_after"] > metrics["eval_accuracy_before"]
+    assert read_json(tmp_path / "rm" / "metrics.json") == metrics
+    assert metrics["wall_time_s"] > 0 and metrics["peak_rss_mb"] > 0
+
+    train, held_out, _ = load_splits(config.data, ("preference",), config.seed)
+    scorer = build_scorer([ScorerConfig(path=str(tmp_path / "rm"))])
+    assert scorer.max_length == 40  # the saved tokenizer carries train.max_length: it truncates where training did
+    prompts = list(held_out["prompt"])
+    chosen = scorer(prompts, [row[0]["content"] for row in held_out["chosen"]])
+    rejected = scorer(prompts, [row[0]["content"] for row in held_out["rejected"]])
+    assert (chosen > rejected).float().mean().item() == pytest.approx(metrics["eval_accuracy_after"])
+
+    # normalization.json: mean 0, std 1 over the training completions, as the scorer applies it
+    normalized = build_scorer([ScorerConfig(path=str(tmp_path / "rm"), normalize=True)])
+    prompts = list(train["prompt"]) * 2
+    completions = [row[0]["content"] for row in list(train["chosen"]) + list(train["rejected"])]
+    scores = normalized(prompts, completions)
+    assert scores.mean().item() == pytest.approx(0.0, abs=1e-4)
+    assert scores.std().item() == pytest.approx(1.0, abs=1e-4)
+
+
+def test_lora_reward_model_is_saved_merged(tiny_reward_dir, tmp_path):
+    """With lora_enabled the saved folder is a plain classifier (no peft needed) whose weights moved."""
+    from transformers import AutoModelForSequenceClassification
+
+    data = write_marker_pairs(tmp_path / "pairs.jsonl", 40)
+    run(tiny_config(tiny_reward_dir, data, tmp_path / "rm", "lora_enabled=true", "train.max_steps=3", "lora.r=4"))
+    assert not (tmp_path / "rm" / "adapter_config.json").exists()
+    saved = AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm")
+    base = AutoModelForSequenceClassification.from_pretrained(tiny_reward_dir)
+    moved = [name for name, p in saved.named_parameters() if not torch.equal(p, base.state_dict()[name])]
+    assert any("classifier" in name for name in moved) and any("attention" in name for name in moved)
+
+
+@pytest.mark.parametrize("row, expected", [
+    # explicit prompt, plain text
+    ({"prompt": "hi", "chosen": "good", "rejected": "bad"}, [("hi", "good"), ("hi", "bad")]),
+    # implicit prompt, plain text: cut at the last space of the shared prefix
+    ({"chosen": "The sky is blue.", "rejected": "The sky is green."},
+     [("The sky is", "blue."), ("The sky is", "green.")]),
+    # implicit prompt, messages: everything before the last turn
+    ({"chosen": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
+      "rejected": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "b"}]},
+     [([{"role": "user", "content": "q"}], "a"), ([{"role": "user", "content": "q"}], "b")]),
+    # explicit message prompt with plain-text replies
+    ({"prompt": [{"role": "user", "content": "q"}], "chosen": "a", "rejected": "b"},
+     [([{"role": "user", "content": "q"}], "a"), ([{"role": "user", "content": "q"}], "b")]),
+])
+def test_split_pair_handles_trl_preference_shapes(row, expected):
+    assert split_pair(row) == expected
+
+
+def test_split_pair_refuses_mixed_rows():
+    with pytest.raises(RlftError, match="mixes text and message lists"):
+        split_pair({"prompt": "q", "chosen": [{"role": "assistant", "content": "a"}], "rejected": "b"})
+
+
+def test_margin_column_reaches_the_trainer(tiny_reward_dir):
+    """TRL subtracts `margin` inside the loss; tokenizing must keep it (and drop the text columns)."""
+    import datasets
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_reward_dir)
+    rows = datasets.Dataset.from_list([{"prompt": "hi", "chosen": "good", "rejected": "bad", "margin": 0.5}])
+    tokenized = tokenize_pairs(rows, tokenizer, 512)
+    assert sorted(tokenized.column_names) == ["chosen_ids", "length", "margin", "rejected_ids"]
+    assert tokenized[0]["chosen_ids"] == encode(tokenizer, "hi", "good", 512) and tokenized[0]["margin"] == 0.5
+
+
+def test_missing_columns_exit_2_with_one_line(tiny_reward_dir, tmp_path, capsys):
+    import datasets
+
+    datasets.disable_progress_bars()  # their bars share stderr; the CLI leaves them on (see the report)
+    data = tmp_path / "sft.jsonl"
+    data.write_text(json.dumps({"prompt": "hi", "completion": "hello"}) + "\n")
+    code = main(["reward", f"model.name_or_path={tiny_reward_dir}", f"data.path={data}", f"output_dir={tmp_path}/rm"])
+    datasets.enable_progress_bars()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert "needs chosen+rejected" in err[0] and err[0].startswith("rlft reward: error:")
+
+
+@pytest.mark.parametrize("setup, problem", [
+    (lambda d: d.write_text(""), "is empty"),
+    (lambda d: d.write_text(json.dumps({"chosen": "a"}) + "\n"), r"needs chosen\+rejected"),
+])
+def test_bad_data_is_an_rlft_error(tiny_reward_dir, tmp_path, setup, problem):
+    data = tmp_path / "pairs.jsonl"
+    setup(data)
+    with pytest.raises(RlftError, match=problem):
+        run(tiny_config(tiny_reward_dir, data, tmp_path / "rm"))
+
+
+def test_eval_split_of_a_single_file_is_refused(tiny_reward_dir, tmp_path):
+    """A local file has one split: eval_split=test would silently evaluate on the training rows."""
+    data = write_marker_pairs(tmp_path / "pairs.jsonl", 4)
+    with pytest.raises(RlftError, match="has one split"):
+        run(tiny_config(tiny_reward_dir, data, tmp_path / "rm", "data.eval_split=test"))
+
+
+def test_config_defaults_and_checks(tmp_path):
+    config = load_config(RewardConfig, CONFIGS / "reward.yaml")
+    assert config.model.name_or_path == "all-minilm-l6-v2" and config.data.path == "chatterbot-sentiment"
+    # A partial model section keeps the reward backbone default (not the SFT model's).
+    assert load_config(RewardConfig, None, ["model.dtype=float32"]).model.name_or_path == "all-minilm-l6-v2"
+    with pytest.raises(ConfigError, match="lora_enabled"):
+        load_config(RewardConfig, None, ["model.quantization=4bit"])
+
+
+@pytest.mark.slow
+def test_default_config_trains_minilm_past_75_percent(tmp_path):
+    """The shipped config, for real: the embedded MiniLM on chatterbot-sentiment (minutes on a CPU)."""
+    metrics = run(load_config(RewardConfig, CONFIGS / "reward.yaml", [f"output_dir={tmp_path}/rm"]))
+    assert metrics["eval_accuracy_after"] >= 0.75, metrics
