@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Protocol
@@ -190,6 +191,7 @@ def import_function(path: str):
                 raise FileNotFoundError(f"no file '{location}'")
             spec = importlib.util.spec_from_file_location(Path(location).stem, location)
             module = importlib.util.module_from_spec(spec)
+            sys.modules[spec.name] = module  # dataclasses and pickling look the module up by name
             spec.loader.exec_module(module)
         else:
             module = importlib.import_module(location)

@@ -73,6 +73,7 @@ class PPOConfig:
     ppo: PPOHyperparameters = section(PPOHyperparameters, "PPO optimisation.")
 
     def __post_init__(self):
-        require(len(self.reward) > 0, "reward", "name at least one scorer (a reward model dir or module:function)")
+        # An empty `reward` is allowed here so `rlft pipeline` can wire in the reward model it trains;
+        # run() refuses it before loading anything.
         require(self.save_every > 0, "save_every", "must be >= 1")
         require(self.sample_every > 0, "sample_every", "must be >= 1")

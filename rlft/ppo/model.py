@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from rlft.ppo.core import entropy_from_logits, logprobs_from_logits
+from rlft.ppo.core import logprobs_from_logits
 
 
 def position_ids_for(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -33,29 +33,34 @@ class PolicyWithValueHead(nn.Module):
         nn.init.zeros_(self.value_head.weight)
         nn.init.zeros_(self.value_head.bias)
         self.value_head.to(next(policy.parameters()).device)
+        self.lm_head = policy.get_base_model().get_output_embeddings()
 
-    def forward(self, input_ids, attention_mask, response_length: int, temperature: float,
-                with_entropy: bool = False):
-        """Log-probs of the response tokens and the values of the states before them.
+    def forward(self, input_ids, attention_mask, response_length: int, temperature: float):
+        """Log-probs of the response tokens, the values of the states before them, and their logits.
 
         input_ids, attention_mask: (B, P + T), prompt left-padded then response; T = response_length.
-        Returns logprobs (B, T) float32, values (B, T) float32, entropy (B, T) or None.
+        Returns logprobs (B, T) float32, values (B, T) float32, logits (B, T, V).
         """
-        output = self.policy(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids_for(attention_mask),
-            logits_to_keep=response_length + 1,  # only the response's logits: the vocab is the big axis
-            output_hidden_states=True,
-            use_cache=False,
-        )
+        # The head's input is the last hidden state at exactly the kept positions; a pre-hook reads it
+        # for any architecture, where output_hidden_states would keep every layer's activations alive.
+        captured = {}
+        hook = self.lm_head.register_forward_pre_hook(lambda module, args: captured.update(hidden=args[0]))
+        try:
+            output = self.policy(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids_for(attention_mask),
+                logits_to_keep=response_length + 1,  # only the response's logits: the vocab is the big axis
+                use_cache=False,
+            )
+        finally:
+            hook.remove()
         logits = output.logits[:, :-1]  # position P-1+t predicts response token t
         logprobs = logprobs_from_logits(logits, input_ids[:, -response_length:], temperature)
         # Detached: critic errors must not push the policy's adapter around (see module docstring).
-        hidden = output.hidden_states[-1][:, -response_length - 1 : -1].detach()
+        hidden = captured["hidden"][:, :-1].detach()
         values = self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1).float()
-        entropy = entropy_from_logits(logits, temperature) if with_entropy else None
-        return logprobs, values, entropy
+        return logprobs, values, logits
 
     @torch.no_grad()
     def reference_logprobs(self, input_ids, attention_mask, response_length: int, temperature: float):

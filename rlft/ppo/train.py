@@ -24,7 +24,7 @@ from rlft.models import add_lora, load_tokenizer
 from rlft.policy import load_reference, save_adapter
 from rlft.ppo import checkpoint
 from rlft.ppo.config import PPOConfig, PPOHyperparameters
-from rlft.ppo.core import (AdaptiveKLController, FixedKLController, gae, kl_penalty, masked_mean, masked_var,
+from rlft.ppo.core import (AdaptiveKLController, FixedKLController, entropy_from_logits, gae, kl_penalty, masked_mean, masked_var,
                            masked_whiten, per_token_rewards, policy_loss, value_loss)
 from rlft.ppo.model import PolicyWithValueHead
 from rlft.ppo.rollout import Rollout, collect
@@ -37,6 +37,8 @@ __all__ = ["PPOConfig", "run"]
 def run(config: PPOConfig) -> dict:
     from accelerate import Accelerator
 
+    if not config.reward:
+        raise RlftError("ppo needs a reward: set reward=[{kind: model, path: runs/reward}] or a module:function scorer")
     accelerator = Accelerator()
     hp = config.ppo
     out = Path(config.output_dir)
@@ -172,13 +174,13 @@ def ppo_update(model, accelerator, optimizer, rollout: Rollout, advantages, retu
                 rows = mini_batch[micro_start : micro_start + micro_size]
                 is_last = micro_start + micro_size >= len(mini_batch)
                 with accelerator.no_sync(model) if not is_last else nullcontext():
-                    logprobs, values, entropy = model(input_ids[rows], attention_mask[rows], length, temperature,
-                                                      with_entropy=True)
+                    logprobs, values, logits = model(input_ids[rows], attention_mask[rows], length, temperature)
                     pg_loss, pg_stats = policy_loss(logprobs, rollout.logprobs[rows], advantages[rows], mask[rows],
                                                     hp.clip_range)
                     vf_loss, vf_stats = value_loss(values, rollout.values[rows], returns[rows], mask[rows],
                                                    hp.clip_range_value)
-                    mean_entropy = masked_mean(entropy, mask[rows])
+                    with torch.set_grad_enabled(hp.entropy_coef > 0):  # else logged only: keep it off the graph
+                        mean_entropy = masked_mean(entropy_from_logits(logits, temperature), mask[rows])
                     loss = pg_loss + hp.value_loss_coef * vf_loss - hp.entropy_coef * mean_entropy
                     if not torch.isfinite(loss):
                         raise RlftError("PPO loss became NaN/inf: lower ppo.learning_rate or check the scorer's scores")
