@@ -43,6 +43,8 @@ def training_kwargs(train: TrainConfig, model: ModelConfig, output_dir: Path, se
         # add_lora already set up checkpointing on the peft model; the trainer must not redo it.
         gradient_checkpointing=False,
         dataloader_num_workers=0,
+        # Without this, evaluate() keeps every batch's (batch, length, vocab) logits: GBs for a 49k vocab.
+        prediction_loss_only=True,
     )
 
 

@@ -161,7 +161,10 @@ def test_config_defaults_and_checks(tmp_path):
 
 
 @pytest.mark.slow
-def test_default_config_trains_minilm_past_75_percent(tmp_path):
-    """The shipped config, for real: the embedded MiniLM on chatterbot-sentiment (minutes on a CPU)."""
-    metrics = run(load_config(RewardConfig, CONFIGS / "reward.yaml", [f"output_dir={tmp_path}/rm"]))
-    assert metrics["eval_accuracy_after"] >= 0.75, metrics
+def test_default_config_trains_minilm_well_past_chance(tmp_path):
+    """The shipped config for real, one epoch instead of two: the embedded MiniLM on chatterbot-sentiment.
+
+    (The full config reaches 0.80 held-out accuracy from 0.41; see the closing notes for its timing.)
+    """
+    metrics = run(load_config(RewardConfig, CONFIGS / "reward.yaml", [f"output_dir={tmp_path}/rm", "train.epochs=1"]))
+    assert metrics["eval_accuracy_after"] >= 0.7 and metrics["eval_accuracy_after"] > metrics["eval_accuracy_before"] + 0.15, metrics

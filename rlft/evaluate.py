@@ -1,0 +1,444 @@
+"""Stage `rlft eval`: how far each policy moved from its reference, and what the reward models think of it.
+
+For every policy (and, with `checkpoints_of`, every checkpoint of a PPO run), on the same held-out prompts:
+1. sample from the policy and from its reference (the same weights with the adapter disabled), same seed;
+2. score both with every scorer: mean, std, 95% CI, and the policy's win rate over the reference;
+3. measure KL drift on the policy's own samples: the sampled k1 estimate and the exact full-vocabulary
+   KL(pi || pi_ref), both summed over the response; per-token KL, response length, EOS rate.
+Then report.json (every number), and report.md / report.html with plots (rendering lives in rlft.report).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import re
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+from rlft import runs
+from rlft.config import DataConfig, ModelConfig, option, require, section
+from rlft.data import load_splits, prompts_of, render_prompts
+from rlft.errors import RlftError
+from rlft.generation import SamplingConfig, decode_responses, encode_prompts, sample
+from rlft.models import default_device
+from rlft.policy import ADAPTER_INFO, adapter_info, load_policy
+from rlft.ppo.core import exact_kl_from_logits, kl_penalty, logprobs_from_logits, response_mask_from_eos
+from reward_models.scorers import ScorerConfig, build_scorer
+
+log = logging.getLogger(__name__)
+
+TRAINING_METRICS = "metrics.jsonl"  # one JSON object per PPO step, appended while a run trains
+DEFAULT_SCORERS = [
+    ScorerConfig(name="proxy", kind="model", path="runs/reward", normalize=True),
+    ScorerConfig(name="gold", kind="function", path="reward_models.judges:sentiment"),
+]
+
+
+@dataclass
+class EvalConfig:
+    policies: list[str] = option(
+        ["runs/sft", "runs/ppo"],
+        "Adapters to evaluate: an SFT output dir, a PPO run dir (its policy/ folder), or a checkpoint folder.",
+    )
+    checkpoints_of: str = option("", "A PPO run dir: also evaluate every checkpoint in it (over-optimisation plot).")
+    training_run: str = option(
+        "", "A PPO run dir whose metrics.jsonl gives the training curves; empty: the PPO run among `policies`."
+    )
+    num_prompts: int = option(64, "Evaluate on at most this many held-out prompts.")
+    num_samples_shown: int = option(8, "Sample completions per policy shown in the report.")
+    seed: int = option(
+        0, "Seed of every sampling pass (torch.manual_seed before each), and of the hold-out split: keep it "
+        "equal to the SFT seed so the prompts stay unseen."
+    )
+    batch_size: int = option(16, "Prompts per generation and KL forward pass.")
+    output_dir: str = option("runs/eval", "Where report.json, report.md, report.html and the plots go.")
+    gold: str = option("", "Name of the gold scorer (reported apart from the proxy); empty: one named 'gold', if any.")
+    scorers: list[ScorerConfig] = option(
+        DEFAULT_SCORERS, "Reward models / functions, each reported separately; the first is the proxy (PPO's reward)."
+    )
+    data: DataConfig = section(
+        DataConfig, "Prompts: the eval split (or held-out share) of a dataset. data.eval_split=train uses every row."
+    )
+    sampling: SamplingConfig = section(SamplingConfig, "How policy and reference sample (keep PPO's temperature).")
+
+    def __post_init__(self):
+        require(bool(self.policies) or bool(self.checkpoints_of), "policies", "name at least one adapter folder")
+        require(self.num_prompts > 0, "num_prompts", "must be >= 1")
+        require(self.num_samples_shown >= 0, "num_samples_shown", "must be >= 0")
+        require(self.batch_size > 0, "batch_size", "must be >= 1")
+        require(len(self.scorers) > 0, "scorers", "name at least one scorer (the first is the proxy reward)")
+        names = [s.name for s in self.scorers]  # ScorerConfig derives a missing name from its path
+        require(len(names) == len(set(names)), "scorers", f"names must differ, got {names}: give each a `name`")
+        require(not self.gold or self.gold in names[1:], "gold",
+                f"'{self.gold}' is not one of the scorers after the proxy ({', '.join(names[1:]) or 'none'})")
+
+    @property
+    def gold_scorer(self) -> str | None:
+        """The scorer reported as ground truth: `gold`, else one named 'gold' (never the proxy)."""
+        names = [s.name for s in self.scorers]
+        return self.gold or ("gold" if "gold" in names[1:] else None)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Inputs
+
+
+class Adapter(NamedTuple):
+    label: str  # as the report names it
+    folder: Path  # holds adapter_config.json and rlft_adapter.json
+    step: int | None  # PPO step of a checkpoint, else None
+    model_config: ModelConfig
+    reference_adapter: str | None
+
+
+def find_adapter(path: str, label: str | None = None) -> Adapter:
+    """An adapter folder itself, or a PPO run dir / checkpoint folder holding one in policy/."""
+    folder = Path(path)
+    if not folder.is_dir():
+        raise RlftError(f"policy '{path}' not found: pass an SFT output dir, a PPO run dir or a checkpoint folder")
+    if not (folder / ADAPTER_INFO).is_file() and (folder / "policy" / ADAPTER_INFO).is_file():
+        folder = folder / "policy"
+    model_config, reference_adapter = adapter_info(folder)  # one clear line if it is no rlft adapter
+    step = re.fullmatch(r"step-(\d+)", folder.parent.name)
+    if step and not label:  # <run>/checkpoints/step-N/policy
+        label = f"{folder.parents[2].name} step {int(step[1])}"
+    return Adapter(label or Path(path).name, folder, int(step[1]) if step else None, model_config, reference_adapter)
+
+
+def find_checkpoints(run_dir: str) -> list[Adapter]:
+    """Every `checkpoints/step-N/policy` of a PPO run, in step order."""
+    if not Path(run_dir).is_dir():
+        raise RlftError(f"checkpoints_of: PPO run dir '{run_dir}' not found")
+    found = [(int(m[1]), p) for p in (Path(run_dir) / "checkpoints").glob("step-*/policy")
+             if (m := re.fullmatch(r"step-(\d+)", p.parent.name))]  # not the hidden .staging-step-N folders
+    if not found:
+        raise RlftError(f"checkpoints_of: '{run_dir}' has no checkpoints/step-N/policy folders: is it a PPO run dir?")
+    return [find_adapter(str(path), f"step {step}") for step, path in sorted(found)]
+
+
+def check_same_base(adapters: list[Adapter]) -> None:
+    """All policies must share a base model, or their rewards and KLs are not comparable (nor loadable as one)."""
+    first = adapters[0]
+    for adapter in adapters[1:]:
+        if adapter.model_config.name_or_path != first.model_config.name_or_path:
+            raise RlftError(
+                f"'{adapter.folder}' was trained on base model '{adapter.model_config.name_or_path}' but "
+                f"'{first.folder}' on '{first.model_config.name_or_path}': evaluate one base model's policies at a time"
+            )
+
+
+def load_prompts(config: EvalConfig) -> list:
+    _, evaluation, _ = load_splits(
+        config.data, ("prompt_only", "conversational", "prompt_completion"), config.seed, "eval prompts"
+    )
+    return prompts_of(evaluation)[: config.num_prompts]  # prompts_of refuses an empty split
+
+
+def read_training_metrics(run_dir: str | Path) -> list[dict]:
+    """PPO's metrics.jsonl, one row per step in step order. A run still training may have a partial last
+    line, and a resumed run a partial line in the middle: both are skipped; a repeated step keeps its last row."""
+    path = Path(run_dir) / TRAINING_METRICS
+    if not path.is_file():
+        raise RlftError(f"training_run: '{path}' not found: point training_run at a PPO run dir")
+    rows = {}
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            log.warning("%s line %d is not complete JSON (a run still writing?): skipped", path, number)
+            continue
+        if isinstance(row, dict) and "step" in row:
+            rows[row["step"]] = row
+    return [rows[step] for step in sorted(rows)]
+
+
+def fingerprint(adapter: Adapter) -> str:
+    """Same weights on the same reference give the same numbers: hash the weights and the lineage."""
+    digest = hashlib.sha256(json.dumps([asdict(adapter.model_config), adapter.reference_adapter]).encode())
+    for weights in sorted(adapter.folder.glob("adapter_model.*")):
+        digest.update(weights.read_bytes())
+    return digest.hexdigest()
+
+
+def default_training_run(config: EvalConfig) -> str:
+    for path in [*config.policies, config.checkpoints_of]:
+        if path and (Path(path) / TRAINING_METRICS).is_file():
+            return path
+    return ""
+
+
+# ---------------------------------------------------------------------------------------------------
+# Sampling and KL
+
+
+class RolloutBatch(NamedTuple):
+    prompt: dict[str, torch.Tensor]  # left-padded input_ids, attention_mask: (B, P)
+    response_ids: torch.Tensor  # (B, T)
+    response_mask: torch.Tensor  # (B, T) bool: tokens up to and including the first EOS
+
+
+@dataclass
+class Rollout:
+    """One sampling pass over the prompts, kept in generation batches (their prompt widths differ)."""
+
+    batches: list[RolloutBatch]
+    completions: list[str]
+    lengths: torch.Tensor  # (N,) response tokens, counting the EOS
+    ended_with_eos: torch.Tensor  # (N,) bool
+
+
+@torch.no_grad()
+def sample_pass(model, tokenizer, prompt_texts: list[str], sampling: SamplingConfig, batch_size: int, seed: int):
+    """Sample one response per templated prompt; seeded, so the same model gives the same Rollout."""
+    torch.manual_seed(seed)
+    batches, completions, ended_with_eos = [], [], []
+    for start in range(0, len(prompt_texts), batch_size):
+        texts = prompt_texts[start : start + batch_size]
+        prompt = encode_prompts(tokenizer, texts, sampling.max_prompt_length, model.device)
+        response_ids = sample(model, prompt, sampling, tokenizer)
+        response_mask, ended = response_mask_from_eos(response_ids, tokenizer.eos_token_id, tokenizer.pad_token_id)
+        batches.append(RolloutBatch(prompt, response_ids, response_mask))
+        completions += decode_responses(tokenizer, response_ids)
+        ended_with_eos.append(ended.cpu())
+    lengths = torch.cat([b.response_mask.sum(-1).cpu() for b in batches])
+    return Rollout(batches, completions, lengths, torch.cat(ended_with_eos))
+
+
+def sequence_kl(logits, ref_logits, tokens, lengths: list[int], temperature: float = 1.0):
+    """KL(pi || pi_ref) of each response, two ways, from policy and reference logits on the policy's samples.
+
+    logits, ref_logits: (N, V) at the N response tokens of B responses laid end to end; tokens: (N,) the
+    sampled tokens; lengths: B response lengths summing to N -> (sampled (B,), exact (B,), token_exact (N,)).
+    sampled = sum_t log pi(y_t) - log pi_ref(y_t) (k1: unbiased, noisy, can be negative); exact =
+    sum_t KL(pi(.|y_<t) || pi_ref(.|y_<t)) over the full vocabulary. By the chain rule both have expectation
+    KL(pi || pi_ref) of whole responses under y ~ pi (Schulman 2020, "Approximating KL divergence").
+    """
+    log_ratio = kl_penalty(
+        logprobs_from_logits(logits, tokens, temperature), logprobs_from_logits(ref_logits, tokens, temperature), "k1"
+    )
+    token_exact = exact_kl_from_logits(logits, ref_logits, temperature)
+    row = torch.repeat_interleave(torch.arange(len(lengths), device=tokens.device), torch.as_tensor(lengths, device=tokens.device))
+    per_response = torch.zeros(len(lengths), dtype=torch.float32, device=tokens.device)
+    return per_response.index_add(0, row, log_ratio), per_response.index_add(0, row, token_exact), token_exact
+
+
+@torch.no_grad()
+def kl_drift(model, rollout: Rollout, temperature: float, batch_size: int) -> dict:
+    """Sampled and exact KL of each of the policy's responses; the reference is `model.disable_adapter()`.
+
+    Teacher-forced on each row's real tokens only (prompt without its left padding, response through its
+    EOS), right-padded in batches of similar length: rows that stopped early cost no padding, and logits are
+    kept only where they predict a response token.
+    """
+    rows = [  # (prompt ids, response ids) without padding
+        (prompt[attention.bool()], response[mask])
+        for batch in rollout.batches
+        for prompt, attention, response, mask in zip(
+            batch.prompt["input_ids"], batch.prompt["attention_mask"], batch.response_ids, batch.response_mask
+        )
+    ]
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]) + len(rows[i][1]))
+    sampled, exact, per_token = torch.zeros(len(rows)), torch.zeros(len(rows)), [[] for _ in rows]
+    for start in range(0, len(rows), batch_size):
+        chunk = order[start : start + batch_size]
+        sequences = [torch.cat(rows[i]) for i in chunk]
+        input_ids = torch.nn.utils.rnn.pad_sequence(sequences, batch_first=True)
+        attention_mask = torch.nn.utils.rnn.pad_sequence([torch.ones_like(s) for s in sequences], batch_first=True)
+        # logits at position p predict token p + 1: response token t of row j is predicted at P_j - 1 + t
+        first = min(len(rows[i][0]) for i in chunk) - 1  # no logits before the earliest response starts
+        lengths = [len(rows[i][1]) for i in chunk]
+        row_index = torch.repeat_interleave(torch.arange(len(chunk)), torch.tensor(lengths)).to(input_ids.device)
+        position = torch.cat([torch.arange(len(rows[i][0]) - 1, len(rows[i][0]) - 1 + len(rows[i][1])) for i in chunk])
+        position = position.to(input_ids.device) - first
+        keep = input_ids.shape[1] - first
+
+        def response_logits():
+            return model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep).logits[row_index, position]
+
+        logits = response_logits()
+        with model.disable_adapter():
+            ref_logits = response_logits()
+        tokens = torch.cat([rows[i][1] for i in chunk])
+        chunk_sampled, chunk_exact, token_exact = sequence_kl(logits, ref_logits, tokens, lengths, temperature)
+        sampled[chunk], exact[chunk] = chunk_sampled.cpu(), chunk_exact.cpu()
+        for i, values in zip(chunk, token_exact.cpu().split(lengths)):
+            per_token[i] = values.tolist()
+    return {"sampled": sampled, "exact": exact, "per_token": per_token}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Statistics
+
+
+def summary(values: torch.Tensor) -> dict:
+    """Mean, sample std and a normal-approximation 95% confidence interval of the mean."""
+    x = values.double()
+    n = x.numel()
+    mean = x.mean().item()
+    std = x.std().item() if n > 1 else 0.0
+    half = 1.96 * std / math.sqrt(n)
+    return {"n": n, "mean": mean, "std": std, "ci95": [mean - half, mean + half]}
+
+
+def win_rate(policy: torch.Tensor, reference: torch.Tensor) -> dict:
+    """Share of prompts where the policy's response outscores the reference's (ties count half), with a CI."""
+    wins = (policy > reference).double() + 0.5 * (policy == reference).double()
+    return summary(wins)
+
+
+def token_kl_quantiles(per_token: list[list[float]]) -> dict:
+    """How the exact KL spreads over response tokens (a few tokens often carry most of it)."""
+    values = np.array([v for row in per_token for v in row] or [0.0])
+    p50, p90, p99 = np.quantile(values, [0.5, 0.9, 0.99])
+    return {"tokens": sum(map(len, per_token)), "mean": float(values.mean()), "p50": float(p50),
+            "p90": float(p90), "p99": float(p99), "max": float(values.max())}
+
+
+def response_stats(rollout: Rollout) -> dict:
+    return {"length": summary(rollout.lengths), "eos_rate": rollout.ended_with_eos.double().mean().item()}
+
+
+def show_prompt(prompt) -> str:
+    if isinstance(prompt, str):
+        return prompt
+    if len(prompt) == 1:
+        return prompt[0]["content"]
+    return "\n".join(f"{m['role']}: {m['content']}" for m in prompt)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The stage
+
+
+@contextmanager
+def timed(times: dict[str, float], name: str):
+    """Add the seconds the block takes to times["time/<name>"]."""
+    started = time.time()
+    yield
+    times[f"time/{name}"] = times.get(f"time/{name}", 0.0) + time.time() - started
+
+
+def evaluate_adapter(adapter: Adapter, prompts: list, scorers: dict, config: EvalConfig, reference_cache: dict) -> dict:
+    """Every number the report shows for one policy. References shared by several policies are sampled once."""
+    times: dict[str, float] = {}
+    with timed(times, "load"):
+        model, tokenizer, _ = load_policy(adapter.folder, default_device())
+        model.eval()
+        prompt_texts = render_prompts(tokenizer, prompts)
+    with timed(times, "generate"):
+        policy = sample_pass(model, tokenizer, prompt_texts, config.sampling, config.batch_size, config.seed)
+    with timed(times, "kl"):
+        kl = kl_drift(model, policy, config.sampling.temperature, config.batch_size)
+    lineage = (json.dumps(asdict(adapter.model_config), sort_keys=True), adapter.reference_adapter)
+    if lineage not in reference_cache:
+        with timed(times, "reference"), model.disable_adapter():
+            reference = sample_pass(model, tokenizer, prompt_texts, config.sampling, config.batch_size, config.seed)
+        with timed(times, "score"):
+            reference_cache[lineage] = (reference, {n: s(prompts, reference.completions) for n, s in scorers.items()})
+    reference, reference_scores = reference_cache[lineage]
+    with timed(times, "score"):
+        policy_scores = {name: scorer(prompts, policy.completions) for name, scorer in scorers.items()}
+
+    shown = range(min(config.num_samples_shown, len(prompts)))
+    result = {
+        "label": adapter.label,
+        "path": str(adapter.folder),
+        "step": adapter.step,
+        "base_model": adapter.model_config.name_or_path,
+        "reference_adapter": adapter.reference_adapter,
+        "rewards": {
+            name: {
+                "policy": summary(policy_scores[name]),
+                "reference": summary(reference_scores[name]),
+                "win_rate": win_rate(policy_scores[name], reference_scores[name]),
+            }
+            for name in policy_scores
+        },
+        "kl": {"sampled": summary(kl["sampled"]), "exact": summary(kl["exact"]),
+               "per_token_exact": token_kl_quantiles(kl["per_token"])},
+        "response": {"policy": response_stats(policy), "reference": response_stats(reference)},
+        "samples": [
+            {
+                "prompt": show_prompt(prompts[i]),
+                "reference": reference.completions[i],
+                "policy": policy.completions[i],
+                "scores": {n: {"reference": reference_scores[n][i].item(), "policy": policy_scores[n][i].item()}
+                           for n in policy_scores},
+            }
+            for i in shown
+        ],
+        "per_prompt": {
+            "kl_sampled": kl["sampled"].tolist(),
+            "kl_exact": kl["exact"].tolist(),
+            "kl_exact_per_token": kl["per_token"],
+            "scores": {n: {"policy": policy_scores[n].tolist(), "reference": reference_scores[n].tolist()}
+                       for n in policy_scores},
+        },
+        "time": times,
+    }
+    proxy = result["rewards"][config.scorers[0].name]
+    log.info(
+        "%s: proxy %.3f (reference %.3f), KL exact %.3f / sampled %.3f; %s", adapter.label, proxy["policy"]["mean"],
+        proxy["reference"]["mean"], result["kl"]["exact"]["mean"], result["kl"]["sampled"]["mean"],
+        ", ".join(f"{name} {seconds:.0f}s" for name, seconds in times.items()),
+    )
+    return result
+
+
+def run(config: EvalConfig) -> dict:
+    from rlft.report import write_report
+
+    started = time.time()
+    # 1. check every input before loading a model: adapters, one base model, prompts, training metrics
+    policies = [find_adapter(path) for path in config.policies]
+    if len({p.label for p in policies}) < len(policies):  # two folders of one name: tell them apart by path
+        policies = [p._replace(label=path) for p, path in zip(policies, config.policies)]
+    checkpoints = find_checkpoints(config.checkpoints_of) if config.checkpoints_of else []
+    check_same_base(policies + checkpoints)
+    prompts = load_prompts(config)
+    training_run = config.training_run or default_training_run(config)
+    training = read_training_metrics(training_run) if training_run else []
+    out = runs.prepare(config.output_dir, config)
+
+    # 2. scorers, loaded once for all policies, each reported separately under its config name
+    scorers = {scorer.name: build_scorer([scorer], default_device()) for scorer in config.scorers}
+
+    # 3. sample, score and measure every policy and checkpoint on the same prompts
+    runs.seed_everything(config.seed)
+    reference_cache: dict = {}
+    done: dict = {}  # a PPO run's final policy is its last checkpoint: evaluate those weights once
+
+    def evaluate(adapter: Adapter) -> dict:
+        key = fingerprint(adapter)
+        if key not in done:
+            done[key] = evaluate_adapter(adapter, prompts, scorers, config, reference_cache)
+        return {**done[key], "label": adapter.label, "path": str(adapter.folder), "step": adapter.step}
+
+    report = {
+        "prompts": {"source": config.data.path, "count": len(prompts)},
+        "sampling": asdict(config.sampling),
+        "seed": config.seed,
+        "proxy": config.scorers[0].name,
+        "gold": config.gold_scorer,
+        "scorers": [asdict(scorer) for scorer in config.scorers],
+        "policies": [evaluate(adapter) for adapter in policies],
+        "checkpoints": [evaluate(adapter) for adapter in checkpoints],
+        "training": {"run": training_run, "rows": training} if training_run else None,
+    }
+
+    # 4. save: numbers first (minutes of sampling survive a plotting error), then plots and readable reports
+    runs.write_json(out / "report.json", report)
+    report["files"] = write_report(report, out)
+    report["wall_time_s"] = time.time() - started
+    runs.write_json(out / "report.json", report)
+    log.info("report in %s (%.0fs)", out / "report.html", report["wall_time_s"])
+    return report

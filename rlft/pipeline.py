@@ -1,0 +1,91 @@
+"""`rlft pipeline`: SFT -> preference pairs -> reward model -> PPO -> report, wired together.
+
+Each stage writes to `<output_dir>/<stage>` and is skipped when that folder already holds a finished
+run (its metrics.json), so rerunning after an interruption continues instead of redoing. The pipeline
+owns the wiring: every stage's output_dir and the paths between stages are set here, whatever the
+stage sections say; everything else in each section is that stage's own config.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from rlft import runs
+from rlft.config import option, section
+from rlft.evaluate import EvalConfig
+from rlft.ppo.config import PPOConfig
+from rlft.sft import SFTConfig
+from reward_models.preferences import PAIRS, PreferenceConfig
+from reward_models.scorers import ScorerConfig
+from reward_models.train import RewardConfig
+
+log = logging.getLogger(__name__)
+STAGES = ("sft", "preferences", "reward", "ppo", "eval")
+
+
+@dataclass
+class PipelineConfig:
+    output_dir: str = option("runs/quickstart", "Root folder; each stage writes to <output_dir>/<stage>.")
+    stages: list[str] = option(list(STAGES), f"Stages to run, in order, from {list(STAGES)}.")
+    sft: SFTConfig = section(SFTConfig, "Stage 1 (rlft sft).")
+    preferences: PreferenceConfig = section(PreferenceConfig, "Pairs sampled from the SFT policy, ranked by a judge.")
+    reward: RewardConfig = section(RewardConfig, "Stage 2 (rlft reward) on those pairs.")
+    ppo: PPOConfig = section(PPOConfig, "Stage 3 (rlft ppo) from the SFT adapter against the reward model.")
+    eval: EvalConfig = section(EvalConfig, "The report: SFT and PPO policies, the reward model as proxy, the judge as gold.")
+
+    def __post_init__(self):
+        from rlft.config import require
+
+        unknown = [stage for stage in self.stages if stage not in STAGES]
+        require(not unknown, "stages", f"unknown stage(s) {unknown}; choose from {list(STAGES)}")
+
+
+def wire(config: PipelineConfig) -> dict:
+    """Each stage's config with the pipeline's paths filled in: {stage name: config}."""
+    root = Path(config.output_dir)
+    sft_dir, pairs_dir, reward_dir, ppo_dir = (str(root / name) for name in STAGES[:4])
+    proxy = ScorerConfig(name="proxy", kind="model", path=reward_dir, normalize=True,
+                         max_length=config.reward.train.max_length)
+    # The judge that ranked the preference pairs is the report's independent "gold" scorer.
+    gold = [replace(config.preferences.judge[0], name="gold")]
+    return {
+        "sft": replace(config.sft, output_dir=sft_dir),
+        # The SFT seed keeps the preference prompts inside SFT's training split: eval's held-out prompts stay unseen.
+        "preferences": replace(config.preferences, output_dir=pairs_dir, policy=sft_dir, seed=config.sft.seed),
+        "reward": replace(config.reward, output_dir=reward_dir,
+                          data=replace(config.reward.data, path=str(Path(pairs_dir) / PAIRS))),
+        "ppo": replace(config.ppo, output_dir=ppo_dir, sft_adapter=sft_dir, model=config.sft.model,
+                       reward=config.ppo.reward or [proxy]),
+        "eval": replace(config.eval, output_dir=str(root / "eval"), policies=[sft_dir, ppo_dir],
+                        checkpoints_of=ppo_dir, training_run=ppo_dir, scorers=[proxy, *gold],
+                        gold=gold[0].name, seed=config.sft.seed),
+    }
+
+
+def run(config: PipelineConfig) -> dict:
+    from rlft import evaluate, sft
+    from rlft.ppo import train as ppo
+    from reward_models import preferences, train as reward
+
+    stage_runners = {"sft": sft.run, "preferences": preferences.run, "reward": reward.run, "ppo": ppo.run,
+                     "eval": evaluate.run}
+    stage_configs = wire(config)
+    Path(config.output_dir).mkdir(parents=True, exist_ok=True)
+    runs.save_config(config, Path(config.output_dir) / "config.yaml")
+    timings = {}
+    for stage in config.stages:
+        stage_config = stage_configs[stage]
+        if runs.is_complete(stage_config.output_dir):
+            log.info("[%s] already complete in %s: reusing it", stage, stage_config.output_dir)
+            continue
+        log.info("[%s] starting -> %s", stage, stage_config.output_dir)
+        started = time.time()
+        stage_runners[stage](stage_config)
+        timings[stage] = time.time() - started
+        log.info("[%s] done in %.0f s", stage, timings[stage])
+    summary = {"stage_wall_time_s": timings, "peak_rss_mb": runs.peak_rss_mb()}
+    runs.write_json(Path(config.output_dir) / "pipeline.json", summary)
+    return summary

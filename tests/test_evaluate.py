@@ -1,0 +1,214 @@
+"""`rlft eval`: the KL numbers by hand and on a tiny model, the report files, and bad input as one line."""
+
+import json
+import math
+import shutil
+
+import pytest
+import torch
+
+from rlft import cli
+from rlft.config import LoraConfig, ModelConfig, load_config
+from rlft.errors import RlftError
+from rlft.evaluate import EvalConfig, kl_drift, run, sample_pass, sequence_kl, summary, win_rate
+from rlft.generation import SamplingConfig
+from rlft.models import add_lora, load_model
+from rlft.policy import load_policy, save_adapter
+
+PROMPTS = ["hello how are you ?", "tell me a joke", "what is the sun ?", "i love my dog"]
+
+
+# Function scorers the eval configs below point at ("tests.test_evaluate:words"), standing in for
+# the reward model (proxy) and the sentiment judge (gold).
+def words(prompts, completions):
+    return [float(len(c.split())) for c in completions]
+
+
+def happy(prompts, completions):
+    return [float(sum(w in ("good", "great", "happy", "love") for w in c.split())) for c in completions]
+
+
+def make_adapter(folder, base_dir, scale=0.0, seed=0, reference_adapter=None):
+    """A LoRA adapter on the tiny model; scale 0 keeps peft's B = 0 init (policy == reference)."""
+    model_config = ModelConfig(name_or_path=str(base_dir))
+    torch.manual_seed(seed)
+    model = add_lora(load_model(model_config, device="cpu"), model_config,
+                     LoraConfig(r=4, alpha=8, dropout=0.0))
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name and scale:
+                parameter.normal_(0, scale)
+    save_adapter(model, folder, model_config, reference_adapter)
+    return folder
+
+
+def write_prompts(path, prompts=PROMPTS):
+    path.write_text("".join(json.dumps({"prompt": [{"role": "user", "content": p}]}) + "\n" for p in prompts))
+    return path
+
+
+# --- numbers by hand -----------------------------------------------------------------------------
+
+
+def test_sequence_kl_by_hand():
+    # Vocabulary of 2; two responses laid end to end, of 1 and 2 tokens. pi = (1/2, 1/2) from logits (0, 0)
+    # everywhere. Token 1 of each response: pi_ref = (1/4, 3/4) from logits (0, ln 3), and token 0 was
+    # sampled, so k1 = ln(1/2) - ln(1/4) = ln 2 and the exact KL is
+    # 1/2 ln((1/2)/(1/4)) + 1/2 ln((1/2)/(3/4)) = 1/2 ln 2 + 1/2 ln(2/3) = 1/2 ln(4/3).
+    # Token 2 of response 2: pi_ref = pi, so 0 both ways; each response sums to ln 2 and 1/2 ln(4/3).
+    half, skewed = [0.0, 0.0], [0.0, math.log(3)]
+    logits = torch.tensor([half, half, half])
+    ref_logits = torch.tensor([skewed, skewed, half])
+    sampled, exact, per_token = sequence_kl(logits, ref_logits, torch.tensor([0, 0, 1]), [1, 2])
+    torch.testing.assert_close(sampled, torch.tensor([math.log(2)] * 2))
+    torch.testing.assert_close(exact, torch.tensor([0.5 * math.log(4 / 3)] * 2))
+    torch.testing.assert_close(per_token, torch.tensor([0.5 * math.log(4 / 3)] * 2 + [0.0]))
+
+
+def test_summary_and_win_rate_by_hand():
+    # values 1, 2, 3: mean 2, sample std 1, CI half width 1.96 / sqrt(3) = 1.1316
+    stats = summary(torch.tensor([1.0, 2.0, 3.0]))
+    assert stats["mean"] == pytest.approx(2.0) and stats["std"] == pytest.approx(1.0)
+    assert stats["ci95"] == pytest.approx([2 - 1.96 / math.sqrt(3), 2 + 1.96 / math.sqrt(3)])
+    # win, tie, loss, win: (1 + 0.5 + 0 + 1) / 4 = 0.625
+    rate = win_rate(torch.tensor([2.0, 1.0, 0.0, 5.0]), torch.tensor([1.0, 1.0, 1.0, 4.0]))
+    assert rate["mean"] == pytest.approx(0.625)
+
+
+# --- KL on a tiny model --------------------------------------------------------------------------
+
+
+def test_fresh_adapter_has_zero_kl_and_reference_samples(tiny_lm_dir, tmp_path):
+    # LoRA B = 0: the policy is its reference, so KL is exactly 0 both ways, and the same seed gives
+    # the reference pass the same samples.
+    model, tokenizer, _ = load_policy(make_adapter(tmp_path / "fresh", tiny_lm_dir))
+    model.eval()
+    texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                           add_generation_prompt=True) for p in PROMPTS]
+    sampling = SamplingConfig(max_new_tokens=8)
+    policy = sample_pass(model, tokenizer, texts, sampling, batch_size=3, seed=0)
+    kl = kl_drift(model, policy, sampling.temperature, batch_size=3)
+    assert torch.equal(kl["sampled"], torch.zeros(len(PROMPTS)))
+    assert torch.equal(kl["exact"], torch.zeros(len(PROMPTS)))
+    assert len(kl["per_token"]) == len(PROMPTS) and all(v == 0 for row in kl["per_token"] for v in row)
+    with model.disable_adapter():
+        reference = sample_pass(model, tokenizer, texts, sampling, batch_size=3, seed=0)
+    assert reference.completions == policy.completions
+
+
+def test_sampled_kl_agrees_with_exact_in_expectation(tiny_lm_dir, tmp_path):
+    # E_y~pi[sum_t k1_t] = E_y~pi[sum_t exact_t] = KL(pi || pi_ref) of whole responses. Compare the
+    # per-response difference (paired, so its variance is small) against its standard error.
+    model, tokenizer, _ = load_policy(make_adapter(tmp_path / "moved", tiny_lm_dir, scale=0.3, seed=1))
+    model.eval()
+    texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                           add_generation_prompt=True) for p in PROMPTS] * 100
+    sampling = SamplingConfig(max_new_tokens=6, temperature=0.8)  # logprobs must use the sampler's temperature
+    rollout = sample_pass(model, tokenizer, texts, sampling, 100, seed=0)
+    kl = kl_drift(model, rollout, sampling.temperature, batch_size=100)
+    difference = kl["sampled"] - kl["exact"]
+    standard_error = difference.std() / math.sqrt(len(difference))
+    assert kl["exact"].mean() > 0.2  # clearly moved
+    assert abs(difference.mean()) < 4 * standard_error, (kl["exact"].mean(), kl["sampled"].mean(), standard_error)
+    # how rows are batched (and so padded) for the forward passes does not change a response's KL
+    rebatched = kl_drift(model, rollout, sampling.temperature, batch_size=7)
+    torch.testing.assert_close(rebatched["exact"], kl["exact"], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(rebatched["sampled"], kl["sampled"], atol=1e-4, rtol=1e-4)
+
+
+# --- the stage, end to end -----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def runs_dir(tiny_lm_dir, tmp_path_factory):
+    """An SFT dir and a fake PPO run (final policy, two checkpoints, metrics.jsonl cut mid-line)."""
+    root = tmp_path_factory.mktemp("runs")
+    sft = make_adapter(root / "sft", tiny_lm_dir, scale=0.1, seed=1)
+    ppo = root / "ppo"
+    for step, scale in ((10, 0.15), (20, 0.3)):
+        make_adapter(ppo / "checkpoints" / f"step-{step:06d}" / "policy", tiny_lm_dir, scale, step, str(sft))
+    shutil.copytree(ppo / "checkpoints" / "step-000020" / "policy", ppo / "policy")
+    lines = [json.dumps({"step": s, "objective/scores": 0.1 * s, "objective/kl": 0.05 * s,
+                         "objective/kl_coef": 0.05, "loss/policy": -0.01, "loss/value": 1.0 / s,
+                         "response/length": 5.0}) for s in range(1, 21)]
+    (ppo / "metrics.jsonl").write_text("\n".join(lines) + '\n{"step": 21, "objective/sco')
+    write_prompts(root / "prompts.jsonl")
+    (root / "no_prompts.csv").write_text("prompt\n")
+    return root
+
+
+def eval_yaml(root, name="eval.yaml", **extra):
+    config = {
+        "policies": [str(root / "sft"), str(root / "ppo")],
+        "checkpoints_of": str(root / "ppo"),
+        "output_dir": str(root / "eval"),
+        "num_prompts": 4, "num_samples_shown": 2, "batch_size": 4,
+        "data": {"path": str(root / "prompts.jsonl"), "eval_split": "train"},
+        "sampling": {"max_new_tokens": 6},
+        "scorers": [{"kind": "function", "path": "tests.test_evaluate:words"},
+                    {"kind": "function", "path": "tests.test_evaluate:happy"}],
+        "gold": "happy",
+        **extra,
+    }
+    path = root / name
+    path.write_text(json.dumps(config))  # JSON is YAML
+    return str(path)
+
+
+def test_cli_writes_report(runs_dir):
+    assert cli.main(["eval", "--config", eval_yaml(runs_dir)]) == 0
+    out = runs_dir / "eval"
+    report = json.loads((out / "report.json").read_text())
+    assert [p["label"] for p in report["policies"] + report["checkpoints"]] == ["sft", "ppo", "step 10", "step 20"]
+    assert (report["proxy"], report["gold"]) == ("words", "happy")
+    assert len(report["training"]["rows"]) == 20  # the cut last line is skipped
+    assert report["training"]["run"] == str(runs_dir / "ppo")  # the PPO run among the policies
+    sft, ppo = report["policies"]
+    assert sft["kl"]["exact"]["mean"] > 0 and ppo["kl"]["exact"]["mean"] > 0
+    assert set(sft["rewards"]) == {"words", "happy"}
+    assert len(sft["samples"]) == 2 and len(sft["per_prompt"]["kl_exact"]) == 4
+    # the final policy is checkpoint 20's weights with the same reference: same samples, same numbers
+    assert ppo["per_prompt"] == report["checkpoints"][1]["per_prompt"]
+    for name in ("rewards", "kl", "training", "overoptimization"):
+        assert (out / report["files"][name]).is_file()
+    page = (out / "report.html").read_text()
+    assert page.count('<img src="data:image/png;base64,') == 4
+    markdown = (out / "report.md").read_text()
+    assert "| Policy | Scorer |" in markdown and "![" in markdown and "## Over-optimisation" in markdown
+
+
+def test_same_seed_same_numbers(runs_dir):
+    config = load_config(EvalConfig, eval_yaml(runs_dir, "again.yaml", output_dir=str(runs_dir / "again")))
+    config.checkpoints_of, config.policies = "", config.policies[1:]
+    first, second = run(config)["policies"][0], run(config)["policies"][0]
+    assert first["per_prompt"] == second["per_prompt"] and first["samples"] == second["samples"]
+
+
+def test_other_base_model_is_refused(runs_dir, tiny_lm_dir, tmp_path):
+    other_base = shutil.copytree(tiny_lm_dir, tmp_path / "other_base")
+    other = make_adapter(tmp_path / "other", other_base, scale=0.1)
+    config = load_config(EvalConfig, eval_yaml(runs_dir), [f"policies=[{other}]"])
+    with pytest.raises(RlftError, match="base model"):
+        run(config)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("policies=[/nonexistent/sft]", "not found"),
+    ("checkpoints_of=/nonexistent/ppo", "not found"),
+    ("training_run=/nonexistent/ppo", "metrics.jsonl"),
+    ("data.path={root}/no_prompts.csv", "no data"),  # a header and no rows
+    ("policies=[{root}]", "not an rlft adapter"),
+    ("gold=nope", "gold"),
+])
+def test_bad_input_is_one_line(runs_dir, capsys, override, message):
+    assert cli.main(["eval", "--config", eval_yaml(runs_dir), override.format(root=runs_dir)]) == 2
+    stderr = capsys.readouterr().err
+    error = stderr.strip().splitlines()[-1]  # after any datasets progress bar
+    assert error.startswith("rlft eval: error:") and message in error and "Traceback" not in stderr, error
+
+
+def test_shipped_config_loads():
+    config = load_config(EvalConfig, "configs/eval.yaml")
+    assert config.policies == ["runs/sft", "runs/ppo"] and config.checkpoints_of == "runs/ppo"
+    assert [s.name for s in config.scorers] == ["proxy", "gold"] and config.gold_scorer == "gold"
+    assert config.scorers[0].normalize and config.scorers[1].path == "reward_models.judges:sentiment"

@@ -1,0 +1,51 @@
+"""`rlft pipeline` end to end on tiny models: every stage runs, is wired to the previous, and is reused on rerun."""
+
+import json
+
+from rlft.cli import main
+
+POSITIVE = {"good", "great", "happy", "love", "yes", "thanks"}
+ROWS = [("hello how are you ?", "i am good , thanks !"), ("tell me a story", "the cat and the dog love the sun"),
+        ("what is the day", "today is a great day"), ("do you hate rain", "no , i love rain and night"),
+        ("tell me about you", "i am a helpful bot"), ("how is the night", "the night is slow and sad")] * 6
+
+
+def positivity(prompts, completions):
+    """Rule judge for the tiny vocabulary: share of positive words."""
+    return [sum(w in POSITIVE for w in c.split()) / max(len(c.split()), 1) for c in completions]
+
+
+def test_pipeline_runs_every_stage_then_reuses_them(tiny_lm_dir, tiny_reward_dir, tmp_path, capsys):
+    data = tmp_path / "dialogs.jsonl"
+    data.write_text("".join(json.dumps({"prompt": [{"role": "user", "content": p}],
+                                        "completion": [{"role": "assistant", "content": c}]}) + "\n" for p, c in ROWS))
+    judge = "[{kind: function, path: 'tests.test_pipeline:positivity'}]"
+    out = tmp_path / "quick"
+    args = [
+        "pipeline", f"output_dir={out}",
+        f"sft.model.name_or_path={tiny_lm_dir}", f"sft.data.path={data}", "sft.data.eval_fraction=0.2",
+        "sft.lora.r=8", "sft.train.learning_rate=5e-3", "sft.train.epochs=2", "sft.num_samples=0",
+        f"preferences.data.path={data}", "preferences.num_samples=4", "preferences.sampling.max_new_tokens=8",
+        f"preferences.judge={judge}",
+        f"reward.model.name_or_path={tiny_reward_dir}", "reward.data.eval_fraction=0.2", "reward.train.epochs=2",
+        "reward.train.learning_rate=1e-3", "reward.data.eval_split=",
+        f"ppo.data.path={data}", "ppo.ppo.steps=4", "ppo.ppo.rollout_batch_size=8", "ppo.ppo.mini_batch_size=8",
+        "ppo.sampling.max_new_tokens=8", "ppo.save_every=2", "ppo.lora.r=8",
+        f"eval.data.path={data}", "eval.num_prompts=8", "eval.sampling.max_new_tokens=8",
+    ]
+    assert main(args) == 0, capsys.readouterr().err[-2000:]
+    for stage in ("sft", "preferences", "reward", "ppo"):
+        assert (out / stage / "metrics.json").is_file(), stage
+    assert (out / "preferences" / "pairs.jsonl").read_text().strip()
+    report = json.loads((out / "eval" / "report.json").read_text())
+    labels = [policy["label"] for policy in report["policies"]]
+    assert len(labels) == 2 and report["gold"] == "gold" and report["proxy"] == "proxy"
+    assert set(report["policies"][1]["rewards"]) == {"proxy", "gold"}
+    assert len(report["checkpoints"]) == 2  # ppo steps 2 and 4, for the over-optimisation plot
+    assert report["policies"][1]["reference_adapter"] == str(out / "sft")  # PPO's reference is the SFT model
+    assert (out / "eval" / "report.html").is_file()
+
+    stamps = {stage: (out / stage / "metrics.json").stat().st_mtime_ns for stage in ("sft", "reward", "ppo")}
+    assert main(args) == 0
+    assert "already complete" in capsys.readouterr().err
+    assert stamps == {stage: (out / stage / "metrics.json").stat().st_mtime_ns for stage in stamps}
