@@ -79,15 +79,17 @@ def decode_responses(tokenizer, response_ids: torch.Tensor) -> list[str]:
 def complete(model, tokenizer, prompt_texts: list[str], sampling: SamplingConfig, batch_size: int = 16,
              greedy: bool = False, num_samples: int = 1) -> list[list[str]]:
     """`num_samples` completions for each templated prompt, in batches: [[completion, ...], ...]."""
+    from tqdm.auto import tqdm
+
     was_training = model.training
     model.eval()
     results: list[list[str]] = [[] for _ in prompt_texts]
-    for _ in range(num_samples):
-        for start in range(0, len(prompt_texts), batch_size):
-            batch = prompt_texts[start : start + batch_size]
-            prompt = encode_prompts(tokenizer, batch, sampling.max_prompt_length, model.device)
-            texts = decode_responses(tokenizer, sample(model, prompt, sampling, tokenizer, greedy))
-            for offset, text in enumerate(texts):
-                results[start + offset].append(text)
+    starts = [start for _ in range(num_samples) for start in range(0, len(prompt_texts), batch_size)]
+    for start in tqdm(starts, desc="generate", disable=len(starts) < 2):
+        batch = prompt_texts[start : start + batch_size]
+        prompt = encode_prompts(tokenizer, batch, sampling.max_prompt_length, model.device)
+        texts = decode_responses(tokenizer, sample(model, prompt, sampling, tokenizer, greedy))
+        for offset, text in enumerate(texts):
+            results[start + offset].append(text)
     model.train(was_training)
     return results
