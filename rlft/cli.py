@@ -11,6 +11,7 @@ import importlib
 import logging
 import os
 import sys
+import warnings
 
 from rlft.config import describe, load_config
 from rlft.errors import RlftError
@@ -43,6 +44,7 @@ def setup_logging() -> None:
     for noisy in ("bitsandbytes", "httpx", "urllib3", "filelock", "datasets", "accelerate.utils.other"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    warnings.filterwarnings("ignore", category=FutureWarning)  # library deprecation notices, not the user's
     import datasets
 
     datasets.disable_progress_bars()  # per-map bars drown the log; the training bars stay
