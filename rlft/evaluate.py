@@ -24,6 +24,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from reward_models.scorers import ScorerConfig, build_scorer
 from rlft import runs
 from rlft.config import DataConfig, ModelConfig, option, require, section
 from rlft.data import load_splits, prompts_of, render_prompts
@@ -31,8 +32,12 @@ from rlft.errors import RlftError
 from rlft.generation import SamplingConfig, decode_responses, encode_prompts, sample
 from rlft.models import default_device
 from rlft.policy import ADAPTER_INFO, adapter_info, load_policy
-from rlft.ppo.core import exact_kl_from_logits, kl_penalty, logprobs_from_logits, response_mask_from_eos
-from reward_models.scorers import ScorerConfig, build_scorer
+from rlft.ppo.core import (
+    exact_kl_from_logits,
+    kl_penalty,
+    logprobs_from_logits,
+    response_mask_from_eos,
+)
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +64,9 @@ class EvalConfig:
         0, "Seed of every sampling pass (torch.manual_seed before each), and of the hold-out split: keep it "
         "equal to the SFT seed so the prompts stay unseen."
     )
-    batch_size: int = option(16, "Prompts per generation and KL forward pass.")
+    batch_size: int = option(
+        32, "Prompts per generation batch and rows per KL forward pass (memory grows with it and the vocabulary)."
+    )
     output_dir: str = option("runs/eval", "Where report.json, report.md, report.html and the plots go.")
     gold: str = option("", "Name of the gold scorer (reported apart from the proxy); empty: one named 'gold', if any.")
     scorers: list[ScorerConfig] = option(
@@ -226,9 +233,42 @@ def sequence_kl(logits, ref_logits, tokens, lengths: list[int], temperature: flo
         logprobs_from_logits(logits, tokens, temperature), logprobs_from_logits(ref_logits, tokens, temperature), "k1"
     )
     token_exact = exact_kl_from_logits(logits, ref_logits, temperature)
-    row = torch.repeat_interleave(torch.arange(len(lengths), device=tokens.device), torch.as_tensor(lengths, device=tokens.device))
+    row = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths)).to(tokens.device)
     per_response = torch.zeros(len(lengths), dtype=torch.float32, device=tokens.device)
     return per_response.index_add(0, row, log_ratio), per_response.index_add(0, row, token_exact), token_exact
+
+
+class Packed(NamedTuple):
+    """Rows of (prompt, response) without padding, right-padded into one teacher-forcing batch."""
+
+    input_ids: torch.Tensor  # (B, L)
+    attention_mask: torch.Tensor  # (B, L)
+    keep: int  # logits are computed for the last `keep` positions only
+    row: torch.Tensor  # (N,) row of each response token
+    position: torch.Tensor  # (N,) index, among the kept positions, of the logits that predict it
+    tokens: torch.Tensor  # (N,) the response tokens
+    lengths: list[int]  # B response lengths summing to N
+
+
+def pack(rows: list[tuple[torch.Tensor, torch.Tensor]]) -> Packed:
+    sequences = [torch.cat(row) for row in rows]
+    input_ids = torch.nn.utils.rnn.pad_sequence(sequences, batch_first=True)
+    attention_mask = torch.nn.utils.rnn.pad_sequence([torch.ones_like(s) for s in sequences], batch_first=True)
+    # the logits at position p predict token p + 1, so response token t of a row with a P-token prompt
+    # is predicted at P - 1 + t; no logits are needed before the shortest prompt ends
+    first = min(len(prompt) for prompt, _ in rows) - 1
+    lengths = [len(response) for _, response in rows]
+    position = torch.cat([torch.arange(len(prompt) - 1, len(prompt) - 1 + len(response)) for prompt, response in rows])
+    row = torch.repeat_interleave(torch.arange(len(rows)), torch.tensor(lengths))
+    device = input_ids.device
+    return Packed(input_ids, attention_mask, input_ids.shape[1] - first, row.to(device), (position - first).to(device),
+                  torch.cat([response for _, response in rows]), lengths)
+
+
+def response_logits(model, packed: Packed) -> torch.Tensor:
+    """(N, V) logits predicting each response token of a packed batch."""
+    output = model(input_ids=packed.input_ids, attention_mask=packed.attention_mask, logits_to_keep=packed.keep)
+    return output.logits[packed.row, packed.position]
 
 
 @torch.no_grad()
@@ -236,8 +276,7 @@ def kl_drift(model, rollout: Rollout, temperature: float, batch_size: int) -> di
     """Sampled and exact KL of each of the policy's responses; the reference is `model.disable_adapter()`.
 
     Teacher-forced on each row's real tokens only (prompt without its left padding, response through its
-    EOS), right-padded in batches of similar length: rows that stopped early cost no padding, and logits are
-    kept only where they predict a response token.
+    EOS), right-padded in batches of similar length, so rows that stopped early cost no padding.
     """
     rows = [  # (prompt ids, response ids) without padding
         (prompt[attention.bool()], response[mask])
@@ -250,27 +289,15 @@ def kl_drift(model, rollout: Rollout, temperature: float, batch_size: int) -> di
     sampled, exact, per_token = torch.zeros(len(rows)), torch.zeros(len(rows)), [[] for _ in rows]
     for start in range(0, len(rows), batch_size):
         chunk = order[start : start + batch_size]
-        sequences = [torch.cat(rows[i]) for i in chunk]
-        input_ids = torch.nn.utils.rnn.pad_sequence(sequences, batch_first=True)
-        attention_mask = torch.nn.utils.rnn.pad_sequence([torch.ones_like(s) for s in sequences], batch_first=True)
-        # logits at position p predict token p + 1: response token t of row j is predicted at P_j - 1 + t
-        first = min(len(rows[i][0]) for i in chunk) - 1  # no logits before the earliest response starts
-        lengths = [len(rows[i][1]) for i in chunk]
-        row_index = torch.repeat_interleave(torch.arange(len(chunk)), torch.tensor(lengths)).to(input_ids.device)
-        position = torch.cat([torch.arange(len(rows[i][0]) - 1, len(rows[i][0]) - 1 + len(rows[i][1])) for i in chunk])
-        position = position.to(input_ids.device) - first
-        keep = input_ids.shape[1] - first
-
-        def response_logits():
-            return model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep).logits[row_index, position]
-
-        logits = response_logits()
+        packed = pack([rows[i] for i in chunk])
+        logits = response_logits(model, packed)
         with model.disable_adapter():
-            ref_logits = response_logits()
-        tokens = torch.cat([rows[i][1] for i in chunk])
-        chunk_sampled, chunk_exact, token_exact = sequence_kl(logits, ref_logits, tokens, lengths, temperature)
+            ref_logits = response_logits(model, packed)
+        chunk_sampled, chunk_exact, token_exact = sequence_kl(
+            logits, ref_logits, packed.tokens, packed.lengths, temperature
+        )
         sampled[chunk], exact[chunk] = chunk_sampled.cpu(), chunk_exact.cpu()
-        for i, values in zip(chunk, token_exact.cpu().split(lengths)):
+        for i, values in zip(chunk, token_exact.cpu().split(packed.lengths)):
             per_token[i] = values.tolist()
     return {"sampled": sampled, "exact": exact, "per_token": per_token}
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")  # files only, never a window
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
 POLICY, REFERENCE, PROXY, GOLD = "tab:blue", "tab:gray", "tab:blue", "tab:orange"
 TRAINING_PANELS = [  # (title, y label, [(metric, legend label)])
@@ -67,8 +67,8 @@ def plot_rewards(report: dict, results: list[dict]):
             ax.bar([i + offset for i in x], [s["mean"] for s in stats], width=0.4, color=color, label=side,
                    yerr=[s["mean"] - s["ci95"][0] for s in stats], capsize=3)
         for i, r in enumerate(results):
-            ax.annotate(f"win {r['rewards'][name]['win_rate']['mean']:.0%}", (i, 1.0), xycoords=("data", "axes fraction"),
-                        ha="center", va="bottom", fontsize=8)
+            ax.annotate(f"win {r['rewards'][name]['win_rate']['mean']:.0%}", (i, 1.0),
+                        xycoords=("data", "axes fraction"), ha="center", va="bottom", fontsize=8)
         ax.axhline(0, color="black", linewidth=0.6)
         ax.set_xticks(list(x), [r["label"] for r in results], rotation=30 if len(results) > 3 else 0, ha="right"
                       if len(results) > 3 else "center")
@@ -156,10 +156,11 @@ def overoptimization_points(report: dict) -> list[dict]:
     """(step, KL, proxy, gold) per checkpoint, starting from the reference itself at KL 0."""
     proxy, gold = report["proxy"], report["gold"]
     first = report["checkpoints"][0]["rewards"]
-    points = [{"step": 0, "kl": 0.0, "proxy": first[proxy]["reference"], "gold": first[gold]["reference"] if gold else None}]
+    points = [{"step": 0, "kl": 0.0, "proxy": first[proxy]["reference"],
+               "gold": first[gold]["reference"] if gold else None}]
     for r in report["checkpoints"]:
-        points.append({"step": r["step"], "kl": max(r["kl"]["exact"]["mean"], 0.0), "proxy": r["rewards"][proxy]["policy"],
-                       "gold": r["rewards"][gold]["policy"] if gold else None})
+        points.append({"step": r["step"], "kl": max(r["kl"]["exact"]["mean"], 0.0),  # exact KL is >= 0 up to rounding
+                       "proxy": r["rewards"][proxy]["policy"], "gold": r["rewards"][gold]["policy"] if gold else None})
     return points
 
 
@@ -212,12 +213,12 @@ def blocks(report: dict, images: dict[str, str]) -> list[tuple]:
     sampling = report["sampling"]
     content = [
         ("h1", "rlft eval: reward and KL drift"),
-        ("p", f"{report['prompts']['count']} held-out prompts from {report['prompts']['source']}; each policy and "
-              f"its reference (the same model, adapter disabled) sample one response per prompt with seed "
-              f"{report['seed']}, temperature {sampling['temperature']}, top_p {sampling['top_p']}, top_k "
-              f"{sampling['top_k']}, at most {sampling['max_new_tokens']} new tokens. Values are mean ± the half "
-              f"width of a 95% confidence interval. Proxy scorer: {report['proxy']}; gold scorer: "
-              f"{report['gold'] or 'none'}."),
+        ("p", (f"{report['prompts']['count']} held-out prompts from {report['prompts']['source']}; each policy "
+               f"and its reference (the same model, adapter disabled) sample one response per prompt with seed "
+               f"{report['seed']}, temperature {sampling['temperature']}, top_p {sampling['top_p']}, top_k "
+               f"{sampling['top_k']}, at most {sampling['max_new_tokens']} new tokens. Values are mean ± the half "
+               f"width of a 95% confidence interval. Proxy scorer: {report['proxy']}; gold scorer: "
+               f"{report['gold'] or 'none'}.")),
         ("h2", "Rewards"),
         ("table", ["Policy", "Scorer", "Policy score", "Reference score", "Win rate vs reference"],
          [[r["label"], role(report, name), ci(s["policy"]), ci(s["reference"]),
@@ -233,9 +234,9 @@ def blocks(report: dict, images: dict[str, str]) -> list[tuple]:
            f"{r['response']['policy']['length']['mean']:.1f} / {r['response']['reference']['length']['mean']:.1f}",
            f"{r['response']['policy']['eos_rate']:.0%} / {r['response']['reference']['eos_rate']:.0%}"]
           for r in results]),
-        ("p", "KL(pi || pi_ref) in nats per response, on the policy's own samples: exact sums the full-vocabulary KL "
-              "of every response token; sampled sums log pi - log pi_ref of the sampled tokens (unbiased, noisier, "
-              "can be negative). The two agree in expectation; with top_p or top_k set they need not."),
+        ("p", ("KL(pi || pi_ref) in nats per response, on the policy's own samples: exact sums the full-vocabulary "
+               "KL of every response token; sampled sums log pi - log pi_ref of the sampled tokens (unbiased, "
+               "noisier, can be negative). The two agree in expectation; with top_p or top_k set they need not.")),
     ]
     if results:
         content += [("image", images["rewards"], "Reward per scorer: policy vs reference"),
@@ -250,8 +251,8 @@ def blocks(report: dict, images: dict[str, str]) -> list[tuple]:
             ("table", ["Step", "KL exact", "sqrt KL", f"Proxy ({report['proxy']})", f"Gold ({gold or 'none'})"],
              [[str(p["step"]), f"{p['kl']:.3f}", f"{math.sqrt(p['kl']):.3f}", ci(p["proxy"]),
                ci(p["gold"]) if gold else "-"] for p in overoptimization_points(report)]),
-            ("p", "Step 0 is the reference. A proxy that keeps rising while gold falls is the policy exploiting the "
-                  "reward model (Gao et al. 2022, 'Scaling laws for reward model overoptimization')."),
+            ("p", ("Step 0 is the reference. A proxy that keeps rising while gold falls is the policy exploiting "
+                   "the reward model (Gao et al. 2022, 'Scaling laws for reward model overoptimization').")),
             ("image", images["overoptimization"], "Proxy and gold reward vs KL"),
         ]
     for r in report["policies"]:

@@ -35,6 +35,7 @@ def write_json(path: str | Path, data: dict) -> None:
     fd, staging = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     with os.fdopen(fd, "w") as f:
         json.dump(data, f, indent=2, default=float)
+    os.chmod(staging, 0o644)  # mkstemp makes it owner-only; results are for everyone to read
     os.replace(staging, path)
 
 
