@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 
 import torch
 
@@ -96,7 +96,3 @@ def collect(actor_critic, generator, tokenizer, prompts: list, prompt_texts: lis
         values=torch.cat(values),
         timings=timings,
     )
-
-
-def tensor_fields(rollout: Rollout) -> list[str]:
-    return [f.name for f in fields(rollout) if isinstance(getattr(rollout, f.name), torch.Tensor)]
