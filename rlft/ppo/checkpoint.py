@@ -6,7 +6,8 @@ checkpoints/step-000010/
     trainer_state.pt   optimiser, scheduler, KL controller, step
     rng_state_<rank>.pt  torch / numpy / python RNG of each process
 A checkpoint is built in a hidden staging folder and renamed into place, so a crash never leaves a
-half-written one; resuming picks the newest complete folder.
+half-written one; resuming picks the newest complete folder. Only the newest `keep` hold the resumable
+state; older ones keep their adapter for rlft eval's reward-vs-KL view across checkpoints.
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ def latest(run_dir: Path) -> Path | None:
     folder = run_dir / "checkpoints"
     if not folder.is_dir():
         return None
-    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := STEP_DIR.match(p.name))]
+    found = [(int(m.group(1)), p) for p in folder.iterdir()
+             if (m := STEP_DIR.match(p.name)) and (p / "trainer_state.pt").is_file()]
     return max(found)[1] if found else None
 
 
@@ -68,8 +70,11 @@ def save(accelerator, run_dir: Path, step: int, policy, value_head, trainer_stat
     if accelerator.is_main_process:
         shutil.rmtree(final, ignore_errors=True)
         os.replace(staging, final)
+        # Older checkpoints keep their adapter (eval's reward-vs-KL view reads every step) but lose the
+        # resumable state, which is most of their size.
         for old in sorted(p for p in folder.iterdir() if STEP_DIR.match(p.name))[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+            for heavy in [old / "trainer_state.pt", *old.glob("rng_state_*.pt")]:
+                heavy.unlink(missing_ok=True)
     accelerator.wait_for_everyone()
     return final
 
