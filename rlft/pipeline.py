@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from rlft import runs
-from rlft.config import option, section
+from rlft.config import option, require, section
 from rlft.evaluate import EvalConfig
 from rlft.ppo.config import PPOConfig
 from rlft.sft import SFTConfig
@@ -37,8 +37,6 @@ class PipelineConfig:
     eval: EvalConfig = section(EvalConfig, "The report: SFT and PPO policies, the reward model as proxy, the judge as gold.")
 
     def __post_init__(self):
-        from rlft.config import require
-
         unknown = [stage for stage in self.stages if stage not in STAGES]
         require(not unknown, "stages", f"unknown stage(s) {unknown}; choose from {list(STAGES)}")
 

@@ -253,6 +253,11 @@ def check_prompt_lengths(tokenizer, prompt_texts: list[str], max_prompt_length: 
         )
 
 
+def _cell(text: str, width: int) -> str:
+    """Text fit for one cell of a Markdown table."""
+    return text[:width].replace("|", "/").replace("\n", " ")
+
+
 class MetricsLogger:
     """Per-step metrics to metrics.jsonl and TensorBoard (main process only); samples to samples.jsonl."""
 
@@ -293,9 +298,8 @@ class MetricsLogger:
                 for prompt, completion, score in zip(rollout.prompts, rollout.completions, rollout.scores)][:count]
         with open(self.out / "samples.jsonl", "a") as f:
             f.writelines(json.dumps(row) + "\n" for row in rows)
-        cell = lambda text, width: text[:width].replace("|", "/").replace("\n", " ")  # noqa: E731
         table = "| prompt | completion | score |\n|---|---|---|\n" + "".join(
-            f"| {cell(r['prompt'], 80)} | {cell(r['completion'], 160)} | {r['score']} |\n" for r in rows)
+            f"| {_cell(r['prompt'], 80)} | {_cell(r['completion'], 160)} | {r['score']} |\n" for r in rows)
         self.writer.add_text("samples", table, step)
         for row in rows:
             log.info("step %d sample: %r -> %r (score %.3f)", step, row["prompt"][:60], row["completion"][:100],
