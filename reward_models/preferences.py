@@ -32,7 +32,8 @@ PAIRS = "pairs.jsonl"
 class PreferenceConfig:
     output_dir: str = option("runs/preferences", "Where pairs.jsonl, the resolved config and metrics go.")
     seed: int = option(0, "Seed for the prompt hold-out and sampling.")
-    policy: str = option("", "SFT adapter folder (an rlft sft output) to sample from; empty: sample from `model`.")
+    policy: str = option("", "SFT adapter folder (an rlft sft output) to sample from; empty: sample from `model`. "
+                         "Its base loads with model.trust_remote_code, whatever the folder records.")
     model: ModelConfig = section(ModelConfig, "The model to sample from when `policy` is empty.")
     data: DataConfig = section(
         DataConfig, "Prompts (`prompt` or `messages` rows). Only the training split is used, so with the "
@@ -65,7 +66,7 @@ def run(config: PreferenceConfig) -> dict:
     prompts = prompts_of(train_data)
     judge = build_scorer(config.judge)  # before the policy: a judge that doesn't import fails in seconds
     if config.policy:
-        model, tokenizer, _ = load_policy(config.policy)
+        model, tokenizer, _ = load_policy(config.policy, trust_remote_code=config.model.trust_remote_code)
     else:
         model, tokenizer = load_model(config.model), load_tokenizer(config.model)
 

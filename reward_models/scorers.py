@@ -208,7 +208,14 @@ class FunctionScorer:
         self.name, self.function = config.name, import_function(config.path)
 
     def __call__(self, prompts: list, completions: list[str]) -> torch.Tensor:
-        return checked(self.name, self.function(list(prompts), list(completions)), len(completions))
+        try:
+            scores = self.function(list(prompts), list(completions))
+        except RlftError:
+            raise
+        except Exception as e:  # the user's function: its failure is theirs to fix, said in one line
+            raise RlftError(f"scorer '{self.name}' raised {type(e).__name__}: "
+                            f"{(str(e).strip().splitlines() or [''])[0][:200]}") from None
+        return checked(self.name, scores, len(completions))
 
 
 class WeightedSum:

@@ -20,9 +20,9 @@ from rlft import runs
 from rlft.config import DataConfig, LoraConfig, ModelConfig, TrainConfig, option, require, section
 from rlft.data import load_splits
 from rlft.errors import RlftError
-from rlft.hf_training import last_checkpoint, training_kwargs
+from rlft import hf_training
+from rlft.hf_training import RESUMABLE_CHANGES, check_finite_losses, last_checkpoint, training_kwargs
 from rlft.models import MINILM, add_lora, count_parameters, load_model, load_tokenizer
-from rlft.sft import check_finite_losses
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +63,8 @@ def run(config: RewardConfig) -> dict:
 
     started = time.time()
     runs.seed_everything(config.seed)  # before loading: it initialises the new score head
-    out = runs.prepare(config.output_dir, config)
+    checkpoint = last_checkpoint(config.output_dir) if config.resume else None
+    out = runs.prepare(config.output_dir, config, resuming=checkpoint is not None, may_change=RESUMABLE_CHANGES)
 
     # Data first: a wrong column should fail before the model loads.
     train_rows, eval_rows, _ = load_splits(config.data, ("preference",), config.seed, "reward data")
@@ -90,7 +91,6 @@ def run(config: RewardConfig) -> dict:
     trainer = RewardTrainer(
         model=model, args=args, train_dataset=train_data, eval_dataset=eval_data, processing_class=tokenizer
     )
-    checkpoint = last_checkpoint(out) if config.resume else None
     before_file = out / "eval_before.json"
     if checkpoint and before_file.is_file():  # resumed: "before" means the untrained model
         accuracy_before = runs.read_json(before_file)["eval_accuracy"]
@@ -99,7 +99,7 @@ def run(config: RewardConfig) -> dict:
         runs.write_json(before_file, {"eval_accuracy": accuracy_before})
     log.info("held-out pairwise accuracy before training: %.3f", accuracy_before)
 
-    trainer.train(resume_from_checkpoint=checkpoint)
+    hf_training.train(trainer, checkpoint)
     check_finite_losses(trainer.state.log_history)
     accuracy_after = pairwise_accuracy(model, eval_data, tokenizer.pad_token_id, config.train.batch_size)
     log.info("held-out pairwise accuracy after training: %.3f (before %.3f)", accuracy_after, accuracy_before)

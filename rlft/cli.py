@@ -7,9 +7,11 @@ Configs are parsed and checked before anything heavy is imported or loaded. Prob
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import logging
 import os
+import signal
 import sys
 import warnings
 
@@ -53,7 +55,9 @@ def setup_logging() -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging()
+    signal.signal(signal.SIGTERM, interrupt)  # a scheduler's kill is an interruption like Ctrl-C
     module_name, class_name, _ = STAGES[args.stage]
+    config = None
     try:
         module = importlib.import_module(module_name)
         config_class = getattr(module, class_name)
@@ -72,10 +76,40 @@ def main(argv: list[str] | None = None) -> int:
     except RlftError as e:
         print(f"rlft {args.stage}: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"rlft {args.stage}: interrupted; rerun the same command to resume", file=sys.stderr)
-        return 130
+    except OSError as e:
+        if e.errno not in DISK_ERRORS:
+            raise
+        print(f"rlft {args.stage}: error: {disk_problem(e)}", file=sys.stderr)
+        return 2
+    except RuntimeError as e:  # torch.save reports a full disk as a RuntimeError from its zip writer
+        if "write failed" not in str(e) and "No space left" not in str(e):
+            raise
+        print(f"rlft {args.stage}: error: {disk_problem(e)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as e:
+        where = f" in {config.output_dir}" if config is not None else ""
+        print(f"rlft {args.stage}: {e or 'interrupted'}; the checkpoints{where} are intact: rerun the same "
+              "command to resume", file=sys.stderr)
+        return 143 if isinstance(e, Terminated) else 130
     return 0
+
+
+DISK_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG, errno.EIO}
+
+
+def disk_problem(error: Exception) -> str:
+    what = getattr(error, "strerror", None) or "a write failed (disk full?)"
+    file = f" writing '{error.filename}'" if getattr(error, "filename", None) else ""
+    return (f"{what}{file}: free some space or pick another output_dir, then rerun the same command; it resumes "
+            "from the last complete checkpoint")
+
+
+class Terminated(KeyboardInterrupt):
+    pass
+
+
+def interrupt(signum, frame):
+    raise Terminated("terminated (SIGTERM)")
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -124,7 +125,7 @@ def load_config(cls: type, path: str | Path | None = None, overrides: list[str] 
         try:
             data = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as e:
-            raise ConfigError(f"config file '{path}' is not valid YAML: {str(e).splitlines()[0]}") from None
+            raise ConfigError(f"config file '{path}' is not valid YAML: {yaml_problem(e)}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"config file '{path}' must hold a mapping of keys to values")
     for override in overrides:
@@ -142,7 +143,22 @@ def _apply_override(data: dict, override: str) -> None:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise ConfigError(f"override '{override}': '{part}' is a value, not a section")
-    node[leaf] = yaml.safe_load(raw) if raw.strip() else ""
+    try:
+        node[leaf] = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override '{override}': the value is not valid YAML ({yaml_problem(e, line=False)}); "
+                          "quote it for the shell, e.g. 'reward=[{kind: function, path: m:f}]'") from None
+
+
+def yaml_problem(error: yaml.YAMLError, line: bool = True) -> str:
+    """The parser's complaint with its 1-based line and column, in one line."""
+    mark = getattr(error, "problem_mark", None)
+    problem = " ".join(str(part) for part in (getattr(error, "problem", None), getattr(error, "context", None)) if part)
+    problem = problem or str(error).splitlines()[0]
+    if mark is None:
+        return problem
+    where = f"line {mark.line + 1}, column {mark.column + 1}" if line else f"column {mark.column + 1}"
+    return f"{problem} at {where}"
 
 
 def from_dict(cls: type, data: dict, prefix: str = ""):
@@ -209,14 +225,16 @@ def _coerce(value: Any, kind: Any, key: str) -> Any:
             return int(value)
         raise bad
     if kind is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
         if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
             try:
-                return float(value)
+                value = float(value)
             except ValueError:
                 raise bad from None
-        raise bad
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            raise bad
+        if not math.isfinite(value):  # .inf / .nan would only surface later, as NaN weights mid-run
+            raise ConfigError(f"bad value for '{key}': must be a finite number, got {value}")
+        return float(value)
     if kind is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
@@ -232,11 +250,6 @@ def _type_name(kind: Any) -> str:
 
 def to_dict(config) -> dict:
     return dataclasses.asdict(config)
-
-
-def save_config(config, path: str | Path) -> None:
-    """Write the fully resolved config next to a run's outputs, so the run can be reproduced."""
-    Path(path).write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
 
 
 def describe(cls: type, prefix: str = "") -> list[tuple[str, str, Any, str]]:

@@ -10,7 +10,6 @@ Row formats (TRL's names):
 from __future__ import annotations
 
 import glob
-import os
 from pathlib import Path
 
 from rlft.config import DataConfig
@@ -64,33 +63,66 @@ def load_any(path: str, subset: str = "", split: str = "train"):
 
         return datasets.Dataset.from_list(chatterbot_sentiment_pairs(split))
     local = Path(path)
-    if local.suffix in FILE_TYPES or os.sep in path and not local.exists():
-        if not local.is_file():
-            raise RlftError(f"data file '{path}' not found: check data.path (or the path you passed)")
-        if local.suffix not in FILE_TYPES:
-            raise RlftError(f"data file '{path}': unsupported type; use one of {', '.join(FILE_TYPES)}")
-        if local.stat().st_size == 0:
-            raise RlftError(f"data file '{path}' is empty: it needs at least one row")
-        if split != "train":
-            raise RlftError(f"data file '{path}' has one split (train), not '{split}': hold out rows with "
-                            "data.eval_fraction and data.eval_split=''")
-        builder = FILE_TYPES[local.suffix]
-        try:
-            return datasets.load_dataset(builder, data_files=str(local), split="train")
-        except Exception as e:  # the datasets library raises many types for a malformed file
-            raise RlftError(f"could not read data file '{path}': {first_line(e)}") from None
+    if local.is_file() or local.suffix in FILE_TYPES:  # "org/name" without a file type is a hub name
+        return load_file(local, split)
     try:
         if local.is_dir():
             return datasets.load_from_disk(path) if (local / "dataset_info.json").exists() else \
                 datasets.load_dataset(path, split=split)
+        from rlft import hub
+
+        hub.offline()  # one quick probe instead of a minute of retries
         return datasets.load_dataset(path, subset or None, split=split)
     except Exception as e:
         if local.exists():
             raise RlftError(f"could not read dataset '{path}': {first_line(e)}") from None
+        from rlft import hub
+
+        where = "and the hub is unreachable (offline)" if hub.offline() else f"and not on the hub ({first_line(e)})"
         raise RlftError(
-            f"dataset '{path}' not found: not a local file, not built in ({', '.join(BUILTIN)}), and not "
-            f"reachable on the hub ({type(e).__name__}). Check data.path"
+            f"dataset '{path}' not found: not a local file or folder, not built in ({', '.join(BUILTIN)}), "
+            f"{where}. Check data.path"
         ) from None
+
+
+def load_file(local: Path, split: str):
+    """One local .jsonl/.json/.csv/.parquet file as the `train` split; a bad row is named by its line."""
+    import datasets
+
+    if not local.is_file():
+        raise RlftError(f"data file '{local}' not found: check data.path (or the path you passed)")
+    if local.suffix not in FILE_TYPES:
+        raise RlftError(f"data file '{local}' has type '{local.suffix or '(none)'}', which rlft does not read: "
+                        f"convert it to one of {', '.join(FILE_TYPES)}")
+    if local.stat().st_size == 0:
+        raise RlftError(f"data file '{local}' is empty: it needs at least one row")
+    if split != "train":
+        raise RlftError(f"data file '{local}' has one split (train), not '{split}': hold out rows with "
+                        "data.eval_fraction and data.eval_split=''")
+    if local.suffix == ".jsonl":
+        bad_jsonl_line(local)
+    try:
+        return datasets.load_dataset(FILE_TYPES[local.suffix], data_files=str(local), split="train")
+    except Exception as e:  # the datasets library raises many types for a malformed file
+        raise RlftError(f"could not read data file '{local}': {first_line(e)}") from None
+
+
+def bad_jsonl_line(path: Path) -> None:
+    """Refuse a JSON Lines file whose line is not a JSON object, naming the line (datasets names none)."""
+    import json
+
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise RlftError(f"data file '{path}' line {number} is not valid JSON ({e.msg} at column {e.colno}): "
+                                "each line must be one JSON object") from None
+            if not isinstance(row, dict):
+                raise RlftError(f"data file '{path}' line {number} is a {type(row).__name__}, not a JSON object "
+                                "with named columns")
 
 
 def first_line(error: Exception) -> str:

@@ -68,6 +68,10 @@ class EvalConfig:
         32, "Prompts per generation batch and rows per KL forward pass (memory grows with it and the vocabulary)."
     )
     output_dir: str = option("runs/eval", "Where report.json, report.md, report.html and the plots go.")
+    trust_remote_code: bool = option(
+        False, "Let the policies' base model run its own code from the hub. Only this flag decides: the "
+        "adapter folders' records never do, since a downloaded folder could ask for it.",
+    )
     gold: str = option("", "Name of the gold scorer (reported apart from the proxy); empty: one named 'gold', if any.")
     scorers: list[ScorerConfig] = option(
         DEFAULT_SCORERS, "Reward models / functions, each reported separately; the first is the proxy (PPO's reward)."
@@ -358,7 +362,7 @@ def evaluate_adapter(adapter: Adapter, prompts: list, scorers: dict, config: Eva
     """Every number the report shows for one policy. References shared by several policies are sampled once."""
     times: dict[str, float] = {}
     with timed(times, "load"):
-        model, tokenizer, _ = load_policy(adapter.folder, default_device())
+        model, tokenizer, _ = load_policy(adapter.folder, default_device(), trust_remote_code=config.trust_remote_code)
         model.eval()
         prompt_texts = render_prompts(tokenizer, prompts)
     with timed(times, "generate"):

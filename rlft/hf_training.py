@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import math
 import os
+import re
+import shutil
 from pathlib import Path
 
 import torch
 
 from rlft.config import ModelConfig, TrainConfig
+from rlft.errors import RlftError
 from rlft.models import torch_dtype
+from rlft.runs import unsafe_checkpoint, write_json
 
 
 def training_kwargs(train: TrainConfig, model: ModelConfig, output_dir: Path, seed: int) -> dict:
@@ -48,8 +53,53 @@ def training_kwargs(train: TrainConfig, model: ModelConfig, output_dir: Path, se
     )
 
 
-def last_checkpoint(output_dir: Path) -> str | None:
-    from transformers.trainer_utils import get_last_checkpoint
+# Keys a rerun may change and still resume its checkpoint: how long it runs and how often it logs.
+RESUMABLE_CHANGES = ("output_dir", "resume", "num_samples", "merge", "train.epochs", "train.max_steps",
+                     "train.logging_steps", "train.eval_steps", "train.save_steps")
+COMPLETE = "rlft-complete"  # written into a Trainer checkpoint once every file of it is on disk
+CHECKPOINT_DIR = re.compile(r"^checkpoint-(\d+)$")
 
-    folder = output_dir / "checkpoints"
-    return get_last_checkpoint(str(folder)) if folder.is_dir() else None
+
+def last_checkpoint(output_dir: str | Path) -> str | None:
+    """The newest complete checkpoint in output_dir/checkpoints; torn ones (no marker) are deleted."""
+    folder = Path(output_dir) / "checkpoints"
+    if not folder.is_dir():
+        return None
+    found = sorted((int(m[1]), p) for p in folder.iterdir() if (m := CHECKPOINT_DIR.match(p.name)) and p.is_dir())
+    complete = [(step, path) for step, path in found if (path / COMPLETE).is_file()]
+    newest = complete[-1][0] if complete else -1
+    for step, path in found:
+        if step > newest and not (path / COMPLETE).is_file():
+            shutil.rmtree(path, ignore_errors=True)  # half-written by a killed run: the Trainer would choke on it
+    return str(complete[-1][1]) if complete else None
+
+
+def train(trainer, checkpoint: str | None) -> None:
+    """trainer.train, resuming from `checkpoint`; a checkpoint holding code instead of tensors is refused."""
+    import pickle
+
+    from transformers import TrainerCallback
+
+    class MarkComplete(TrainerCallback):
+        """The Trainer writes checkpoint-N in place; this marker, written after its last file, makes it count.
+        A kill or a full disk mid-save leaves a folder without it, which `last_checkpoint` skips and removes."""
+
+        def on_save(self, args, state, control, **kwargs):
+            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if state.is_world_process_zero and folder.is_dir():
+                write_json(folder / COMPLETE, {"step": state.global_step})
+
+    trainer.add_callback(MarkComplete)
+    try:
+        trainer.train(resume_from_checkpoint=checkpoint)
+    except pickle.UnpicklingError as e:  # the Trainer loads optimizer/RNG states with weights_only=True
+        raise unsafe_checkpoint(checkpoint, e) from None
+
+
+def check_finite_losses(log_history: list[dict]) -> None:
+    for entry in log_history:
+        if "loss" in entry and not math.isfinite(entry["loss"]):
+            raise RlftError(
+                f"training loss became {entry['loss']} at step {entry.get('step')}: lower train.learning_rate "
+                "or use model.dtype=float32; the last good checkpoint is kept in output_dir/checkpoints"
+            )

@@ -75,14 +75,21 @@ def resolve(name_or_path: str) -> str:
 def _from_pretrained(loader, name_or_path: str, **kwargs):
     """Call a from_pretrained and turn 'not found anywhere' into one clear line."""
     path = resolve(name_or_path)
+    if not Path(path).exists():
+        from rlft import hub
+
+        hub.offline()  # one quick probe instead of a minute of retries
     try:
         return loader.from_pretrained(path, **{k: v for k, v in kwargs.items() if v not in (None, "")})
     except OSError as e:
         if Path(path).exists():
             raise RlftError(f"could not load '{name_or_path}': {str(e).splitlines()[0]}") from None
+        from rlft import hub
+
+        where = "and the hub is unreachable (offline) with no cached copy" if hub.offline() else "and not on the hub"
         raise RlftError(
             f"model '{name_or_path}' not found: not an embedded model ({', '.join(EMBEDDED)}), not a local "
-            "directory, and not reachable on the hub. Check model.name_or_path"
+            f"directory, {where}. Check model.name_or_path"
         ) from None
 
 

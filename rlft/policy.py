@@ -8,7 +8,7 @@ rebuild policy and reference from the folder alone.
 
 from __future__ import annotations
 
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from rlft import runs
@@ -29,37 +29,63 @@ def save_adapter(model, folder: str | Path, model_config: ModelConfig, reference
 
 def load_reference(model_config: ModelConfig, reference_adapter: str | None, device=None):
     """The frozen reference model: the base, with an earlier stage's adapter merged in if given."""
+    if reference_adapter:
+        check_adapter_base(reference_adapter, model_config)  # before minutes of loading
     base = load_model(model_config, device=device)
     if not reference_adapter:
         return base
     from peft import PeftModel
 
-    if not (Path(reference_adapter) / "adapter_config.json").is_file():
-        raise RlftError(f"reference adapter '{reference_adapter}' not found: point it at an SFT output directory")
-    merged = PeftModel.from_pretrained(base, reference_adapter).merge_and_unload()
+    try:
+        merged = PeftModel.from_pretrained(base, reference_adapter).merge_and_unload()
+    except RuntimeError as e:  # size mismatch: an adapter for another architecture
+        raise RlftError(f"adapter '{reference_adapter}' does not fit base model '{model_config.name_or_path}' "
+                        f"({str(e).strip().splitlines()[-1].strip()[:160]}): use the base it was trained on") from None
     merged.requires_grad_(False)
     return merged
 
 
-def adapter_info(folder: str | Path) -> tuple[ModelConfig, str | None]:
+def check_adapter_base(folder: str | Path, model_config: ModelConfig) -> None:
+    """Refuse an adapter that records another base: merged into the wrong weights, it is a wrong reference."""
+    folder = Path(folder)
+    if not (folder / "adapter_config.json").is_file():
+        raise RlftError(f"adapter '{folder}' not found (no adapter_config.json): point it at an SFT output directory")
+    if not (folder / ADAPTER_INFO).is_file():
+        return  # a plain peft adapter: only its shapes can be checked, when it loads
+    trained_on, _ = adapter_info(folder)
+    if (trained_on.name_or_path, trained_on.revision) != (model_config.name_or_path, model_config.revision):
+        revision = f" (revision {trained_on.revision})" if trained_on.revision else ""
+        raise RlftError(
+            f"adapter '{folder}' was trained on base model '{trained_on.name_or_path}'{revision}, not "
+            f"'{model_config.name_or_path}': set model.name_or_path={trained_on.name_or_path}, or use an adapter "
+            "trained on this base"
+        )
+
+
+def adapter_info(folder: str | Path, trust_remote_code: bool = False) -> tuple[ModelConfig, str | None]:
+    """The base ModelConfig and reference adapter an adapter folder records.
+
+    `trust_remote_code` comes from the caller's (the user's) config, never from the file: a downloaded
+    folder must not be able to switch on code execution.
+    """
     folder = Path(folder)
     if not folder.is_dir():
         raise RlftError(f"policy '{folder}' not found: pass an SFT output directory or a PPO checkpoint")
     if not (folder / ADAPTER_INFO).is_file():
         raise RlftError(f"'{folder}' is not an rlft adapter (no {ADAPTER_INFO}): pass an SFT output dir or PPO checkpoint")
-    info = runs.read_json(folder / ADAPTER_INFO)
     try:
+        info = runs.read_json(folder / ADAPTER_INFO)
         model_config = from_dict(ModelConfig, info["base_model"])
-    except (ConfigError, KeyError) as e:
+    except (ConfigError, KeyError, TypeError, ValueError) as e:
         raise RlftError(f"'{folder}/{ADAPTER_INFO}' is damaged: {e}") from None
-    return model_config, info.get("reference_adapter")
+    return replace(model_config, trust_remote_code=trust_remote_code), info.get("reference_adapter")
 
 
-def load_policy(folder: str | Path, device=None, trainable: bool = False):
+def load_policy(folder: str | Path, device=None, trainable: bool = False, trust_remote_code: bool = False):
     """(model, tokenizer, base ModelConfig) for a saved adapter; `model.disable_adapter()` gives its reference."""
     from peft import PeftModel
 
-    model_config, reference_adapter = adapter_info(folder)
+    model_config, reference_adapter = adapter_info(folder, trust_remote_code)
     reference = load_reference(model_config, reference_adapter, device)
     model = PeftModel.from_pretrained(reference, str(folder), is_trainable=trainable)
     return model, load_tokenizer(model_config), model_config

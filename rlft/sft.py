@@ -7,7 +7,6 @@ adapter, tokenizer, resolved config and metrics (metrics.json last: it marks the
 from __future__ import annotations
 
 import logging
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,8 +15,8 @@ from rlft import runs
 from rlft.config import DataConfig, LoraConfig, ModelConfig, TrainConfig, option, require, section
 from rlft.data import load_splits, prompts_of, render_prompts, to_prompt_completion
 from rlft.generation import SamplingConfig, complete
-from rlft.errors import RlftError
-from rlft.hf_training import last_checkpoint, training_kwargs
+from rlft import hf_training
+from rlft.hf_training import RESUMABLE_CHANGES, check_finite_losses, last_checkpoint, training_kwargs
 from rlft.models import add_lora, count_parameters, load_model, load_tokenizer
 from rlft.policy import save_adapter
 
@@ -49,7 +48,8 @@ def run(config: SFTConfig) -> dict:
 
     started = time.time()
     runs.seed_everything(config.seed)
-    out = runs.prepare(config.output_dir, config)
+    checkpoint = last_checkpoint(config.output_dir) if config.resume else None
+    out = runs.prepare(config.output_dir, config, resuming=checkpoint is not None, may_change=RESUMABLE_CHANGES)
 
     # Data first: a wrong column should fail before minutes of model loading.
     train_data, eval_data, data_format = load_splits(
@@ -71,7 +71,6 @@ def run(config: SFTConfig) -> dict:
         model=model, args=args, train_dataset=train_data, eval_dataset=eval_data, processing_class=tokenizer
     )
 
-    checkpoint = last_checkpoint(out) if config.resume else None
     before_file = out / "eval_before.json"
     if checkpoint and before_file.is_file():  # resumed: the "before" figure is the untrained model's
         eval_before = runs.read_json(before_file)["eval_loss"]
@@ -80,7 +79,7 @@ def run(config: SFTConfig) -> dict:
         runs.write_json(before_file, {"eval_loss": eval_before})
     log.info("eval loss before training: %.4f", eval_before)
 
-    trainer.train(resume_from_checkpoint=checkpoint)
+    hf_training.train(trainer, checkpoint)
     check_finite_losses(trainer.state.log_history)
     eval_after = trainer.evaluate()["eval_loss"]
     log.info("eval loss after training: %.4f (before %.4f)", eval_after, eval_before)
@@ -102,15 +101,6 @@ def run(config: SFTConfig) -> dict:
     }
     runs.write_json(out / runs.METRICS, metrics)
     return metrics
-
-
-def check_finite_losses(log_history: list[dict]) -> None:
-    for entry in log_history:
-        if "loss" in entry and not math.isfinite(entry["loss"]):
-            raise RlftError(
-                f"training loss became {entry['loss']} at step {entry.get('step')}: lower train.learning_rate "
-                "or use model.dtype=float32; the last good checkpoint is kept in output_dir/checkpoints"
-            )
 
 
 def save_merged(model_config: ModelConfig, out: Path) -> None:

@@ -3,8 +3,10 @@
 checkpoints/step-000010/
     policy/            the PPO adapter (PeftModel.save_pretrained + rlft_adapter.json): loadable on its own
     value_head.pt      critic head weights
-    trainer_state.pt   optimiser, scheduler, KL controller, step
-    rng_state_<rank>.pt  torch / numpy / python RNG of each process
+    trainer_state.pt   optimiser, scheduler, KL controller, step (tensors and numbers only)
+    rng_state_<rank>.json  torch / numpy / python RNG of each process
+Nothing is unpickled on load: tensors go through torch.load(weights_only=True), the RNG states are JSON,
+so a crafted checkpoint (they are shared and downloaded) cannot run code.
 A checkpoint is built in a hidden staging folder and renamed into place, so a crash never leaves a
 half-written one; resuming picks the newest complete folder. Only the newest `keep` hold the resumable
 state; older ones keep their adapter for rlft eval's reward-vs-KL view across checkpoints.
@@ -22,12 +24,15 @@ import numpy as np
 import torch
 
 from rlft.config import ModelConfig
+from rlft.errors import RlftError
 from rlft.policy import save_adapter
+from rlft.runs import read_json, unsafe_checkpoint, write_json
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
 def latest(run_dir: Path) -> Path | None:
+    """The newest complete (resumable) checkpoint of a PPO run, or None."""
     folder = run_dir / "checkpoints"
     if not folder.is_dir():
         return None
@@ -37,18 +42,25 @@ def latest(run_dir: Path) -> Path | None:
 
 
 def rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """Every RNG this process draws from, as JSON-ready lists."""
+    kind, key, position, has_gauss, cached_gaussian = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    state = {"torch": torch.get_rng_state().tolist(),
+             "numpy": [kind, key.tolist(), position, has_gauss, cached_gaussian],
+             "python": [version, list(internal), gauss_next]}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
     return state
 
 
 def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    kind, key, position, has_gauss, cached_gaussian = state["numpy"]
+    np.random.set_state((kind, np.array(key, dtype=np.uint32), position, has_gauss, cached_gaussian))
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
 
 
 def save(accelerator, run_dir: Path, step: int, policy, value_head, trainer_state: dict,
@@ -61,7 +73,7 @@ def save(accelerator, run_dir: Path, step: int, policy, value_head, trainer_stat
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    torch.save(rng_state(), staging / f"rng_state_{accelerator.process_index}.pt")
+    write_json(staging / f"rng_state_{accelerator.process_index}.json", rng_state())
     if accelerator.is_main_process:
         save_adapter(policy, staging / "policy", model_config, reference_adapter)
         torch.save(value_head.state_dict(), staging / "value_head.pt")
@@ -73,7 +85,7 @@ def save(accelerator, run_dir: Path, step: int, policy, value_head, trainer_stat
         # Older checkpoints keep their adapter (eval's reward-vs-KL view reads every step) but lose the
         # resumable state, which is most of their size.
         for old in sorted(p for p in folder.iterdir() if STEP_DIR.match(p.name))[:-keep]:
-            for heavy in [old / "trainer_state.pt", *old.glob("rng_state_*.pt")]:
+            for heavy in [old / "trainer_state.pt", *old.glob("rng_state_*.json")]:
                 heavy.unlink(missing_ok=True)
     accelerator.wait_for_everyone()
     return final
@@ -81,12 +93,20 @@ def save(accelerator, run_dir: Path, step: int, policy, value_head, trainer_stat
 
 def load(folder: Path, process_index: int, policy, value_head) -> dict:
     """Restore adapter and head weights and this process's RNG; return the trainer state."""
+    import pickle
+
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
-    set_peft_model_state_dict(policy, load_file(folder / "policy" / "adapter_model.safetensors"))
-    value_head.load_state_dict(torch.load(folder / "value_head.pt", weights_only=True))
-    rng_file = folder / f"rng_state_{process_index}.pt"
-    if rng_file.is_file():  # resuming with a different process count: fresh RNG for new ranks
-        set_rng_state(torch.load(rng_file, weights_only=False))
-    return torch.load(folder / "trainer_state.pt", weights_only=False)
+    try:
+        set_peft_model_state_dict(policy, load_file(folder / "policy" / "adapter_model.safetensors"))
+        value_head.load_state_dict(torch.load(folder / "value_head.pt", weights_only=True))
+        rng_file = folder / f"rng_state_{process_index}.json"
+        if rng_file.is_file():  # resuming with a different process count: fresh RNG for new ranks
+            set_rng_state(read_json(rng_file))
+        return torch.load(folder / "trainer_state.pt", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise unsafe_checkpoint(folder, e) from None
+    except (OSError, RuntimeError, ValueError, KeyError, TypeError) as e:
+        raise RlftError(f"checkpoint '{folder}' is damaged ({type(e).__name__}: {str(e).splitlines()[0][:120]}): "
+                        "delete it to resume from the one before, or set resume=false") from None

@@ -10,6 +10,11 @@ from rlft.generation import SamplingConfig
 from reward_models.scorers import ScorerConfig
 
 
+# Keys a rerun may change and still resume its checkpoint: how long it runs, how often it logs and saves.
+RESUMABLE_CHANGES = ("output_dir", "resume", "save_every", "sample_every", "ppo.steps", "ppo.forward_batch_size",
+                     "ppo.max_kl")
+
+
 @dataclass
 class PPOHyperparameters:
     steps: int = option(20, "PPO steps; each is one rollout (generate, score) and one update.")

@@ -23,7 +23,7 @@ from rlft.errors import RlftError
 from rlft.models import add_lora, load_tokenizer
 from rlft.policy import load_reference, save_adapter
 from rlft.ppo import checkpoint
-from rlft.ppo.config import PPOConfig, PPOHyperparameters
+from rlft.ppo.config import RESUMABLE_CHANGES, PPOConfig, PPOHyperparameters
 from rlft.ppo.core import (AdaptiveKLController, FixedKLController, entropy_from_logits, gae, kl_penalty, masked_mean, masked_var,
                            masked_whiten, per_token_rewards, policy_loss, value_loss)
 from rlft.ppo.model import PolicyWithValueHead
@@ -42,8 +42,9 @@ def run(config: PPOConfig) -> dict:
     accelerator = Accelerator()
     hp = config.ppo
     out = Path(config.output_dir)
+    last = checkpoint.latest(out) if config.resume else None
     if accelerator.is_main_process:
-        runs.prepare(out, config)
+        runs.prepare(out, config, resuming=last is not None, may_change=RESUMABLE_CHANGES)
     runs.seed_everything(config.seed)  # same on every process: identical adapter and head init
 
     # Setup: prompts and scorer first, so bad input fails before the policy loads.
@@ -66,7 +67,6 @@ def run(config: PPOConfig) -> dict:
                      else FixedKLController(hp.kl_coef))
 
     start_step = 0
-    last = checkpoint.latest(out) if config.resume else None
     if last is not None:
         state = checkpoint.load(last, accelerator.process_index, actor_critic.policy, actor_critic.value_head)
         optimizer.load_state_dict(state["optimizer"])
@@ -111,6 +111,7 @@ def run(config: PPOConfig) -> dict:
                                   config.sampling.temperature)
         scheduler.step()
         rollout.timings["time/update"] = time.perf_counter() - update_started
+        check_finite_weights(trainable, step + 1, out)  # before NaN weights reach a checkpoint or generate()
 
         # 7. KL controller, on the KL of all processes' samples so beta stays identical everywhere
         sequence_kl = torch.where(mask, rollout.logprobs - rollout.ref_logprobs, 0).sum(1)
@@ -151,6 +152,14 @@ def run(config: PPOConfig) -> dict:
     logger.close()
     accelerator.wait_for_everyone()
     return summary
+
+
+def check_finite_weights(parameters: list[torch.Tensor], step: int, out: Path) -> None:
+    if not all(torch.isfinite(p).all() for p in parameters):
+        raise RlftError(
+            f"the policy's weights became NaN/inf in the update of step {step}: the run diverged; lower "
+            f"ppo.learning_rate or ppo.max_grad_norm (checkpoints before it are kept in {out / 'checkpoints'})"
+        )
 
 
 def ppo_update(model, accelerator, optimizer, rollout: Rollout, advantages, returns,
