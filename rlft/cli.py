@@ -11,9 +11,11 @@ import errno
 import importlib
 import logging
 import os
+import shutil
 import signal
 import sys
 import warnings
+from pathlib import Path
 
 from rlft.config import describe, load_config
 from rlft.errors import RlftError
@@ -41,8 +43,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class PrintedAlready(logging.Filter):
+    """Drop records that a library's own handler printed already (huggingface_hub and datasets keep one
+    and still propagate to ours): every warning once."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        logger = logging.getLogger(record.name)
+        while logger.parent is not None:  # up to, not including, the root logger
+            if logger.handlers:
+                return False
+            if not logger.propagate:
+                break
+            logger = logger.parent
+        return True
+
+
 def setup_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(PrintedAlready())
     for noisy in ("bitsandbytes", "httpx", "urllib3", "filelock", "datasets", "accelerate.utils.other"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -74,34 +93,51 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         module.run(config)
     except RlftError as e:
-        print(f"rlft {args.stage}: error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:
-        if e.errno not in DISK_ERRORS:
-            raise
-        print(f"rlft {args.stage}: error: {disk_problem(e)}", file=sys.stderr)
-        return 2
-    except RuntimeError as e:  # torch.save reports a full disk as a RuntimeError from its zip writer
-        if "write failed" not in str(e) and "No space left" not in str(e):
-            raise
-        print(f"rlft {args.stage}: error: {disk_problem(e)}", file=sys.stderr)
-        return 2
+        return fail(args.stage, str(e))
+    except Exception as e:
+        problem = write_problem(e, config)
+        if problem is None:
+            raise  # a bug: keep its traceback
+        return fail(args.stage, problem)
     except KeyboardInterrupt as e:
         where = f" in {config.output_dir}" if config is not None else ""
         print(f"rlft {args.stage}: {e or 'interrupted'}; the checkpoints{where} are intact: rerun the same "
               "command to resume", file=sys.stderr)
         return 143 if isinstance(e, Terminated) else 130
+    finally:
+        if "rlft.runs" in sys.modules:  # imported by every stage that claimed an output folder
+            sys.modules["rlft.runs"].release_locks()
     return 0
 
 
-DISK_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG, errno.EIO}
+def fail(stage: str, problem: str) -> int:
+    """The one line a user reads, last: progress bars the error cut short are closed first."""
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
+    print(f"rlft {stage}: error: {problem}", file=sys.stderr)
+    return 2
 
 
-def disk_problem(error: Exception) -> str:
-    what = getattr(error, "strerror", None) or "a write failed (disk full?)"
-    file = f" writing '{error.filename}'" if getattr(error, "filename", None) else ""
-    return (f"{what}{file}: free some space or pick another output_dir, then rerun the same command; it resumes "
-            "from the last complete checkpoint")
+WRITE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
+
+
+def write_problem(error: Exception, config) -> str | None:
+    """One line for a failed write (a full disk, a read-only or forbidden folder), else None.
+
+    torch.save reports a full disk as a RuntimeError from its zip writer, with no errno: the free space
+    left under output_dir tells that case apart.
+    """
+    folder = getattr(config, "output_dir", None)
+    if isinstance(error, OSError) and error.errno in WRITE_ERRORS:
+        what = error.strerror + (f" writing '{error.filename}'" if error.filename else "")
+    elif folder and Path(folder).is_dir() and shutil.disk_usage(folder).free < 16 * 2**20:
+        what = f"a write failed and the disk of '{folder}' is full ({shutil.disk_usage(folder).free // 1024} KiB free)"
+    else:
+        return None
+    return (f"{what}: free some space (or pick another output_dir), then rerun the same command; it resumes from "
+            "the last complete checkpoint")
 
 
 class Terminated(KeyboardInterrupt):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import re
@@ -14,6 +15,8 @@ from rlft.config import ModelConfig, TrainConfig
 from rlft.errors import RlftError
 from rlft.models import torch_dtype
 from rlft.runs import unsafe_checkpoint, write_json
+
+log = logging.getLogger(__name__)
 
 
 def training_kwargs(train: TrainConfig, model: ModelConfig, output_dir: Path, seed: int) -> dict:
@@ -90,6 +93,8 @@ def train(trainer, checkpoint: str | None) -> None:
                 write_json(folder / COMPLETE, {"step": state.global_step})
 
     trainer.add_callback(MarkComplete)
+    if checkpoint:
+        log.info("resuming from %s", checkpoint)
     try:
         trainer.train(resume_from_checkpoint=checkpoint)
     except pickle.UnpicklingError as e:  # the Trainer loads optimizer/RNG states with weights_only=True

@@ -72,6 +72,13 @@ def lock(out: Path) -> None:
     _locks[key] = fd
 
 
+def release_locks() -> None:
+    """Let the output folders go (a CLI command ending; a dying process releases them anyway)."""
+    for fd in _locks.values():
+        os.close(fd)
+    _locks.clear()
+
+
 def config_changes(saved: dict, current: dict, may_change: tuple[str, ...]) -> list[str]:
     """'key: saved -> current' for every leaf that differs, outside `may_change` (dotted keys or sections)."""
     old, new = flatten(saved), flatten(current)

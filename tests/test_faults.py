@@ -1,0 +1,360 @@
+"""Faults a user meets: bad input (one line, exit 2, nothing lost), kills mid-run and mid-save, full disks,
+a second run in the same folder, and files crafted to run code."""
+
+import json
+import os
+import pickle
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from rlft.cli import main
+from rlft.runs import LOCK
+from tests.test_reward import write_marker_pairs
+
+ROOT = Path(__file__).parents[1]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+WORDS = "hello how are you tell me about the cat dog sun rain day night".split()
+SCORER = "reward=[{kind: function, path: 'tests.test_ppo:share_of_target'}]"
+
+
+def boom(prompts, completions):
+    raise ValueError("the judge service is down")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("data")
+    rows = [("hello how are you ?", "i am good , thanks !"), ("tell me a joke", "why the cat ? because the dog !"),
+            ("what is the sun", "the sun is big and red"), ("do you love rain", "yes i love rain and night")] * 6
+    (folder / "sft.jsonl").write_text("".join(json.dumps({"prompt": p, "completion": " " + c}) + "\n" for p, c in rows))
+    prompts = [{"prompt": [{"role": "user", "content": " ".join(WORDS[i % 7: i % 7 + 3])}]} for i in range(32)]
+    (folder / "prompts.jsonl").write_text("".join(json.dumps(row) + "\n" for row in prompts))
+    write_marker_pairs(folder / "pairs.jsonl", 48)
+    return folder
+
+
+def sft_args(lm, data, out, *extra):
+    return ["sft", f"output_dir={out}", f"model.name_or_path={lm}", f"data.path={data / 'sft.jsonl'}", "lora.r=4",
+            "lora.dropout=0", "train.batch_size=4", "train.max_steps=8", "train.save_steps=1", "train.warmup_ratio=0",
+            "train.learning_rate=5e-3", "num_samples=0", *extra]
+
+
+def reward_args(rm, data, out, *extra):
+    return ["reward", f"output_dir={out}", f"model.name_or_path={rm}", f"data.path={data / 'pairs.jsonl'}",
+            "data.eval_fraction=0.25", "train.batch_size=4", "train.max_steps=8", "train.save_steps=1",
+            "train.warmup_ratio=0", "train.learning_rate=2e-3", *extra]
+
+
+def ppo_args(lm, data, out, *extra):
+    return ["ppo", f"output_dir={out}", f"model.name_or_path={lm}", f"data.path={data / 'prompts.jsonl'}", SCORER,
+            "lora.r=4", "lora.dropout=0", "sampling.max_new_tokens=6", "ppo.rollout_batch_size=4",
+            "ppo.mini_batch_size=4", "ppo.steps=8", "save_every=1", "ppo.learning_rate=3e-3", *extra]
+
+
+def snapshot(folder: Path) -> dict:
+    """Every file's bytes, but the lock's (it names the latest holder)."""
+    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file() and p.name != LOCK}
+
+
+def error_line(capsys, stage: str) -> str:
+    """The run's stderr has exactly one error line, last, and no traceback."""
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err and not any("Traceback" in line for line in err), "\n".join(err[-20:])
+    assert [line for line in err if line.startswith(f"rlft {stage}: error:")] == err[-1:], "\n".join(err[-5:])
+    return err[-1]
+
+
+@pytest.fixture
+def mount_tmpfs(tmp_path):
+    """A small filesystem of our own (full disks, read-only disks); needs root, as CI and this machine have."""
+    mounted = []
+
+    def mount(name: str, options: str) -> Path:
+        folder = tmp_path / name
+        folder.mkdir()
+        result = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)], capture_output=True)
+        if result.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here: {result.stderr.decode().strip()}")
+        mounted.append(folder)
+        return folder
+
+    yield mount
+    for folder in mounted:
+        subprocess.run(["umount", "-l", str(folder)])
+
+
+# ---------------------------------------------------------------------------------------------------
+# Bad input: one line, exit 2, and what the output folder held before is untouched
+
+
+def write_bad_files(tmp_path):
+    (tmp_path / "notes.txt").write_text("a text file, not data")
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "a", "completion": "b"}\n{"prompt": "c", "completion": "d"}\n'
+                                        '{"prompt": "e", completion: f}\n')
+    (tmp_path / "empty.jsonl").write_text("")
+    (tmp_path / "columns.jsonl").write_text('{"question": "a", "answer": "b"}\n' * 4)
+    (tmp_path / "broken.yaml").write_text("train:\n  max_steps: [1, 2\nlora:\n  r: 4\n")
+    (tmp_path / "a_file").write_text("")
+
+
+def bad_inputs(tmp_path, lm, rm, data):
+    """name -> (CLI args, the words the one line must contain)."""
+    out = str(tmp_path / "out")
+    return {
+        "missing data file": (sft_args(lm, data, out, "data.path=nope.jsonl"), "data file 'nope.jsonl' not found"),
+        "text file as data": (sft_args(lm, data, out, f"data.path={tmp_path / 'notes.txt'}"), "'.txt', which rlft does not read"),
+        "malformed JSONL": (sft_args(lm, data, out, f"data.path={tmp_path / 'bad.jsonl'}"), "line 3 is not valid JSON"),
+        "empty data": (sft_args(lm, data, out, f"data.path={tmp_path / 'empty.jsonl'}"), "is empty"),
+        "wrong columns": (sft_args(lm, data, out, f"data.path={tmp_path / 'columns.jsonl'}"), "has columns ['answer', 'question']"),
+        "hub dataset offline": (sft_args(lm, data, out, "data.path=trl-lib/Capybara"), "'trl-lib/Capybara' not found"),
+        "unknown model": (sft_args(lm, data, out, "model.name_or_path=nobody/no-such-model"), "model 'nobody/no-such-model' not found"),
+        "unknown key": (sft_args(lm, data, out, "lora.rr=8"), "did you mean 'lora.r'"),
+        "bad value": (sft_args(lm, data, out, "lora.r=0"), "bad value for 'lora.r'"),
+        "infinite number": (sft_args(lm, data, out, "train.learning_rate=.inf"), "must be a finite number"),
+        "override not YAML": (ppo_args(lm, data, out, "reward=[{kind: function, path: x:y"), "is not valid YAML"),
+        "config YAML syntax": (["sft", "--config", str(tmp_path / "broken.yaml"), f"output_dir={out}"], "line 3, column"),
+        "output_dir is a file": (sft_args(lm, data, tmp_path / "a_file"), "is a file, not a folder"),
+        "output_dir under /proc": (sft_args(lm, data, "/proc/rlft-run"), "cannot write to output_dir '/proc/rlft-run'"),
+        "output_dir under /sys": (sft_args(lm, data, "/sys/rlft-run"), "cannot write to output_dir '/sys/rlft-run'"),
+        "scorer raises": (ppo_args(lm, data, out, "reward=[{kind: function, path: 'tests.test_faults:boom'}]"),
+                          "scorer 'boom' raised ValueError: the judge service is down"),
+        "diverging learning rate": (ppo_args(lm, data, out, "ppo.learning_rate=1e6", "ppo.max_kl=1e9"), "NaN/inf"),
+        "missing reward data": (reward_args(rm, data, out, "data.path=nope.jsonl"), "data file 'nope.jsonl' not found"),
+    }
+
+
+CASES = list(bad_inputs(Path("/nonexistent"), "lm", "rm", Path("/nonexistent")))
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_bad_input_is_one_line_exit_2_and_loses_nothing(case, tiny_lm_dir, tiny_reward_dir, data, tmp_path, capsys):
+    write_bad_files(tmp_path)
+    args, message = bad_inputs(tmp_path, tiny_lm_dir, tiny_reward_dir, data)[case]
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "earlier.txt").write_text("results of an earlier run")
+    before = snapshot(tmp_path)
+    assert main(args) == 2
+    assert message in error_line(capsys, args[0])
+    after = snapshot(tmp_path)
+    assert {k: v for k, v in after.items() if k in before} == before  # nothing that was there changed
+
+
+def test_resume_with_a_changed_config_is_refused_and_the_run_kept(tiny_lm_dir, data, tmp_path, capsys):
+    out = tmp_path / "ppo"
+    assert main(ppo_args(tiny_lm_dir, data, out, "ppo.steps=2")) == 0
+    before = snapshot(out)
+    assert main(ppo_args(tiny_lm_dir, data, out, "ppo.steps=3", "lora.r=8", "ppo.learning_rate=1e-3")) == 2
+    line = error_line(capsys, "ppo")
+    assert "lora.r: 4 -> 8" in line and "ppo.learning_rate: 0.003 -> 0.001" in line and "ppo.steps" not in line
+    assert snapshot(out) == before
+    assert main(ppo_args(tiny_lm_dir, data, out, "ppo.steps=3")) == 0  # a longer run is the same experiment
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+
+
+def test_sft_adapter_of_another_base_is_refused_before_loading(tiny_lm_dir, tiny_lm_dir_64, data, tmp_path, capsys):
+    assert main(sft_args(tiny_lm_dir_64, data, tmp_path / "sft", "train.max_steps=1")) == 0
+    capsys.readouterr()
+    assert main(ppo_args(tiny_lm_dir, data, tmp_path / "ppo", f"sft_adapter={tmp_path / 'sft'}")) == 2
+    line = error_line(capsys, "ppo")
+    assert f"was trained on base model '{tiny_lm_dir_64}'" in line and f"model.name_or_path={tiny_lm_dir_64}" in line
+
+
+def test_a_second_run_in_the_same_folder_is_refused(tiny_lm_dir, data, tmp_path, capsys):
+    out = tmp_path / "sft"
+    out.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pathlib import Path; from rlft import runs; "
+                               "runs.lock(Path(sys.argv[1])); print('locked', flush=True); time.sleep(120)", str(out)],
+                              env=ENV, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        assert main(sft_args(tiny_lm_dir, data, out, "train.max_steps=1")) == 2
+        assert f"is in use by another run (pid {holder.pid} on" in error_line(capsys, "sft")
+        assert not (out / "checkpoints").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    assert main(sft_args(tiny_lm_dir, data, out, "train.max_steps=1")) == 0  # a killed holder leaves no stale lock
+
+
+def test_read_only_output_is_one_line(tiny_lm_dir, data, mount_tmpfs, capsys):
+    read_only = mount_tmpfs("ro", "ro,size=1m")
+    assert main(sft_args(tiny_lm_dir, data, read_only / "sft")) == 2
+    assert "Read-only file system" in error_line(capsys, "sft")
+
+
+def test_full_disk_mid_save_is_one_line_and_a_rerun_resumes(tiny_lm_dir, data, tmp_path, mount_tmpfs, capsys):
+    """The disk fills while a checkpoint is written: one line, then, with space freed, the rerun resumes from
+    the last whole checkpoint and ends where an uninterrupted run ends."""
+    assert main(sft_args(tiny_lm_dir, data, tmp_path / "straight")) == 0
+    disk = mount_tmpfs("disk", "size=400k")
+    assert main(sft_args(tiny_lm_dir, data, disk / "sft")) == 2
+    line = error_line(capsys, "sft")
+    assert "the disk of" in line and "is full" in line and "rerun the same command" in line
+    assert not (disk / "sft" / "metrics.json").exists()
+    subprocess.run(["mount", "-o", "remount,size=16m", str(disk)], check=True)
+    assert main(sft_args(tiny_lm_dir, data, disk / "sft")) == 0
+    straight = json.loads((tmp_path / "straight" / "metrics.json").read_text())
+    resumed = json.loads((disk / "sft" / "metrics.json").read_text())
+    assert resumed["eval_loss_after"] == pytest.approx(straight["eval_loss_after"], rel=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Real processes, real signals
+
+
+def start(args, log: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "rlft", *args], env=ENV, stdout=subprocess.DEVNULL,
+                            stderr=open(log, "a"), cwd=ROOT)
+
+
+def kill_when(process: subprocess.Popen, ready, timeout: float = 180) -> bool:
+    """SIGKILL `process` the moment `ready()` returns a truthy value; True if it was killed (not finished)."""
+    deadline = time.time() + timeout
+    while process.poll() is None and time.time() < deadline:
+        if ready():
+            process.send_signal(signal.SIGKILL)
+            process.wait()
+            return True
+        time.sleep(0.001)
+    process.wait()
+    return False
+
+
+def newest_step(folder: Path, pattern: str) -> int:
+    steps = [int(p.name.rsplit("-", 1)[1]) for p in folder.glob(pattern)] if folder.is_dir() else []
+    return max(steps, default=0)
+
+
+STAGES = {
+    # stage: (args builder, fixture of its model, folder a save is under way in, its metrics to compare)
+    "sft": (sft_args, "tiny_lm_dir", "checkpoint-*", ("eval_loss_after", "steps")),
+    "reward": (reward_args, "tiny_reward_dir", "checkpoint-*", ("eval_accuracy_after", "normalization", "steps")),
+    "ppo": (ppo_args, "tiny_lm_dir", ".staging-step-*", ()),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", list(STAGES))
+def test_sigkill_mid_run_and_mid_save_then_rerun_equals_uninterrupted(stage, data, tmp_path, request):
+    """Kill the stage three times, each the moment a new checkpoint starts being written (a save under
+    way), once more at a random-ish moment, then rerun to the end: it resumes, and ends as an uninterrupted run.
+    PPO is compared bit for bit on every logged number; SFT and reward on their final metrics."""
+    build, model_fixture, saving, keys = STAGES[stage]
+    model = request.getfixturevalue(model_fixture)
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    assert subprocess.run([sys.executable, "-m", "rlft", *build(model, data, straight)], env=ENV, cwd=ROOT,
+                          capture_output=True).returncode == 0
+    log = tmp_path / "killed.log"
+    mid_save = 0
+    for target in (2, 4, 6):
+        process = start(build(model, data, killed), log)
+        assert kill_when(process, lambda: newest_step(killed / "checkpoints", saving) >= target), log.read_text()[-2000:]
+        if stage == "ppo":
+            mid_save += any((killed / "checkpoints").glob(".staging-step-*"))
+        else:
+            mid_save += any(not (p / "rlft-complete").exists() for p in (killed / "checkpoints").glob("checkpoint-*"))
+    process = start(build(model, data, killed), log)
+    time.sleep(4.0)  # somewhere in start-up or training
+    kill_when(process, lambda: True)
+    assert mid_save >= 1  # at least one kill landed inside a checkpoint write
+    final = subprocess.run([sys.executable, "-m", "rlft", *build(model, data, killed)], env=ENV, cwd=ROOT,
+                           capture_output=True, text=True)
+    assert final.returncode == 0, final.stderr[-3000:]
+    assert "resum" in final.stderr  # it continued a checkpoint: equal results from a fresh start would prove nothing
+    if stage == "ppo":
+        read = lambda out: [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
+        a, b = read(straight), read(killed)
+        assert [e["step"] for e in b] == list(range(1, 9))
+        drop = lambda entry: {k: v for k, v in entry.items() if not k.startswith(("time/", "perf/"))}  # noqa: E731
+        assert [drop(e) for e in a] == [drop(e) for e in b]
+    else:
+        a, b = (json.loads((out / "metrics.json").read_text()) for out in (straight, killed))
+        for key in keys:
+            assert b[key] == pytest.approx(a[key], rel=1e-5), key
+
+
+def test_sigterm_says_the_checkpoint_is_intact(tiny_lm_dir, data, tmp_path):
+    out = tmp_path / "ppo"
+    log = tmp_path / "log"
+    process = start(ppo_args(tiny_lm_dir, data, out, "ppo.steps=200"), log)
+    deadline = time.time() + 120
+    while newest_step(out / "checkpoints", "step-*") < 3 and time.time() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=60) == 143
+    last = log.read_text().strip().splitlines()[-1]
+    assert last == f"rlft ppo: terminated (SIGTERM); the checkpoints in {out} are intact: rerun the same command to resume"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Files crafted to run code
+
+
+class WritesMarker:
+    """Unpickling this runs `open(path, 'w')`: what a crafted checkpoint would do with a shell command."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_a_crafted_ppo_checkpoint_is_refused_unread(tiny_lm_dir, data, tmp_path, capsys):
+    out, marker = tmp_path / "ppo", tmp_path / "pwned"
+    assert main(ppo_args(tiny_lm_dir, data, out, "ppo.steps=2")) == 0
+    state = out / "checkpoints" / "step-000002" / "trainer_state.pt"
+    state.write_bytes(pickle.dumps({"optimizer": WritesMarker(marker)}))
+    pickle.loads(state.read_bytes())["optimizer"].close()  # the trap works: plain unpickling writes the marker
+    assert marker.exists()
+    marker.unlink()
+    assert main(ppo_args(tiny_lm_dir, data, out, "ppo.steps=3")) == 2
+    assert "holds objects other than tensors and numbers, refused unread" in error_line(capsys, "ppo")
+    assert not marker.exists()
+
+
+def test_a_crafted_sft_checkpoint_is_refused_unread(tiny_lm_dir, data, tmp_path, capsys):
+    out, marker = tmp_path / "sft", tmp_path / "pwned"
+    assert main(sft_args(tiny_lm_dir, data, out, "train.max_steps=2")) == 0
+    import torch
+
+    torch.save({"state": WritesMarker(marker)}, out / "checkpoints" / "checkpoint-2" / "optimizer.pt")
+    assert main(sft_args(tiny_lm_dir, data, out, "train.max_steps=3")) == 2
+    assert "holds objects other than tensors and numbers, refused unread" in error_line(capsys, "sft")
+    assert not marker.exists()
+
+
+def test_an_adapter_folder_cannot_switch_on_remote_code(tiny_lm_dir, data, tmp_path, capsys):
+    """A base whose config maps to its own modeling code, and a downloaded adapter whose record asks for
+    trust_remote_code: eval loads it with the built-in class, and the folder's code never runs."""
+    from rlft.config import ModelConfig
+    from rlft.models import load_model
+
+    base, marker = tmp_path / "base", tmp_path / "pwned"
+    shutil.copytree(tiny_lm_dir, base)
+    config = json.loads((base / "config.json").read_text())
+    config["auto_map"] = {"AutoModelForCausalLM": "evil.EvilForCausalLM", "AutoConfig": "evil.EvilConfig"}
+    (base / "config.json").write_text(json.dumps(config))
+    (base / "evil.py").write_text(
+        f"open({str(marker)!r}, 'w').close()\n"
+        "from transformers import LlamaConfig, LlamaForCausalLM\n"
+        "class EvilConfig(LlamaConfig):\n    pass\n"
+        "class EvilForCausalLM(LlamaForCausalLM):\n    config_class = EvilConfig\n")
+    assert main(sft_args(base, data, tmp_path / "sft", "train.max_steps=1")) == 0
+    info = json.loads((tmp_path / "sft" / "rlft_adapter.json").read_text())
+    info["base_model"]["trust_remote_code"] = True  # what a crafted download would say
+    (tmp_path / "sft" / "rlft_adapter.json").write_text(json.dumps(info))
+    assert main(["eval", f"policies=[{tmp_path / 'sft'}]", f"data.path={data / 'prompts.jsonl'}", "num_prompts=4",
+                 "sampling.max_new_tokens=4", f"output_dir={tmp_path / 'eval'}",
+                 "scorers=[{name: proxy, kind: function, path: 'tests.test_ppo:share_of_target'}]"]) == 0
+    assert (tmp_path / "eval" / "report.json").is_file()
+    assert not marker.exists()
+    load_model(ModelConfig(name_or_path=str(base), trust_remote_code=True))  # the trap works when trust is given
+    assert marker.exists()
