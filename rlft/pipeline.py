@@ -71,8 +71,7 @@ def run(config: PipelineConfig) -> dict:
     stage_runners = {"sft": sft.run, "preferences": preferences.run, "reward": reward.run, "ppo": ppo.run,
                      "eval": evaluate.run}
     stage_configs = wire(config)
-    Path(config.output_dir).mkdir(parents=True, exist_ok=True)
-    runs.save_config(config, Path(config.output_dir) / "config.yaml")
+    runs.prepare(config.output_dir, config)  # one pipeline per folder; each stage checks its own resume
     timings = {}
     for stage in config.stages:
         stage_config = stage_configs[stage]

@@ -358,3 +358,30 @@ def test_an_adapter_folder_cannot_switch_on_remote_code(tiny_lm_dir, data, tmp_p
     assert not marker.exists()
     load_model(ModelConfig(name_or_path=str(base), trust_remote_code=True))  # the trap works when trust is given
     assert marker.exists()
+
+
+# ---------------------------------------------------------------------------------------------------
+# The hub unreachable without HF_HUB_OFFLINE, and library warnings
+
+
+def test_an_unreachable_hub_is_probed_once_not_retried(tmp_path):
+    """A closed port stands for the hub: the unknown name fails at once with one line, without the minute of
+    huggingface_hub's retries (and their log lines) it took before."""
+    env = {k: v for k, v in ENV.items() if k not in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    env["HF_ENDPOINT"] = "http://127.0.0.1:9"
+    result = subprocess.run([sys.executable, "-m", "rlft", "sft", "model.name_or_path=nobody/no-such-model",
+                             f"output_dir={tmp_path / 'out'}"], env=env, cwd=ROOT, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = result.stderr.strip().splitlines()
+    assert "the hub is unreachable (offline)" in lines[-1]
+    assert not any("Retrying" in line or "Traceback" in line for line in lines)
+    assert sum("unreachable" in line for line in lines) == 2  # the probe's warning, then the error
+
+
+def test_library_warnings_print_once():
+    code = ("from rlft.cli import setup_logging; setup_logging(); import logging, huggingface_hub, datasets; "
+            "logging.getLogger('huggingface_hub.utils._http').warning('hub says'); "
+            "logging.getLogger('datasets.builder').warning('datasets says'); logging.getLogger('rlft.x').warning('we say')")
+    err = subprocess.run([sys.executable, "-c", code], env=ENV, capture_output=True, text=True).stderr
+    assert [err.count(words) for words in ("hub says", "datasets says", "we say")] == [1, 1, 1], err
