@@ -117,8 +117,9 @@ def encode(tokenizer, prompt, completion: str, max_length: int) -> list[int]:
 def length_limit(model, tokenizer, max_length: int) -> int:
     """max_length, capped at the model's position embeddings (BERT's 512) and the tokenizer's
     model_max_length, which `rlft reward` sets to its train.max_length: a scorer truncates as training did."""
-    positions = getattr(model.config, "max_position_embeddings", None) or max_length
-    return min(max_length, positions, tokenizer.model_max_length or max_length)
+    from rlft.models import context_length
+
+    return min(max_length, context_length(model) or max_length, tokenizer.model_max_length or max_length)
 
 
 @torch.no_grad()

@@ -91,6 +91,7 @@ def run(config: RewardConfig) -> dict:
     trainer = RewardTrainer(
         model=model, args=args, train_dataset=train_data, eval_dataset=eval_data, processing_class=tokenizer
     )
+    hf_training.keep_trainable_float32(model)
     before_file = out / "eval_before.json"
     if checkpoint and before_file.is_file():  # resumed: "before" means the untrained model
         accuracy_before = runs.read_json(before_file)["eval_accuracy"]

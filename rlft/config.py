@@ -72,6 +72,10 @@ class ModelConfig:
     gradient_checkpointing: bool = option(False, "Trade compute for activation memory.")
     trust_remote_code: bool = option(False, "Allow model code from the hub (only for models you trust).")
     attn_implementation: str = option("", "e.g. sdpa, eager, flash_attention_2; empty for the default.")
+    chat_template: str = option(
+        "", "How message lists become text: empty for the tokenizer's own template; for a base model without one, "
+        "'plain' (a 'User: ...' / 'Assistant: ...' transcript), 'chatml', or a Jinja template of your own.",
+    )
 
 
 @dataclass

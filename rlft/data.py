@@ -141,14 +141,37 @@ def detect_format(dataset, allowed: tuple[str, ...], what: str = "data") -> str:
     )
 
 
+def check_rows(dataset, columns: tuple[str, ...], source: str) -> None:
+    """Refuse null cells (a row would fail deep inside tokenization) and a column of nothing but empty text."""
+    for column in columns:
+        values = dataset[column]
+        for row, value in enumerate(values):
+            if value is None or (isinstance(value, list) and not value):
+                kind = "a null" if value is None else "an empty"
+                raise RlftError(f"'{source}' row {row} has {kind} `{column}`: drop or fill such rows")
+        if all(isinstance(value, str) and not value.strip() for value in values):
+            raise RlftError(f"every `{column}` in '{source}' is empty text: point data.path at rows with content")
+
+
+def require_chat_template(tokenizer, model_name: str) -> None:
+    """Message lists need a chat template; base models often ship none. Said before the model loads."""
+    if not tokenizer.chat_template:
+        raise RlftError(
+            f"the tokenizer of '{model_name}' has no chat template and the data are message lists: set "
+            "model.chat_template=plain (a User:/Assistant: transcript), chatml, or a Jinja template of your own"
+        )
+
+
 def load_splits(config: DataConfig, allowed: tuple[str, ...], seed: int = 0, what: str = "data"):
     """(train, eval, format) for a stage. Eval is `eval_split`, or a seeded hold-out of `split`."""
     train = load_any(config.path, config.subset, config.split)
     if len(train) == 0:
         raise RlftError(f"dataset '{config.path}' (split '{config.split}') is empty: point data.path at rows")
     data_format = detect_format(train, allowed, what)
+    check_rows(train, FORMATS[data_format], config.path)
     if config.eval_split:
         evaluation = load_any(config.path, config.subset, config.eval_split)
+        check_rows(evaluation, FORMATS[data_format], f"{config.path} ({config.eval_split})")
     else:
         if len(train) < 2:
             raise RlftError(f"dataset '{config.path}' has {len(train)} row: need at least 2 to hold one out")
@@ -187,6 +210,8 @@ def prompts_of(dataset) -> list:
 
 def render_prompts(tokenizer, prompts: list) -> list[str]:
     """Prompt strings ready for generation: message lists go through the tokenizer's chat template."""
+    if any(not isinstance(prompt, str) for prompt in prompts):
+        require_chat_template(tokenizer, tokenizer.name_or_path)
     return [
         prompt if isinstance(prompt, str)
         else tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)

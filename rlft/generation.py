@@ -5,6 +5,7 @@ One implementation for every stage that generates: PPO rollouts, preference buil
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -51,19 +52,51 @@ def encode_prompts(tokenizer, texts: list[str], max_length: int, device) -> dict
 
 @torch.no_grad()
 def sample(model, prompt: dict[str, torch.Tensor], sampling: SamplingConfig, tokenizer, greedy: bool = False):
-    """Response token ids (batch, <= max_new_tokens); after a row's first EOS the tokens are padding."""
-    output = model.generate(
-        **prompt,
+    """Response token ids (batch, <= max_new_tokens); after a row's first EOS the tokens are padding.
+
+    Samples from softmax(logits / temperature) (with top_p / top_k when set) and nothing else: the
+    sampling defaults a model ships in generation_config.json (repetition_penalty, no_repeat_ngram_size,
+    min_length, bad_words_ids, its own top_k, ...) are set aside, so PPO's recomputed log-probs describe
+    exactly what was sampled.
+    """
+    from transformers import GenerationConfig
+
+    from rlft.models import context_length
+
+    context, width = context_length(model), prompt["input_ids"].shape[1]
+    if context and width + sampling.max_new_tokens > context:
+        raise RlftError(
+            f"a prompt of {width} tokens plus sampling.max_new_tokens={sampling.max_new_tokens} is longer than the "
+            f"model's context ({context} tokens): lower sampling.max_prompt_length or max_new_tokens"
+        )
+    clean = GenerationConfig(
         do_sample=not greedy,
-        temperature=sampling.temperature if not greedy else None,
-        top_p=sampling.top_p if not greedy else None,
-        top_k=sampling.top_k if not greedy else None,
+        temperature=sampling.temperature if not greedy else 1.0,
+        top_p=sampling.top_p if not greedy else 1.0,
+        top_k=sampling.top_k if not greedy else 0,
         max_new_tokens=sampling.max_new_tokens,
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
         use_cache=True,
     )
+    with model_defaults_set_aside(model):
+        output = model.generate(**prompt, generation_config=clean)
     return output[:, prompt["input_ids"].shape[1] :]
+
+
+@contextmanager
+def model_defaults_set_aside(model):
+    """generate() fills every option we leave unset from the model's own generation_config: swap in an
+    empty one for the call."""
+    from transformers import GenerationConfig
+
+    target = model.get_base_model() if hasattr(model, "get_base_model") else model
+    shipped = target.generation_config
+    target.generation_config = GenerationConfig()
+    try:
+        yield
+    finally:
+        target.generation_config = shipped
 
 
 def decode_responses(tokenizer, response_ids: torch.Tensor) -> list[str]:

@@ -77,6 +77,15 @@ def last_checkpoint(output_dir: str | Path) -> str | None:
     return str(complete[-1][1]) if complete else None
 
 
+def keep_trainable_float32(model) -> None:
+    """Undo TRL's cast of a quantized model's trainable weights to bf16 (the QLoRA paper's recipe), right after
+    the trainer is built: master weights and optimiser state stay float32, and a score head matches the float32
+    compute (in bf16 it fails on the first forward)."""
+    for parameter in model.parameters():
+        if parameter.requires_grad and parameter.dtype in (torch.bfloat16, torch.float16):
+            parameter.data = parameter.data.float()
+
+
 def train(trainer, checkpoint: str | None) -> None:
     """trainer.train, resuming from `checkpoint`; a checkpoint holding code instead of tensors is refused."""
     import pickle

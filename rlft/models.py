@@ -101,7 +101,30 @@ def load_tokenizer(config: ModelConfig):
     )
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    if config.chat_template:
+        tokenizer.chat_template = CHAT_TEMPLATES.get(config.chat_template, config.chat_template)
     return tokenizer
+
+
+# Fallback templates for base models that ship none (model.chat_template). Each turn ends in EOS, so a
+# model fine-tuned on them learns to stop after its reply.
+CHAT_TEMPLATES = {
+    "plain": "{% for message in messages %}{{ message['role'] | capitalize }}: {{ message['content'] }}"
+             "{% if message['role'] == 'assistant' %}{{ eos_token }}{% endif %}\n{% endfor %}"
+             "{% if add_generation_prompt %}Assistant:{% endif %}",
+    "chatml": "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+              "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}",
+}
+
+
+def context_length(model) -> int | None:
+    """The longest sequence the model's positions cover, from its (text) config; None if it does not say."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
 
 
 def torch_dtype(config: ModelConfig, device: torch.device | str = "cpu") -> torch.dtype:
@@ -158,6 +181,13 @@ def add_lora(model, model_config: ModelConfig, lora: LoraConfig, task_type: str 
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model, prepare_model_for_kbit_training
 
+    if model_config.quantization == "4bit":
+        # On CPUs with AVX512-BF16, bitsandbytes repacks 4-bit weights into an inference-only layout at the
+        # first eval-mode no-grad forward (SFT's eval before training, PPO's rollouts); gradients through
+        # the repacked weights are wrong, or crash on layers with a bias. A model we train never repacks.
+        for module in model.modules():
+            if getattr(module, "support_avx512bf16_for_cpu", False):
+                module.support_avx512bf16_for_cpu = False
     if model_config.quantization != "none":
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=model_config.gradient_checkpointing)
     elif model_config.gradient_checkpointing:
@@ -169,8 +199,21 @@ def add_lora(model, model_config: ModelConfig, lora: LoraConfig, task_type: str 
     )
     try:
         return get_peft_model(model, peft_config, adapter_name=adapter_name)
-    except ValueError as e:
-        raise RlftError(f"bad value for 'lora.target_modules': {str(e).splitlines()[0]}") from None
+    except (ValueError, TypeError, NotImplementedError) as e:
+        raise peft_error(e) from None
+
+
+def peft_error(error: Exception) -> RlftError:
+    """What peft said, and which lora.* key it concerns (guessed from its words), in one line."""
+    said = " ".join(str(error).split())[:300]
+    key = next((key for key, words in PEFT_ERROR_KEYS if any(w in said.lower() for w in words)), None)
+    where = f"bad value for 'lora.{key}'" if key else "peft refused the lora section"
+    return RlftError(f"{where}: peft says: {said}")
+
+
+# Which lora.* key a peft error is about, by the words in its message (first match wins).
+PEFT_ERROR_KEYS = (("dropout", ("dropout",)), ("target_modules", ("target module", "target_modules")),
+                   ("alpha", ("alpha",)), ("r", ("rank", " r ", "`r`")))
 
 
 def count_parameters(model) -> tuple[int, int]:

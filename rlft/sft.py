@@ -13,11 +13,11 @@ from pathlib import Path
 
 from rlft import runs
 from rlft.config import DataConfig, LoraConfig, ModelConfig, TrainConfig, option, require, section
-from rlft.data import load_splits, prompts_of, render_prompts, to_prompt_completion
+from rlft.data import load_splits, prompts_of, render_prompts, require_chat_template, to_prompt_completion
 from rlft.generation import SamplingConfig, complete
 from rlft import hf_training
 from rlft.hf_training import RESUMABLE_CHANGES, check_finite_losses, last_checkpoint, training_kwargs
-from rlft.models import add_lora, count_parameters, load_model, load_tokenizer
+from rlft.models import add_lora, context_length, count_parameters, load_model, load_tokenizer
 from rlft.policy import save_adapter
 
 log = logging.getLogger(__name__)
@@ -58,18 +58,27 @@ def run(config: SFTConfig) -> dict:
     if data_format == "conversational" and config.completion_only_loss:
         train_data, eval_data = to_prompt_completion(train_data), to_prompt_completion(eval_data)
     tokenizer = load_tokenizer(config.model)
+    if any(isinstance(value, list) for value in train_data[0].values()):  # message lists
+        require_chat_template(tokenizer, config.model.name_or_path)
     model = add_lora(load_model(config.model), config.model, config.lora)
     trainable, total = count_parameters(model)
     log.info("LoRA: %.2fM trainable of %.1fM parameters", trainable / 1e6, total / 1e6)
+    # Rows past the model's positions would crash absolute-position models and silently leave RoPE
+    # models' trained range: cut them at the context.
+    max_length = min(config.train.max_length, context_length(model) or config.train.max_length)
+    if max_length < config.train.max_length:
+        log.info("train.max_length=%d is beyond the model's context: rows are cut at %d tokens",
+                 config.train.max_length, max_length)
 
     args = TrlSFTConfig(
-        **training_kwargs(config.train, config.model, out, config.seed),
+        **{**training_kwargs(config.train, config.model, out, config.seed), "max_length": max_length},
         completion_only_loss=config.completion_only_loss if data_format != "text" else None,
         dataset_num_proc=1,
     )
     trainer = SFTTrainer(
         model=model, args=args, train_dataset=train_data, eval_dataset=eval_data, processing_class=tokenizer
     )
+    hf_training.keep_trainable_float32(model)
 
     before_file = out / "eval_before.json"
     if checkpoint and before_file.is_file():  # resumed: the "before" figure is the untrained model's

@@ -101,6 +101,9 @@ def write_bad_files(tmp_path):
     (tmp_path / "columns.jsonl").write_text('{"question": "a", "answer": "b"}\n' * 4)
     (tmp_path / "broken.yaml").write_text("train:\n  max_steps: [1, 2\nlora:\n  r: 4\n")
     (tmp_path / "a_file").write_text("")
+    (tmp_path / "nulls.jsonl").write_text('{"prompt": "a", "completion": "b"}\n{"prompt": null, "completion": "b"}\n' * 2)
+    (tmp_path / "blank.jsonl").write_text('{"prompt": ""}\n' * 4)
+    (tmp_path / "no_messages.jsonl").write_text('{"messages": []}\n' * 4)
 
 
 def bad_inputs(tmp_path, lm, rm, data):
@@ -112,7 +115,12 @@ def bad_inputs(tmp_path, lm, rm, data):
         "malformed JSONL": (sft_args(lm, data, out, f"data.path={tmp_path / 'bad.jsonl'}"), "line 3 is not valid JSON"),
         "empty data": (sft_args(lm, data, out, f"data.path={tmp_path / 'empty.jsonl'}"), "is empty"),
         "wrong columns": (sft_args(lm, data, out, f"data.path={tmp_path / 'columns.jsonl'}"), "has columns ['answer', 'question']"),
-        "hub dataset offline": (sft_args(lm, data, out, "data.path=trl-lib/Capybara"), "'trl-lib/Capybara' not found"),
+        "hub dataset offline": (sft_args(lm, data, out, "data.path=trl-lib/Capybara"),
+                                "dataset 'trl-lib/Capybara' not found: not a local file or folder"),
+        "null prompt": (sft_args(lm, data, out, f"data.path={tmp_path / 'nulls.jsonl'}"), "row 1 has a null `prompt`: drop or fill such rows"),
+        "empty prompts": (ppo_args(lm, data, out, f"data.path={tmp_path / 'blank.jsonl'}"), "every `prompt` in"),
+        "empty messages": (ppo_args(lm, data, out, f"data.path={tmp_path / 'no_messages.jsonl'}"),
+                           "row 0 has an empty `messages`"),
         "unknown model": (sft_args(lm, data, out, "model.name_or_path=nobody/no-such-model"), "model 'nobody/no-such-model' not found"),
         "unknown key": (sft_args(lm, data, out, "lora.rr=8"), "did you mean 'lora.r'"),
         "bad value": (sft_args(lm, data, out, "lora.r=0"), "bad value for 'lora.r'"),

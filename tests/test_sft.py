@@ -135,3 +135,22 @@ def test_sft_missing_column_exits_2(tiny_lm_dir, tmp_path, capsys):
     data = write_jsonl(tmp_path / "bad.jsonl", [{"question": "a", "answer": "b"}] * 4)
     assert main(["sft", *sft_overrides(tiny_lm_dir, data, tmp_path / "bad")]) == 2
     assert "needs messages or prompt+completion or text" in capsys.readouterr().err
+
+
+def test_a_hub_dataset_name_reaches_the_hub_loader(monkeypatch):
+    """'org/name' that is no local path goes to datasets.load_dataset as a hub name (it was read as a file)."""
+    import datasets
+
+    calls = []
+    monkeypatch.setattr(datasets, "load_dataset", lambda *args, **kwargs: calls.append((args, kwargs)) or
+                        datasets.Dataset.from_list([{"text": "hello"}, {"text": "hi"}]))
+    train, _, data_format = load_splits(DataConfig(path="trl-lib/Capybara", subset="default"), ("text",))
+    assert calls[0] == (("trl-lib/Capybara", "default"), {"split": "train"}) and data_format == "text"
+
+
+def test_peft_errors_name_the_key_they_concern():
+    from rlft.models import peft_error
+
+    moe = ValueError("lora_dropout is not supported for target_parameters (ParamWrapper); set lora_dropout=0")
+    assert str(peft_error(moe)).startswith("bad value for 'lora.dropout': peft says: lora_dropout is not supported")
+    assert str(peft_error(ValueError("something else entirely"))).startswith("peft refused the lora section")

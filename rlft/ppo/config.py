@@ -80,5 +80,8 @@ class PPOConfig:
     def __post_init__(self):
         # An empty `reward` is allowed here so `rlft pipeline` can wire in the reward model it trains;
         # run() refuses it before loading anything.
+        require(self.sampling.top_p == 1.0 and self.sampling.top_k == 0, "sampling.top_p",
+                "PPO's log-probs are those of softmax(logits / temperature) over the whole vocabulary; top_p < 1 "
+                "or top_k > 0 would sample from another distribution: leave both off (top_p=1, top_k=0)")
         require(self.save_every > 0, "save_every", "must be >= 1")
         require(self.sample_every > 0, "sample_every", "must be >= 1")

@@ -54,7 +54,8 @@ def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor, temperature
     (Huang et al. 2024, "The N+ implementation details of RLHF with PPO", detail on temperature).
     """
     if temperature != 1.0:
-        logits = logits / temperature  # temporary, freed as soon as log_softmax returns
+        # in float32: bf16 logits / T rounds to bf16 again (measured: up to 0.16 nats/token off the sampler)
+        logits = logits.float() / temperature  # temporary, freed as soon as log_softmax returns
     # log_softmax then gather: the float32 log-softmax output is the only (B, T, V) tensor kept
     # (autograd saves it for backward). float32 because bf16 log-ratios are too coarse for PPO.
     logprobs = logits.log_softmax(dim=-1, dtype=torch.float32)
@@ -64,7 +65,7 @@ def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor, temperature
 def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """Entropy of softmax(logits / temperature) per position: (B, T, V) -> (B, T)."""
     # entr(p) = -p ln p with entr(0) = 0, so -inf logits (banned tokens) give 0, not NaN
-    return torch.special.entr((logits / temperature).softmax(dim=-1, dtype=torch.float32)).sum(-1)
+    return torch.special.entr((logits.float() / temperature).softmax(dim=-1)).sum(-1)
 
 
 def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str = "k1") -> torch.Tensor:
@@ -93,8 +94,8 @@ def exact_kl_from_logits(logits: torch.Tensor, ref_logits: torch.Tensor, tempera
     logits, ref_logits: (B, T, V) -> (B, T). The exact quantity k1 and k3 estimate from samples;
     useful as a diagnostic, too heavy to keep around for every token of a large vocabulary.
     """
-    logprobs = (logits / temperature).log_softmax(dim=-1, dtype=torch.float32)
-    ref_logprobs = (ref_logits / temperature).log_softmax(dim=-1, dtype=torch.float32)
+    logprobs = (logits.float() / temperature).log_softmax(dim=-1)
+    ref_logprobs = (ref_logits.float() / temperature).log_softmax(dim=-1)
     # tokens pi never picks (-inf logits) contribute 0, not 0 * -inf = NaN
     terms = torch.where(logprobs > -torch.inf, logprobs.exp() * (logprobs - ref_logprobs), 0)
     return terms.sum(-1)

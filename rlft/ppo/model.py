@@ -27,13 +27,14 @@ class PolicyWithValueHead(nn.Module):
     def __init__(self, policy):
         super().__init__()
         self.policy = policy  # a peft PeftModel; its base weights are frozen
-        hidden_size = policy.get_base_model().config.hidden_size
-        self.value_head = nn.Linear(hidden_size, 1)
+        self.lm_head = policy.get_base_model().get_output_embeddings()
+        # The head reads what the LM head reads: its input width, not config.hidden_size (OPT-350m projects
+        # to word_embed_proj_dim first; multimodal wrapper configs have no hidden_size at all).
+        self.value_head = nn.Linear(self.lm_head.weight.shape[1], 1)
         # A zero head starts every value at 0: no random critic noise in the first advantages.
         nn.init.zeros_(self.value_head.weight)
         nn.init.zeros_(self.value_head.bias)
         self.value_head.to(next(policy.parameters()).device)
-        self.lm_head = policy.get_base_model().get_output_embeddings()
 
     def forward(self, input_ids, attention_mask, response_length: int, temperature: float):
         """Log-probs of the response tokens, the values of the states before them, and their logits.
