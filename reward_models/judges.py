@@ -27,3 +27,17 @@ def sentiment(prompts: list, completions: list[str]) -> list[float]:
     """
     analyzer = _vader()
     return [analyzer.polarity_scores(text)["compound"] for text in completions]
+
+
+def pick_pair(prompt, candidates: list[str], scores: list[float], min_gap: float) -> dict | None:
+    """A preference row of the judge's best and worst candidate, or None on a tie or a gap under min_gap."""
+    best = max(range(len(candidates)), key=scores.__getitem__)
+    worst = min(range(len(candidates)), key=scores.__getitem__)
+    gap = scores[best] - scores[worst]
+    if gap <= 0 or gap < min_gap or candidates[best] == candidates[worst]:
+        return None
+    chosen, rejected = candidates[best], candidates[worst]
+    if isinstance(prompt, list):  # conversational: the completions become assistant turns
+        chosen, rejected = [{"role": "assistant", "content": chosen}], [{"role": "assistant", "content": rejected}]
+    return {"prompt": prompt, "chosen": chosen, "rejected": rejected,
+            "score_chosen": scores[best], "score_rejected": scores[worst]}

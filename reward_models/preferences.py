@@ -6,17 +6,16 @@ the judge ties them or their gap is under `min_gap`. Pairs go to output_dir/pair
 conversational preference format, ready for `rlft reward data.path=<output_dir>/pairs.jsonl`. Because
 both sides are SFT samples, the reward model's normalization.json then centres the SFT policy at 0.
 
-Also builds the built-in offline dataset `chatterbot-sentiment` (no policy needed; see its function).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import random
 import time
 from dataclasses import dataclass, field
 
+from reward_models.judges import pick_pair
 from reward_models.scorers import ScorerConfig, build_scorer
 from rlft import runs
 from rlft.config import DataConfig, ModelConfig, option, require, section
@@ -95,52 +94,3 @@ def run(config: PreferenceConfig) -> dict:
     log.info("%d pairs from %d prompts, mean judge gap %.3f", len(rows), len(prompts), metrics["mean_gap"])
     runs.write_json(out / runs.METRICS, metrics)
     return metrics
-
-
-def pick_pair(prompt, candidates: list[str], scores: list[float], min_gap: float) -> dict | None:
-    """A preference row of the judge's best and worst candidate, or None on a tie or a gap under min_gap."""
-    best = max(range(len(candidates)), key=scores.__getitem__)
-    worst = min(range(len(candidates)), key=scores.__getitem__)
-    gap = scores[best] - scores[worst]
-    if gap <= 0 or gap < min_gap or candidates[best] == candidates[worst]:
-        return None
-    chosen, rejected = candidates[best], candidates[worst]
-    if isinstance(prompt, list):  # conversational: the completions become assistant turns
-        chosen, rejected = [{"role": "assistant", "content": chosen}], [{"role": "assistant", "content": rejected}]
-    return {"prompt": prompt, "chosen": chosen, "rejected": rejected,
-            "score_chosen": scores[best], "score_rejected": scores[worst]}
-
-
-def chatterbot_sentiment_pairs(split: str = "train", alternatives: int = 3, min_gap: float = 0.3) -> list[dict]:
-    """The built-in offline preference dataset `chatterbot-sentiment`: ~670 train and ~150 test pairs.
-
-    Chatterbot prompts mostly have one reply (104 of 1038 have two or more, and only 41 of those differ
-    in sentiment by 0.3), so each prompt's candidates are its own replies plus `alternatives` replies
-    drawn (seeded) from other prompts, and the VADER judge's best and worst candidates form the pair when
-    their compound scores differ by >= min_gap. The signal is the sentiment of the reply, learnable from
-    its words. 20% of the prompts form `test`; its alternatives come from test replies that never occur
-    in train, so held-out accuracy measures unseen text, not memorised replies.
-    """
-    from reward_models.judges import sentiment
-    from rlft.data import chatterbot_pairs
-
-    if split not in ("train", "test"):
-        raise RlftError(f"the built-in 'chatterbot-sentiment' dataset has splits train and test, not '{split}'")
-    groups: dict[str, list[str]] = {}
-    for row in chatterbot_pairs():
-        groups.setdefault(row["prompt"][0]["content"], []).append(row["completion"][0]["content"])
-    order = sorted(groups)
-    random.Random(0).shuffle(order)
-    cut = len(order) // 5
-    part = order[:cut] if split == "test" else order[cut:]
-    train_replies = {reply for prompt in order[cut:] for reply in groups[prompt]}
-    pool = {reply for prompt in part for reply in groups[prompt]}
-    pool = sorted(pool - train_replies) if split == "test" else sorted(pool)
-    rng, rows = random.Random(0), []
-    for prompt in part:
-        own = [reply for reply in groups[prompt] if reply in pool]
-        candidates = list(dict.fromkeys(own + rng.sample(pool, alternatives)))
-        row = pick_pair([{"role": "user", "content": prompt}], candidates, sentiment(None, candidates), min_gap)
-        if row is not None:
-            rows.append(row)
-    return rows

@@ -17,11 +17,11 @@ from dataclasses import dataclass
 
 from reward_models.scorers import NORMALIZATION, encode, length_limit, score_ids
 from rlft import runs
-from rlft.config import DataConfig, LoraConfig, ModelConfig, TrainConfig, option, require, section
+from rlft.config import DataConfig, LoraConfig, ModelConfig, option, require, section
 from rlft.data import load_splits
 from rlft.errors import RlftError
 from rlft import hf_training
-from rlft.hf_training import RESUMABLE_CHANGES, check_finite_losses, last_checkpoint, training_kwargs
+from rlft.hf_training import RESUMABLE_CHANGES, TrainConfig, check_finite_losses, last_checkpoint, training_kwargs
 from rlft.models import MINILM, add_lora, count_parameters, load_model, load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -92,12 +92,8 @@ def run(config: RewardConfig) -> dict:
         model=model, args=args, train_dataset=train_data, eval_dataset=eval_data, processing_class=tokenizer
     )
     hf_training.keep_trainable_float32(model)
-    before_file = out / "eval_before.json"
-    if checkpoint and before_file.is_file():  # resumed: "before" means the untrained model
-        accuracy_before = runs.read_json(before_file)["eval_accuracy"]
-    else:
-        accuracy_before = pairwise_accuracy(model, eval_data, tokenizer.pad_token_id, config.train.batch_size)
-        runs.write_json(before_file, {"eval_accuracy": accuracy_before})
+    accuracy_before = hf_training.measured_before(out, checkpoint, "eval_accuracy", lambda: pairwise_accuracy(
+        model, eval_data, tokenizer.pad_token_id, config.train.batch_size))
     log.info("held-out pairwise accuracy before training: %.3f", accuracy_before)
 
     hf_training.train(trainer, checkpoint)

@@ -268,34 +268,3 @@ def describe(cls: type, prefix: str = "") -> list[tuple[str, str, Any, str]]:
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
             rows.append((f"{prefix}{f.name}", _type_name(kind), default, f.metadata.get("help", "")))
     return rows
-
-
-@dataclass
-class TrainConfig:
-    """Optimisation settings for the stages that run on TRL's trainers (sft, reward)."""
-
-    epochs: float = option(1.0, "Passes over the training data (ignored when max_steps > 0).")
-    max_steps: int = option(0, "Stop after this many optimiser steps (0: use epochs).")
-    batch_size: int = option(8, "Rows per device per forward pass.")
-    gradient_accumulation_steps: int = option(1, "Forward passes per optimiser step.")
-    learning_rate: float = option(2e-4, "Peak learning rate.")
-    lr_scheduler: str = option("cosine", "transformers scheduler name: linear, cosine, constant, ...")
-    warmup_ratio: float = option(0.03, "Share of steps spent warming up the learning rate.")
-    weight_decay: float = option(0.0, "AdamW weight decay.")
-    max_grad_norm: float = option(1.0, "Clip the gradient norm to this.")
-    max_length: int = option(512, "Truncate tokenized rows to this many tokens.")
-    logging_steps: int = option(10, "Log every this many steps (TensorBoard and metrics).")
-    eval_steps: int = option(0, "Evaluate every this many steps during training (0: only before and after).")
-    save_steps: int = option(100, "Checkpoint every this many steps; a rerun with resume=true continues from the last.")
-
-    def __post_init__(self):
-        require(self.epochs > 0, "epochs", f"must be > 0, got {self.epochs}")
-        require(self.max_steps >= 0, "max_steps", "must be >= 0 (0: use epochs)")
-        require(self.batch_size > 0, "batch_size", f"must be a positive integer, got {self.batch_size}")
-        require(self.gradient_accumulation_steps > 0, "gradient_accumulation_steps", "must be >= 1")
-        require(self.learning_rate > 0, "learning_rate", f"must be > 0, got {self.learning_rate}")
-        require(0 <= self.warmup_ratio < 1, "warmup_ratio", "must be in [0, 1)")
-        require(self.max_grad_norm > 0, "max_grad_norm", "must be > 0")
-        require(self.max_length > 0, "max_length", "must be > 0")
-        require(self.logging_steps > 0, "logging_steps", "must be >= 1")
-        require(self.save_steps > 0, "save_steps", "must be >= 1")

@@ -10,6 +10,7 @@ Row formats (TRL's names):
 from __future__ import annotations
 
 import glob
+import random
 from pathlib import Path
 
 from rlft.config import DataConfig
@@ -52,6 +53,40 @@ def chatterbot_pairs() -> list[dict]:
     return rows
 
 
+def chatterbot_sentiment_pairs(split: str = "train", alternatives: int = 3, min_gap: float = 0.3) -> list[dict]:
+    """The built-in offline preference dataset `chatterbot-sentiment`: ~670 train and ~150 test pairs.
+
+    Chatterbot prompts mostly have one reply (104 of 1038 have two or more, and only 41 of those differ
+    in sentiment by 0.3), so each prompt's candidates are its own replies plus `alternatives` replies
+    drawn (seeded) from other prompts, and the VADER judge's best and worst candidates form the pair when
+    their compound scores differ by >= min_gap. The signal is the sentiment of the reply, learnable from
+    its words. 20% of the prompts form `test`; its alternatives come from test replies that never occur
+    in train, so held-out accuracy measures unseen text, not memorised replies.
+    """
+    from reward_models.judges import pick_pair, sentiment
+
+    if split not in ("train", "test"):
+        raise RlftError(f"the built-in 'chatterbot-sentiment' dataset has splits train and test, not '{split}'")
+    groups: dict[str, list[str]] = {}
+    for row in chatterbot_pairs():
+        groups.setdefault(row["prompt"][0]["content"], []).append(row["completion"][0]["content"])
+    order = sorted(groups)
+    random.Random(0).shuffle(order)
+    cut = len(order) // 5
+    part = order[:cut] if split == "test" else order[cut:]
+    train_replies = {reply for prompt in order[cut:] for reply in groups[prompt]}
+    pool = {reply for prompt in part for reply in groups[prompt]}
+    pool = sorted(pool - train_replies) if split == "test" else sorted(pool)
+    rng, rows = random.Random(0), []
+    for prompt in part:
+        own = [reply for reply in groups[prompt] if reply in pool]
+        candidates = list(dict.fromkeys(own + rng.sample(pool, alternatives)))
+        row = pick_pair([{"role": "user", "content": prompt}], candidates, sentiment(None, candidates), min_gap)
+        if row is not None:
+            rows.append(row)
+    return rows
+
+
 def load_any(path: str, subset: str = "", split: str = "train"):
     """Load one split from a built-in name, a local file or directory, or the hub."""
     import datasets
@@ -59,8 +94,6 @@ def load_any(path: str, subset: str = "", split: str = "train"):
     if path == "chatterbot":
         return datasets.Dataset.from_list(chatterbot_pairs())
     if path == "chatterbot-sentiment":  # preference pairs ranked by VADER; splits train and test
-        from reward_models.preferences import chatterbot_sentiment_pairs
-
         return datasets.Dataset.from_list(chatterbot_sentiment_pairs(split))
     local = Path(path)
     if local.is_file() or local.suffix in FILE_TYPES:  # "org/name" without a file type is a hub name

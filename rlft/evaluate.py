@@ -14,7 +14,6 @@ import hashlib
 import json
 import logging
 import math
-import re
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -29,19 +28,19 @@ from rlft import runs
 from rlft.config import DataConfig, ModelConfig, option, require, section
 from rlft.data import load_splits, prompts_of, render_prompts
 from rlft.errors import RlftError
-from rlft.generation import SamplingConfig, decode_responses, encode_prompts, sample
+from rlft.metrics import METRICS_JSONL, read_metrics
+from rlft.generation import SamplingConfig, decode_responses, encode_prompts, response_mask_from_eos, sample
 from rlft.models import default_device
 from rlft.policy import ADAPTER_INFO, adapter_info, load_policy
+from rlft.ppo import checkpoint
 from rlft.ppo.core import (
     exact_kl_from_logits,
     kl_penalty,
     logprobs_from_logits,
-    response_mask_from_eos,
 )
 
 log = logging.getLogger(__name__)
 
-TRAINING_METRICS = "metrics.jsonl"  # one JSON object per PPO step, appended while a run trains
 DEFAULT_SCORERS = [
     ScorerConfig(name="proxy", kind="model", path="runs/reward", normalize=True),
     ScorerConfig(name="gold", kind="function", path="reward_models.judges:sentiment"),
@@ -119,18 +118,18 @@ def find_adapter(path: str, label: str | None = None) -> Adapter:
     if not (folder / ADAPTER_INFO).is_file() and (folder / "policy" / ADAPTER_INFO).is_file():
         folder = folder / "policy"
     model_config, reference_adapter = adapter_info(folder)  # one clear line if it is no rlft adapter
-    step = re.fullmatch(r"step-(\d+)", folder.parent.name)
-    if step and not label:  # <run>/checkpoints/step-N/policy
-        label = f"{folder.parents[2].name} step {int(step[1])}"
-    return Adapter(label or Path(path).name, folder, int(step[1]) if step else None, model_config, reference_adapter)
+    step = checkpoint.step_of(folder.parent)
+    if step is not None and not label:  # <run>/checkpoints/step-N/policy
+        label = f"{folder.parents[2].name} step {step}"
+    return Adapter(label or Path(path).name, folder, step, model_config, reference_adapter)
 
 
 def find_checkpoints(run_dir: str) -> list[Adapter]:
     """Every `checkpoints/step-N/policy` of a PPO run, in step order."""
     if not Path(run_dir).is_dir():
         raise RlftError(f"checkpoints_of: PPO run dir '{run_dir}' not found")
-    found = [(int(m[1]), p) for p in (Path(run_dir) / "checkpoints").glob("step-*/policy")
-             if (m := re.fullmatch(r"step-(\d+)", p.parent.name))]  # not the hidden .staging-step-N folders
+    found = [(step, p) for p in (Path(run_dir) / "checkpoints").glob("step-*/policy")
+             if (step := checkpoint.step_of(p.parent)) is not None]
     if not found:
         raise RlftError(f"checkpoints_of: '{run_dir}' has no checkpoints/step-N/policy folders: is it a PPO run dir?")
     return [find_adapter(str(path), f"step {step}") for step, path in sorted(found)]
@@ -154,24 +153,6 @@ def load_prompts(config: EvalConfig) -> list:
     return prompts_of(evaluation)[: config.num_prompts]  # prompts_of refuses an empty split
 
 
-def read_training_metrics(run_dir: str | Path) -> list[dict]:
-    """PPO's metrics.jsonl, one row per step in step order. A run still training may have a partial last
-    line, and a resumed run a partial line in the middle: both are skipped; a repeated step keeps its last row."""
-    path = Path(run_dir) / TRAINING_METRICS
-    if not path.is_file():
-        raise RlftError(f"training_run: '{path}' not found: point training_run at a PPO run dir")
-    rows = {}
-    for number, line in enumerate(path.read_text().splitlines(), 1):
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            log.warning("%s line %d is not complete JSON (a run still writing?): skipped", path, number)
-            continue
-        if isinstance(row, dict) and "step" in row:
-            rows[row["step"]] = row
-    return [rows[step] for step in sorted(rows)]
-
-
 def fingerprint(adapter: Adapter) -> str:
     """Same weights on the same reference give the same numbers: hash the weights and the lineage."""
     digest = hashlib.sha256(json.dumps([asdict(adapter.model_config), adapter.reference_adapter]).encode())
@@ -182,7 +163,7 @@ def fingerprint(adapter: Adapter) -> str:
 
 def default_training_run(config: EvalConfig) -> str:
     for path in [*config.policies, config.checkpoints_of]:
-        if path and (Path(path) / TRAINING_METRICS).is_file():
+        if path and (Path(path) / METRICS_JSONL).is_file():
             return path
     return ""
 
@@ -191,17 +172,17 @@ def default_training_run(config: EvalConfig) -> str:
 # Sampling and KL
 
 
-class RolloutBatch(NamedTuple):
+class SampleBatch(NamedTuple):
     prompt: dict[str, torch.Tensor]  # left-padded input_ids, attention_mask: (B, P)
     response_ids: torch.Tensor  # (B, T)
     response_mask: torch.Tensor  # (B, T) bool: tokens up to and including the first EOS
 
 
 @dataclass
-class Rollout:
+class SamplePass:
     """One sampling pass over the prompts, kept in generation batches (their prompt widths differ)."""
 
-    batches: list[RolloutBatch]
+    batches: list[SampleBatch]
     completions: list[str]
     lengths: torch.Tensor  # (N,) response tokens, counting the EOS
     ended_with_eos: torch.Tensor  # (N,) bool
@@ -209,7 +190,7 @@ class Rollout:
 
 @torch.no_grad()
 def sample_pass(model, tokenizer, prompt_texts: list[str], sampling: SamplingConfig, batch_size: int, seed: int):
-    """Sample one response per templated prompt; seeded, so the same model gives the same Rollout."""
+    """Sample one response per templated prompt; seeded, so the same model gives the same SamplePass."""
     torch.manual_seed(seed)
     batches, completions, ended_with_eos = [], [], []
     for start in range(0, len(prompt_texts), batch_size):
@@ -217,11 +198,11 @@ def sample_pass(model, tokenizer, prompt_texts: list[str], sampling: SamplingCon
         prompt = encode_prompts(tokenizer, texts, sampling.max_prompt_length, model.device)
         response_ids = sample(model, prompt, sampling, tokenizer)
         response_mask, ended = response_mask_from_eos(response_ids, tokenizer.eos_token_id, tokenizer.pad_token_id)
-        batches.append(RolloutBatch(prompt, response_ids, response_mask))
+        batches.append(SampleBatch(prompt, response_ids, response_mask))
         completions += decode_responses(tokenizer, response_ids)
         ended_with_eos.append(ended.cpu())
     lengths = torch.cat([b.response_mask.sum(-1).cpu() for b in batches])
-    return Rollout(batches, completions, lengths, torch.cat(ended_with_eos))
+    return SamplePass(batches, completions, lengths, torch.cat(ended_with_eos))
 
 
 def sequence_kl(logits, ref_logits, tokens, lengths: list[int], temperature: float = 1.0):
@@ -276,7 +257,7 @@ def response_logits(model, packed: Packed) -> torch.Tensor:
 
 
 @torch.no_grad()
-def kl_drift(model, rollout: Rollout, temperature: float, batch_size: int) -> dict:
+def kl_drift(model, rollout: SamplePass, temperature: float, batch_size: int) -> dict:
     """Sampled and exact KL of each of the policy's responses; the reference is `model.disable_adapter()`.
 
     Teacher-forced on each row's real tokens only (prompt without its left padding, response through its
@@ -334,7 +315,7 @@ def token_kl_quantiles(per_token: list[list[float]]) -> dict:
             "p90": float(p90), "p99": float(p99), "max": float(values.max())}
 
 
-def response_stats(rollout: Rollout) -> dict:
+def response_stats(rollout: SamplePass) -> dict:
     return {"length": summary(rollout.lengths), "eos_rate": rollout.ended_with_eos.double().mean().item()}
 
 
@@ -437,7 +418,9 @@ def run(config: EvalConfig) -> dict:
     check_same_base(policies + checkpoints)
     prompts = load_prompts(config)
     training_run = config.training_run or default_training_run(config)
-    training = read_training_metrics(training_run) if training_run else []
+    if training_run and not (Path(training_run) / METRICS_JSONL).is_file():
+        raise RlftError(f"training_run: '{Path(training_run) / METRICS_JSONL}' not found: point it at a PPO run dir")
+    training = read_metrics(training_run) if training_run else []
     out = runs.prepare(config.output_dir, config)
 
     # 2. scorers, loaded once for all policies, each reported separately under its config name

@@ -1,4 +1,5 @@
-"""Our TrainConfig as the TrainingArguments that TRL's SFT and reward trainers take."""
+"""What the stages on TRL's trainers (sft, reward) share: their TrainConfig, its TrainingArguments, checkpoints
+that count only when complete, resuming, and the figures measured before training."""
 
 from __future__ import annotations
 
@@ -7,16 +8,48 @@ import math
 import os
 import re
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from rlft.config import ModelConfig, TrainConfig
+from rlft.config import ModelConfig, option, require
 from rlft.errors import RlftError
 from rlft.models import torch_dtype
-from rlft.runs import unsafe_checkpoint, write_json
+from rlft.runs import read_json, unsafe_checkpoint, write_json
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation settings for the stages that run on TRL's trainers (sft, reward)."""
+
+    epochs: float = option(1.0, "Passes over the training data (ignored when max_steps > 0).")
+    max_steps: int = option(0, "Stop after this many optimiser steps (0: use epochs).")
+    batch_size: int = option(8, "Rows per device per forward pass.")
+    gradient_accumulation_steps: int = option(1, "Forward passes per optimiser step.")
+    learning_rate: float = option(2e-4, "Peak learning rate.")
+    lr_scheduler: str = option("cosine", "transformers scheduler name: linear, cosine, constant, ...")
+    warmup_ratio: float = option(0.03, "Share of steps spent warming up the learning rate.")
+    weight_decay: float = option(0.0, "AdamW weight decay.")
+    max_grad_norm: float = option(1.0, "Clip the gradient norm to this.")
+    max_length: int = option(512, "Truncate tokenized rows to this many tokens.")
+    logging_steps: int = option(10, "Log every this many steps (TensorBoard and metrics).")
+    eval_steps: int = option(0, "Evaluate every this many steps during training (0: only before and after).")
+    save_steps: int = option(100, "Checkpoint every this many steps; a rerun with resume=true continues from the last.")
+
+    def __post_init__(self):
+        require(self.epochs > 0, "epochs", f"must be > 0, got {self.epochs}")
+        require(self.max_steps >= 0, "max_steps", "must be >= 0 (0: use epochs)")
+        require(self.batch_size > 0, "batch_size", f"must be a positive integer, got {self.batch_size}")
+        require(self.gradient_accumulation_steps > 0, "gradient_accumulation_steps", "must be >= 1")
+        require(self.learning_rate > 0, "learning_rate", f"must be > 0, got {self.learning_rate}")
+        require(0 <= self.warmup_ratio < 1, "warmup_ratio", "must be in [0, 1)")
+        require(self.max_grad_norm > 0, "max_grad_norm", "must be > 0")
+        require(self.max_length > 0, "max_length", "must be > 0")
+        require(self.logging_steps > 0, "logging_steps", "must be >= 1")
+        require(self.save_steps > 0, "save_steps", "must be >= 1")
 
 
 def training_kwargs(train: TrainConfig, model: ModelConfig, output_dir: Path, seed: int) -> dict:
@@ -75,6 +108,17 @@ def last_checkpoint(output_dir: str | Path) -> str | None:
         if step > newest and not (path / COMPLETE).is_file():
             shutil.rmtree(path, ignore_errors=True)  # half-written by a killed run: the Trainer would choke on it
     return str(complete[-1][1]) if complete else None
+
+
+def measured_before(out: Path, checkpoint: str | None, name: str, measure) -> float:
+    """A figure of the untrained model (eval loss, pairwise accuracy), measured once: a resumed run reads it
+    back, since by then the model in memory is the checkpoint's."""
+    path = out / "eval_before.json"
+    if checkpoint and path.is_file():
+        return read_json(path)[name]
+    value = measure()
+    write_json(path, {name: value})
+    return value
 
 
 def keep_trainable_float32(model) -> None:

@@ -12,11 +12,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rlft import runs
-from rlft.config import DataConfig, LoraConfig, ModelConfig, TrainConfig, option, require, section
+from rlft.config import DataConfig, LoraConfig, ModelConfig, option, require, section
 from rlft.data import load_splits, prompts_of, render_prompts, require_chat_template, to_prompt_completion
 from rlft.generation import SamplingConfig, complete
 from rlft import hf_training
-from rlft.hf_training import RESUMABLE_CHANGES, check_finite_losses, last_checkpoint, training_kwargs
+from rlft.hf_training import RESUMABLE_CHANGES, TrainConfig, check_finite_losses, last_checkpoint, training_kwargs
 from rlft.models import add_lora, context_length, count_parameters, load_model, load_tokenizer
 from rlft.policy import save_adapter
 
@@ -80,12 +80,7 @@ def run(config: SFTConfig) -> dict:
     )
     hf_training.keep_trainable_float32(model)
 
-    before_file = out / "eval_before.json"
-    if checkpoint and before_file.is_file():  # resumed: the "before" figure is the untrained model's
-        eval_before = runs.read_json(before_file)["eval_loss"]
-    else:
-        eval_before = trainer.evaluate()["eval_loss"]
-        runs.write_json(before_file, {"eval_loss": eval_before})
+    eval_before = hf_training.measured_before(out, checkpoint, "eval_loss", lambda: trainer.evaluate()["eval_loss"])
     log.info("eval loss before training: %.4f", eval_before)
 
     hf_training.train(trainer, checkpoint)

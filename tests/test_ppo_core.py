@@ -5,12 +5,12 @@ import math
 import pytest
 import torch
 
+from rlft.generation import first_true_index, response_mask_from_eos
 from rlft.ppo.core import (
     AdaptiveKLController,
     FixedKLController,
     entropy_from_logits,
     exact_kl_from_logits,
-    first_true_index,
     gae,
     kl_penalty,
     logprobs_from_logits,
@@ -19,7 +19,6 @@ from rlft.ppo.core import (
     masked_whiten,
     per_token_rewards,
     policy_loss,
-    response_mask_from_eos,
     value_loss,
 )
 

@@ -6,7 +6,9 @@ from pathlib import Path
 import pytest
 
 from reward_models.judges import sentiment
-from reward_models.preferences import PreferenceConfig, chatterbot_sentiment_pairs, pick_pair, run
+from reward_models.judges import pick_pair
+from reward_models.preferences import PreferenceConfig, run
+from rlft.data import chatterbot_sentiment_pairs
 from rlft.config import ConfigError, DataConfig, load_config
 from rlft.data import load_any, load_splits
 from rlft.errors import RlftError

@@ -8,11 +8,10 @@ import torch
 
 from rlft.config import LoraConfig, ModelConfig, load_config
 from rlft.errors import RlftError
-from rlft.generation import SamplingConfig, encode_prompts, sample
+from rlft.generation import SamplingConfig, encode_prompts, response_mask_from_eos, sample
 from rlft.models import add_lora, load_model, load_tokenizer
 from rlft.ppo.config import PPOConfig
 from rlft.ppo.model import PolicyWithValueHead
-from rlft.ppo.core import response_mask_from_eos
 
 
 @pytest.fixture

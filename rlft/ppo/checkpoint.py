@@ -31,13 +31,19 @@ from rlft.runs import read_json, unsafe_checkpoint, write_json
 STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
+def step_of(folder: Path) -> int | None:
+    """N for a checkpoints/step-N folder (not the hidden .staging-step-N ones), else None."""
+    match = STEP_DIR.match(Path(folder).name)
+    return int(match[1]) if match else None
+
+
 def latest(run_dir: Path) -> Path | None:
     """The newest complete (resumable) checkpoint of a PPO run, or None."""
     folder = run_dir / "checkpoints"
     if not folder.is_dir():
         return None
-    found = [(int(m.group(1)), p) for p in folder.iterdir()
-             if (m := STEP_DIR.match(p.name)) and (p / "trainer_state.pt").is_file()]
+    found = [(step, p) for p in folder.iterdir()
+             if (step := step_of(p)) is not None and (p / "trainer_state.pt").is_file()]
     return max(found)[1] if found else None
 
 
@@ -84,7 +90,7 @@ def save(accelerator, run_dir: Path, step: int, policy, value_head, trainer_stat
         os.replace(staging, final)
         # Older checkpoints keep their adapter (eval's reward-vs-KL view reads every step) but lose the
         # resumable state, which is most of their size.
-        for old in sorted(p for p in folder.iterdir() if STEP_DIR.match(p.name))[:-keep]:
+        for old in sorted(p for p in folder.iterdir() if step_of(p) is not None)[:-keep]:
             for heavy in [old / "trainer_state.pt", *old.glob("rng_state_*.json")]:
                 heavy.unlink(missing_ok=True)
     accelerator.wait_for_everyone()

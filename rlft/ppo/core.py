@@ -234,33 +234,3 @@ class AdaptiveKLController:
 
     def load_state_dict(self, state: dict) -> None:
         self.value = float(state["value"])
-
-
-def first_true_index(bools: torch.Tensor) -> torch.Tensor:
-    """Index of the first True along the last dim: (B, T) -> (B,) long; T for rows with none."""
-    length = bools.shape[-1]
-    positions = torch.arange(length, device=bools.device).expand_as(bools)
-    return torch.where(bools, positions, length).min(-1).values
-
-
-def response_mask_from_eos(
-    response_ids: torch.Tensor, eos_token_id: int, pad_token_id: int | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mask of the real response: every token up to AND INCLUDING the first EOS, none after.
-
-    response_ids: (B, T) -> (response_mask (B, T) bool, ended_with_eos (B,) bool).
-    Only the first EOS counts, whatever follows it, so pad == eos (as in SmolLM) is safe.
-    A row with no EOS is all valid (truncated at the length limit), unless `pad_token_id`
-    is given, differs from EOS, and appears: then the row ends just before its first pad.
-    The EOS is kept so the policy is credited for choosing to stop.
-    """
-    length = response_ids.shape[-1]
-    first_eos = first_true_index(response_ids == eos_token_id)
-    ended_with_eos = first_eos < length
-    end = first_eos + 1  # exclusive end, counting the EOS
-    if pad_token_id is not None and pad_token_id != eos_token_id:
-        first_pad = first_true_index(response_ids == pad_token_id)
-        ended_with_eos &= first_eos < first_pad
-        end = torch.minimum(end, first_pad)
-    positions = torch.arange(length, device=response_ids.device)
-    return positions < end.unsqueeze(-1), ended_with_eos

@@ -7,8 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from rlft.generation import SamplingConfig, decode_responses, encode_prompts, sample
-from rlft.ppo.core import response_mask_from_eos
+from rlft.generation import SamplingConfig, decode_responses, encode_prompts, response_mask_from_eos, sample
 
 
 @dataclass

@@ -7,7 +7,6 @@ Runs as one process or under `accelerate launch` (DDP); every process takes its 
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -20,6 +19,7 @@ import torch
 from rlft import runs
 from rlft.data import load_splits, prompts_of, render_prompts
 from rlft.errors import RlftError
+from rlft.metrics import MetricsLogger
 from rlft.models import add_lora, load_tokenizer
 from rlft.policy import load_reference, save_adapter
 from rlft.ppo import checkpoint
@@ -260,75 +260,3 @@ def check_prompt_lengths(tokenizer, prompt_texts: list[str], max_prompt_length: 
             f"{too_long} of {len(lengths)} prompts are longer than sampling.max_prompt_length={max_prompt_length} "
             f"tokens (longest {max(lengths)}): raise the limit or filter the prompts"
         )
-
-
-def _cell(text: str, width: int) -> str:
-    """Text fit for one cell of a Markdown table."""
-    return text[:width].replace("|", "/").replace("\n", " ")
-
-
-class MetricsLogger:
-    """Per-step metrics to metrics.jsonl and TensorBoard (main process only); samples to samples.jsonl."""
-
-    def __init__(self, out: Path, start_step: int, active: bool):
-        self.active, self.out, self.history = active, out, []
-        self.writer = None
-        if not active:
-            return
-        from torch.utils.tensorboard import SummaryWriter
-
-        jsonl = out / "metrics.jsonl"
-        if jsonl.is_file():  # a resumed run rewrites the steps after its checkpoint
-            for line in jsonl.read_text().splitlines():
-                try:
-                    entry = json.loads(line)
-                except json.JSONDecodeError:
-                    continue  # a line cut short by a crash
-                if entry.get("step", 0) <= start_step:
-                    self.history.append(entry)
-            jsonl.write_text("".join(json.dumps(entry) + "\n" for entry in self.history))
-        self.writer = SummaryWriter(str(out / "tensorboard"), purge_step=start_step + 1)
-
-    def log(self, step: int, metrics: dict) -> None:
-        if not self.active:
-            return
-        entry = {"step": step, **metrics}
-        self.history.append(entry)
-        with open(self.out / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(entry) + "\n")
-        for key, value in metrics.items():
-            self.writer.add_scalar(key, value, step)
-
-    def samples(self, step: int, rollout: Rollout, count: int = 4) -> None:
-        if not self.active:
-            return
-        rows = [{"step": step, "prompt": prompt if isinstance(prompt, str) else prompt[-1]["content"],
-                 "completion": completion, "score": round(float(score), 4)}
-                for prompt, completion, score in zip(rollout.prompts, rollout.completions, rollout.scores)][:count]
-        with open(self.out / "samples.jsonl", "a") as f:
-            f.writelines(json.dumps(row) + "\n" for row in rows)
-        table = "| prompt | completion | score |\n|---|---|---|\n" + "".join(
-            f"| {_cell(r['prompt'], 80)} | {_cell(r['completion'], 160)} | {r['score']} |\n" for r in rows)
-        self.writer.add_text("samples", table, step)
-        for row in rows:
-            log.info("step %d sample: %r -> %r (score %.3f)", step, row["prompt"][:60], row["completion"][:100],
-                     row["score"])
-
-    def summary(self) -> dict:
-        """First and last steps' headline figures, and the run's mean throughput and time split."""
-        if not self.history:
-            return {}
-        first, last = self.history[0], self.history[-1]
-        keys = ("objective/scores", "objective/kl", "objective/kl_coef", "response/length", "response/eos_rate")
-        summary = {"steps": last["step"]}
-        summary.update({f"first/{k}": first.get(k) for k in keys})
-        summary.update({f"last/{k}": last.get(k) for k in keys})
-        for key in ("perf/samples_per_s", "perf/tokens_per_s", "time/generate", "time/score", "time/forward",
-                    "time/update", "time/step"):
-            values = [entry[key] for entry in self.history if key in entry]
-            summary[f"mean/{key}"] = sum(values) / len(values) if values else None
-        return summary
-
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
