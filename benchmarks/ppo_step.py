@@ -300,7 +300,7 @@ def run_rlft(settings: Settings, workdir: Path) -> tuple[list[dict], float]:
     # by path is not registered in sys.modules, and the @dataclass above then fails to import.
     reward = {"kind": "function", "path": f"{Path(__file__).stem}:word_count_reward"}
     overrides = [
-        f"output_dir={workdir / 'rlft_run'}", "resume=false", f"seed={settings.seed}",
+        f"output_dir={workdir / 'rlft_run'}", "resume=false", f"seed={settings.seed}", "sft_adapter=",
         f"save_every={total_steps}", f"sample_every={total_steps}",
         f"model.name_or_path={settings.model}", "model.dtype=float32",
         f"lora.r={settings.lora_r}", f"lora.alpha={settings.lora_alpha}", "lora.dropout=0.0",

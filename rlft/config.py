@@ -8,6 +8,7 @@ each stage defines its own top-level config next to its code.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import math
@@ -37,7 +38,7 @@ class ConfigValueError(ValueError):
 def option(default: Any, help: str):
     """A config field with its documentation. Mutable defaults are copied per instance."""
     if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata={"help": help})
+        return field(default_factory=lambda: copy.deepcopy(default), metadata={"help": help})
     return field(default=default, metadata={"help": help})
 
 

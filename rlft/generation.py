@@ -16,7 +16,7 @@ from rlft.errors import RlftError
 
 @dataclass
 class SamplingConfig:
-    max_new_tokens: int = option(48, "Longest response in tokens.")
+    max_new_tokens: int = option(32, "Longest response in tokens.")
     temperature: float = option(1.0, "Sampling temperature; PPO recomputes log-probs at the same temperature.")
     top_p: float = option(1.0, "Nucleus sampling mass (1.0: off).")
     top_k: int = option(0, "Sample from the k most likely tokens (0: off).")

@@ -55,8 +55,8 @@ def wire(config: PipelineConfig) -> dict:
         "preferences": replace(config.preferences, output_dir=pairs_dir, policy=sft_dir, seed=config.sft.seed),
         "reward": replace(config.reward, output_dir=reward_dir,
                           data=replace(config.reward.data, path=str(Path(pairs_dir) / PAIRS))),
-        "ppo": replace(config.ppo, output_dir=ppo_dir, sft_adapter=sft_dir, model=config.sft.model,
-                       reward=config.ppo.reward or [proxy]),
+        # PPO optimises the reward model this pipeline trains, from this pipeline's SFT model.
+        "ppo": replace(config.ppo, output_dir=ppo_dir, sft_adapter=sft_dir, model=config.sft.model, reward=[proxy]),
         "eval": replace(config.eval, output_dir=str(root / "eval"), policies=[sft_dir, ppo_dir],
                         checkpoints_of=ppo_dir, training_run=ppo_dir, scorers=[proxy, *gold],
                         gold=gold[0].name, seed=config.sft.seed),

@@ -10,7 +10,7 @@ from rlft.sft import SFTConfig
 
 ROOT = Path(__file__).parents[1]
 CONFIGS = ROOT / "configs"
-SHIPPED = sorted(CONFIGS.glob("*.yaml")) + sorted((ROOT / "examples").glob("*/*.yaml"))
+SHIPPED = sorted(CONFIGS.glob("*.yaml")) + sorted(CONFIGS.glob("tiny/*.yaml")) + sorted((ROOT / "examples").glob("*/*.yaml"))
 
 
 def test_yaml_then_overrides_later_wins(tmp_path):
@@ -66,3 +66,14 @@ def test_every_shipped_config_loads(path):
 def test_show_config_prints_the_resolved_values(capsys):
     assert main(["sft", "--show-config", "lora.r=4"]) == 0
     assert "r: 4" in capsys.readouterr().out
+
+
+def test_ppo_defaults_are_the_tuned_config():
+    """One source of defaults: `rlft ppo` and `rlft ppo --config configs/ppo.yaml` are the same run, and the
+    quickstart's PPO stage is that run too (bar the paths the pipeline wires in)."""
+    from rlft.pipeline import PipelineConfig
+    from rlft.ppo.config import PPOConfig
+
+    defaults = load_config(PPOConfig)
+    assert load_config(PPOConfig, CONFIGS / "ppo.yaml") == defaults
+    assert load_config(PipelineConfig, CONFIGS / "quickstart.yaml").ppo == defaults

@@ -140,6 +140,7 @@ def test_causal_lm_reward_backbone_trains_and_scores_in_ppo(files, tmp_path):
     assert metrics["eval_accuracy_after"] > metrics["eval_accuracy_before"]
     history = run_ppo(load_config(PPOConfig, None, [
         f"output_dir={tmp_path / 'ppo'}", f"model.name_or_path={model_dir}", f"data.path={files / 'prompts.jsonl'}",
+        "sft_adapter=",
         f"reward=[{{kind: model, path: '{tmp_path / 'rm'}', normalize: true}}]", "lora.r=4", "lora.dropout=0",
         "sampling.max_new_tokens=6", "ppo.rollout_batch_size=4", "ppo.mini_batch_size=4", "ppo.steps=1"]))
     assert history["steps"] == 1 and history["first/objective/kl"] == 0.0

@@ -18,6 +18,7 @@ from rlft.runs import LOCK
 from tests.test_reward import write_marker_pairs
 
 ROOT = Path(__file__).parents[1]
+TINY = ROOT / "configs" / "tiny"
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
 WORDS = "hello how are you tell me about the cat dog sun rain day night".split()
 SCORER = "reward=[{kind: function, path: 'tests.test_ppo:share_of_target'}]"
@@ -40,21 +41,18 @@ def data(tmp_path_factory):
 
 
 def sft_args(lm, data, out, *extra):
-    return ["sft", f"output_dir={out}", f"model.name_or_path={lm}", f"data.path={data / 'sft.jsonl'}", "lora.r=4",
-            "lora.dropout=0", "train.batch_size=4", "train.max_steps=8", "train.save_steps=1", "train.warmup_ratio=0",
-            "train.learning_rate=5e-3", "num_samples=0", *extra]
+    return ["sft", "--config", str(TINY / "sft.yaml"), f"output_dir={out}", f"model.name_or_path={lm}",
+            f"data.path={data / 'sft.jsonl'}", *extra]
 
 
 def reward_args(rm, data, out, *extra):
-    return ["reward", f"output_dir={out}", f"model.name_or_path={rm}", f"data.path={data / 'pairs.jsonl'}",
-            "data.eval_fraction=0.25", "train.batch_size=4", "train.max_steps=8", "train.save_steps=1",
-            "train.warmup_ratio=0", "train.learning_rate=2e-3", *extra]
+    return ["reward", "--config", str(TINY / "reward.yaml"), f"output_dir={out}", f"model.name_or_path={rm}",
+            f"data.path={data / 'pairs.jsonl'}", *extra]
 
 
 def ppo_args(lm, data, out, *extra):
-    return ["ppo", f"output_dir={out}", f"model.name_or_path={lm}", f"data.path={data / 'prompts.jsonl'}", SCORER,
-            "lora.r=4", "lora.dropout=0", "sampling.max_new_tokens=6", "ppo.rollout_batch_size=4",
-            "ppo.mini_batch_size=4", "ppo.steps=8", "save_every=1", "ppo.learning_rate=3e-3", *extra]
+    return ["ppo", "--config", str(TINY / "ppo.yaml"), f"output_dir={out}", f"model.name_or_path={lm}",
+            f"data.path={data / 'prompts.jsonl'}", SCORER, *extra]
 
 
 def snapshot(folder: Path) -> dict:

@@ -34,14 +34,16 @@ def prompts_file(tmp_path_factory):
     return path
 
 
+TINY = Path(__file__).parents[1] / "configs" / "tiny" / "ppo.yaml"
+
+
 def ppo_config(tiny_lm_dir, prompts_file, out, *overrides):
-    return load_config(PPOConfig, None, [
+    return load_config(PPOConfig, TINY, [
         f"output_dir={out}", f"model.name_or_path={tiny_lm_dir}", f"data.path={prompts_file}",
         "reward=[{kind: function, path: 'tests.test_ppo:share_of_target'}]",
-        "lora.r=8", "lora.alpha=16", "lora.dropout=0.0",
-        "sampling.max_new_tokens=8", "ppo.rollout_batch_size=16", "ppo.mini_batch_size=8",
-        "ppo.ppo_epochs=2", "ppo.learning_rate=3e-3", "ppo.steps=4", "ppo.adaptive_kl=false",
-        "ppo.kl_coef=0.01", "ppo.missing_eos_penalty=0", "save_every=2", *overrides,
+        "lora.r=8", "lora.alpha=16", "sampling.max_new_tokens=8", "ppo.rollout_batch_size=16",
+        "ppo.mini_batch_size=8", "ppo.steps=4", "ppo.adaptive_kl=false", "ppo.kl_coef=0.01",
+        "ppo.missing_eos_penalty=0", "save_every=2", *overrides,
     ])
 
 
@@ -195,10 +197,7 @@ def test_gradient_accumulation_equals_one_big_batch(tiny_lm_dir):
 def test_runs_under_accelerate_launch_with_two_processes(tiny_lm_dir, prompts_file, tmp_path):
     command = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2",
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               "-m", "rlft", "ppo", f"output_dir={tmp_path}", f"model.name_or_path={tiny_lm_dir}",
-               f"data.path={prompts_file}", "reward=[{kind: function, path: 'tests.test_ppo:share_of_target'}]",
-               "sampling.max_new_tokens=6", "ppo.rollout_batch_size=4", "ppo.mini_batch_size=4", "ppo.steps=2",
-               "lora.r=4"]
+               "-m", "rlft", *cli_args(tiny_lm_dir, prompts_file, tmp_path)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -209,9 +208,9 @@ def test_runs_under_accelerate_launch_with_two_processes(tiny_lm_dir, prompts_fi
 
 
 def cli_args(tiny_lm_dir, prompts_file, out, *overrides):
-    return ["ppo", f"output_dir={out}", f"model.name_or_path={tiny_lm_dir}", f"data.path={prompts_file}",
-            "reward=[{kind: function, path: 'tests.test_ppo:share_of_target'}]", "sampling.max_new_tokens=6",
-            "ppo.rollout_batch_size=4", "ppo.mini_batch_size=4", "ppo.steps=2", *overrides]
+    return ["ppo", "--config", str(TINY), f"output_dir={out}", f"model.name_or_path={tiny_lm_dir}",
+            f"data.path={prompts_file}", "reward=[{kind: function, path: 'tests.test_ppo:share_of_target'}]",
+            "ppo.steps=2", *overrides]
 
 
 def one_error_line(capsys):

@@ -1,4 +1,4 @@
-"""`rlft ppo` configuration: one dataclass tree, defaults in configs/ppo.yaml."""
+"""`rlft ppo` configuration: one dataclass tree whose defaults are the tuned values (configs/ppo.yaml adds nothing)."""
 
 from __future__ import annotations
 
@@ -16,6 +16,11 @@ RESUMABLE_CHANGES = ("output_dir", "resume", "save_every", "sample_every", "ppo.
 
 
 @dataclass
+class PPOLoraConfig(LoraConfig):
+    dropout: float = option(0.0, "Dropout on the LoRA input; 0 so rollout and update log-probs come from one function.")
+
+
+@dataclass
 class PPOHyperparameters:
     steps: int = option(20, "PPO steps; each is one rollout (generate, score) and one update.")
     rollout_batch_size: int = option(16, "Prompts per step per process.")
@@ -23,7 +28,8 @@ class PPOHyperparameters:
     gradient_accumulation_steps: int = option(1, "Micro-batches per mini-batch (mini_batch_size must divide evenly).")
     ppo_epochs: int = option(2, "Passes over each rollout.")
     forward_batch_size: int = option(16, "Rows per no-grad forward pass when computing log-probs and values.")
-    learning_rate: float = option(1e-4, "AdamW learning rate for the adapter and value head.")
+    learning_rate: float = option(7e-4, "AdamW learning rate for the adapter and value head (2e-4 left KL at 0.1 nats "
+                                  "after 7 quickstart steps).")
     lr_schedule: Literal["constant", "linear"] = option("constant", "linear: decay to 0 over `steps`.")
     max_grad_norm: float = option(1.0, "Clip the gradient norm to this.")
     clip_range: float = option(0.2, "PPO ratio clip epsilon.")
@@ -37,10 +43,10 @@ class PPOHyperparameters:
     score_clip: float = option(0.0, "Clip scores to [-score_clip, score_clip] (0: off).")
     missing_eos_penalty: float = option(1.0, "Subtract this from the score of a completion without EOS (0: off).")
     kl_estimator: Literal["k1", "k3", "abs", "mse"] = option("k1", "Per-token KL estimator in the reward.")
-    kl_coef: float = option(0.05, "Initial beta, the per-token KL penalty weight.")
+    kl_coef: float = option(0.1, "Initial beta, the per-token KL penalty weight.")
     adaptive_kl: bool = option(True, "Adapt beta towards target_kl (Ziegler et al. 2019); false: fixed beta.")
-    target_kl: float = option(4.0, "Target KL per sequence (nats) for the adaptive controller.")
-    kl_horizon: int = option(1000, "Adaptive controller horizon in samples.")
+    target_kl: float = option(3.0, "Target KL per sequence (nats) for the adaptive controller.")
+    kl_horizon: int = option(50, "Adaptive controller horizon in samples: beta reacts within a few steps of a short run.")
     early_stop_approxkl: float = option(0.0, "Stop an update's epochs once approx-KL exceeds this (0: off).")
     max_kl: float = option(100.0, "Abort when the mean KL per sequence exceeds this: the policy has run away.")
 
@@ -66,20 +72,23 @@ class PPOConfig:
     seed: int = option(0, "Seed for prompt order, sampling and initialisation.")
     resume: bool = option(True, "Continue from the last checkpoint in output_dir if there is one.")
     sft_adapter: str = option(
-        "", "SFT adapter folder to start from; it is merged into the base, so it is also the reference."
+        "runs/sft", "SFT adapter folder to start from; it is merged into the base, so it is also the reference "
+        "(empty: the base model itself).",
     )
-    save_every: int = option(10, "Checkpoint every this many steps (and at the end).")
+    save_every: int = option(5, "Checkpoint every this many steps (and at the end).")
     sample_every: int = option(5, "Log a table of sample completions every this many steps.")
     model: ModelConfig = section(ModelConfig, "The frozen base.")
-    lora: LoraConfig = section(LoraConfig, "The PPO adapter (the policy).")
+    lora: PPOLoraConfig = section(PPOLoraConfig, "The PPO adapter (the policy).")
     data: DataConfig = section(DataConfig, "Prompts: a `prompt` column (string or messages) or `messages`.")
     sampling: SamplingConfig = section(SamplingConfig, "Rollout sampling.")
-    reward: list[ScorerConfig] = option([], "Scorers summed (with weights) into the score of a completion.")
+    reward: list[ScorerConfig] = option(
+        [ScorerConfig(name="proxy", kind="model", path="runs/reward", normalize=True)],
+        "Scorers summed (with weights) into the score of a completion; by default rlft reward's model, "
+        "normalised so the SFT policy scores mean 0, std 1.",
+    )
     ppo: PPOHyperparameters = section(PPOHyperparameters, "PPO optimisation.")
 
     def __post_init__(self):
-        # An empty `reward` is allowed here so `rlft pipeline` can wire in the reward model it trains;
-        # run() refuses it before loading anything.
         require(self.sampling.top_p == 1.0 and self.sampling.top_k == 0, "sampling.top_p",
                 "PPO's log-probs are those of softmax(logits / temperature) over the whole vocabulary; top_p < 1 "
                 "or top_k > 0 would sample from another distribution: leave both off (top_p=1, top_k=0)")
