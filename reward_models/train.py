@@ -22,6 +22,7 @@ from rlft.data import load_splits
 from rlft.errors import RlftError
 from rlft import hf_training
 from rlft.hf_training import RESUMABLE_CHANGES, TrainConfig, check_finite_losses, last_checkpoint, training_kwargs
+from rlft.publish import Publishing, push, write_model_card
 from rlft.models import MINILM, add_lora, count_parameters, load_model, load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -36,7 +37,7 @@ class RewardModelConfig(ModelConfig):
 
 
 @dataclass
-class RewardConfig:
+class RewardConfig(Publishing):
     output_dir: str = option("runs/reward", "Where the model, tokenizer, normalization, config and metrics go.")
     seed: int = option(0, "Seed for the head's initialisation, data order and the hold-out split.")
     resume: bool = option(True, "Continue from the last checkpoint in output_dir if there is one.")
@@ -52,6 +53,7 @@ class RewardConfig:
     train: TrainConfig = section(TrainConfig, "Optimisation; train.max_length also truncates every pair.")
 
     def __post_init__(self):
+        super().__post_init__()
         require(self.model.quantization == "none" or self.lora_enabled, "model.quantization",
                 "a quantized backbone can only be trained with lora_enabled: true")
 
@@ -70,6 +72,7 @@ def run(config: RewardConfig) -> dict:
     train_rows, eval_rows, _ = load_splits(config.data, ("preference",), config.seed, "reward data")
     if len(eval_rows) == 0:
         raise RlftError(f"the evaluation split of '{config.data.path}' is empty: check data.eval_split")
+    hf_training.check_optimizer(config.train.optim, "train.optim")
     tokenizer = load_tokenizer(config.model)
     model = load_model(config.model, loader=AutoModelForSequenceClassification, num_labels=1)
     model.config.pad_token_id = tokenizer.pad_token_id
@@ -123,7 +126,11 @@ def run(config: RewardConfig) -> dict:
         "wall_time_s": time.time() - started,
         "peak_rss_mb": runs.peak_rss_mb(),
     }
+    write_model_card(out, title=f"Reward model on {config.model.name_or_path}", base_model=config.model.name_or_path,
+                     lineage=[config.model.name_or_path, f"reward ({config.data.path})"], config=config,
+                     metrics=metrics, tags=["reward-model"], library="transformers", pipeline_tag="text-classification")
     runs.write_json(out / runs.METRICS, metrics)
+    push(out, config)
     return metrics
 
 

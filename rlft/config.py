@@ -81,18 +81,34 @@ class ModelConfig:
 
 @dataclass
 class LoraConfig:
+    kind: Literal["lora", "ia3"] = option(
+        "lora", "Adapter method: lora (LoRA, DoRA, rsLoRA), or ia3 ((IA)3: learned rescaling vectors, T-Few).")
     r: int = option(16, "LoRA rank.")
-    alpha: int = option(32, "LoRA alpha; the update is scaled by alpha / r.")
+    alpha: int = option(32, "LoRA alpha; the update is scaled by alpha / r (alpha / sqrt(r) with use_rslora).")
     dropout: float = option(0.05, "Dropout on the LoRA input.")
     target_modules: list[str] = option(
-        ["all-linear"], "Module names to adapt, or ['all-linear'] for every linear layer but the head."
-    )
+        ["all-linear"], "Module names to adapt, or ['all-linear'] for every linear layer but the head.")
+    feedforward_modules: list[str] = option(
+        [], "ia3: the target modules that are feed-forward layers (their input is scaled, not their output); "
+        "empty with target_modules=[all-linear]: peft's per-architecture default.")
+    bias: Literal["none", "all", "lora_only"] = option(
+        "none", "Also train biases: all of them, or those of adapted layers. PPO refuses it: biases are base "
+        "weights, so the reference (adapter off) would move too.")
+    use_rslora: bool = option(False, "Rank-stabilised LoRA: scale by alpha / sqrt(r) (Kalajdzievski 2023).")
+    use_dora: bool = option(False, "DoRA: learn each weight's magnitude apart from its direction (Liu et al. 2024).")
+    init: Literal["default", "gaussian"] = option(
+        "default", "LoRA A's initialisation (B starts at 0 either way, so the adapter starts as the identity). "
+        "peft's PiSSA/OLoRA/LoftQ rewrite the base weights, which would move the reference, and are not offered.")
 
     def __post_init__(self):
         require(self.r > 0, "r", f"must be a positive integer rank, got {self.r} (try 8, 16 or 32)")
         require(self.alpha > 0, "alpha", f"must be positive, got {self.alpha}")
         require(0 <= self.dropout < 1, "dropout", f"must be in [0, 1), got {self.dropout}")
         require(len(self.target_modules) > 0, "target_modules", "must name at least one module")
+        require(self.kind == "lora" or not (self.use_dora or self.use_rslora or self.bias != "none"), "kind",
+                "use_dora, use_rslora and bias are LoRA options; (IA)3 has none of them")
+        require(not self.feedforward_modules or set(self.feedforward_modules) <= set(self.target_modules),
+                "feedforward_modules", "must be a subset of target_modules")
 
 
 @dataclass

@@ -32,6 +32,10 @@ class TrainConfig:
     learning_rate: float = option(2e-4, "Peak learning rate.")
     lr_scheduler: str = option("cosine", "transformers scheduler name: linear, cosine, constant, ...")
     warmup_ratio: float = option(0.03, "Share of steps spent warming up the learning rate.")
+    warmup_steps: int = option(0, "Warm up for this many steps instead (0: use warmup_ratio).")
+    optim: str = option(
+        "adamw_torch", "Any HF Trainer optimizer name: adamw_torch, adamw_8bit, paged_adamw_8bit, paged_adamw_32bit, "
+        "adafactor, sgd, lion_8bit, ... (bitsandbytes' 8-bit states cut optimizer memory by ~75%).")
     weight_decay: float = option(0.0, "AdamW weight decay.")
     max_grad_norm: float = option(1.0, "Clip the gradient norm to this.")
     max_length: int = option(512, "Truncate tokenized rows to this many tokens.")
@@ -46,6 +50,7 @@ class TrainConfig:
         require(self.gradient_accumulation_steps > 0, "gradient_accumulation_steps", "must be >= 1")
         require(self.learning_rate > 0, "learning_rate", f"must be > 0, got {self.learning_rate}")
         require(0 <= self.warmup_ratio < 1, "warmup_ratio", "must be in [0, 1)")
+        require(self.warmup_steps >= 0, "warmup_steps", "must be >= 0 (0: use warmup_ratio)")
         require(self.max_grad_norm > 0, "max_grad_norm", "must be > 0")
         require(self.max_length > 0, "max_length", "must be > 0")
         require(self.logging_steps > 0, "logging_steps", "must be >= 1")
@@ -67,7 +72,8 @@ def training_kwargs(train: TrainConfig, model: ModelConfig, output_dir: Path, se
         gradient_accumulation_steps=train.gradient_accumulation_steps,
         learning_rate=train.learning_rate,
         lr_scheduler_type=train.lr_scheduler,
-        warmup_steps=train.warmup_ratio,  # a float in [0, 1) is read as a share of the steps
+        warmup_steps=train.warmup_steps or train.warmup_ratio,  # a float in [0, 1) is read as a share of the steps
+        optim=train.optim,
         weight_decay=train.weight_decay,
         max_grad_norm=train.max_grad_norm,
         max_length=train.max_length,
@@ -108,6 +114,36 @@ def last_checkpoint(output_dir: str | Path) -> str | None:
         if step > newest and not (path / COMPLETE).is_file():
             shutil.rmtree(path, ignore_errors=True)  # half-written by a killed run: the Trainer would choke on it
     return str(complete[-1][1]) if complete else None
+
+
+def check_optimizer(name: str, key: str) -> None:
+    """Refuse an optimizer name the HF Trainer does not know, with the nearest one, before any model loads."""
+    import difflib
+
+    from transformers.training_args import OptimizerNames
+
+    names = [o.value for o in OptimizerNames]
+    if name not in names:
+        close = difflib.get_close_matches(name, names, n=1)
+        hint = f"did you mean '{close[0]}'?" if close else f"choose from {', '.join(names[:12])}, ..."
+        raise RlftError(f"bad value for '{key}': unknown optimizer '{name}'; {hint}")
+
+
+def optimizer(parameters, name: str, learning_rate: float, eps: float = 1e-8, weight_decay: float = 0.0):
+    """The optimizer the HF Trainer would build for `name` (one mapping for every stage, PPO's included)."""
+    import dataclasses
+    from types import SimpleNamespace
+
+    from transformers import Trainer, TrainingArguments
+
+    # TrainingArguments' defaults without building one: its __post_init__ resets accelerate's process state.
+    defaults = {f.name: f.default if f.default is not dataclasses.MISSING else None
+                for f in dataclasses.fields(TrainingArguments)}
+    args = SimpleNamespace(**{**defaults, "optim": name, "learning_rate": learning_rate, "adam_epsilon": eps,
+                              "weight_decay": weight_decay})
+    optimizer_class, kwargs = Trainer.get_optimizer_cls_and_kwargs(args)
+    # The Trainer sets weight decay through parameter groups, not the constructor: so do we.
+    return optimizer_class([{"params": list(parameters), "weight_decay": weight_decay}], **kwargs)
 
 
 def measured_before(out: Path, checkpoint: str | None, name: str, measure) -> float:

@@ -22,6 +22,7 @@ from rlft.errors import RlftError
 SMOLLM2 = "smollm2-135m-instruct"
 MINILM = "all-minilm-l6-v2"
 EMBEDDED = (SMOLLM2, MINILM)
+HUB_IDS = {SMOLLM2: "HuggingFaceTB/SmolLM2-135M-Instruct", MINILM: "sentence-transformers/all-MiniLM-L6-v2"}
 
 
 def cache_dir() -> Path:
@@ -177,9 +178,13 @@ def load_model(config: ModelConfig, loader=None, device: torch.device | str | No
 
 
 def add_lora(model, model_config: ModelConfig, lora: LoraConfig, task_type: str = "CAUSAL_LM", adapter_name="default"):
-    """Wrap a frozen base in a trainable LoRA adapter (QLoRA when the base is quantized)."""
+    """Wrap a frozen base in a trainable adapter, LoRA or (IA)3 (QLoRA when the base is quantized).
+
+    Every choice offered starts as the identity (LoRA's B = 0, DoRA's magnitude = the weight norm, (IA)3's
+    vectors = 1), so at step 0 the model with its adapter on is exactly the model with it off.
+    """
+    from peft import IA3Config, get_peft_model, prepare_model_for_kbit_training
     from peft import LoraConfig as PeftLoraConfig
-    from peft import get_peft_model, prepare_model_for_kbit_training
 
     if model_config.quantization == "4bit":
         # On CPUs with AVX512-BF16, bitsandbytes repacks 4-bit weights into an inference-only layout at the
@@ -193,10 +198,16 @@ def add_lora(model, model_config: ModelConfig, lora: LoraConfig, task_type: str 
     elif model_config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
-    targets = "all-linear" if lora.target_modules == ["all-linear"] else lora.target_modules
-    peft_config = PeftLoraConfig(
-        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets, task_type=task_type
-    )
+    all_linear = lora.target_modules == ["all-linear"]
+    if lora.kind == "ia3":
+        peft_config = IA3Config(target_modules=None if all_linear else lora.target_modules,
+                                feedforward_modules=lora.feedforward_modules or None, task_type=task_type)
+    else:
+        peft_config = PeftLoraConfig(
+            r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, task_type=task_type, bias=lora.bias,
+            target_modules="all-linear" if all_linear else lora.target_modules, use_rslora=lora.use_rslora,
+            use_dora=lora.use_dora, init_lora_weights=True if lora.init == "default" else lora.init,
+        )
     try:
         return get_peft_model(model, peft_config, adapter_name=adapter_name)
     except (ValueError, TypeError, NotImplementedError) as e:

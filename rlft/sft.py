@@ -19,12 +19,13 @@ from rlft import hf_training
 from rlft.hf_training import RESUMABLE_CHANGES, TrainConfig, check_finite_losses, last_checkpoint, training_kwargs
 from rlft.models import add_lora, context_length, count_parameters, load_model, load_tokenizer
 from rlft.policy import save_adapter
+from rlft.publish import Publishing, push, write_model_card
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
-class SFTConfig:
+class SFTConfig(Publishing):
     output_dir: str = option("runs/sft", "Where the adapter, tokenizer, config, metrics and logs go.")
     seed: int = option(0, "Seed for data order, hold-out split, LoRA init and dropout.")
     resume: bool = option(True, "Continue from the last checkpoint in output_dir if there is one.")
@@ -39,6 +40,7 @@ class SFTConfig:
     train: TrainConfig = section(TrainConfig, "Optimisation.")
 
     def __post_init__(self):
+        super().__post_init__()
         require(self.num_samples >= 0, "num_samples", "must be >= 0")
 
 
@@ -57,6 +59,7 @@ def run(config: SFTConfig) -> dict:
     )
     if data_format == "conversational" and config.completion_only_loss:
         train_data, eval_data = to_prompt_completion(train_data), to_prompt_completion(eval_data)
+    hf_training.check_optimizer(config.train.optim, "train.optim")
     tokenizer = load_tokenizer(config.model)
     if any(isinstance(value, list) for value in train_data[0].values()):  # message lists
         require_chat_template(tokenizer, config.model.name_or_path)
@@ -103,7 +106,10 @@ def run(config: SFTConfig) -> dict:
         "peak_rss_mb": runs.peak_rss_mb(),
         "samples": sample_completions(model, tokenizer, eval_data, config.num_samples),
     }
+    write_model_card(out, title=f"SFT adapter for {config.model.name_or_path}", base_model=config.model.name_or_path,
+                     lineage=[config.model.name_or_path, "sft"], config=config, metrics=metrics, tags=["sft", "lora"])
     runs.write_json(out / runs.METRICS, metrics)
+    push(out, config)
     return metrics
 
 

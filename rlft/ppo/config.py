@@ -7,6 +7,7 @@ from typing import Literal
 
 from rlft.config import DataConfig, LoraConfig, ModelConfig, option, require, section
 from rlft.generation import SamplingConfig
+from rlft.publish import Publishing
 from reward_models.scorers import ScorerConfig
 
 
@@ -28,8 +29,11 @@ class PPOHyperparameters:
     gradient_accumulation_steps: int = option(1, "Micro-batches per mini-batch (mini_batch_size must divide evenly).")
     ppo_epochs: int = option(2, "Passes over each rollout.")
     forward_batch_size: int = option(16, "Rows per no-grad forward pass when computing log-probs and values.")
+    optim: str = option("adamw_torch", "Optimizer, by HF Trainer name: adamw_torch, adamw_8bit, paged_adamw_8bit, ...")
     learning_rate: float = option(7e-4, "AdamW learning rate for the adapter and value head (2e-4 left KL at 0.1 nats "
                                   "after 7 quickstart steps).")
+    weight_decay: float = option(0.01, "Decoupled weight decay on the adapter and value head (pulls LoRA towards "
+                                 "the reference).")
     lr_schedule: Literal["constant", "linear"] = option("constant", "linear: decay to 0 over `steps`.")
     max_grad_norm: float = option(1.0, "Clip the gradient norm to this.")
     clip_range: float = option(0.2, "PPO ratio clip epsilon.")
@@ -67,7 +71,7 @@ class PPOHyperparameters:
 
 
 @dataclass
-class PPOConfig:
+class PPOConfig(Publishing):
     output_dir: str = option("runs/ppo", "Run directory: adapter, checkpoints, metrics.jsonl, TensorBoard.")
     seed: int = option(0, "Seed for prompt order, sampling and initialisation.")
     resume: bool = option(True, "Continue from the last checkpoint in output_dir if there is one.")
@@ -89,8 +93,12 @@ class PPOConfig:
     ppo: PPOHyperparameters = section(PPOHyperparameters, "PPO optimisation.")
 
     def __post_init__(self):
+        super().__post_init__()
         require(self.sampling.top_p == 1.0 and self.sampling.top_k == 0, "sampling.top_p",
                 "PPO's log-probs are those of softmax(logits / temperature) over the whole vocabulary; top_p < 1 "
                 "or top_k > 0 would sample from another distribution: leave both off (top_p=1, top_k=0)")
+        require(self.lora.bias == "none", "lora.bias",
+                "PPO trains the adapter only: biases are base weights, so training them would move the reference "
+                "(the adapter switched off) as well; use bias: none")
         require(self.save_every > 0, "save_every", "must be >= 1")
         require(self.sample_every > 0, "sample_every", "must be >= 1")

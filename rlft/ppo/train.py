@@ -16,12 +16,13 @@ from pathlib import Path
 
 import torch
 
-from rlft import runs
+from rlft import hf_training, runs
 from rlft.data import load_splits, prompts_of, render_prompts
 from rlft.errors import RlftError
 from rlft.metrics import MetricsLogger
 from rlft.models import add_lora, load_tokenizer
 from rlft.policy import load_reference, save_adapter
+from rlft.publish import push, write_model_card
 from rlft.ppo import checkpoint
 from rlft.ppo.config import RESUMABLE_CHANGES, PPOConfig, PPOHyperparameters
 from rlft.ppo.core import (AdaptiveKLController, FixedKLController, entropy_from_logits, gae, kl_penalty, masked_mean, masked_var,
@@ -47,7 +48,8 @@ def run(config: PPOConfig) -> dict:
         runs.prepare(out, config, resuming=last is not None, may_change=RESUMABLE_CHANGES)
     runs.seed_everything(config.seed)  # same on every process: identical adapter and head init
 
-    # Setup: prompts and scorer first, so bad input fails before the policy loads.
+    # Setup: prompts, scorer and optimizer name first, so bad input fails before the policy loads.
+    hf_training.check_optimizer(hp.optim, "ppo.optim")
     tokenizer = load_tokenizer(config.model)
     train_data, _, _ = load_splits(config.data, ("prompt_only", "conversational"), config.seed, "prompt data")
     prompts = prompts_of(train_data)
@@ -59,7 +61,7 @@ def run(config: PPOConfig) -> dict:
     actor_critic = PolicyWithValueHead(add_lora(base, config.model, config.lora))
     actor_critic.eval()  # no dropout anywhere: rollout and update log-probs must come from one function
     trainable = [p for p in actor_critic.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=hp.learning_rate, eps=1e-5)
+    optimizer = hf_training.optimizer(trainable, hp.optim, hp.learning_rate, eps=1e-5, weight_decay=hp.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, (lambda step: 1 - step / hp.steps) if hp.lr_schedule == "linear" else (lambda step: 1.0)
     )
@@ -148,9 +150,15 @@ def run(config: PPOConfig) -> dict:
         torch.save(actor_critic.value_head.state_dict(), out / "policy" / "value_head.pt")
         summary = logger.summary()
         summary["peak_rss_mb"] = runs.peak_rss_mb()
+        lineage = [config.model.name_or_path, *([f"sft ({config.sft_adapter})"] if config.sft_adapter else []),
+                   f"reward ({', '.join(s.path for s in config.reward)})", "ppo"]
+        write_model_card(out / "policy", title=f"PPO policy on {config.model.name_or_path}", lineage=lineage,
+                         base_model=config.model.name_or_path, config=config, metrics=summary, tags=["ppo", "rlhf"])
         runs.write_json(out / runs.METRICS, summary)
     logger.close()
     accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        push(out / "policy", config)
     return summary
 
 
