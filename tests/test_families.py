@@ -165,3 +165,15 @@ def test_peft_errors_name_the_key_peft_meant(tiny_lm_dir, files, tmp_path, capsy
                  "lora.target_modules=[no_such_layer]", f"output_dir={tmp_path / 'a'}"]) == 2
     line = capsys.readouterr().err.strip().splitlines()[-1]
     assert "bad value for 'lora.target_modules': peft says:" in line and "no_such_layer" in line
+
+
+def test_rows_past_an_absolute_position_model_context_are_cut_not_crashed(files, tmp_path):
+    """GPT-2 has 128 positions here; rows of ~300 tokens with train.max_length=512 trained past them."""
+    model_dir = save_family(tmp_path / "model", "gpt2")
+    long = tmp_path / "long.jsonl"
+    long.write_text("".join(json.dumps({"prompt": "hello " * 20, "completion": " the cat " * 140}) + "\n"
+                            for _ in range(8)))
+    metrics = run_sft(load_config(SFTConfig, None, [
+        f"output_dir={tmp_path / 'sft'}", f"model.name_or_path={model_dir}", f"data.path={long}", "lora.r=4",
+        "train.max_steps=2", "train.batch_size=4", "train.max_length=512", "num_samples=0"]))
+    assert metrics["steps"] == 2 and metrics["eval_loss_after"] == metrics["eval_loss_after"]  # finite, not NaN

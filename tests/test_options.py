@@ -149,3 +149,22 @@ def test_new_options_are_documented(capsys):
     for key in ("train.optim", "warmup_steps", "lora.kind", "use_dora", "use_rslora", "lora.bias", "push_to_hub",
                 "model.chat_template"):
         assert key in readme, key
+
+
+def test_push_uploads_the_model_without_training_state(tiny_lm_dir, data, tmp_path, monkeypatch):
+    """The call path with a reachable hub (stood in for): one repo, the saved folder, checkpoints left out."""
+    import huggingface_hub
+
+    from rlft import hub
+
+    calls = []
+    monkeypatch.setattr(hub, "offline", lambda: False)
+    monkeypatch.setattr(huggingface_hub, "create_repo", lambda repo_id, **kw: calls.append(("create", repo_id, kw)))
+    monkeypatch.setattr(huggingface_hub, "upload_folder", lambda **kw: calls.append(("upload", kw)))
+    out = tmp_path / "sft"
+    assert main(sft_args(tiny_lm_dir, data, out, "train.max_steps=1", "push_to_hub=true", "hub_model_id=me/tiny",
+                         "hub_private=false")) == 0
+    assert calls[0] == ("create", "me/tiny", {"private": False, "exist_ok": True})
+    upload = calls[1][1]
+    assert upload["repo_id"] == "me/tiny" and upload["folder_path"] == str(out)
+    assert {"checkpoints/**", "tensorboard/**", ".*"} <= set(upload["ignore_patterns"])

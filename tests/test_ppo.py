@@ -35,6 +35,7 @@ def prompts_file(tmp_path_factory):
 
 
 TINY = Path(__file__).parents[1] / "configs" / "tiny" / "ppo.yaml"
+DDP_CPU = Path(__file__).parents[1] / "configs" / "accelerate" / "ddp_cpu.yaml"
 
 
 def ppo_config(tiny_lm_dir, prompts_file, out, *overrides):
@@ -61,6 +62,60 @@ def test_reward_rises_on_a_toy_task(tiny_lm_dir, prompts_file, tmp_path):
     assert last > first + 0.2, scores
     assert (tmp_path / "policy" / "adapter_model.safetensors").is_file()
     assert (tmp_path / "metrics.json").is_file()
+
+
+GROUPED = {
+    "grpo": ["ppo.advantage_estimator=grpo", "ppo.num_generations=4", "ppo.kl_in=loss"],
+    # Unscaled advantages (Dr. GRPO, RLOO) carry beta's size: with beta = 50 in the reward every clipped step
+    # saturates and the noise of the sampled KL walks the policy away. So these take the KL in the loss here.
+    "dr_grpo": ["ppo.advantage_estimator=grpo", "ppo.num_generations=4", "ppo.scale_by_std=false", "ppo.kl_in=loss",
+                "ppo.loss_aggregation=sequence_mean"],
+    "rloo": ["ppo.advantage_estimator=rloo", "ppo.num_generations=4", "ppo.kl_in=loss"],
+    "rloo_kl_in_reward": ["ppo.advantage_estimator=rloo", "ppo.num_generations=4"],
+    "reinforce_pp": ["ppo.advantage_estimator=reinforce_pp", "ppo.num_generations=2"],
+}
+
+
+@pytest.mark.parametrize("estimator", list(GROUPED))
+def test_critic_free_estimators_learn_and_hold_the_reference_under_a_huge_beta(estimator, tiny_lm_dir, prompts_file,
+                                                                              tmp_path):
+    from rlft.ppo.train import run
+
+    run(ppo_config(tiny_lm_dir, prompts_file, tmp_path / "learn", "ppo.steps=30", "save_every=100", *GROUPED[estimator]))
+    entries = history(tmp_path / "learn")
+    assert entries[0]["objective/kl"] == 0.0 and "val/explained_variance" not in entries[0]  # no critic
+    assert not (tmp_path / "learn" / "policy" / "value_head.pt").exists()
+    scores = [e["objective/scores"] for e in entries]
+    assert sum(scores[-5:]) / 5 > sum(scores[:5]) / 5 + 0.2, scores
+
+    if estimator == "rloo_kl_in_reward":
+        return  # learns; its huge-beta behaviour is the comment's above
+    run(ppo_config(tiny_lm_dir, prompts_file, tmp_path / "held", "ppo.steps=20", "save_every=100", "ppo.kl_coef=50",
+                   *GROUPED[estimator]))
+    kls = [e["objective/kl"] for e in history(tmp_path / "held")]
+    # Near 0 up to the noise of a 16-sample k1 estimate, and far below where the learning run went
+    learned = sum(e["objective/kl"] for e in entries[-5:]) / 5
+    assert max(abs(kl) for kl in kls) < 1.5 and abs(sum(kls[-10:]) / 10) < min(1.0, 0.1 * learned), (kls, learned)
+
+
+def test_groups_stay_whole(tiny_lm_dir, prompts_file, tmp_path):
+    """Every step's rows are num_generations copies of each of its prompts, next to each other."""
+    from rlft.ppo import train
+
+    seen = []
+    collect = train.collect
+
+    def recording_collect(actor_critic, generator, tokenizer, prompts, *args):
+        seen.append([p[0]["content"] for p in prompts])
+        return collect(actor_critic, generator, tokenizer, prompts, *args)
+
+    train.collect = recording_collect
+    try:
+        train.run(ppo_config(tiny_lm_dir, prompts_file, tmp_path, "ppo.steps=2", *GROUPED["rloo"]))
+    finally:
+        train.collect = collect
+    for rows in seen:
+        assert len(rows) == 16 and all(len(set(rows[i:i + 4])) == 1 for i in range(0, 16, 4)), rows
 
 
 def test_huge_fixed_beta_keeps_policy_at_reference(tiny_lm_dir, prompts_file, tmp_path):
@@ -155,7 +210,13 @@ def test_resume_matches_uninterrupted_run(tiny_lm_dir, prompts_file, tmp_path):
             assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), (a["step"], key)
 
 
-def test_gradient_accumulation_equals_one_big_batch(tiny_lm_dir):
+@pytest.mark.parametrize("estimator", [
+    {},
+    {"advantage_estimator": "grpo", "num_generations": 2, "kl_in": "loss", "loss_aggregation": "sequence_mean"},
+    {"advantage_estimator": "rloo", "num_generations": 4, "kl_in": "loss"},
+    {"advantage_estimator": "reinforce_pp", "loss_aggregation": "sequence_mean"},
+], ids=["gae", "grpo-kl-in-loss-sequence-mean", "rloo-kl-in-loss", "reinforce_pp-sequence-mean"])
+def test_gradient_accumulation_equals_one_big_batch(tiny_lm_dir, estimator):
     from accelerate import Accelerator
 
     from rlft.config import LoraConfig, ModelConfig
@@ -173,7 +234,10 @@ def test_gradient_accumulation_equals_one_big_batch(tiny_lm_dir):
 
     def updated_adapter(accumulation):
         torch.manual_seed(0)
-        model = PolicyWithValueHead(add_lora(load_model(model_config), model_config, LoraConfig(r=4, dropout=0.0))).eval()
+        hp = PPOHyperparameters(rollout_batch_size=8, mini_batch_size=8, gradient_accumulation_steps=accumulation,
+                                ppo_epochs=1, learning_rate=1e-2, **estimator)
+        model = PolicyWithValueHead(add_lora(load_model(model_config), model_config, LoraConfig(r=4, dropout=0.0)),
+                                    critic=hp.advantage_estimator == "gae").eval()
         with torch.no_grad():
             for name, param in model.named_parameters():
                 if "lora_B" in name:
@@ -182,11 +246,9 @@ def test_gradient_accumulation_equals_one_big_batch(tiny_lm_dir):
                           lambda p, c: torch.linspace(-1, 1, len(c)), SamplingConfig(max_new_tokens=6), 8, 0.0, 0.0)
         advantages = torch.randn_like(rollout.values) * rollout.response_mask
         returns = torch.randn_like(rollout.values)
-        hp = PPOHyperparameters(rollout_batch_size=8, mini_batch_size=8, gradient_accumulation_steps=accumulation,
-                                ppo_epochs=1, learning_rate=1e-2)
         optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-2)
         torch.manual_seed(1)
-        ppo_update(model, Accelerator(cpu=True), optimizer, rollout, advantages, returns, hp, 1.0)
+        ppo_update(model, Accelerator(cpu=True), optimizer, rollout, advantages, returns, hp, 1.0, kl_coef=0.5)
         return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
     one, four = updated_adapter(1), updated_adapter(4)
@@ -195,8 +257,7 @@ def test_gradient_accumulation_equals_one_big_batch(tiny_lm_dir):
 
 
 def test_runs_under_accelerate_launch_with_two_processes(tiny_lm_dir, prompts_file, tmp_path):
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2",
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(DDP_CPU),
                "-m", "rlft", *cli_args(tiny_lm_dir, prompts_file, tmp_path)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
@@ -205,6 +266,32 @@ def test_runs_under_accelerate_launch_with_two_processes(tiny_lm_dir, prompts_fi
     assert [e["step"] for e in entries] == [1, 2]
     assert entries[-1]["perf/samples_per_s"] > 0
     assert (tmp_path / "policy" / "adapter_model.safetensors").is_file()
+    # two processes really ran: each saved its own RNG state
+    assert sorted(p.name for p in (tmp_path / "checkpoints" / "step-000002").glob("rng_state_*")) == [
+        "rng_state_0.json", "rng_state_1.json"]
+
+
+@pytest.mark.parametrize("estimator", [
+    {},
+    {"advantage_estimator": "grpo", "num_generations": 2, "kl_in": "loss"},
+    {"advantage_estimator": "rloo", "num_generations": 4, "loss_aggregation": "sequence_mean"},
+], ids=["gae", "grpo", "rloo-sequence-mean"])
+def test_two_processes_update_as_one_on_the_same_global_batch(estimator, tiny_lm_dir, tmp_path):
+    """DDP averages gradients over processes; the loss is normalised by the global mini-batch, so 2 x 4 rows
+    take the same step as 1 x 8 rows (response lengths differ between the halves: a per-process token mean
+    would not)."""
+    script = str(Path(__file__).parent / "ddp_update.py")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
+    weights = {}
+    for processes in (1, 2):
+        out = tmp_path / f"{processes}.pt"
+        command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(DDP_CPU),
+                   "--num_processes", str(processes), script, str(tiny_lm_dir), str(out), json.dumps(estimator)]
+        result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+        weights[processes] = torch.load(out, weights_only=True)
+    for name, value in weights[1].items():
+        torch.testing.assert_close(weights[2][name], value, atol=1e-6, rtol=1e-5, msg=name)
 
 
 def cli_args(tiny_lm_dir, prompts_file, out, *overrides):

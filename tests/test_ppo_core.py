@@ -292,3 +292,52 @@ def test_response_mask_with_distinct_pad_token():
     # rows 1 and 3 are padded before any EOS: they end before the first pad, not with EOS
     assert mask.tolist() == [[1, 1, 0, 0], [1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]]
     assert ended.tolist() == [True, False, False, False]
+
+
+def test_temperature_divides_bf16_logits_in_float32():
+    """bf16 logits / T would round to bf16 again (up to 0.16 nats/token off the sampler, which divides in fp32)."""
+    from rlft.ppo.core import logprobs_from_logits
+
+    logits = (torch.randn(2, 5, 300, generator=torch.Generator().manual_seed(0)) * 8).bfloat16()
+    tokens = torch.randint(0, 300, (2, 5), generator=torch.Generator().manual_seed(1))
+    exact = (logits.float() / 0.7).log_softmax(-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    torch.testing.assert_close(logprobs_from_logits(logits, tokens, 0.7), exact, atol=1e-6, rtol=0)
+
+
+def test_grpo_advantages_by_hand():
+    from rlft.ppo.core import grpo_advantages
+
+    scores = torch.tensor([1.0, 3.0, 2.0, 2.0])  # two prompts, two completions each
+    # group 1: mean 2, unbiased std sqrt(((1-2)^2 + (3-2)^2) / 1) = sqrt(2); group 2: all alike -> 0
+    expected = torch.tensor([-1 / (math.sqrt(2) + 1e-4), 1 / (math.sqrt(2) + 1e-4), 0.0, 0.0])
+    torch.testing.assert_close(grpo_advantages(scores, 2), expected)
+    # Dr. GRPO: centred only
+    torch.testing.assert_close(grpo_advantages(scores, 2, scale_by_std=False), torch.tensor([-1.0, 1.0, 0.0, 0.0]))
+
+
+def test_rloo_advantages_by_hand():
+    from rlft.ppo.core import rloo_advantages
+
+    # each score minus the mean of the other two: 1 - (3+5)/2 = -3, 3 - (1+5)/2 = 0, 5 - (1+3)/2 = 3
+    torch.testing.assert_close(rloo_advantages(torch.tensor([1.0, 3.0, 5.0, 0.0, 0.0, 6.0]), 3),
+                               torch.tensor([-3.0, 0.0, 3.0, -3.0, -3.0, 6.0]))
+
+
+def test_reinforce_pp_advantages_by_hand():
+    from rlft.ppo.core import reinforce_pp_advantages
+
+    rewards = torch.tensor([[0.1, 0.2, 1.0], [0.5, 9.0, 9.0]])  # 9s sit on padding: ignored
+    mask = torch.tensor([[1, 1, 1], [1, 0, 0]]).bool()
+    # returns-to-go 1.3, 1.2, 1.0 and 0.5: mean 1.0, unbiased var (0.09 + 0.04 + 0 + 0.25) / 3
+    std = math.sqrt(0.38 / 3)
+    expected = torch.tensor([[0.3 / std, 0.2 / std, 0.0], [-0.5 / std, 0.0, 0.0]])
+    torch.testing.assert_close(reinforce_pp_advantages(rewards, mask), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_loss_aggregation_by_hand():
+    from rlft.ppo.core import aggregate
+
+    per_token = torch.tensor([[1.0, 2.0, 3.0], [4.0, 7.0, 7.0], [5.0, 5.0, 5.0]])
+    mask = torch.tensor([[1, 1, 1], [1, 0, 0], [0, 0, 0]])
+    assert aggregate(per_token, mask, "token_mean").item() == pytest.approx(10 / 4)  # (1+2+3+4) / 4 tokens
+    assert aggregate(per_token, mask, "sequence_mean").item() == pytest.approx((2 + 4) / 2)  # empty row skipped

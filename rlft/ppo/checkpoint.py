@@ -2,7 +2,7 @@
 
 checkpoints/step-000010/
     policy/            the PPO adapter (PeftModel.save_pretrained + rlft_adapter.json): loadable on its own
-    value_head.pt      critic head weights
+    value_head.pt      critic head weights (gae only: the other estimators train no critic)
     trainer_state.pt   optimiser, scheduler, KL controller, step (tensors and numbers only)
     rng_state_<rank>.json  torch / numpy / python RNG of each process
 Nothing is unpickled on load: tensors go through torch.load(weights_only=True), the RNG states are JSON,
@@ -82,7 +82,8 @@ def save(accelerator, run_dir: Path, step: int, policy, value_head, trainer_stat
     write_json(staging / f"rng_state_{accelerator.process_index}.json", rng_state())
     if accelerator.is_main_process:
         save_adapter(policy, staging / "policy", model_config, reference_adapter)
-        torch.save(value_head.state_dict(), staging / "value_head.pt")
+        if value_head is not None:
+            torch.save(value_head.state_dict(), staging / "value_head.pt")
         torch.save(trainer_state, staging / "trainer_state.pt")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
@@ -106,7 +107,8 @@ def load(folder: Path, process_index: int, policy, value_head) -> dict:
 
     try:
         set_peft_model_state_dict(policy, load_file(folder / "policy" / "adapter_model.safetensors"))
-        value_head.load_state_dict(torch.load(folder / "value_head.pt", weights_only=True))
+        if value_head is not None:
+            value_head.load_state_dict(torch.load(folder / "value_head.pt", weights_only=True))
         rng_file = folder / f"rng_state_{process_index}.json"
         if rng_file.is_file():  # resuming with a different process count: fresh RNG for new ranks
             set_rng_state(read_json(rng_file))

@@ -24,8 +24,19 @@ class PPOLoraConfig(LoraConfig):
 @dataclass
 class PPOHyperparameters:
     steps: int = option(20, "PPO steps; each is one rollout (generate, score) and one update.")
-    rollout_batch_size: int = option(16, "Prompts per step per process.")
-    mini_batch_size: int = option(8, "Rollout rows per optimiser step.")
+    rollout_batch_size: int = option(16, "Completions per step per process (rollout_batch_size / num_generations "
+                                     "prompts).")
+    num_generations: int = option(1, "Completions sampled per prompt, kept together as a group (>= 2 for grpo/rloo).")
+    advantage_estimator: Literal["gae", "grpo", "rloo", "reinforce_pp"] = option(
+        "gae", "gae: PPO with a critic (value head); grpo: group-normalised scores; rloo: leave-one-out baseline; "
+        "reinforce_pp: REINFORCE++, batch-normalised returns. All but gae train no critic.")
+    scale_by_std: bool = option(True, "grpo: divide by the group's std (false: Dr. GRPO's centring only).")
+    kl_in: Literal["reward", "loss"] = option(
+        "reward", "Where beta * KL goes: in the per-token reward (k1 estimate, PPO's way) or in the loss "
+        "(k3 estimate of the current policy against the reference, GRPO's way).")
+    loss_aggregation: Literal["token_mean", "sequence_mean"] = option(
+        "token_mean", "Policy loss over a mini-batch: every token weighs the same, or every sequence.")
+    mini_batch_size: int = option(8, "Rollout rows per optimiser step (whole groups: a multiple of num_generations).")
     gradient_accumulation_steps: int = option(1, "Micro-batches per mini-batch (mini_batch_size must divide evenly).")
     ppo_epochs: int = option(2, "Passes over each rollout.")
     forward_batch_size: int = option(16, "Rows per no-grad forward pass when computing log-probs and values.")
@@ -55,9 +66,13 @@ class PPOHyperparameters:
     max_kl: float = option(100.0, "Abort when the mean KL per sequence exceeds this: the policy has run away.")
 
     def __post_init__(self):
-        for key in ("steps", "rollout_batch_size", "mini_batch_size", "gradient_accumulation_steps",
+        for key in ("steps", "rollout_batch_size", "num_generations", "mini_batch_size", "gradient_accumulation_steps",
                     "ppo_epochs", "forward_batch_size", "kl_horizon"):
             require(getattr(self, key) > 0, key, f"must be >= 1, got {getattr(self, key)}")
+        require(self.advantage_estimator not in ("grpo", "rloo") or self.num_generations >= 2, "num_generations",
+                f"{self.advantage_estimator} compares completions of one prompt: set num_generations >= 2")
+        require(self.mini_batch_size % self.num_generations == 0, "mini_batch_size",
+                f"must be a multiple of num_generations={self.num_generations}, so groups stay whole")
         require(self.rollout_batch_size % self.mini_batch_size == 0, "mini_batch_size",
                 f"must divide rollout_batch_size={self.rollout_batch_size}")
         require(self.mini_batch_size % self.gradient_accumulation_steps == 0, "gradient_accumulation_steps",

@@ -145,14 +145,68 @@ def gae(
     return advantages, advantages + values
 
 
+def grpo_advantages(scores: torch.Tensor, group_size: int, scale_by_std: bool = True,
+                    eps: float = 1e-4) -> torch.Tensor:
+    """Group-normalised sequence rewards: A_i = (r_i - mean(group)) / (std(group) + eps).
+
+    scores: (B,) with the k = group_size completions of each prompt consecutive -> (B,).
+    Shao et al. 2024 (DeepSeekMath, GRPO, outcome supervision) and TRL's GRPOTrainer (unbiased std,
+    eps 1e-4). `scale_by_std=False` keeps only the centring, as Dr. GRPO (Liu et al. 2025) argues:
+    dividing by the std up-weights prompts whose completions all score alike.
+    """
+    grouped = scores.view(-1, group_size)
+    advantages = grouped - grouped.mean(1, keepdim=True)
+    if scale_by_std:
+        advantages = advantages / (grouped.std(1, keepdim=True) + eps)
+    return advantages.flatten()
+
+
+def rloo_advantages(scores: torch.Tensor, group_size: int) -> torch.Tensor:
+    """REINFORCE leave-one-out: A_i = r_i - mean_{j != i} r_j within each prompt's group.
+
+    scores: (B,) in consecutive groups of k = group_size -> (B,). Ahmadian et al. 2024 ("Back to
+    basics", eq. 5), after Kool et al. 2019: the baseline of each sample is the mean of the others, so
+    it is unbiased; (k r_i - sum_j r_j) / (k - 1) computes it in one pass.
+    """
+    grouped = scores.view(-1, group_size)
+    return ((group_size * grouped - grouped.sum(1, keepdim=True)) / (group_size - 1)).flatten()
+
+
+def reinforce_pp_advantages(rewards: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
+    """REINFORCE++: returns-to-go of the per-token rewards, normalised over the whole batch.
+
+    rewards, response_mask: (B, T) -> (B, T), 0 at padding. rewards are `per_token_rewards` (the KL
+    penalty on every token, the score on the last); G_t = sum_{s >= t} r_s (gamma = 1), then whitened
+    across all tokens of the batch instead of per prompt group (Hu 2025, "REINFORCE++", sec. 3).
+    """
+    mask = response_mask.bool()
+    returns = torch.where(mask, rewards, 0).flip(-1).cumsum(-1).flip(-1)
+    return masked_whiten(returns, mask)
+
+
+def aggregate(per_token: torch.Tensor, response_mask: torch.Tensor, mode: str = "token_mean") -> torch.Tensor:
+    """A loss from per-token terms: "token_mean" = sum over valid tokens / their count (every token weighs
+    the same; long answers weigh more), "sequence_mean" = the mean over sequences of each one's token mean
+    (every answer weighs the same, GRPO's original form). per_token, response_mask: (B, T) -> scalar."""
+    mask = response_mask.float()
+    if mode == "token_mean":
+        return (per_token * mask).sum() / mask.sum().clamp(min=1)
+    if mode == "sequence_mean":
+        lengths = mask.sum(-1)
+        per_sequence = (per_token * mask).sum(-1) / lengths.clamp(min=1)
+        return per_sequence[lengths > 0].sum() / (lengths > 0).sum().clamp(min=1)
+    raise ValueError(f"unknown loss aggregation {mode!r}; expected token_mean or sequence_mean")
+
+
 def policy_loss(
     logprobs: torch.Tensor,
     old_logprobs: torch.Tensor,
     advantages: torch.Tensor,
     response_mask: torch.Tensor,
     clip_range: float,
+    aggregation: str = "token_mean",
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """PPO clipped surrogate loss (Schulman et al. 2017, eq. 7), a token-level masked mean.
+    """PPO clipped surrogate loss (Schulman et al. 2017, eq. 7), aggregated over tokens (see `aggregate`).
 
     logprobs, old_logprobs, advantages, response_mask: (B, T) -> (scalar loss, stats).
     loss = mean(max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps))).
@@ -164,7 +218,7 @@ def policy_loss(
     ratio = log_ratio.exp()
     unclipped = -advantages * ratio
     clipped = -advantages * ratio.clamp(1 - clip_range, 1 + clip_range)
-    loss = masked_mean(torch.maximum(unclipped, clipped), response_mask)
+    loss = aggregate(torch.maximum(unclipped, clipped), response_mask, aggregation)
     with torch.no_grad():
         stats = {
             "clipfrac": masked_mean((clipped > unclipped).float(), response_mask),

@@ -24,23 +24,25 @@ def position_ids_for(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 class PolicyWithValueHead(nn.Module):
-    def __init__(self, policy):
+    def __init__(self, policy, critic: bool = True):
         super().__init__()
         self.policy = policy  # a peft PeftModel; its base weights are frozen
         self.lm_head = policy.get_base_model().get_output_embeddings()
-        # The head reads what the LM head reads: its input width, not config.hidden_size (OPT-350m projects
-        # to word_embed_proj_dim first; multimodal wrapper configs have no hidden_size at all).
-        self.value_head = nn.Linear(self.lm_head.weight.shape[1], 1)
-        # A zero head starts every value at 0: no random critic noise in the first advantages.
-        nn.init.zeros_(self.value_head.weight)
-        nn.init.zeros_(self.value_head.bias)
-        self.value_head.to(next(policy.parameters()).device)
+        self.value_head = None  # critic-free estimators (grpo, rloo, reinforce_pp) train none
+        if critic:
+            # The head reads what the LM head reads: its input width, not config.hidden_size (OPT-350m
+            # projects to word_embed_proj_dim first; multimodal wrapper configs have no hidden_size at all).
+            self.value_head = nn.Linear(self.lm_head.weight.shape[1], 1)
+            # A zero head starts every value at 0: no random critic noise in the first advantages.
+            nn.init.zeros_(self.value_head.weight)
+            nn.init.zeros_(self.value_head.bias)
+            self.value_head.to(next(policy.parameters()).device)
 
     def forward(self, input_ids, attention_mask, response_length: int, temperature: float):
         """Log-probs of the response tokens, the values of the states before them, and their logits.
 
         input_ids, attention_mask: (B, P + T), prompt left-padded then response; T = response_length.
-        Returns logprobs (B, T) float32, values (B, T) float32, logits (B, T, V).
+        Returns logprobs (B, T) float32, values (B, T) float32 (zeros without a critic), logits (B, T, V).
         """
         # The head's input is the last hidden state at exactly the kept positions; a pre-hook reads it
         # for any architecture, where output_hidden_states would keep every layer's activations alive.
@@ -58,6 +60,8 @@ class PolicyWithValueHead(nn.Module):
             hook.remove()
         logits = output.logits[:, :-1]  # position P-1+t predicts response token t
         logprobs = logprobs_from_logits(logits, input_ids[:, -response_length:], temperature)
+        if self.value_head is None:
+            return logprobs, torch.zeros_like(logprobs), logits
         # Detached: critic errors must not push the policy's adapter around (see module docstring).
         hidden = captured["hidden"][:, :-1].detach()
         values = self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1).float()

@@ -44,7 +44,7 @@ def collect(actor_critic, generator, tokenizer, prompts: list, prompt_texts: lis
 
     `generator` is the policy module to call generate() on (the unwrapped peft model under DDP).
     """
-    device = actor_critic.value_head.weight.device
+    device = actor_critic.lm_head.weight.device
     timings = {}
 
     # 1. generate

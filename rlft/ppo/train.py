@@ -20,13 +20,14 @@ from rlft import hf_training, runs
 from rlft.data import load_splits, prompts_of, render_prompts
 from rlft.errors import RlftError
 from rlft.metrics import MetricsLogger
-from rlft.models import add_lora, load_tokenizer
+from rlft.models import add_lora, default_device, load_tokenizer
 from rlft.policy import load_reference, save_adapter
 from rlft.publish import push, write_model_card
 from rlft.ppo import checkpoint
 from rlft.ppo.config import RESUMABLE_CHANGES, PPOConfig, PPOHyperparameters
-from rlft.ppo.core import (AdaptiveKLController, FixedKLController, entropy_from_logits, gae, kl_penalty, masked_mean, masked_var,
-                           masked_whiten, per_token_rewards, policy_loss, value_loss)
+from rlft.ppo.core import (AdaptiveKLController, FixedKLController, aggregate, entropy_from_logits, gae, grpo_advantages,
+                           kl_penalty, masked_mean, masked_var, masked_whiten, per_token_rewards, policy_loss,
+                           reinforce_pp_advantages, rloo_advantages, value_loss)
 from rlft.ppo.model import PolicyWithValueHead
 from rlft.ppo.rollout import Rollout, collect
 from reward_models.scorers import build_scorer
@@ -40,7 +41,8 @@ def run(config: PPOConfig) -> dict:
 
     if not config.reward:
         raise RlftError("ppo needs a reward: set reward=[{kind: model, path: runs/reward}] or a module:function scorer")
-    accelerator = Accelerator()
+    # Without a GPU, say so: accelerate then joins torchrun's processes over gloo (else each runs alone).
+    accelerator = Accelerator(cpu=default_device().type == "cpu")
     hp = config.ppo
     out = Path(config.output_dir)
     last = checkpoint.latest(out) if config.resume else None
@@ -58,7 +60,7 @@ def run(config: PPOConfig) -> dict:
     scorer = build_scorer(config.reward, accelerator.device)
     reference_adapter = config.sft_adapter or None
     base = load_reference(config.model, reference_adapter, accelerator.device)
-    actor_critic = PolicyWithValueHead(add_lora(base, config.model, config.lora))
+    actor_critic = PolicyWithValueHead(add_lora(base, config.model, config.lora), critic=hp.advantage_estimator == "gae")
     actor_critic.eval()  # no dropout anywhere: rollout and update log-probs must come from one function
     trainable = [p for p in actor_critic.parameters() if p.requires_grad]
     optimizer = hf_training.optimizer(trainable, hp.optim, hp.learning_rate, eps=1e-5, weight_decay=hp.weight_decay)
@@ -87,8 +89,10 @@ def run(config: PPOConfig) -> dict:
                     initial=start_step, total=hp.steps)
     for step in progress:
         started = time.perf_counter()
-        rows = prompt_batch(step, accelerator.process_index, accelerator.num_processes,
-                            hp.rollout_batch_size, len(prompts), config.seed)
+        # each prompt num_generations times in a row: a group, whole on one process
+        rows = [i for i in prompt_batch(step, accelerator.process_index, accelerator.num_processes,
+                                        hp.rollout_batch_size // hp.num_generations, len(prompts), config.seed)
+                for _ in range(hp.num_generations)]
 
         # 1.-3. generate, score, policy/reference log-probs and values
         rollout = collect(actor_critic, actor_critic.policy, tokenizer, [prompts[i] for i in rows],
@@ -96,21 +100,19 @@ def run(config: PPOConfig) -> dict:
                           hp.missing_eos_penalty, hp.score_clip)
         mask = rollout.response_mask
 
-        # 4. per-token rewards: -beta * KL on every token, plus the score on the last one
+        # 4. per-token rewards: -beta * KL on every token (unless the KL goes in the loss), the score on the last
         kl = kl_penalty(rollout.logprobs, rollout.ref_logprobs, hp.kl_estimator)
-        rewards = per_token_rewards(rollout.scores, kl, kl_controller.value, mask)
+        rewards = per_token_rewards(rollout.scores, kl, kl_controller.value if hp.kl_in == "reward" else 0.0, mask)
         if hp.whiten_rewards:
             rewards = masked_whiten(rewards, mask, shift_mean=False)
 
-        # 5. advantages (GAE) and returns
-        advantages, returns = gae(rewards, rollout.values, mask, hp.gamma, hp.lam)
-        if hp.whiten_advantages:
-            advantages = masked_whiten(advantages, mask)
+        # 5. advantages and returns (returns train the critic: gae only)
+        advantages, returns = estimate_advantages(rewards, rollout, hp)
 
         # 6. update: several epochs of clipped policy and value losses over mini-batches
         update_started = time.perf_counter()
         update_stats = ppo_update(model, accelerator, optimizer, rollout, advantages, returns, hp,
-                                  config.sampling.temperature)
+                                  config.sampling.temperature, kl_controller.value)
         scheduler.step()
         rollout.timings["time/update"] = time.perf_counter() - update_started
         check_finite_weights(trainable, step + 1, out)  # before NaN weights reach a checkpoint or generate()
@@ -121,7 +123,8 @@ def run(config: PPOConfig) -> dict:
         beta = kl_controller.value
         kl_controller.update(mean_kl, hp.rollout_batch_size * accelerator.num_processes)
 
-        metrics = step_metrics(accelerator, rollout, rewards, kl, beta, mean_kl, returns, update_stats)
+        metrics = step_metrics(accelerator, rollout, rewards, kl, beta, mean_kl, returns, update_stats,
+                               critic=hp.advantage_estimator == "gae")
         metrics.update(rollout.timings)
         metrics["time/step"] = time.perf_counter() - started
         metrics["perf/samples_per_s"] = len(rows) * accelerator.num_processes / metrics["time/step"]
@@ -147,7 +150,8 @@ def run(config: PPOConfig) -> dict:
     summary = {}
     if accelerator.is_main_process:
         save_adapter(actor_critic.policy, out / "policy", config.model, reference_adapter)
-        torch.save(actor_critic.value_head.state_dict(), out / "policy" / "value_head.pt")
+        if actor_critic.value_head is not None:
+            torch.save(actor_critic.value_head.state_dict(), out / "policy" / "value_head.pt")
         summary = logger.summary()
         summary["peak_rss_mb"] = runs.peak_rss_mb()
         lineage = [config.model.name_or_path, *([f"sft ({config.sft_adapter})"] if config.sft_adapter else []),
@@ -162,6 +166,26 @@ def run(config: PPOConfig) -> dict:
     return summary
 
 
+def estimate_advantages(rewards: torch.Tensor, rollout: Rollout, hp: PPOHyperparameters):
+    """Step 5 for the configured estimator: (advantages (B, T), returns (B, T)); returns matter for gae only.
+
+    grpo and rloo turn each completion's whole reward (its score, plus its summed KL penalty when the KL is in
+    the reward) into one advantage against its prompt group, shared by all its tokens.
+    """
+    mask = rollout.response_mask
+    if hp.advantage_estimator == "gae":
+        advantages, returns = gae(rewards, rollout.values, mask, hp.gamma, hp.lam)
+        return (masked_whiten(advantages, mask) if hp.whiten_advantages else advantages), returns
+    if hp.advantage_estimator == "reinforce_pp":
+        return reinforce_pp_advantages(rewards, mask), torch.zeros_like(rewards)
+    sequence_rewards = rewards.sum(-1)
+    if hp.advantage_estimator == "grpo":
+        per_sequence = grpo_advantages(sequence_rewards, hp.num_generations, hp.scale_by_std)
+    else:
+        per_sequence = rloo_advantages(sequence_rewards, hp.num_generations)
+    return torch.where(mask, per_sequence[:, None], 0), torch.zeros_like(rewards)
+
+
 def check_finite_weights(parameters: list[torch.Tensor], step: int, out: Path) -> None:
     if not all(torch.isfinite(p).all() for p in parameters):
         raise RlftError(
@@ -171,11 +195,13 @@ def check_finite_weights(parameters: list[torch.Tensor], step: int, out: Path) -
 
 
 def ppo_update(model, accelerator, optimizer, rollout: Rollout, advantages, returns,
-               hp: PPOHyperparameters, temperature: float) -> dict:
-    """Step 6: `ppo_epochs` passes of shuffled mini-batches; gradient accumulation over micro-batches.
+               hp: PPOHyperparameters, temperature: float, kl_coef: float) -> dict:
+    """Step 6: `ppo_epochs` passes of shuffled mini-batches of whole groups; accumulation over micro-batches.
 
-    Each micro-batch's token-mean loss is weighted by its share of the mini-batch's tokens, so the
-    gradient equals that of one pass over the whole mini-batch (accumulation 4x1 == 1x4).
+    Each micro-batch's loss is weighted by its share of the mini-batch of all processes (of tokens for
+    token_mean, of sequences for sequence_mean), so the gradient equals that of one pass over the whole
+    global mini-batch (accumulation 4x1 == 1x4, 2 processes == 1). With kl_in=loss the loss adds
+    kl_coef * k3(pi || pi_ref) per token.
     """
     input_ids, attention_mask, mask = rollout.input_ids, rollout.attention_mask, rollout.response_mask
     length = rollout.response_ids.shape[1]
@@ -183,31 +209,43 @@ def ppo_update(model, accelerator, optimizer, rollout: Rollout, advantages, retu
     stats = defaultdict(list)
     for epoch in range(hp.ppo_epochs):
         epoch_approxkl = []
-        order = torch.randperm(len(rollout.prompts))
+        groups = torch.randperm(len(rollout.prompts) // hp.num_generations)
+        order = (groups[:, None] * hp.num_generations + torch.arange(hp.num_generations)).flatten()
         for start in range(0, len(order), hp.mini_batch_size):
             mini_batch = order[start : start + hp.mini_batch_size]
-            mini_tokens = mask[mini_batch].sum().clamp(min=1)
+            # The mini-batch of all processes: DDP averages gradients over processes, so each one scales its
+            # loss by world size / global count and the result is the loss of the global mini-batch.
+            mini_share = accelerator.reduce(share_of(mask[mini_batch], hp.loss_aggregation).float(), "sum")
+            mini_share = mini_share.clamp(min=1) / accelerator.num_processes
             for micro_start in range(0, len(mini_batch), micro_size):
                 rows = mini_batch[micro_start : micro_start + micro_size]
                 is_last = micro_start + micro_size >= len(mini_batch)
                 with accelerator.no_sync(model) if not is_last else nullcontext():
                     logprobs, values, logits = model(input_ids[rows], attention_mask[rows], length, temperature)
                     pg_loss, pg_stats = policy_loss(logprobs, rollout.logprobs[rows], advantages[rows], mask[rows],
-                                                    hp.clip_range)
-                    vf_loss, vf_stats = value_loss(values, rollout.values[rows], returns[rows], mask[rows],
-                                                   hp.clip_range_value)
+                                                    hp.clip_range, hp.loss_aggregation)
+                    loss = pg_loss
+                    if hp.advantage_estimator == "gae":
+                        vf_loss, vf_stats = value_loss(values, rollout.values[rows], returns[rows], mask[rows],
+                                                       hp.clip_range_value)
+                        loss = loss + hp.value_loss_coef * vf_loss
+                        stats["loss/value"].append(vf_loss.item())
+                        stats["val/clipfrac"].append(vf_stats["clipfrac"].item())
+                    if hp.kl_in == "loss":
+                        kl_loss = aggregate(kl_penalty(logprobs, rollout.ref_logprobs[rows], "k3"), mask[rows],
+                                            hp.loss_aggregation)
+                        loss = loss + kl_coef * kl_loss
+                        stats["loss/kl"].append(kl_loss.item())
                     with torch.set_grad_enabled(hp.entropy_coef > 0):  # else logged only: keep it off the graph
                         mean_entropy = masked_mean(entropy_from_logits(logits, temperature), mask[rows])
-                    loss = pg_loss + hp.value_loss_coef * vf_loss - hp.entropy_coef * mean_entropy
+                    loss = loss - hp.entropy_coef * mean_entropy
                     if not torch.isfinite(loss):
                         raise RlftError("PPO loss became NaN/inf: lower ppo.learning_rate or check the scorer's scores")
-                    accelerator.backward(loss * mask[rows].sum() / mini_tokens)
+                    accelerator.backward(loss * share_of(mask[rows], hp.loss_aggregation) / mini_share)
                 stats["loss/policy"].append(pg_loss.item())
-                stats["loss/value"].append(vf_loss.item())
                 stats["policy/entropy"].append(mean_entropy.item())
                 stats["policy/clipfrac"].append(pg_stats["clipfrac"].item())
                 stats["policy/approxkl"].append(pg_stats["approxkl"].item())
-                stats["val/clipfrac"].append(vf_stats["clipfrac"].item())
                 epoch_approxkl.append(pg_stats["approxkl"].item())
             grad_norm = accelerator.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
                                                     hp.max_grad_norm)
@@ -220,22 +258,30 @@ def ppo_update(model, accelerator, optimizer, rollout: Rollout, advantages, retu
     return {key: sum(values) / len(values) for key, values in stats.items()}
 
 
+def share_of(response_mask: torch.Tensor, aggregation: str) -> torch.Tensor:
+    """What a micro-batch's loss is an average over: its tokens (token_mean) or its non-empty sequences."""
+    if aggregation == "token_mean":
+        return response_mask.sum()
+    return response_mask.any(-1).sum()
+
+
 def step_metrics(accelerator, rollout: Rollout, rewards, kl, beta: float, mean_kl: float, returns,
-                 update_stats: dict) -> dict:
+                 update_stats: dict, critic: bool) -> dict:
     """Namespaced per-step metrics, averaged over processes (the same names in JSONL, TensorBoard, reports)."""
     mask = rollout.response_mask
     scores = accelerator.gather(rollout.scores)
     non_score = torch.where(mask, -beta * kl, 0).sum(1)
-    explained_variance = 1 - masked_var(returns - rollout.values, mask) / masked_var(returns, mask).clamp(min=1e-8)
     local = {
         "objective/kl_penalty": torch.where(mask, kl, 0).sum(1).mean(),
         "objective/non_score_reward": non_score.mean(),
         "objective/rlhf_reward": (rollout.scores + non_score).mean(),
-        "val/explained_variance": explained_variance,
-        "val/mean": masked_mean(rollout.values, mask),
         "response/length": mask.sum(1).float().mean(),
         "response/eos_rate": rollout.ended_with_eos.float().mean(),
     }
+    if critic:
+        local["val/explained_variance"] = 1 - masked_var(returns - rollout.values, mask) / masked_var(
+            returns, mask).clamp(min=1e-8)
+        local["val/mean"] = masked_mean(rollout.values, mask)
     metrics = {key: accelerator.reduce(value.detach().float(), "mean").item() for key, value in local.items()}
     metrics.update({
         "objective/scores": scores.mean().item(),

@@ -1,0 +1,68 @@
+"""One PPO update of a fixed rollout, split over however many processes `accelerate launch` starts.
+
+    accelerate launch --cpu --num_processes N tests/ddp_update.py MODEL_DIR OUT.pt '{"advantage_estimator": ...}'
+
+Every process builds the same model and the same 8-row rollout (same seeds), computes advantages on all
+of it (groups whole), keeps its own contiguous share of the rows, and takes one optimiser step; the main
+process saves the adapter. N = 1 and N = 2 must save the same weights.
+"""
+
+import dataclasses
+import json
+import sys
+
+import torch
+from accelerate import Accelerator
+
+from rlft.config import LoraConfig, ModelConfig
+from rlft.generation import SamplingConfig
+from rlft.models import add_lora, load_model, load_tokenizer
+from rlft.ppo.config import PPOHyperparameters
+from rlft.ppo.model import PolicyWithValueHead
+from rlft.ppo.rollout import Rollout, collect
+from rlft.ppo.train import estimate_advantages, ppo_update
+
+WORDS = "hello how are you tell me about the cat dog sun rain".split()
+
+
+def main(model_dir: str, out: str, estimator: dict) -> None:
+    accelerator = Accelerator(cpu=True)
+    world, rank = accelerator.num_processes, accelerator.process_index
+    config = ModelConfig(name_or_path=model_dir)
+    tokenizer = load_tokenizer(config)
+    hp = PPOHyperparameters(rollout_batch_size=8 // world, mini_batch_size=8 // world, ppo_epochs=1,
+                            learning_rate=1e-2, **estimator)
+    torch.manual_seed(0)
+    model = PolicyWithValueHead(add_lora(load_model(config), config, LoraConfig(r=4, dropout=0.0)),
+                                critic=hp.advantage_estimator == "gae").eval()
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, 0.1)
+    k = hp.num_generations
+    prompts = [w for w in WORDS[: 8 // k] for _ in range(k)]
+    texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+             for p in prompts]
+    torch.manual_seed(1)
+    rollout = collect(model, model.policy, tokenizer, prompts, texts, lambda p, c: torch.linspace(-1, 1, len(c)),
+                      SamplingConfig(max_new_tokens=6), 8, 0.0, 0.0)
+    for row in range(8):  # responses of 6, 5, 4 and 3 tokens: the two halves hold different token counts
+        rollout.response_mask[row, 6 - row % 4 - (row >= 4):] = False
+    rollout.response_ids.masked_fill_(~rollout.response_mask, tokenizer.pad_token_id)
+    rewards = torch.where(rollout.response_mask, -0.1 * (rollout.logprobs - rollout.ref_logprobs), 0)
+    rewards[:, -1] += rollout.scores
+    advantages, returns = estimate_advantages(rewards, rollout, dataclasses.replace(hp, rollout_batch_size=8,
+                                                                                    mini_batch_size=8))
+    rows = slice(rank * 8 // world, (rank + 1) * 8 // world)
+    mine = Rollout(**{f.name: (getattr(rollout, f.name)[rows] if f.name != "timings" else {})
+                      for f in dataclasses.fields(Rollout)})
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    wrapped, optimizer = accelerator.prepare(model, optimizer)
+    ppo_update(wrapped, accelerator, optimizer, mine, advantages[rows], returns[rows], hp, 1.0, kl_coef=0.5)
+    if accelerator.is_main_process:
+        torch.save({n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}, out)
+    accelerator.wait_for_everyone()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2], json.loads(sys.argv[3]))
