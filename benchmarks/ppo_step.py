@@ -47,6 +47,7 @@ class Settings:
     seed: int = 0
     threads: int = 0  # torch threads per child (0: torch's default)
     model: str = "smollm2-135m-instruct"
+    estimator: str = "gae"  # rlft's side: gae (PPO with a critic) or grpo (like with like against TRL's GRPO)
 
     @property
     def prompts_per_step(self) -> int:
@@ -74,6 +75,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--natural-lengths", action="store_true",
                         help="Let completions stop at EOS (default: both sides generate exactly --max-new-tokens).")
     parser.add_argument("--threads", type=int, default=0, help="torch threads per side (0: torch default).")
+    parser.add_argument("--estimator", choices=("gae", "grpo"), default="gae",
+                        help="rlft's advantage estimator: gae (PPO + critic) or grpo (TRL's algorithm: groups, "
+                             "KL in the loss, no critic).")
     parser.add_argument("--skip-trl", action="store_true", help="Time rlft only.")
     parser.add_argument("--json", help="Also write the results here.")
     parser.add_argument("--keep", help="Keep the run directories and child logs under this folder.")
@@ -86,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
 
     settings = Settings(completions=args.completions, num_generations=args.num_generations,
                         max_new_tokens=args.max_new_tokens, equal_lengths=not args.natural_lengths,
-                        warmup=args.warmup, steps=args.steps, threads=args.threads)
+                        warmup=args.warmup, steps=args.steps, threads=args.threads, estimator=args.estimator)
     if settings.completions % settings.num_generations or settings.num_generations < 2:
         parser.error("--num-generations must be >= 2 and divide --completions")
     if settings.steps < 1 or settings.warmup < 0:
@@ -151,7 +155,9 @@ def write_prompts(settings: Settings, workdir: Path) -> None:
     (workdir / "prompts.json").write_text(json.dumps(chosen))
     with open(workdir / "rlft_prompts.jsonl", "w") as f:
         for prompt in chosen:
-            f.writelines(json.dumps({"prompt": prompt}) + "\n" for _ in range(settings.num_generations))
+            # grpo groups the repeats itself (ppo.num_generations); gae gets them spelled out
+            repeats = 1 if settings.estimator == "grpo" else settings.num_generations
+            f.writelines(json.dumps({"prompt": prompt}) + "\n" for _ in range(repeats))
 
 
 def summarize(raw: dict, settings: Settings) -> dict:
@@ -189,6 +195,7 @@ def reproduce_command(args) -> str:
              args.num_generations, "--max-new-tokens", args.max_new_tokens, "--warmup", args.warmup,
              "--steps", args.steps]
     parts += ["--natural-lengths"] * args.natural_lengths + ["--threads", args.threads] * bool(args.threads)
+    parts += ["--estimator", args.estimator] * (args.estimator != "gae")
     parts += ["--skip-trl"] * args.skip_trl + ["--json", args.json] * bool(args.json)
     cache = f"RLFT_CACHE={shlex.quote(os.environ['RLFT_CACHE'])} " if "RLFT_CACHE" in os.environ else ""
     return cache + shlex.join(map(str, parts))
@@ -196,7 +203,7 @@ def reproduce_command(args) -> str:
 
 def print_table(report: dict) -> None:
     results, s = report["results"], report["settings"]
-    print(f"\nPPO step benchmark: {s['model']}, LoRA r={s['lora_r']} alpha={s['lora_alpha']} all-linear, "
+    print(f"\nPPO step benchmark (rlft estimator {s.get('estimator', 'gae')}): {s['model']}, LoRA r={s['lora_r']} alpha={s['lora_alpha']} all-linear, "
           f"{s['completions']} completions/step ({s['completions'] // s['num_generations']} prompts x "
           f"{s['num_generations']}), max_new_tokens={s['max_new_tokens']}"
           f"{' (EOS suppressed: equal lengths)' if s['equal_lengths'] else ''}, beta={s['beta']}, "
@@ -268,18 +275,6 @@ def run_rlft(settings: Settings, workdir: Path) -> tuple[list[dict], float]:
 
     rss_after_imports = peak_rss_mb()
 
-    if settings.equal_lengths:
-        # rlft's sampler has no min-length option; generate() honours the model's own generation_config,
-        # so the benchmark sets it there (TRL gets the same through GRPOConfig.generation_kwargs).
-        load_reference = train.load_reference
-
-        def load_reference_with_min_length(*args, **kwargs):
-            model = load_reference(*args, **kwargs)
-            model.generation_config.min_new_tokens = settings.max_new_tokens
-            return model
-
-        train.load_reference = load_reference_with_min_length
-
     # Process CPU seconds per step, from the step's first call (prompt_batch) to its metrics (logger.log):
     # the span time/step covers. It moves far less than wall time when other processes share the CPU.
     cpu_seconds, step_started = [], []
@@ -308,6 +303,11 @@ def run_rlft(settings: Settings, workdir: Path) -> tuple[list[dict], float]:
         f"data.path={workdir / 'rlft_prompts.jsonl'}", "data.eval_split=train",  # every row is a training prompt
         f"sampling.max_new_tokens={settings.max_new_tokens}", f"sampling.temperature={settings.temperature}",
         "sampling.top_p=1.0", "sampling.top_k=0",
+        # equal lengths: EOS banned until max_new_tokens (PPO's log-probs apply the same ban); TRL gets the same
+        # through GRPOConfig.generation_kwargs
+        f"sampling.min_new_tokens={settings.max_new_tokens if settings.equal_lengths else 0}",
+        *(["ppo.advantage_estimator=grpo", f"ppo.num_generations={settings.num_generations}", "ppo.kl_in=loss"]
+          if settings.estimator == "grpo" else []),
         f"reward={json.dumps([reward])}",
         f"ppo.steps={total_steps}", f"ppo.rollout_batch_size={n}", f"ppo.mini_batch_size={n}",
         f"ppo.forward_batch_size={n}", "ppo.gradient_accumulation_steps=1", "ppo.ppo_epochs=1",

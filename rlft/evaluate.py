@@ -83,6 +83,8 @@ class EvalConfig:
     def __post_init__(self):
         require(bool(self.policies) or bool(self.checkpoints_of), "policies", "name at least one adapter folder")
         require(self.num_prompts > 0, "num_prompts", "must be >= 1")
+        require(self.sampling.min_new_tokens == 0, "sampling.min_new_tokens",
+                "eval measures KL of unconstrained samples: leave it at 0")
         require(self.num_samples_shown >= 0, "num_samples_shown", "must be >= 0")
         require(self.batch_size > 0, "batch_size", "must be >= 1")
         require(len(self.scorers) > 0, "scorers", "name at least one scorer (the first is the proxy reward)")

@@ -20,6 +20,8 @@ class SamplingConfig:
     temperature: float = option(1.0, "Sampling temperature; PPO recomputes log-probs at the same temperature.")
     top_p: float = option(1.0, "Nucleus sampling mass (1.0: off).")
     top_k: int = option(0, "Sample from the k most likely tokens (0: off).")
+    min_new_tokens: int = option(0, "Forbid EOS for the first this many tokens (0: off). PPO's log-probs apply the "
+                                 "same mask, so they still describe what was sampled.")
     max_prompt_length: int = option(256, "Prompts longer than this many tokens are an error, not silently cut.")
 
     def __post_init__(self):
@@ -27,6 +29,7 @@ class SamplingConfig:
         require(self.temperature > 0, "temperature", "must be > 0 (use a small value for near-greedy)")
         require(0 < self.top_p <= 1, "top_p", "must be in (0, 1]")
         require(self.top_k >= 0, "top_k", "must be >= 0")
+        require(0 <= self.min_new_tokens <= self.max_new_tokens, "min_new_tokens", "must be in [0, max_new_tokens]")
         require(self.max_prompt_length > 0, "max_prompt_length", "must be >= 1")
 
 
@@ -75,6 +78,7 @@ def sample(model, prompt: dict[str, torch.Tensor], sampling: SamplingConfig, tok
         top_p=sampling.top_p if not greedy else 1.0,
         top_k=sampling.top_k if not greedy else 0,
         max_new_tokens=sampling.max_new_tokens,
+        min_new_tokens=sampling.min_new_tokens or None,
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
         use_cache=True,

@@ -26,15 +26,17 @@ def opinionated_model(tiny_lm_dir, tmp_path):
     return folder
 
 
-def test_sampler_log_probs_equal_the_recomputed_ones(opinionated_model):
+@pytest.mark.parametrize("min_new_tokens", [0, 5])
+def test_sampler_log_probs_equal_the_recomputed_ones(opinionated_model, min_new_tokens):
     config = ModelConfig(name_or_path=str(opinionated_model))
     tokenizer = load_tokenizer(config)
     torch.manual_seed(0)
-    policy = PolicyWithValueHead(add_lora(load_model(config), config, LoraConfig(r=4, dropout=0.0))).eval()
+    policy = PolicyWithValueHead(add_lora(load_model(config), config, LoraConfig(r=4, dropout=0.0)),
+                                 eos_token_id=tokenizer.eos_token_id, min_new_tokens=min_new_tokens).eval()
     prompts = [tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
                                              add_generation_prompt=True) for text in ("hello how are", "tell me a", "the cat")]
     query = encode_prompts(tokenizer, prompts, 64, "cpu")
-    sampling = SamplingConfig(max_new_tokens=12, temperature=1.3)
+    sampling = SamplingConfig(max_new_tokens=12, temperature=1.3, min_new_tokens=min_new_tokens)
 
     captured = {}
     generate = policy.policy.generate

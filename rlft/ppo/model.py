@@ -24,9 +24,11 @@ def position_ids_for(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 class PolicyWithValueHead(nn.Module):
-    def __init__(self, policy, critic: bool = True):
+    def __init__(self, policy, critic: bool = True, eos_token_id: int | None = None, min_new_tokens: int = 0):
         super().__init__()
         self.policy = policy  # a peft PeftModel; its base weights are frozen
+        # The sampler's EOS ban on the first min_new_tokens tokens, applied to every log-prob too
+        self.eos_token_id, self.min_new_tokens = eos_token_id, min_new_tokens
         self.lm_head = policy.get_base_model().get_output_embeddings()
         self.value_head = None  # critic-free estimators (grpo, rloo, reinforce_pp) train none
         if critic:
@@ -58,7 +60,7 @@ class PolicyWithValueHead(nn.Module):
             )
         finally:
             hook.remove()
-        logits = output.logits[:, :-1]  # position P-1+t predicts response token t
+        logits = self.as_sampled(output.logits[:, :-1])  # position P-1+t predicts response token t
         logprobs = logprobs_from_logits(logits, input_ids[:, -response_length:], temperature)
         if self.value_head is None:
             return logprobs, torch.zeros_like(logprobs), logits
@@ -78,4 +80,13 @@ class PolicyWithValueHead(nn.Module):
                 logits_to_keep=response_length + 1,
                 use_cache=False,
             )
-        return logprobs_from_logits(output.logits[:, :-1], input_ids[:, -response_length:], temperature)
+        return logprobs_from_logits(self.as_sampled(output.logits[:, :-1]), input_ids[:, -response_length:],
+                                    temperature)
+
+    def as_sampled(self, logits: torch.Tensor) -> torch.Tensor:
+        """Response logits (B, T, V) with EOS at -inf where the sampler banned it (the first min_new_tokens)."""
+        if not self.min_new_tokens:
+            return logits
+        banned = torch.zeros(logits.shape[1:], dtype=torch.bool, device=logits.device)
+        banned[: self.min_new_tokens, self.eos_token_id] = True
+        return logits.masked_fill(banned, float("-inf"))

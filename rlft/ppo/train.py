@@ -60,7 +60,8 @@ def run(config: PPOConfig) -> dict:
     scorer = build_scorer(config.reward, accelerator.device)
     reference_adapter = config.sft_adapter or None
     base = load_reference(config.model, reference_adapter, accelerator.device)
-    actor_critic = PolicyWithValueHead(add_lora(base, config.model, config.lora), critic=hp.advantage_estimator == "gae")
+    actor_critic = PolicyWithValueHead(add_lora(base, config.model, config.lora), critic=hp.advantage_estimator == "gae",
+                                       eos_token_id=tokenizer.eos_token_id, min_new_tokens=config.sampling.min_new_tokens)
     actor_critic.eval()  # no dropout anywhere: rollout and update log-probs must come from one function
     trainable = [p for p in actor_critic.parameters() if p.requires_grad]
     optimizer = hf_training.optimizer(trainable, hp.optim, hp.learning_rate, eps=1e-5, weight_decay=hp.weight_decay)
