@@ -7,6 +7,7 @@ adapter, tokenizer, resolved config and metrics (metrics.json last: it marks the
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +15,7 @@ from pathlib import Path
 from rlft import runs
 from rlft.config import DataConfig, LoraConfig, ModelConfig, option, require, section
 from rlft.data import load_splits, prompts_of, render_prompts, require_chat_template, to_prompt_completion
+from rlft.errors import RlftError
 from rlft.generation import SamplingConfig, complete
 from rlft import hf_training
 from rlft.hf_training import RESUMABLE_CHANGES, TrainConfig, check_finite_losses, last_checkpoint, training_kwargs
@@ -83,12 +85,12 @@ def run(config: SFTConfig) -> dict:
     )
     hf_training.keep_trainable_float32(model)
 
-    eval_before = hf_training.measured_before(out, checkpoint, "eval_loss", lambda: trainer.evaluate()["eval_loss"])
+    eval_before = hf_training.measured_before(out, checkpoint, "eval_loss", lambda: eval_loss(trainer, config))
     log.info("eval loss before training: %.4f", eval_before)
 
     hf_training.train(trainer, checkpoint)
     check_finite_losses(trainer.state.log_history)
-    eval_after = trainer.evaluate()["eval_loss"]
+    eval_after = eval_loss(trainer, config)
     log.info("eval loss after training: %.4f (before %.4f)", eval_after, eval_before)
 
     save_adapter(model, out, config.model, reference_adapter=None)
@@ -111,6 +113,17 @@ def run(config: SFTConfig) -> dict:
     runs.write_json(out / runs.METRICS, metrics)
     push(out, config)
     return metrics
+
+
+def eval_loss(trainer, config: SFTConfig) -> float:
+    """Held-out loss; none at all when every held-out completion lies past the length cut."""
+    loss = trainer.evaluate().get("eval_loss")
+    if loss is None or not math.isfinite(loss):
+        raise RlftError(
+            f"no held-out row keeps a completion token within train.max_length={config.train.max_length} (the "
+            "prompts fill it, or the model's context is shorter): raise train.max_length or shorten the prompts"
+        )
+    return loss
 
 
 def save_merged(model_config: ModelConfig, out: Path) -> None:

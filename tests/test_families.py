@@ -177,3 +177,14 @@ def test_rows_past_an_absolute_position_model_context_are_cut_not_crashed(files,
         f"output_dir={tmp_path / 'sft'}", f"model.name_or_path={model_dir}", f"data.path={long}", "lora.r=4",
         "train.max_steps=2", "train.batch_size=4", "train.max_length=512", "num_samples=0"]))
     assert metrics["steps"] == 2 and metrics["eval_loss_after"] == metrics["eval_loss_after"]  # finite, not NaN
+
+
+def test_completions_wholly_past_the_cut_are_one_line(files, tmp_path, capsys):
+    from rlft.cli import main
+
+    model_dir = save_family(tmp_path / "model", "gpt2")  # 128 positions
+    long = tmp_path / "long.jsonl"
+    long.write_text("".join(json.dumps({"prompt": "hello " * 150, "completion": " the cat"}) + "\n" for _ in range(8)))
+    assert main(["sft", f"output_dir={tmp_path / 'sft'}", f"model.name_or_path={model_dir}", f"data.path={long}",
+                 "train.max_steps=1"]) == 2
+    assert "no held-out row keeps a completion token within train.max_length" in capsys.readouterr().err
