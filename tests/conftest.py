@@ -29,3 +29,21 @@ def tiny_lm_dir_64(tmp_path_factory):
 def tiny_reward_dir(tmp_path_factory):
     """A saved tiny random BERT sequence classifier (one output) + the same tokenizer."""
     return tiny.save_tiny_reward_backbone(tmp_path_factory.mktemp("tiny_rm"))
+
+
+@pytest.fixture(scope="session")
+def data(tmp_path_factory):
+    """Small data files for the CLI runs of the fault and option tests: sft.jsonl, prompts.jsonl, pairs.jsonl."""
+    import json
+
+    from tests.test_reward import write_marker_pairs
+
+    words = "hello how are you tell me about the cat dog sun rain day night".split()
+    folder = tmp_path_factory.mktemp("data")
+    rows = [("hello how are you ?", "i am good , thanks !"), ("tell me a joke", "why the cat ? because the dog !"),
+            ("what is the sun", "the sun is big and red"), ("do you love rain", "yes i love rain and night")] * 6
+    (folder / "sft.jsonl").write_text("".join(json.dumps({"prompt": p, "completion": " " + c}) + "\n" for p, c in rows))
+    prompts = [{"prompt": [{"role": "user", "content": " ".join(words[i % 7: i % 7 + 3])}]} for i in range(64)]
+    (folder / "prompts.jsonl").write_text("".join(json.dumps(row) + "\n" for row in prompts))
+    write_marker_pairs(folder / "pairs.jsonl", 48)
+    return folder

@@ -15,29 +15,15 @@ import pytest
 
 from rlft.cli import main
 from rlft.runs import LOCK
-from tests.test_reward import write_marker_pairs
 
 ROOT = Path(__file__).parents[1]
 TINY = ROOT / "configs" / "tiny"
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-WORDS = "hello how are you tell me about the cat dog sun rain day night".split()
 SCORER = "reward=[{kind: function, path: 'tests.test_ppo:share_of_target'}]"
 
 
 def boom(prompts, completions):
     raise ValueError("the judge service is down")
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("data")
-    rows = [("hello how are you ?", "i am good , thanks !"), ("tell me a joke", "why the cat ? because the dog !"),
-            ("what is the sun", "the sun is big and red"), ("do you love rain", "yes i love rain and night")] * 6
-    (folder / "sft.jsonl").write_text("".join(json.dumps({"prompt": p, "completion": " " + c}) + "\n" for p, c in rows))
-    prompts = [{"prompt": [{"role": "user", "content": " ".join(WORDS[i % 7: i % 7 + 3])}]} for i in range(32)]
-    (folder / "prompts.jsonl").write_text("".join(json.dumps(row) + "\n" for row in prompts))
-    write_marker_pairs(folder / "pairs.jsonl", 48)
-    return folder
 
 
 def sft_args(lm, data, out, *extra):

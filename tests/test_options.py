@@ -13,19 +13,6 @@ from tests.test_faults import ppo_args, sft_args
 from tests.test_ppo import history, ppo_config
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    from tests.test_faults import WORDS
-
-    folder = tmp_path_factory.mktemp("option_data")
-    rows = [("hello how are you ?", "i am good , thanks !"), ("tell me a joke", "why the cat ? because the dog !"),
-            ("what is the sun", "the sun is big and red"), ("do you love rain", "yes i love rain and night")] * 6
-    (folder / "sft.jsonl").write_text("".join(json.dumps({"prompt": p, "completion": " " + c}) + "\n" for p, c in rows))
-    prompts = [{"prompt": [{"role": "user", "content": " ".join(WORDS[i % 7: i % 7 + 3])}]} for i in range(64)]
-    (folder / "prompts.jsonl").write_text("".join(json.dumps(row) + "\n" for row in prompts))
-    return folder
-
-
 def test_paged_8bit_adamw_trains_sft(tiny_lm_dir, data, tmp_path):
     assert main(sft_args(tiny_lm_dir, data, tmp_path / "sft", "train.optim=paged_adamw_8bit", "train.max_steps=24",
                          "train.save_steps=100")) == 0
@@ -114,9 +101,7 @@ def test_every_saved_model_has_a_model_card(tiny_lm_dir, tiny_reward_dir, data, 
     from huggingface_hub import ModelCard
 
     from tests.test_faults import reward_args
-    from tests.test_reward import write_marker_pairs
 
-    write_marker_pairs(data / "pairs.jsonl", 32)
     assert main(sft_args(tiny_lm_dir, data, tmp_path / "sft", "train.max_steps=2")) == 0
     assert main(reward_args(tiny_reward_dir, data, tmp_path / "rm", "train.max_steps=2")) == 0
     assert main(ppo_args(tiny_lm_dir, data, tmp_path / "ppo", f"sft_adapter={tmp_path / 'sft'}", "ppo.steps=2")) == 0
