@@ -118,8 +118,8 @@ def main(argv: list[str] | None = None) -> int:
         results[side] = summarize(json.loads((workdir / f"{side}.json").read_text()), settings)
         print(f"  done in {time.perf_counter() - started:.0f}s", flush=True)
 
-    report = {"settings": asdict(settings), "command": reproduce_command(args), "results": results,
-              "ratios": ratios(results)}
+    report = {"settings": asdict(settings), "command": reproduce_command(args), "machine": machine(),
+              "results": results, "ratios": ratios(results)}
     print_table(report)
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
@@ -133,6 +133,17 @@ def child_env() -> dict:
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error")
     env.setdefault("PYTHONWARNINGS", "ignore")
     return env
+
+
+def machine() -> dict:
+    """What the figures ran on: bf16 matmuls are only fast with AVX512-BF16 or AMX (or a GPU)."""
+    import platform
+
+    cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+    model = next((line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")),
+                 platform.processor())
+    flags = set(next((line.split(":", 1)[1].split() for line in cpuinfo.splitlines() if line.startswith("flags")), []))
+    return {"cpu": model, "cores": os.cpu_count(), "bf16_instructions": sorted(flags & {"avx512_bf16", "amx_bf16"})}
 
 
 def write_prompts(settings: Settings, workdir: Path) -> None:
