@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import socket
 from urllib.parse import urlparse
 
@@ -37,8 +38,6 @@ def offline() -> bool:
 
 def go_offline() -> None:
     """Offline mode for this process: the libraries read HF_HUB_OFFLINE once, at import."""
-    import os
-
     from huggingface_hub import constants
 
     os.environ["HF_HUB_OFFLINE"] = "1"

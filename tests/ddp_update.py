@@ -25,6 +25,18 @@ from rlft.ppo.train import estimate_advantages, ppo_update
 WORDS = "hello how are you tell me about the cat dog sun rain".split()
 
 
+def moved_policy(config: ModelConfig, hp: PPOHyperparameters) -> PolicyWithValueHead:
+    """The tiny policy with its LoRA B set off zero (seeded), so the adapter already differs from the reference."""
+    torch.manual_seed(0)
+    model = PolicyWithValueHead(add_lora(load_model(config), config, LoraConfig(r=4, dropout=0.0)),
+                                critic=hp.uses_critic).eval()
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, 0.1)
+    return model
+
+
 def main(model_dir: str, out: str, estimator: dict) -> None:
     accelerator = Accelerator(cpu=True)
     world, rank = accelerator.num_processes, accelerator.process_index
@@ -32,13 +44,7 @@ def main(model_dir: str, out: str, estimator: dict) -> None:
     tokenizer = load_tokenizer(config)
     hp = PPOHyperparameters(rollout_batch_size=8 // world, mini_batch_size=8 // world, ppo_epochs=1,
                             learning_rate=1e-2, **estimator)
-    torch.manual_seed(0)
-    model = PolicyWithValueHead(add_lora(load_model(config), config, LoraConfig(r=4, dropout=0.0)),
-                                critic=hp.advantage_estimator == "gae").eval()
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if "lora_B" in name:
-                parameter.normal_(0, 0.1)
+    model = moved_policy(config, hp)
     k = hp.num_generations
     prompts = [w for w in WORDS[: 8 // k] for _ in range(k)]
     texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)

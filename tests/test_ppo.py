@@ -219,13 +219,13 @@ def test_resume_matches_uninterrupted_run(tiny_lm_dir, prompts_file, tmp_path):
 def test_gradient_accumulation_equals_one_big_batch(tiny_lm_dir, estimator):
     from accelerate import Accelerator
 
-    from rlft.config import LoraConfig, ModelConfig
+    from rlft.config import ModelConfig
     from rlft.generation import SamplingConfig
-    from rlft.models import add_lora, load_model, load_tokenizer
+    from rlft.models import load_tokenizer
     from rlft.ppo.config import PPOHyperparameters
-    from rlft.ppo.model import PolicyWithValueHead
     from rlft.ppo.rollout import collect
     from rlft.ppo.train import ppo_update
+    from tests.ddp_update import moved_policy
 
     model_config = ModelConfig(name_or_path=str(tiny_lm_dir))
     tokenizer = load_tokenizer(model_config)
@@ -233,15 +233,9 @@ def test_gradient_accumulation_equals_one_big_batch(tiny_lm_dir, estimator):
                                            add_generation_prompt=True) for w in WORDS[:8]]
 
     def updated_adapter(accumulation):
-        torch.manual_seed(0)
         hp = PPOHyperparameters(rollout_batch_size=8, mini_batch_size=8, gradient_accumulation_steps=accumulation,
                                 ppo_epochs=1, learning_rate=1e-2, **estimator)
-        model = PolicyWithValueHead(add_lora(load_model(model_config), model_config, LoraConfig(r=4, dropout=0.0)),
-                                    critic=hp.advantage_estimator == "gae").eval()
-        with torch.no_grad():
-            for name, param in model.named_parameters():
-                if "lora_B" in name:
-                    param.normal_(0, 0.1)
+        model = moved_policy(model_config, hp)
         rollout = collect(model, model.policy, tokenizer, WORDS[:8], texts,
                           lambda p, c: torch.linspace(-1, 1, len(c)), SamplingConfig(max_new_tokens=6), 8, 0.0, 0.0)
         advantages = torch.randn_like(rollout.values) * rollout.response_mask

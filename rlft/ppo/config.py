@@ -65,6 +65,11 @@ class PPOHyperparameters:
     early_stop_approxkl: float = option(0.0, "Stop an update's epochs once approx-KL exceeds this (0: off).")
     max_kl: float = option(100.0, "Abort when the mean KL per sequence exceeds this: the policy has run away.")
 
+    @property
+    def uses_critic(self) -> bool:
+        """Only GAE needs values: the other estimators baseline against the group or the batch."""
+        return self.advantage_estimator == "gae"
+
     def __post_init__(self):
         for key in ("steps", "rollout_batch_size", "num_generations", "mini_batch_size", "gradient_accumulation_steps",
                     "ppo_epochs", "forward_batch_size", "kl_horizon"):

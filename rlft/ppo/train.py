@@ -60,7 +60,7 @@ def run(config: PPOConfig) -> dict:
     scorer = build_scorer(config.reward, accelerator.device)
     reference_adapter = config.sft_adapter or None
     base = load_reference(config.model, reference_adapter, accelerator.device)
-    actor_critic = PolicyWithValueHead(add_lora(base, config.model, config.lora), critic=hp.advantage_estimator == "gae",
+    actor_critic = PolicyWithValueHead(add_lora(base, config.model, config.lora), critic=hp.uses_critic,
                                        eos_token_id=tokenizer.eos_token_id, min_new_tokens=config.sampling.min_new_tokens)
     actor_critic.eval()  # no dropout anywhere: rollout and update log-probs must come from one function
     trainable = [p for p in actor_critic.parameters() if p.requires_grad]
@@ -125,7 +125,7 @@ def run(config: PPOConfig) -> dict:
         kl_controller.update(mean_kl, hp.rollout_batch_size * accelerator.num_processes)
 
         metrics = step_metrics(accelerator, rollout, rewards, kl, beta, mean_kl, returns, update_stats,
-                               critic=hp.advantage_estimator == "gae")
+                               critic=hp.uses_critic)
         metrics.update(rollout.timings)
         metrics["time/step"] = time.perf_counter() - started
         metrics["perf/samples_per_s"] = len(rows) * accelerator.num_processes / metrics["time/step"]
@@ -174,7 +174,7 @@ def estimate_advantages(rewards: torch.Tensor, rollout: Rollout, hp: PPOHyperpar
     the reward) into one advantage against its prompt group, shared by all its tokens.
     """
     mask = rollout.response_mask
-    if hp.advantage_estimator == "gae":
+    if hp.uses_critic:
         advantages, returns = gae(rewards, rollout.values, mask, hp.gamma, hp.lam)
         return (masked_whiten(advantages, mask) if hp.whiten_advantages else advantages), returns
     if hp.advantage_estimator == "reinforce_pp":
@@ -226,7 +226,7 @@ def ppo_update(model, accelerator, optimizer, rollout: Rollout, advantages, retu
                     pg_loss, pg_stats = policy_loss(logprobs, rollout.logprobs[rows], advantages[rows], mask[rows],
                                                     hp.clip_range, hp.loss_aggregation)
                     loss = pg_loss
-                    if hp.advantage_estimator == "gae":
+                    if hp.uses_critic:
                         vf_loss, vf_stats = value_loss(values, rollout.values[rows], returns[rows], mask[rows],
                                                        hp.clip_range_value)
                         loss = loss + hp.value_loss_coef * vf_loss
