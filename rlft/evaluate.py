@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from reward_models.scorers import ScorerConfig, build_scorer
-from rlft import runs
+from rlft import hacking, runs
 from rlft.config import DataConfig, ModelConfig, option, require, section
 from rlft.data import load_splits, prompts_of, render_prompts
 from rlft.errors import RlftError
@@ -71,6 +71,9 @@ class EvalConfig:
         False, "Let the policies' base model run its own code from the hub. Only this flag decides: the "
         "adapter folders' records never do, since a downloaded folder could ask for it.",
     )
+    kl_budget: float = option(
+        0.0, "Recommend the checkpoint with the best gold (else proxy) score whose exact KL is at most this "
+        "(nats per response; 0: no budget).")
     gold: str = option("", "Name of the gold scorer (reported apart from the proxy); empty: one named 'gold', if any.")
     scorers: list[ScorerConfig] = option(
         DEFAULT_SCORERS, "Reward models / functions, each reported separately; the first is the proxy (PPO's reward)."
@@ -87,6 +90,7 @@ class EvalConfig:
                 "eval measures KL of unconstrained samples: leave it at 0")
         require(self.num_samples_shown >= 0, "num_samples_shown", "must be >= 0")
         require(self.batch_size > 0, "batch_size", "must be >= 1")
+        require(self.kl_budget >= 0, "kl_budget", "must be >= 0 (0: no budget)")
         require(len(self.scorers) > 0, "scorers", "name at least one scorer (the first is the proxy reward)")
         names = [s.name for s in self.scorers]  # ScorerConfig derives a missing name from its path
         require(len(names) == len(set(names)), "scorers", f"names must differ, got {names}: give each a `name`")
@@ -399,6 +403,9 @@ def evaluate_adapter(adapter: Adapter, prompts: list, scorers: dict, config: Eva
         },
         "time": times,
     }
+    result["hacking"] = hacking.detectors(
+        result["per_prompt"]["scores"], {"policy": policy.lengths.tolist(), "reference": reference.lengths.tolist()},
+        {"policy": policy.completions, "reference": reference.completions}, config.scorers[0].name, config.gold_scorer)
     proxy = result["rewards"][config.scorers[0].name]
     log.info(
         "%s: proxy %.3f (reference %.3f), KL exact %.3f / sampled %.3f; %s", adapter.label, proxy["policy"]["mean"],
@@ -443,6 +450,7 @@ def run(config: EvalConfig) -> dict:
         "prompts": {"source": config.data.path, "count": len(prompts)},
         "sampling": asdict(config.sampling),
         "seed": config.seed,
+        "kl_budget": config.kl_budget,
         "proxy": config.scorers[0].name,
         "gold": config.gold_scorer,
         "scorers": [asdict(scorer) for scorer in config.scorers],
@@ -450,6 +458,9 @@ def run(config: EvalConfig) -> dict:
         "checkpoints": [evaluate(adapter) for adapter in checkpoints],
         "training": {"run": training_run, "rows": training} if training_run else None,
     }
+    if checkpoints:  # the checkpoint to ship: the best judged one the KL budget allows
+        report["recommended"] = hacking.recommend(hacking.overoptimization_points(report), config.kl_budget,
+                                                  by="gold" if report["gold"] else "proxy")
 
     # 4. save: numbers first (minutes of sampling survive a plotting error), then plots and readable reports
     runs.write_json(out / "report.json", report)

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import matplotlib
 
+from rlft.hacking import overoptimization_points
+
 matplotlib.use("Agg")  # files only, never a window
 import matplotlib.pyplot as plt
 
@@ -152,18 +154,6 @@ def plot_training(training: dict):
     return figure
 
 
-def overoptimization_points(report: dict) -> list[dict]:
-    """(step, KL, proxy, gold) per checkpoint, starting from the reference itself at KL 0."""
-    proxy, gold = report["proxy"], report["gold"]
-    first = report["checkpoints"][0]["rewards"]
-    points = [{"step": 0, "kl": 0.0, "proxy": first[proxy]["reference"],
-               "gold": first[gold]["reference"] if gold else None}]
-    for r in report["checkpoints"]:
-        points.append({"step": r["step"], "kl": max(r["kl"]["exact"]["mean"], 0.0),  # exact KL is >= 0 up to rounding
-                       "proxy": r["rewards"][proxy]["policy"], "gold": r["rewards"][gold]["policy"] if gold else None})
-    return points
-
-
 def plot_overoptimization(report: dict):
     """Proxy and gold reward against KL and sqrt(KL) (Gao et al. 2022 plot against d = sqrt(KL))."""
     points = overoptimization_points(report)
@@ -175,10 +165,16 @@ def plot_overoptimization(report: dict):
         ax.set_ylabel(f"proxy score ({report['proxy']})", color=PROXY)
         for xi, p, stats in zip(x, points, [p["proxy"] for p in points]):
             ax.annotate(str(p["step"]), (xi, stats["mean"]), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        judged_ax = ax
         if report["gold"]:
-            right = ax.twinx()  # proxy and gold have unrelated scales
+            right = judged_ax = ax.twinx()  # proxy and gold have unrelated scales
             lines.append(errorline(right, x, [p["gold"] for p in points], GOLD, role(report, report["gold"])))
             right.set_ylabel(f"gold score ({report['gold']})", color=GOLD)
+        if recommended := report.get("recommended"):
+            judged = recommended["gold" if report["gold"] else "proxy"]["mean"]
+            lines.append(judged_ax.plot([transform(recommended["kl"])], [judged], marker="*", markersize=16,
+                                        color="tab:green", linestyle="none",
+                                        label=f"recommended: step {recommended['step']}")[0])
         ax.set_xlabel(xlabel)
         ax.set_title(f"Reward vs {xlabel.split(' per')[0]} across checkpoints")
         ax.legend(handles=lines, fontsize=8, loc="best")
@@ -255,6 +251,7 @@ def blocks(report: dict, images: dict[str, str]) -> list[tuple]:
                    "the reward model (Gao et al. 2022, 'Scaling laws for reward model overoptimization').")),
             ("image", images["overoptimization"], "Proxy and gold reward vs KL"),
         ]
+    content += hacking_blocks(report, results)
     for r in report["policies"]:
         if r["samples"]:
             content += [("h2", f"Samples: {r['label']}"),
@@ -262,6 +259,42 @@ def blocks(report: dict, images: dict[str, str]) -> list[tuple]:
                          [[s["prompt"], s["reference"], s["policy"],
                            "; ".join(f"{n} {v['reference']:.2f} → {v['policy']:.2f}" for n, v in s["scores"].items())]
                           for s in r["samples"]])]
+    return content
+
+
+def correlation(value) -> str:
+    return "-" if value is None else f"{value:+.2f}"
+
+
+def hacking_blocks(report: dict, results: list[dict]) -> list[tuple]:
+    """The reward-hacking section: length, proxy-gold disagreement, diversity, and the checkpoint to ship."""
+    names = list(results[0]["rewards"]) if results else []
+    content = [
+        ("h2", "Reward hacking"),
+        ("table", ["Policy", "Length shift (tokens)",
+                   *[f"Spearman(score, length) {role(report, n)}: policy / ref" for n in names],
+                   "Proxy prefers policy, gold prefers ref", "distinct-1 (policy / ref)", "distinct-2 (policy / ref)",
+                   "self-BLEU (policy / ref)"],
+         [[r["label"], f"{h['length_shift']:+.1f}",
+           *[f"{correlation(h['length_correlation'][n]['policy'])} / {correlation(h['length_correlation'][n]['reference'])}"
+             for n in names],
+           "-" if h["disagreement_rate"] is None else f"{h['disagreement_rate']:.0%}",
+           *[f"{h['diversity']['policy'][k]:.3f} / {h['diversity']['reference'][k]:.3f}"
+             for k in ("distinct_1", "distinct_2", "self_bleu")]]
+          for r in results if (h := r.get("hacking"))]),
+        ("p", ("Signs of a policy pleasing its reward model rather than the task: a score that follows length "
+               "(and a length that moved), prompts where the proxy and the gold judge disagree about which reply "
+               "is better, and samples that lost diversity against the reference's (distinct-n falls, self-BLEU "
+               "rises: mode collapse). Distinct-n: unique / all n-grams over the samples; self-BLEU: mean BLEU-4 "
+               "of each sample against the others.")),
+    ]
+    if "recommended" in report:
+        point = report["recommended"]
+        judge = "gold" if report["gold"] else "proxy"
+        content.append(("p", "No checkpoint fits the KL budget." if point is None else (
+            f"Recommended checkpoint: step {point['step']}{' (the reference itself)' if point['step'] == 0 else ''}, "
+            f"the best {judge} score ({ci(point[judge])}) at KL {point['kl']:.2f}, within the budget of "
+            f"{report['kl_budget'] or 'no limit'} (starred on the over-optimisation plot).")))
     return content
 
 

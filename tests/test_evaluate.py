@@ -183,6 +183,16 @@ def test_cli_writes_report(runs_dir):
     assert page.count('<img src="data:image/png;base64,') == 4
     markdown = (out / "report.md").read_text()
     assert "| Policy | Scorer |" in markdown and "![" in markdown and "## Over-optimisation" in markdown
+    # the hacking section (the detectors' numbers are checked by hand in test_hacking.py)
+    hacking = sft["hacking"]
+    assert set(hacking["length_correlation"]) == {"words", "happy"}
+    assert hacking["length_shift"] == pytest.approx(sft["response"]["policy"]["length"]["mean"]
+                                                    - sft["response"]["reference"]["length"]["mean"])
+    assert set(hacking["diversity"]["policy"]) == {"distinct_1", "distinct_2", "self_bleu"}
+    assert 0 <= hacking["disagreement_rate"] <= 1
+    assert report["recommended"]["step"] in (0, 10, 20)
+    assert "## Reward hacking" in markdown and "Recommended checkpoint: step" in markdown
+    assert "<h2>Reward hacking</h2>" in page
 
 
 def test_same_seed_same_numbers(runs_dir):

@@ -1,0 +1,1 @@
+"""Local `evaluate` modules rlft loads by path (the hub's are unreachable offline)."""
