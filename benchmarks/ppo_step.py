@@ -322,7 +322,7 @@ def run_rlft(settings: Settings, workdir: Path) -> tuple[list[dict], float]:
         f"reward={json.dumps([reward])}",
         f"ppo.steps={total_steps}", f"ppo.rollout_batch_size={n}", f"ppo.mini_batch_size={n}",
         f"ppo.forward_batch_size={n}", "ppo.gradient_accumulation_steps=1", "ppo.ppo_epochs=1",
-        f"ppo.learning_rate={settings.learning_rate}", f"ppo.kl_coef={settings.beta}", "ppo.adaptive_kl=false",
+        f"ppo.learning_rate={settings.learning_rate}", f"ppo.kl_coef={settings.beta}", "ppo.kl_control=fixed",
     ]
     train.run(load_config(PPOConfig, None, overrides))
     metrics = [json.loads(line) for line in (workdir / "rlft_run" / "metrics.jsonl").read_text().splitlines()]

@@ -138,20 +138,41 @@ class DataConfig:
 
 def load_config(cls: type, path: str | Path | None = None, overrides: list[str] = ()):
     """Build `cls` from an optional YAML file and `a.b=value` overrides (later ones win)."""
-    data: dict = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file '{path}' not found: check the --config path")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file '{path}' is not valid YAML: {yaml_problem(e)}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"config file '{path}' must hold a mapping of keys to values")
+    data = read_yaml(Path(path)) if path is not None else {}
     for override in overrides:
         _apply_override(data, override)
     return from_dict(cls, data)
+
+
+def read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
+    """A config file's mapping; `extends: other.yaml` (relative to this file) is read first and this one's
+    keys are merged over it, section by section, so a variant states only what differs."""
+    if not path.is_file():
+        raise ConfigError(f"config file '{path}' not found: check the --config path"
+                          + (f" (extended by '{seen[-1]}')" if seen else ""))
+    if path.resolve() in seen:
+        raise ConfigError(f"config file '{path}' extends itself through {' -> '.join(map(str, seen))}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file '{path}' is not valid YAML: {yaml_problem(e)}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file '{path}' must hold a mapping of keys to values")
+    if "extends" not in data:
+        return data
+    parent = data.pop("extends")
+    if not isinstance(parent, str) or not parent:
+        raise ConfigError(f"config file '{path}': extends must name another YAML file, got {parent!r}")
+    return merged(read_yaml(path.parent / parent, (*seen, path.resolve())), data)
+
+
+def merged(base: dict, update: dict) -> dict:
+    """`update` over `base`: mappings merge key by key, anything else (lists included) is replaced."""
+    result = dict(base)
+    for key, value in update.items():
+        result[key] = merged(result[key], value) if isinstance(value, dict) and isinstance(result.get(key), dict) \
+            else value
+    return result
 
 
 def _apply_override(data: dict, override: str) -> None:

@@ -30,6 +30,9 @@ STAGES = ("sft", "preferences", "reward", "ppo", "eval")
 class PipelineConfig:
     output_dir: str = option("runs/quickstart", "Root folder; each stage writes to <output_dir>/<stage>.")
     stages: list[str] = option(list(STAGES), f"Stages to run, in order, from {list(STAGES)}.")
+    reuse_from: str = option(
+        "", "Another pipeline's folder whose sft, preferences and reward stages this one uses (run there if not "
+        "yet complete), so variants of the PPO stage share one SFT model and one reward model; empty: its own.")
     sft: SFTConfig = section(SFTConfig, "Stage 1 (rlft sft).")
     preferences: PreferenceConfig = section(PreferenceConfig, "Pairs sampled from the SFT policy, ranked by a judge.")
     reward: RewardConfig = section(RewardConfig, "Stage 2 (rlft reward) on those pairs.")
@@ -44,7 +47,9 @@ class PipelineConfig:
 def wire(config: PipelineConfig) -> dict:
     """Each stage's config with the pipeline's paths filled in: {stage name: config}."""
     root = Path(config.output_dir)
-    sft_dir, pairs_dir, reward_dir, ppo_dir = (str(root / name) for name in STAGES[:4])
+    shared = Path(config.reuse_from or config.output_dir)
+    sft_dir, pairs_dir, reward_dir = (str(shared / name) for name in STAGES[:3])
+    ppo_dir = str(root / "ppo")
     proxy = ScorerConfig(name="proxy", kind="model", path=reward_dir, normalize=True,
                          max_length=config.reward.train.max_length)
     # The judge that ranked the preference pairs is the report's independent "gold" scorer.

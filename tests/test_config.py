@@ -47,6 +47,21 @@ def test_missing_config_file_is_one_clear_line(tmp_path, capsys):
     assert len(err) == 1 and "config file" in err[0] and "not found" in err[0]
 
 
+def test_extends_merges_sections_and_refuses_cycles(tmp_path):
+    (tmp_path / "base.yaml").write_text("lora: {r: 8, alpha: 16}\ntrain: {learning_rate: 0.001, epochs: 2}\n")
+    (tmp_path / "variant.yaml").write_text("extends: base.yaml\nlora: {r: 4}\n")
+    config = load_config(SFTConfig, tmp_path / "variant.yaml", ["train.epochs=3"])
+    assert (config.lora.r, config.lora.alpha) == (4, 16)  # r from the variant, alpha kept from its base
+    assert (config.train.learning_rate, config.train.epochs) == (0.001, 3)
+    (tmp_path / "a.yaml").write_text("extends: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("extends: a.yaml\n")
+    with pytest.raises(ConfigError, match="extends itself"):
+        load_config(SFTConfig, tmp_path / "a.yaml")
+    (tmp_path / "orphan.yaml").write_text("extends: gone.yaml\n")
+    with pytest.raises(ConfigError, match="gone.yaml' not found.*extended by"):
+        load_config(SFTConfig, tmp_path / "orphan.yaml")
+
+
 STAGE_OF = {"quickstart": "pipeline"}
 
 

@@ -51,3 +51,12 @@ def test_pipeline_runs_every_stage_then_reuses_them(tiny_lm_dir, tiny_reward_dir
         assert main(args) == 0
     assert caplog.text.count("already complete") == 4  # sft, preferences, reward, ppo; eval re-renders
     assert stamps == {stage: (out / stage / "metrics.json").stat().st_mtime_ns for stage in stamps}
+
+    # a variant of the PPO stage on the same SFT and reward models: it trains only its own PPO policy
+    variant = tmp_path / "rloo"
+    assert main([*args, f"output_dir={variant}", f"reuse_from={out}", "stages=[sft,preferences,reward,ppo]",
+                 "ppo.ppo.advantage_estimator=rloo", "ppo.ppo.num_generations=2"]) == 0
+    assert sorted(p.name for p in variant.iterdir() if p.is_dir()) == ["ppo"]
+    ppo_config = (variant / "ppo" / "config.yaml").read_text()
+    assert f"sft_adapter: {out / 'sft'}" in ppo_config and f"path: {out / 'reward'}" in ppo_config
+    assert stamps == {stage: (out / stage / "metrics.json").stat().st_mtime_ns for stage in stamps}

@@ -43,7 +43,7 @@ def ppo_config(tiny_lm_dir, prompts_file, out, *overrides):
         f"output_dir={out}", f"model.name_or_path={tiny_lm_dir}", f"data.path={prompts_file}",
         "reward=[{kind: function, path: 'tests.test_ppo:share_of_target'}]",
         "lora.r=8", "lora.alpha=16", "sampling.max_new_tokens=8", "ppo.rollout_batch_size=16",
-        "ppo.mini_batch_size=8", "ppo.steps=4", "ppo.adaptive_kl=false", "ppo.kl_coef=0.01",
+        "ppo.mini_batch_size=8", "ppo.steps=4", "ppo.kl_control=fixed", "ppo.kl_coef=0.01",
         "ppo.missing_eos_penalty=0", "save_every=2", *overrides,
     ])
 
@@ -200,9 +200,9 @@ def test_reference_and_critic_add_no_copy_of_the_base(tiny_lm_dir):
 def test_resume_matches_uninterrupted_run(tiny_lm_dir, prompts_file, tmp_path):
     from rlft.ppo.train import run
 
-    run(ppo_config(tiny_lm_dir, prompts_file, tmp_path / "straight", "ppo.adaptive_kl=true"))
-    run(ppo_config(tiny_lm_dir, prompts_file, tmp_path / "resumed", "ppo.adaptive_kl=true", "ppo.steps=2"))
-    run(ppo_config(tiny_lm_dir, prompts_file, tmp_path / "resumed", "ppo.adaptive_kl=true"))
+    run(ppo_config(tiny_lm_dir, prompts_file, tmp_path / "straight", "ppo.kl_control=pi"))
+    run(ppo_config(tiny_lm_dir, prompts_file, tmp_path / "resumed", "ppo.kl_control=pi", "ppo.steps=2"))
+    run(ppo_config(tiny_lm_dir, prompts_file, tmp_path / "resumed", "ppo.kl_control=pi"))
     straight, resumed = history(tmp_path / "straight"), history(tmp_path / "resumed")
     assert [e["step"] for e in resumed] == [1, 2, 3, 4]
     for a, b in zip(straight, resumed):

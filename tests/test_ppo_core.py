@@ -8,6 +8,7 @@ import torch
 from rlft.generation import first_true_index, response_mask_from_eos
 from rlft.ppo.core import (
     AdaptiveKLController,
+    PIKLController,
     FixedKLController,
     entropy_from_logits,
     exact_kl_from_logits,
@@ -240,6 +241,30 @@ def test_adaptive_kl_controller_moves_towards_target_with_clamped_error():
     assert updated(6.0) == pytest.approx(0.1)
 
 
+def test_pi_kl_controller_by_hand():
+    # init 0.1, target 3, horizon 16, 16 samples a step: the integral moves by the clipped error each step
+    controller = PIKLController(0.1, target=3.0, horizon=16)
+    controller.update(6.0, n_steps=16)  # relative error 1: integral 0.2, proportional 1
+    assert controller.value == pytest.approx(0.1 * math.exp(1.2))
+    controller.update(6.0, n_steps=16)  # integral 0.4
+    assert controller.value == pytest.approx(0.1 * math.exp(1.4))
+    controller.update(0.0, n_steps=16)  # error -1: integral back to 0.2, proportional -1
+    assert controller.value == pytest.approx(0.1 * math.exp(-0.8))
+    controller.update(30.0, n_steps=16)  # error 9: both parts clipped, to 0.2 and 1
+    assert controller.value == pytest.approx(0.1 * math.exp(1.4))
+
+
+def test_pi_kl_controller_keeps_no_memory_of_being_under_budget():
+    # Five steps at KL 0 (a run's start), then one at the target: Ziegler's controller has lowered beta
+    # by 0.8^5 and keeps it there; the PI controller's integral stayed at 0, so beta is back at its init.
+    pi, ziegler = PIKLController(0.1, 3.0, 16), AdaptiveKLController(0.1, 3.0, 16)
+    for kl in (0.0,) * 5 + (3.0,):
+        pi.update(kl, n_steps=16)
+        ziegler.update(kl, n_steps=16)
+    assert pi.value == pytest.approx(0.1) and pi.integral == 0.0
+    assert ziegler.value == pytest.approx(0.1 * 0.8**5)
+
+
 def test_fixed_kl_controller_never_moves():
     controller = FixedKLController(0.05)
     controller.update(100.0, n_steps=64)
@@ -256,6 +281,14 @@ def test_kl_controller_state_round_trips():
     controller.update(9.0, n_steps=64)
     restored.update(9.0, n_steps=64)
     assert restored.value == controller.value
+    pi = PIKLController(0.2, 6.0, 16)
+    for kl in (12.0, 3.0, 8.0):
+        pi.update(kl, n_steps=16)
+    restored_pi = PIKLController(0.2, 6.0, 16)
+    restored_pi.load_state_dict(pi.state_dict())
+    pi.update(9.0, n_steps=16)
+    restored_pi.update(9.0, n_steps=16)
+    assert (restored_pi.value, restored_pi.integral) == (pi.value, pi.integral) and pi.integral > 0
     fixed = FixedKLController(0.0)
     fixed.load_state_dict(FixedKLController(0.3).state_dict())
     assert fixed.value == 0.3

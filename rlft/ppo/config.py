@@ -59,9 +59,12 @@ class PPOHyperparameters:
     missing_eos_penalty: float = option(1.0, "Subtract this from the score of a completion without EOS (0: off).")
     kl_estimator: Literal["k1", "k3", "abs", "mse"] = option("k1", "Per-token KL estimator in the reward.")
     kl_coef: float = option(0.1, "Initial beta, the per-token KL penalty weight.")
-    adaptive_kl: bool = option(True, "Adapt beta towards target_kl (Ziegler et al. 2019); false: fixed beta.")
+    kl_control: Literal["pi", "adaptive", "fixed"] = option(
+        "pi", "How beta follows target_kl: pi (proportional-integral on log beta, no windup: reaches and holds "
+        "the target in a short run), adaptive (Ziegler et al. 2019's integral controller), fixed (beta = kl_coef).")
     target_kl: float = option(3.0, "Target KL per sequence (nats) for the adaptive controller.")
-    kl_horizon: int = option(50, "Adaptive controller horizon in samples: beta reacts within a few steps of a short run.")
+    kl_horizon: int = option(16, "Controller horizon in samples: the integral moves by up to 0.2 * samples / horizon "
+                             "per step (16: one step's rollout).")
     early_stop_approxkl: float = option(0.0, "Stop an update's epochs once approx-KL exceeds this (0: off).")
     max_kl: float = option(100.0, "Abort when the mean KL per sequence exceeds this: the policy has run away.")
 

@@ -25,9 +25,9 @@ from rlft.policy import load_reference, save_adapter
 from rlft.publish import push, write_model_card
 from rlft.ppo import checkpoint
 from rlft.ppo.config import RESUMABLE_CHANGES, PPOConfig, PPOHyperparameters
-from rlft.ppo.core import (AdaptiveKLController, FixedKLController, aggregate, entropy_from_logits, gae, grpo_advantages,
-                           kl_penalty, masked_mean, masked_var, masked_whiten, per_token_rewards, policy_loss,
-                           reinforce_pp_advantages, rloo_advantages, value_loss)
+from rlft.ppo.core import (AdaptiveKLController, FixedKLController, PIKLController, aggregate, entropy_from_logits,
+                           gae, grpo_advantages, kl_penalty, masked_mean, masked_var, masked_whiten, per_token_rewards,
+                           policy_loss, reinforce_pp_advantages, rloo_advantages, value_loss)
 from rlft.ppo.model import PolicyWithValueHead
 from rlft.ppo.rollout import Rollout, collect
 from reward_models.scorers import build_scorer
@@ -68,8 +68,9 @@ def run(config: PPOConfig) -> dict:
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, (lambda step: 1 - step / hp.steps) if hp.lr_schedule == "linear" else (lambda step: 1.0)
     )
-    kl_controller = (AdaptiveKLController(hp.kl_coef, hp.target_kl, hp.kl_horizon) if hp.adaptive_kl
-                     else FixedKLController(hp.kl_coef))
+    kl_controller = (FixedKLController(hp.kl_coef) if hp.kl_control == "fixed" else
+                     (PIKLController if hp.kl_control == "pi" else AdaptiveKLController)(
+                         hp.kl_coef, hp.target_kl, hp.kl_horizon))
 
     start_step = 0
     if last is not None:
