@@ -62,7 +62,8 @@ class PPOHyperparameters:
     kl_control: Literal["pi", "adaptive", "fixed"] = option(
         "pi", "How beta follows target_kl: pi (proportional-integral on log beta, no windup: reaches and holds "
         "the target in a short run), adaptive (Ziegler et al. 2019's integral controller), fixed (beta = kl_coef).")
-    target_kl: float = option(3.0, "Target KL per sequence (nats) for the adaptive controller.")
+    target_kl: float = option(6.0, "Target KL per sequence (nats) for the pi and adaptive controllers (TRL's old PPO "
+                              "default too; held at 3, the quickstart's policy barely moved the gold judge).")
     kl_horizon: int = option(16, "Controller horizon in samples: the integral moves by up to 0.2 * samples / horizon "
                              "per step (16: one step's rollout).")
     early_stop_approxkl: float = option(0.0, "Stop an update's epochs once approx-KL exceeds this (0: off).")

@@ -1,0 +1,84 @@
+"""The quickstart's policy trained three ways, PPO (critic + GAE), GRPO and RLOO, compared in one report.
+
+    python examples/quickstart/estimators.py
+
+1. `rlft pipeline --config configs/quickstart.yaml`: SFT, preference pairs, reward model, PPO, report;
+2. `configs/quickstart_grpo.yaml` and `configs/quickstart_rloo.yaml`: the PPO stage only, with another
+   advantage estimator, on the quickstart's own SFT and reward models (`reuse_from`);
+3. `rlft eval --config configs/eval_estimators.yaml`: the three policies on the same held-out prompts,
+   proxy and gold, in runs/estimators/report.html;
+4. the headline table from that report.json into examples/quickstart/estimators.{json,md}.
+Each command skips what is already complete, so a rerun only redoes the table.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+HERE = Path(__file__).resolve().parent
+COMMANDS = [
+    ["pipeline", "--config", "configs/quickstart.yaml"],
+    ["pipeline", "--config", "configs/quickstart_grpo.yaml", "stages=[sft,preferences,reward,ppo]"],
+    ["pipeline", "--config", "configs/quickstart_rloo.yaml", "stages=[sft,preferences,reward,ppo]"],
+    ["eval", "--config", "configs/eval_estimators.yaml"],
+]
+REPORT = ROOT / "runs" / "estimators" / "report.json"
+RUNS = {"ppo": "runs/quickstart/ppo", "grpo": "runs/quickstart_grpo/ppo", "rloo": "runs/quickstart_rloo/ppo"}
+
+
+def main() -> None:
+    for command in COMMANDS:
+        print("+ rlft", " ".join(command), flush=True)
+        subprocess.run([sys.executable, "-m", "rlft", *command], cwd=ROOT, check=True)
+    table = headline(json.loads(REPORT.read_text()))
+    (HERE / "estimators.json").write_text(json.dumps(table, indent=2) + "\n")
+    (HERE / "estimators.md").write_text(markdown(table))
+    print(markdown(table))
+
+
+def headline(report: dict) -> dict:
+    """Per policy: win rates over its reference (proxy, gold), exact KL, length, and its run's cost."""
+    rows = []
+    for policy in report["policies"]:
+        run = next((name for name, path in RUNS.items() if policy["path"].startswith(path)), None)
+        if run is None:
+            continue  # the SFT policy: its reference is the base model, not the SFT model
+        metrics = json.loads((ROOT / RUNS[run] / "metrics.json").read_text())
+        rewards = policy["rewards"]
+        rows.append({
+            "estimator": run,
+            "proxy_win_rate": rewards[report["proxy"]]["win_rate"],
+            "gold_win_rate": rewards[report["gold"]]["win_rate"],
+            "kl_exact": policy["kl"]["exact"],
+            "length": policy["response"]["policy"]["length"]["mean"],
+            "reference_length": policy["response"]["reference"]["length"]["mean"],
+            "time_per_step_s": metrics["mean/time/step"],
+            "peak_rss_mb": metrics["peak_rss_mb"],
+        })
+    return {"prompts": report["prompts"]["count"], "seed": report["seed"],
+            "threads": int(os.environ.get("OMP_NUM_THREADS", "0")) or os.cpu_count(), "rows": rows}
+
+
+def markdown(table: dict) -> str:
+    def ci(stats, percent=False):
+        half = stats["mean"] - stats["ci95"][0]
+        return f"{stats['mean']:.0%} ± {half:.0%}" if percent else f"{stats['mean']:.2f} ± {half:.2f}"
+
+    lines = [f"{table['prompts']} held-out prompts, seed {table['seed']}, {table['threads']} threads "
+             "(written by examples/quickstart/estimators.py from runs/estimators/report.json).", "",
+             "| Estimator | Proxy win rate | Gold win rate | Exact KL | Length (policy / SFT) | s per step | Peak RSS |",
+             "|---|---|---|---|---|---|---|"]
+    for row in table["rows"]:
+        lines.append(f"| {row['estimator']} | {ci(row['proxy_win_rate'], True)} | {ci(row['gold_win_rate'], True)} | "
+                     f"{ci(row['kl_exact'])} | {row['length']:.1f} / {row['reference_length']:.1f} | "
+                     f"{row['time_per_step_s']:.1f} | {row['peak_rss_mb'] / 1024:.1f} GiB |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
