@@ -151,9 +151,10 @@ def test_per_token_rewards_puts_score_on_last_valid_token_of_ragged_rows():
     kl = torch.tensor([[0.1, 0.2, 0.3], [0.4, 9.0, 9.0], [9.0, 9.0, 9.0]])
     mask = torch.tensor([[1, 1, 1], [1, 0, 0], [0, 0, 0]])
     scores = torch.tensor([1.0, 2.0, 3.0])
-    rewards = per_token_rewards(scores, kl, 0.5, mask)
+    rewards, sequence_kl = per_token_rewards(scores, kl, 0.5, mask)
     # row 0: -0.05, -0.1, -0.15 + 1 = 0.85; row 1: -0.2 + 2 = 1.8 then padding; row 2: empty, score dropped
     close(rewards, [[-0.05, -0.1, 0.85], [1.8, 0.0, 0.0], [0.0, 0.0, 0.0]])
+    close(sequence_kl, [0.6, 0.4, 0.0])  # padding's 9s never count
 
 
 def test_gae_three_step_hand_example():

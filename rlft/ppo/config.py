@@ -57,7 +57,9 @@ class PPOHyperparameters:
     whiten_rewards: bool = option(False, "Normalise per-token rewards per rollout (keeps their mean).")
     score_clip: float = option(0.0, "Clip scores to [-score_clip, score_clip] (0: off).")
     missing_eos_penalty: float = option(1.0, "Subtract this from the score of a completion without EOS (0: off).")
-    kl_estimator: Literal["k1", "k3", "abs", "mse"] = option("k1", "Per-token KL estimator in the reward.")
+    kl_estimator: Literal["k1", "k3", "abs", "mse"] = option(
+        "k1", "Per-token KL estimator in the reward; its sum per response is also the KL the controller steers "
+        "and objective/kl logs.")
     kl_coef: float = option(0.1, "Initial beta, the per-token KL penalty weight.")
     kl_control: Literal["pi", "adaptive", "fixed"] = option(
         "pi", "How beta follows target_kl: pi (proportional-integral on log beta, no windup: reaches and holds "

@@ -105,21 +105,24 @@ def exact_kl_from_logits(logits: torch.Tensor, ref_logits: torch.Tensor, tempera
 
 def per_token_rewards(
     scores: torch.Tensor, kl: torch.Tensor, kl_coef: float, response_mask: torch.Tensor
-) -> torch.Tensor:
+) -> tuple[torch.Tensor, torch.Tensor]:
     """r_t = -kl_coef * kl_t on every response token, plus the reward-model score on the last one.
 
-    scores: (B,), kl: (B, T), response_mask: (B, T) -> rewards (B, T), 0 at padded positions.
+    scores: (B,), kl: (B, T), response_mask: (B, T) -> (rewards (B, T), 0 at padding; sequence_kl (B,),
+    the summed per-token KL of each response). The one per-sequence KL of a step: the controller and the
+    logs read it from here, so the KL that was penalised is the KL that is steered and reported.
     Rows may have different lengths. A row with no valid token gets no reward at all (its score
     is dropped: there is no token to credit it to). Reference: Ziegler et al. 2019 eq. 2;
-    `compute_rewards` in TRL's PPOTrainer.
+    `compute_rewards` in TRL's PPOTrainer; torchtune's `get_rewards_ppo` returns its KL the same way.
     """
     mask = response_mask.bool()
-    rewards = torch.where(mask, -kl_coef * kl, 0)
+    masked_kl = torch.where(mask, kl, 0)
+    rewards = -kl_coef * masked_kl
     # The last set position: the first one in the flipped row. Empty rows point at T - 1,
     # and their score is zeroed below.
     last = mask.shape[-1] - 1 - mask.flip(-1).long().argmax(-1)
     score = torch.where(mask.any(-1), scores.to(rewards.dtype), 0)
-    return rewards.scatter_add(-1, last.unsqueeze(-1), score.unsqueeze(-1))
+    return rewards.scatter_add(-1, last.unsqueeze(-1), score.unsqueeze(-1)), masked_kl.sum(-1)
 
 
 def gae(

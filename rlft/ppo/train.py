@@ -103,8 +103,9 @@ def run(config: PPOConfig) -> dict:
         mask = rollout.response_mask
 
         # 4. per-token rewards: -beta * KL on every token (unless the KL goes in the loss), the score on the last
+        beta = kl_controller.value
         kl = kl_penalty(rollout.logprobs, rollout.ref_logprobs, hp.kl_estimator)
-        rewards = per_token_rewards(rollout.scores, kl, kl_controller.value if hp.kl_in == "reward" else 0.0, mask)
+        rewards, sequence_kl = per_token_rewards(rollout.scores, kl, beta if hp.kl_in == "reward" else 0.0, mask)
         if hp.whiten_rewards:
             rewards = masked_whiten(rewards, mask, shift_mean=False)
 
@@ -114,18 +115,16 @@ def run(config: PPOConfig) -> dict:
         # 6. update: several epochs of clipped policy and value losses over mini-batches
         update_started = time.perf_counter()
         update_stats = ppo_update(model, accelerator, optimizer, rollout, advantages, returns, hp,
-                                  config.sampling.temperature, kl_controller.value)
+                                  config.sampling.temperature, beta)
         scheduler.step()
         rollout.timings["time/update"] = time.perf_counter() - update_started
         check_finite_weights(trainable, step + 1, out)  # before NaN weights reach a checkpoint or generate()
 
-        # 7. KL controller, on the KL of all processes' samples so beta stays identical everywhere
-        sequence_kl = torch.where(mask, rollout.logprobs - rollout.ref_logprobs, 0).sum(1)
+        # 7. KL controller, on step 4's KL of all processes' samples so beta stays identical everywhere
         mean_kl = accelerator.reduce(sequence_kl.mean(), "mean").item()
-        beta = kl_controller.value
         kl_controller.update(mean_kl, hp.rollout_batch_size * accelerator.num_processes)
 
-        metrics = step_metrics(accelerator, rollout, rewards, kl, beta, mean_kl, returns, update_stats,
+        metrics = step_metrics(accelerator, rollout, sequence_kl, beta, mean_kl, returns, update_stats,
                                critic=hp.uses_critic)
         metrics.update(rollout.timings)
         metrics["time/step"] = time.perf_counter() - started
@@ -267,14 +266,16 @@ def share_of(response_mask: torch.Tensor, aggregation: str) -> torch.Tensor:
     return response_mask.any(-1).sum()
 
 
-def step_metrics(accelerator, rollout: Rollout, rewards, kl, beta: float, mean_kl: float, returns,
+def step_metrics(accelerator, rollout: Rollout, sequence_kl, beta: float, mean_kl: float, returns,
                  update_stats: dict, critic: bool) -> dict:
-    """Namespaced per-step metrics, averaged over processes (the same names in JSONL, TensorBoard, reports)."""
+    """Namespaced per-step metrics, averaged over processes (the same names in JSONL, TensorBoard, reports).
+
+    sequence_kl: (B,) step 4's per-response KL; mean_kl its mean over processes (what the controller saw).
+    """
     mask = rollout.response_mask
     scores = accelerator.gather(rollout.scores)
-    non_score = torch.where(mask, -beta * kl, 0).sum(1)
+    non_score = -beta * sequence_kl
     local = {
-        "objective/kl_penalty": torch.where(mask, kl, 0).sum(1).mean(),
         "objective/non_score_reward": non_score.mean(),
         "objective/rlhf_reward": (rollout.scores + non_score).mean(),
         "response/length": mask.sum(1).float().mean(),
