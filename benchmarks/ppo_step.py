@@ -286,21 +286,6 @@ def run_rlft(settings: Settings, workdir: Path) -> tuple[list[dict], float]:
 
     rss_after_imports = peak_rss_mb()
 
-    # Process CPU seconds per step, from the step's first call (prompt_batch) to its metrics (logger.log):
-    # the span time/step covers. It moves far less than wall time when other processes share the CPU.
-    cpu_seconds, step_started = [], []
-    prompt_batch, log = train.prompt_batch, train.MetricsLogger.log
-
-    def timed_prompt_batch(*args, **kwargs):
-        step_started.append(time.process_time())
-        return prompt_batch(*args, **kwargs)
-
-    def timed_log(self, *args, **kwargs):
-        cpu_seconds.append(time.process_time() - step_started[-1])
-        return log(self, *args, **kwargs)
-
-    train.prompt_batch, train.MetricsLogger.log = timed_prompt_batch, timed_log
-
     n, total_steps = settings.completions, settings.warmup + settings.steps
     # By module name (this file's folder is sys.path[0] in the child), not by file path: a scorer file loaded
     # by path is not registered in sys.modules, and the @dataclass above then fails to import.
@@ -327,7 +312,7 @@ def run_rlft(settings: Settings, workdir: Path) -> tuple[list[dict], float]:
     train.run(load_config(PPOConfig, None, overrides))
     metrics = [json.loads(line) for line in (workdir / "rlft_run" / "metrics.jsonl").read_text().splitlines()]
     steps = [{"step": m["time/step"], **{phase: m[f"time/{phase}"] for phase in PHASES},
-              "length": m["response/length"], "cpu": cpu} for m, cpu in zip(metrics, cpu_seconds, strict=True)]
+              "length": m["response/length"], "cpu": m["time/cpu_step"]} for m in metrics]
     return steps, rss_after_imports
 
 

@@ -8,6 +8,7 @@ stage sections say; everything else in each section is that stage's own config.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import dataclass, replace
@@ -77,7 +78,9 @@ def run(config: PipelineConfig) -> dict:
                      "eval": evaluate.run}
     stage_configs = wire(config)
     runs.prepare(config.output_dir, config)  # one pipeline per folder; each stage checks its own resume
-    timings = {}
+    record = Path(config.output_dir) / "pipeline.json"
+    # each stage's time from the run that did it: a rerun that reuses a stage keeps its figure
+    timings = json.loads(record.read_text()).get("stage_wall_time_s", {}) if record.is_file() else {}
     for stage in config.stages:
         stage_config = stage_configs[stage]
         if runs.is_complete(stage_config.output_dir):
@@ -89,5 +92,5 @@ def run(config: PipelineConfig) -> dict:
         timings[stage] = time.time() - started
         log.info("[%s] done in %.0f s", stage, timings[stage])
     summary = {"stage_wall_time_s": timings, "peak_rss_mb": runs.peak_rss_mb()}
-    runs.write_json(Path(config.output_dir) / "pipeline.json", summary)
+    runs.write_json(record, summary)
     return summary

@@ -46,10 +46,14 @@ def test_pipeline_runs_every_stage_then_reuses_them(tiny_lm_dir, tiny_reward_dir
     assert report["policies"][1]["reference_adapter"] == str(out / "sft")  # PPO's reference is the SFT model
     assert (out / "eval" / "report.html").is_file()
 
+    timings = json.loads((out / "pipeline.json").read_text())["stage_wall_time_s"]
+    assert set(timings) == {"sft", "preferences", "reward", "ppo", "eval"}
     stamps = {stage: (out / stage / "metrics.json").stat().st_mtime_ns for stage in ("sft", "reward", "ppo")}
     with caplog.at_level(logging.INFO, logger="rlft.pipeline"):
         assert main(args) == 0
     assert caplog.text.count("already complete") == 4  # sft, preferences, reward, ppo; eval re-renders
+    rerun = json.loads((out / "pipeline.json").read_text())["stage_wall_time_s"]
+    assert {k: rerun[k] for k in ("sft", "ppo")} == {k: timings[k] for k in ("sft", "ppo")}  # from the first run
     assert stamps == {stage: (out / stage / "metrics.json").stat().st_mtime_ns for stage in stamps}
 
     # a variant of the PPO stage on the same SFT and reward models: it trains only its own PPO policy

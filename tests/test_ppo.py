@@ -60,6 +60,8 @@ def test_reward_rises_on_a_toy_task(tiny_lm_dir, prompts_file, tmp_path):
     first, last = sum(scores[:5]) / 5, sum(scores[-5:]) / 5
     # A random 79-word model says the target ~1/79 of the time; PPO must make it a habit.
     assert last > first + 0.2, scores
+    # CPU seconds of the step: positive, and at most every core busy for the whole step
+    assert all(0 < e["time/cpu_step"] <= e["time/step"] * os.cpu_count() + 0.05 for e in history(tmp_path))
     assert (tmp_path / "policy" / "adapter_model.safetensors").is_file()
     assert (tmp_path / "metrics.json").is_file()
 

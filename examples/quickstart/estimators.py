@@ -7,17 +7,24 @@
    advantage estimator, on the quickstart's own SFT and reward models (`reuse_from`);
 3. `rlft eval --config configs/eval_estimators.yaml`: the three policies on the same held-out prompts,
    proxy and gold, in runs/estimators/report.html;
-4. the headline table from that report.json into examples/quickstart/estimators.{json,md}.
-Each command skips what is already complete, so a rerun only redoes the table.
+4. the headline table from that report.json into examples/quickstart/estimators.{json,md}, and into the
+   README between its `<!-- estimators -->` markers (the README's quickstart figures are this table),
+   with the quickstart report's training and over-optimisation plots beside it.
+Each training stage skips what is already complete, so a rerun redoes the reports and the table;
+`--table-only` redoes the table alone.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
+
+import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
@@ -28,16 +35,34 @@ COMMANDS = [
     ["eval", "--config", "configs/eval_estimators.yaml"],
 ]
 REPORT = ROOT / "runs" / "estimators" / "report.json"
+README = ROOT / "README.md"
+MARKERS = ("<!-- estimators: written by examples/quickstart/estimators.py -->", "<!-- /estimators -->")
 RUNS = {"ppo": "runs/quickstart/ppo", "grpo": "runs/quickstart_grpo/ppo", "rloo": "runs/quickstart_rloo/ppo"}
 
 
 def main() -> None:
+    if "--table-only" not in sys.argv[1:]:  # --table-only: rewrite the table from the existing report
+        run_all()
+    write_table()
+
+
+def run_all() -> None:
     for command in COMMANDS:
         print("+ rlft", " ".join(command), flush=True)
         subprocess.run([sys.executable, "-m", "rlft", *command], cwd=ROOT, check=True)
+
+
+def write_table() -> None:
     table = headline(json.loads(REPORT.read_text()))
     (HERE / "estimators.json").write_text(json.dumps(table, indent=2) + "\n")
     (HERE / "estimators.md").write_text(markdown(table))
+    for plot in ("training.png", "overoptimization.png"):  # the README shows the quickstart's own plots
+        shutil.copyfile(ROOT / "runs" / "quickstart" / "eval" / plot, HERE / plot)
+    text = README.read_text()
+    start, end = MARKERS
+    if start in text and end in text:
+        README.write_text(re.sub(re.escape(start) + ".*?" + re.escape(end),
+                                 lambda _: f"{start}\n{markdown(table)}{end}", text, flags=re.S))
     print(markdown(table))
 
 
@@ -55,13 +80,19 @@ def headline(report: dict) -> dict:
             "proxy_win_rate": rewards[report["proxy"]]["win_rate"],
             "gold_win_rate": rewards[report["gold"]]["win_rate"],
             "kl_exact": policy["kl"]["exact"],
+            "target_kl": yaml.safe_load((ROOT / RUNS[run] / "config.yaml").read_text())["ppo"]["target_kl"],
             "length": policy["response"]["policy"]["length"]["mean"],
             "reference_length": policy["response"]["reference"]["length"]["mean"],
             "time_per_step_s": metrics["mean/time/step"],
             "peak_rss_mb": metrics["peak_rss_mb"],
         })
+    reward = json.loads((ROOT / "runs" / "quickstart" / "reward" / "metrics.json").read_text())
+    pipeline = json.loads((ROOT / "runs" / "quickstart" / "pipeline.json").read_text())
     return {"prompts": report["prompts"]["count"], "seed": report["seed"],
-            "threads": int(os.environ.get("OMP_NUM_THREADS", "0")) or os.cpu_count(), "rows": rows}
+            "threads": int(os.environ.get("OMP_NUM_THREADS", "0")) or os.cpu_count(),
+            "reward_model": {"accuracy_before": reward["eval_accuracy_before"],
+                             "accuracy_after": reward["eval_accuracy_after"], "eval_pairs": reward["eval_rows"]},
+            "quickstart_stage_time_s": pipeline["stage_wall_time_s"], "rows": rows}
 
 
 def markdown(table: dict) -> str:
@@ -69,13 +100,18 @@ def markdown(table: dict) -> str:
         half = stats["mean"] - stats["ci95"][0]
         return f"{stats['mean']:.0%} ± {half:.0%}" if percent else f"{stats['mean']:.2f} ± {half:.2f}"
 
-    lines = [f"{table['prompts']} held-out prompts, seed {table['seed']}, {table['threads']} threads "
-             "(written by examples/quickstart/estimators.py from runs/estimators/report.json).", "",
-             "| Estimator | Proxy win rate | Gold win rate | Exact KL | Length (policy / SFT) | s per step | Peak RSS |",
-             "|---|---|---|---|---|---|---|"]
+    rm, stages = table["reward_model"], table["quickstart_stage_time_s"]
+    lines = [f"Each policy against the SFT model it started from, on {table['prompts']} held-out prompts (win rates and "
+             f"means ± 95% CI half-widths); seed {table['seed']}, {table['threads']} threads. Reward model held-out "
+             f"accuracy {rm['accuracy_before']:.2f} before training, {rm['accuracy_after']:.2f} after "
+             f"({rm['eval_pairs']} pairs). Quickstart stages: "
+             + ", ".join(f"{name} {seconds / 60:.1f} min" for name, seconds in stages.items()) + ". "
+             "Written by examples/quickstart/estimators.py from runs/estimators/report.json.", "",
+             "| Estimator | Proxy win rate | Gold win rate | Exact KL (target) | Length (policy / SFT) | s per step | "
+             "Peak RSS |", "|---|---|---|---|---|---|---|"]
     for row in table["rows"]:
         lines.append(f"| {row['estimator']} | {ci(row['proxy_win_rate'], True)} | {ci(row['gold_win_rate'], True)} | "
-                     f"{ci(row['kl_exact'])} | {row['length']:.1f} / {row['reference_length']:.1f} | "
+                     f"{ci(row['kl_exact'])} ({row['target_kl']:g}) | {row['length']:.1f} / {row['reference_length']:.1f} | "
                      f"{row['time_per_step_s']:.1f} | {row['peak_rss_mb'] / 1024:.1f} GiB |")
     return "\n".join(lines) + "\n"
 

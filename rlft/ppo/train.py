@@ -90,7 +90,7 @@ def run(config: PPOConfig) -> dict:
     progress = tqdm(range(start_step, hp.steps), desc="ppo", disable=not accelerator.is_main_process,
                     initial=start_step, total=hp.steps)
     for step in progress:
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         # each prompt num_generations times in a row: a group, whole on one process
         rows = [i for i in prompt_batch(step, accelerator.process_index, accelerator.num_processes,
                                         hp.rollout_batch_size // hp.num_generations, len(prompts), config.seed)
@@ -128,6 +128,8 @@ def run(config: PPOConfig) -> dict:
                                critic=hp.uses_critic)
         metrics.update(rollout.timings)
         metrics["time/step"] = time.perf_counter() - started
+        # CPU seconds of this process (all threads): far steadier than wall time on a shared machine
+        metrics["time/cpu_step"] = time.process_time() - cpu_started
         metrics["perf/samples_per_s"] = len(rows) * accelerator.num_processes / metrics["time/step"]
         metrics["perf/tokens_per_s"] = metrics["response/length"] * metrics["perf/samples_per_s"]
         metrics["lr"] = scheduler.get_last_lr()[0]
