@@ -2,7 +2,7 @@
 
 Each stage writes to `<output_dir>/<stage>` and is skipped when that folder already holds a finished
 run (its metrics.json), so rerunning after an interruption continues instead of redoing. The pipeline
-owns the wiring: every stage's output_dir and the paths between stages are set here, whatever the
+owns the wiring: every stage's output_dir, seed and the paths between stages are set here, whatever the
 stage sections say; everything else in each section is that stage's own config.
 """
 
@@ -30,6 +30,8 @@ STAGES = ("sft", "preferences", "reward", "ppo", "eval")
 @dataclass
 class PipelineConfig:
     output_dir: str = option("runs/quickstart", "Root folder; each stage writes to <output_dir>/<stage>.")
+    seed: int = option(0, "Every stage's seed (set here, not in the stage sections): one seed also keeps one "
+                       "hold-out split, so PPO and the report never see SFT's held-out prompts in training.")
     stages: list[str] = option(list(STAGES), f"Stages to run, in order, from {list(STAGES)}.")
     reuse_from: str = option(
         "", "Another pipeline's folder whose sft, preferences and reward stages this one uses (run there if not "
@@ -55,17 +57,20 @@ def wire(config: PipelineConfig) -> dict:
                          max_length=config.reward.train.max_length)
     # The judge that ranked the preference pairs is the report's independent "gold" scorer.
     gold = [replace(config.preferences.judge[0], name="gold")]
+    seed = config.seed
     return {
-        "sft": replace(config.sft, output_dir=sft_dir),
-        # The SFT seed keeps the preference prompts inside SFT's training split: eval's held-out prompts stay unseen.
-        "preferences": replace(config.preferences, output_dir=pairs_dir, policy=sft_dir, seed=config.sft.seed),
-        "reward": replace(config.reward, output_dir=reward_dir,
+        "sft": replace(config.sft, output_dir=sft_dir, seed=seed),
+        # One seed, one hold-out split: preference and PPO prompts stay inside SFT's training split, so the
+        # report's held-out prompts stay unseen.
+        "preferences": replace(config.preferences, output_dir=pairs_dir, policy=sft_dir, seed=seed),
+        "reward": replace(config.reward, output_dir=reward_dir, seed=seed,
                           data=replace(config.reward.data, path=str(Path(pairs_dir) / PAIRS))),
         # PPO optimises the reward model this pipeline trains, from this pipeline's SFT model.
-        "ppo": replace(config.ppo, output_dir=ppo_dir, sft_adapter=sft_dir, model=config.sft.model, reward=[proxy]),
+        "ppo": replace(config.ppo, output_dir=ppo_dir, sft_adapter=sft_dir, model=config.sft.model, reward=[proxy],
+                       seed=seed),
         "eval": replace(config.eval, output_dir=str(root / "eval"), policies=[sft_dir, ppo_dir],
                         checkpoints_of=ppo_dir, training_run=ppo_dir, scorers=[proxy, *gold],
-                        gold=gold[0].name, seed=config.sft.seed),
+                        gold=gold[0].name, seed=seed),
     }
 
 

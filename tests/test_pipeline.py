@@ -2,6 +2,7 @@
 
 import json
 import logging
+from pathlib import Path
 
 from rlft.cli import main
 
@@ -64,3 +65,12 @@ def test_pipeline_runs_every_stage_then_reuses_them(tiny_lm_dir, tiny_reward_dir
     ppo_config = (variant / "ppo" / "config.yaml").read_text()
     assert f"sft_adapter: {out / 'sft'}" in ppo_config and f"path: {out / 'reward'}" in ppo_config
     assert stamps == {stage: (out / stage / "metrics.json").stat().st_mtime_ns for stage in stamps}
+
+
+def test_one_seed_reaches_every_stage():
+    from rlft.config import load_config
+    from rlft.pipeline import PipelineConfig, wire
+
+    quickstart = Path(__file__).parents[1] / "configs" / "quickstart.yaml"
+    stages = wire(load_config(PipelineConfig, quickstart, ["seed=7", "sft.seed=1", "ppo.seed=2"]))
+    assert {name: stage.seed for name, stage in stages.items()} == dict.fromkeys(stages, 7)
