@@ -14,8 +14,11 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import yaml
+
 from rlft import runs
-from rlft.config import option, require, section
+from rlft.config import option, require, section, to_dict
+from rlft.errors import RlftError
 from rlft.evaluate import EvalConfig
 from rlft.ppo.config import PPOConfig
 from rlft.sft import SFTConfig
@@ -74,6 +77,26 @@ def wire(config: PipelineConfig) -> dict:
     }
 
 
+# Keys a finished stage may differ in and still be reused: they change nothing it computed.
+REUSABLE_CHANGES = ("output_dir", "resume", "push_to_hub", "hub_model_id", "hub_private")
+
+
+def check_reusable(stage: str, stage_config) -> None:
+    """A finished stage is reused only if it ran with this config: else a variant would silently report
+    another experiment's model. Keys its saved config lacks are options newer than the run: ignored."""
+    saved_path = Path(stage_config.output_dir) / runs.CONFIG
+    old = runs.flatten(yaml.safe_load(saved_path.read_text()) or {}) if saved_path.is_file() else {}
+    new = runs.flatten(to_dict(stage_config))
+    changed = [f"{key}: {old[key]!r} -> {new[key]!r}" for key in sorted(old.keys() & new.keys())
+               if old[key] != new[key] and key not in REUSABLE_CHANGES]
+    if changed:
+        raise RlftError(
+            f"[{stage}] '{stage_config.output_dir}' holds a finished run of another config "
+            f"({'; '.join(changed[:3])}{'; ...' if len(changed) > 3 else ''}): delete that folder to redo the "
+            "stage, or pick another output_dir"
+        )
+
+
 def run(config: PipelineConfig) -> dict:
     from rlft import evaluate, sft
     from rlft.ppo import train as ppo
@@ -89,6 +112,7 @@ def run(config: PipelineConfig) -> dict:
     for stage in config.stages:
         stage_config = stage_configs[stage]
         if runs.is_complete(stage_config.output_dir):
+            check_reusable(stage, stage_config)
             log.info("[%s] already complete in %s: reusing it", stage, stage_config.output_dir)
             continue
         log.info("[%s] starting -> %s", stage, stage_config.output_dir)

@@ -4,6 +4,8 @@ import json
 import logging
 from pathlib import Path
 
+import pytest
+
 from rlft.cli import main
 
 POSITIVE = {"good", "great", "happy", "love", "yes", "thanks"}
@@ -17,14 +19,13 @@ def positivity(prompts, completions):
     return [sum(w in POSITIVE for w in c.split()) / max(len(c.split()), 1) for c in completions]
 
 
-def test_pipeline_runs_every_stage_then_reuses_them(tiny_lm_dir, tiny_reward_dir, tmp_path, capsys, caplog):
+def tiny_overrides(tiny_lm_dir, tiny_reward_dir, tmp_path) -> list[str]:
+    """Every stage of the pipeline on the tiny models and a tiny dialog file, in seconds."""
     data = tmp_path / "dialogs.jsonl"
     data.write_text("".join(json.dumps({"prompt": [{"role": "user", "content": p}],
                                         "completion": [{"role": "assistant", "content": c}]}) + "\n" for p, c in ROWS))
     judge = "[{kind: function, path: 'tests.test_pipeline:positivity'}]"
-    out = tmp_path / "quick"
-    args = [
-        "pipeline", f"output_dir={out}",
+    return [
         f"sft.model.name_or_path={tiny_lm_dir}", f"sft.data.path={data}", "sft.data.eval_fraction=0.2",
         "sft.lora.r=8", "sft.train.learning_rate=5e-3", "sft.train.epochs=2", "sft.num_samples=0",
         f"preferences.data.path={data}", "preferences.num_samples=4", "preferences.sampling.max_new_tokens=8",
@@ -35,6 +36,11 @@ def test_pipeline_runs_every_stage_then_reuses_them(tiny_lm_dir, tiny_reward_dir
         "ppo.sampling.max_new_tokens=8", "ppo.save_every=2", "ppo.lora.r=8",
         f"eval.data.path={data}", "eval.num_prompts=8", "eval.sampling.max_new_tokens=8",
     ]
+
+
+def test_pipeline_runs_every_stage_then_reuses_them(tiny_lm_dir, tiny_reward_dir, tmp_path, capsys, caplog):
+    out = tmp_path / "quick"
+    args = ["pipeline", f"output_dir={out}", *tiny_overrides(tiny_lm_dir, tiny_reward_dir, tmp_path)]
     assert main(args) == 0, capsys.readouterr().err[-2000:]
     for stage in ("sft", "preferences", "reward", "ppo"):
         assert (out / stage / "metrics.json").is_file(), stage
@@ -57,6 +63,11 @@ def test_pipeline_runs_every_stage_then_reuses_them(tiny_lm_dir, tiny_reward_dir
     assert {k: rerun[k] for k in ("sft", "ppo")} == {k: timings[k] for k in ("sft", "ppo")}  # from the first run
     assert stamps == {stage: (out / stage / "metrics.json").stat().st_mtime_ns for stage in stamps}
 
+    # a finished stage of another config is never taken for this one's
+    assert main([*args, "ppo.ppo.learning_rate=1e-5"]) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "[ppo]" in error and "another config (ppo.learning_rate: 0.0007 -> 1e-05)" in error, error
+
     # a variant of the PPO stage on the same SFT and reward models: it trains only its own PPO policy
     variant = tmp_path / "rloo"
     assert main([*args, f"output_dir={variant}", f"reuse_from={out}", "stages=[sft,preferences,reward,ppo]",
@@ -74,3 +85,26 @@ def test_one_seed_reaches_every_stage():
     quickstart = Path(__file__).parents[1] / "configs" / "quickstart.yaml"
     stages = wire(load_config(PipelineConfig, quickstart, ["seed=7", "sft.seed=1", "ppo.seed=2"]))
     assert {name: stage.seed for name, stage in stages.items()} == dict.fromkeys(stages, 7)
+
+
+def test_seed_sweep_tables_seeds_and_repeats_a_seed_exactly(tiny_lm_dir, tiny_reward_dir, tmp_path):
+    """The sweep's table holds each run's figures; the same seed and thread count twice gives the same report."""
+    from examples.quickstart import seed_sweep
+
+    overrides = tiny_overrides(tiny_lm_dir, tiny_reward_dir, tmp_path)
+    sweep = seed_sweep.main(["--runs", "0:1", "1:1", "--out", str(tmp_path / "a"), "--table", str(tmp_path / "t"),
+                             "--", *overrides])
+    assert [(r["seed"], r["threads"]) for r in sweep["runs"]] == [(0, 1), (1, 1)]
+    assert json.loads((tmp_path / "t.json").read_text()) == sweep and "| mean ± std |" in (tmp_path / "t.md").read_text()
+    win_rates = [r["proxy_win_rate"] for r in sweep["runs"]]
+    assert sweep["summary"]["proxy_win_rate"]["mean"] == pytest.approx(sum(win_rates) / 2)
+    assert all("on >= 200 held-out prompts" in r["bars_missed"] for r in sweep["runs"])  # 8 prompts here
+
+    again = seed_sweep.main(["--runs", "0:1", "--out", str(tmp_path / "b"), "--table", str(tmp_path / "u"),
+                             "--", *overrides])
+    first, second = (json.loads((tmp_path / side / "seed0_threads1" / "eval" / "report.json").read_text())
+                     for side in ("a", "b"))
+    for policy, repeat in zip(first["policies"] + first["checkpoints"], second["policies"] + second["checkpoints"]):
+        assert policy["per_prompt"] == repeat["per_prompt"] and policy["samples"] == repeat["samples"]
+    assert {k: v for k, v in again["runs"][0].items() if k != "folder"} == {
+        k: v for k, v in sweep["runs"][0].items() if k != "folder"}

@@ -1,0 +1,115 @@
+"""The quickstart over several seeds and thread counts: every headline figure's mean and spread.
+
+    python examples/quickstart/seed_sweep.py          # seeds 0, 1, 2 on 2 threads, and seed 0 on 1 thread
+
+Each run is `rlft pipeline --config configs/quickstart.yaml seed=S output_dir=<out>/seed<S>_threads<T>`
+under OMP_NUM_THREADS=T (a rerun skips finished stages). The figures of each run, their mean, std, min
+and max, and whether each run meets the quickstart's bars, go to examples/quickstart/seed_sweep.json and
+seed_sweep.md. Arguments after `--` go to every pipeline run (the tests use that for tiny models).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+# The quickstart's bars: (figure, test, wording)
+BARS = [
+    ("reward_model_accuracy", lambda v: v >= 0.75, "reward model held-out accuracy >= 75%"),
+    ("reward_model_eval_pairs", lambda v: v >= 100, "on >= 100 pairs"),
+    ("proxy_win_rate", lambda v: v > 0.6, "PPO beats SFT under the proxy: win rate > 60%"),
+    ("proxy_win_rate_ci_low", lambda v: v > 0.5, "... and the 95% CI above 50%"),
+    ("gold_win_rate", lambda v: v > 0.6, "PPO beats SFT under gold: win rate > 60%"),
+    ("gold_win_rate_ci_low", lambda v: v > 0.5, "... and the 95% CI above 50%"),
+    ("eval_prompts", lambda v: v >= 200, "on >= 200 held-out prompts"),
+    ("kl_over_target", lambda v: 0.5 <= v <= 1.5, "exact KL within 0.5x-1.5x of the target"),
+]
+
+
+def parse_run(text: str) -> tuple[int, int]:
+    seed, _, threads = text.partition(":")
+    return int(seed), int(threads or 2)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    argv = sys.argv[1:] if argv is None else argv
+    extra = argv[argv.index("--") + 1:] if "--" in argv else []
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", nargs="+", type=parse_run, default=[(0, 2), (1, 2), (2, 2), (0, 1)],
+                        metavar="SEED:THREADS", help="runs as seed:threads (default 0:2 1:2 2:2 0:1)")
+    parser.add_argument("--config", default="configs/quickstart.yaml")
+    parser.add_argument("--out", default="runs/seed_sweep", help="one pipeline folder per run here")
+    parser.add_argument("--table", default=str(ROOT / "examples" / "quickstart" / "seed_sweep"),
+                        help="write <table>.json and <table>.md")
+    args = parser.parse_args(argv[: argv.index("--")] if "--" in argv else argv)
+
+    runs = []
+    for seed, threads in args.runs:
+        folder = Path(args.out) / f"seed{seed}_threads{threads}"
+        command = [sys.executable, "-m", "rlft", "pipeline", "--config", args.config, f"seed={seed}",
+                   f"output_dir={folder}", *extra]
+        print("+ OMP_NUM_THREADS=%d rlft %s" % (threads, " ".join(command[3:])), flush=True)
+        subprocess.run(command, check=True, env={**os.environ, "OMP_NUM_THREADS": str(threads)})
+        runs.append({"seed": seed, "threads": threads, "folder": str(folder), **figures(folder)})
+    sweep = {"config": args.config, "overrides": extra, "runs": runs, "summary": summarise(runs)}
+    Path(args.table).with_suffix(".json").write_text(json.dumps(sweep, indent=2) + "\n")
+    Path(args.table).with_suffix(".md").write_text(markdown(sweep))
+    print(markdown(sweep))
+    return sweep
+
+
+def figures(folder: Path) -> dict:
+    """The headline figures of one finished pipeline folder: its reward model, and PPO against SFT."""
+    reward = json.loads((folder / "reward" / "metrics.json").read_text())
+    report = json.loads((folder / "eval" / "report.json").read_text())
+    ppo = next(p for p in report["policies"] if p["path"].startswith(str(folder / "ppo")))
+    target = yaml.safe_load((folder / "ppo" / "config.yaml").read_text())["ppo"]["target_kl"]
+    proxy, gold = ppo["rewards"][report["proxy"]]["win_rate"], ppo["rewards"][report["gold"]]["win_rate"]
+    found = {
+        "reward_model_accuracy": reward["eval_accuracy_after"], "reward_model_eval_pairs": reward["eval_rows"],
+        "eval_prompts": report["prompts"]["count"],
+        "proxy_win_rate": proxy["mean"], "proxy_win_rate_ci_low": proxy["ci95"][0],
+        "gold_win_rate": gold["mean"], "gold_win_rate_ci_low": gold["ci95"][0],
+        "kl_exact": ppo["kl"]["exact"]["mean"], "target_kl": target, "kl_over_target": ppo["kl"]["exact"]["mean"] / target,
+        "length": ppo["response"]["policy"]["length"]["mean"],
+        "reference_length": ppo["response"]["reference"]["length"]["mean"],
+    }
+    found["bars_missed"] = [wording for key, test, wording in BARS if not test(found[key])]
+    return found
+
+
+def summarise(runs: list[dict]) -> dict:
+    keys = [key for key, value in runs[0].items() if isinstance(value, (int, float)) and key not in ("seed", "threads")]
+    return {key: {"mean": statistics.fmean(r[key] for r in runs),
+                  "std": statistics.stdev(r[key] for r in runs) if len(runs) > 1 else 0.0,
+                  "min": min(r[key] for r in runs), "max": max(r[key] for r in runs)} for key in keys}
+
+
+def markdown(sweep: dict) -> str:
+    columns = [("reward_model_accuracy", "RM accuracy", "{:.2f}"), ("reward_model_eval_pairs", "RM pairs", "{:.0f}"),
+               ("proxy_win_rate", "proxy win", "{:.0%}"), ("gold_win_rate", "gold win", "{:.0%}"),
+               ("gold_win_rate_ci_low", "gold CI low", "{:.0%}"), ("kl_exact", "exact KL", "{:.2f}"),
+               ("kl_over_target", "KL / target", "{:.2f}"), ("length", "length", "{:.1f}")]
+    lines = [f"`{sweep['config']}` per seed and thread count (written by examples/quickstart/seed_sweep.py).", "",
+             "| seed | threads | " + " | ".join(title for _, title, _ in columns) + " | bars missed |",
+             "|---|---|" + "---|" * len(columns) + "---|"]
+    for run in sweep["runs"]:
+        lines.append(f"| {run['seed']} | {run['threads']} | "
+                     + " | ".join(fmt.format(run[key]) for key, _, fmt in columns)
+                     + f" | {'; '.join(run['bars_missed']) or 'none'} |")
+    summary = sweep["summary"]
+    lines.append("| mean ± std | | " + " | ".join(
+        f"{fmt.format(summary[key]['mean'])} ± {fmt.format(summary[key]['std'])}" for key, _, fmt in columns) + " | |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
