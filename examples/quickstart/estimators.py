@@ -1,11 +1,12 @@
-"""The quickstart's policy trained three ways, PPO (critic + GAE), GRPO and RLOO, compared in one report.
+"""The quickstart's policy trained by each estimator, PPO (critic + GAE), GRPO and RLOO, in one report.
 
     python examples/quickstart/estimators.py
 
 1. `rlft pipeline --config configs/quickstart.yaml`: SFT, preference pairs, reward model, PPO, report;
-2. `configs/quickstart_grpo.yaml` and `configs/quickstart_rloo.yaml`: the PPO stage only, with another
-   advantage estimator, on the quickstart's own SFT and reward models (`reuse_from`);
-3. `rlft eval --config configs/eval_estimators.yaml`: the three policies on the same held-out prompts,
+2. `configs/quickstart_grpo.yaml` (Dr. GRPO), `quickstart_rloo.yaml` and `quickstart_grpo_std.yaml` (GRPO
+   divided by the group std): the PPO stage only, with another advantage estimator, on the quickstart's
+   own SFT and reward models (`reuse_from`);
+3. `rlft eval --config configs/eval_estimators.yaml`: the four policies on the same held-out prompts,
    proxy and gold, in runs/estimators/report.html;
 4. the headline table from that report.json into examples/quickstart/estimators.{json,md}, and into the
    README between its `<!-- estimators -->` markers (the README's quickstart figures are this table),
@@ -32,12 +33,14 @@ COMMANDS = [
     ["pipeline", "--config", "configs/quickstart.yaml"],
     ["pipeline", "--config", "configs/quickstart_grpo.yaml", "stages=[sft,preferences,reward,ppo]"],
     ["pipeline", "--config", "configs/quickstart_rloo.yaml", "stages=[sft,preferences,reward,ppo]"],
+    ["pipeline", "--config", "configs/quickstart_grpo_std.yaml", "stages=[sft,preferences,reward,ppo]"],
     ["eval", "--config", "configs/eval_estimators.yaml"],
 ]
 REPORT = ROOT / "runs" / "estimators" / "report.json"
 README = ROOT / "README.md"
 MARKERS = ("<!-- estimators: written by examples/quickstart/estimators.py -->", "<!-- /estimators -->")
-RUNS = {"ppo": "runs/quickstart/ppo", "grpo": "runs/quickstart_grpo/ppo", "rloo": "runs/quickstart_rloo/ppo"}
+RUNS = {"ppo": "runs/quickstart/ppo", "grpo (Dr. GRPO)": "runs/quickstart_grpo/ppo", "rloo": "runs/quickstart_rloo/ppo",
+        "grpo, std-scaled": "runs/quickstart_grpo_std/ppo"}
 
 
 def main() -> None:
@@ -73,7 +76,6 @@ def headline(report: dict) -> dict:
         run = next((name for name, path in RUNS.items() if policy["path"].startswith(path)), None)
         if run is None:
             continue  # the SFT policy: its reference is the base model, not the SFT model
-        metrics = json.loads((ROOT / RUNS[run] / "metrics.json").read_text())
         rewards = policy["rewards"]
         rows.append({
             "estimator": run,
@@ -83,16 +85,13 @@ def headline(report: dict) -> dict:
             "target_kl": yaml.safe_load((ROOT / RUNS[run] / "config.yaml").read_text())["ppo"]["target_kl"],
             "length": policy["response"]["policy"]["length"]["mean"],
             "reference_length": policy["response"]["reference"]["length"]["mean"],
-            "time_per_step_s": metrics["mean/time/step"],
-            "peak_rss_mb": metrics["peak_rss_mb"],
         })
     reward = json.loads((ROOT / "runs" / "quickstart" / "reward" / "metrics.json").read_text())
-    pipeline = json.loads((ROOT / "runs" / "quickstart" / "pipeline.json").read_text())
     return {"prompts": report["prompts"]["count"], "seed": report["seed"],
             "threads": int(os.environ.get("OMP_NUM_THREADS", "0")) or os.cpu_count(),
             "reward_model": {"accuracy_before": reward["eval_accuracy_before"],
                              "accuracy_after": reward["eval_accuracy_after"], "eval_pairs": reward["eval_rows"]},
-            "quickstart_stage_time_s": pipeline["stage_wall_time_s"], "rows": rows}
+            "rows": rows}
 
 
 def markdown(table: dict) -> str:
@@ -100,19 +99,17 @@ def markdown(table: dict) -> str:
         half = stats["mean"] - stats["ci95"][0]
         return f"{stats['mean']:.0%} ± {half:.0%}" if percent else f"{stats['mean']:.2f} ± {half:.2f}"
 
-    rm, stages = table["reward_model"], table["quickstart_stage_time_s"]
+    rm = table["reward_model"]
     lines = [f"Each policy against the SFT model it started from, on {table['prompts']} held-out prompts (win rates and "
              f"means ± 95% CI half-widths); seed {table['seed']}, {table['threads']} threads. Reward model held-out "
              f"accuracy {rm['accuracy_before']:.2f} before training, {rm['accuracy_after']:.2f} after "
-             f"({rm['eval_pairs']} pairs). Quickstart stages: "
-             + ", ".join(f"{name} {seconds / 60:.1f} min" for name, seconds in stages.items()) + ". "
-             "Written by examples/quickstart/estimators.py from runs/estimators/report.json.", "",
-             "| Estimator | Proxy win rate | Gold win rate | Exact KL (target) | Length (policy / SFT) | s per step | "
-             "Peak RSS |", "|---|---|---|---|---|---|---|"]
+             f"({rm['eval_pairs']} pairs). Speed is measured in benchmarks/, not here. Written by "
+             "examples/quickstart/estimators.py from runs/estimators/report.json.", "",
+             "| Estimator | Proxy win rate | Gold win rate | Exact KL (target) | Length (policy / SFT) |",
+             "|---|---|---|---|---|"]
     for row in table["rows"]:
         lines.append(f"| {row['estimator']} | {ci(row['proxy_win_rate'], True)} | {ci(row['gold_win_rate'], True)} | "
-                     f"{ci(row['kl_exact'])} ({row['target_kl']:g}) | {row['length']:.1f} / {row['reference_length']:.1f} | "
-                     f"{row['time_per_step_s']:.1f} | {row['peak_rss_mb'] / 1024:.1f} GiB |")
+                     f"{ci(row['kl_exact'])} ({row['target_kl']:g}) | {row['length']:.1f} / {row['reference_length']:.1f} |")
     return "\n".join(lines) + "\n"
 
 
