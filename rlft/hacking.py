@@ -11,31 +11,21 @@ Each is a small function of what the report already holds (per-prompt scores, le
 
 from __future__ import annotations
 
+import math
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
+import pandas as pd  # ranks without scipy (pandas comes with datasets and evaluate)
 
 DIVERSITY_MODULE = Path(__file__).parent / "measurements" / "diversity.py"
 
 
-def ranks(x: np.ndarray) -> np.ndarray:
-    """Ranks 0..n-1, ties sharing their mean rank (what Spearman's rho needs)."""
-    order = np.argsort(x, kind="stable")
-    ranked = np.empty(len(x))
-    ranked[order] = np.arange(len(x))
-    for value in np.unique(x):
-        tied = x == value
-        ranked[tied] = ranked[tied].mean()
-    return ranked
-
-
 def spearman(x, y) -> float | None:
-    """Spearman's rank correlation of two (n,) sequences; None when either is constant (undefined)."""
-    rx, ry = ranks(np.asarray(x, dtype=float)), ranks(np.asarray(y, dtype=float))
-    if len(rx) < 2 or rx.std() == 0 or ry.std() == 0:
-        return None
-    return float(np.corrcoef(rx, ry)[0, 1])
+    """Spearman's rank correlation of two (n,) sequences (ties share their mean rank); None when either is
+    constant, where it is undefined."""
+    rho = pd.Series(x, dtype=float).rank().corr(pd.Series(y, dtype=float).rank())
+    return None if math.isnan(rho) else float(rho)
 
 
 def disagreement_rate(proxy_policy, proxy_reference, gold_policy, gold_reference) -> float:
@@ -97,10 +87,12 @@ def overoptimization_points(report: dict) -> list[dict]:
 
 
 def recommend(points: list[dict], kl_budget: float, by: str) -> dict | None:
-    """The point (step 0 = the reference) with the highest mean `by` score whose KL is within the budget.
+    """The point (step 0 = the reference) with the highest mean `by` score whose KL is within the budget,
+    with `by` recorded in it.
 
     points: [{"step", "kl", by: {"mean", ...}}, ...] as the over-optimisation plot draws them; kl_budget <= 0
     means no budget. None when no point fits.
     """
     allowed = [p for p in points if kl_budget <= 0 or p["kl"] <= kl_budget]
-    return max(allowed, key=lambda p: p[by]["mean"], default=None)
+    best = max(allowed, key=lambda p: p[by]["mean"], default=None)
+    return None if best is None else {**best, "by": by}

@@ -14,10 +14,8 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-import yaml
-
 from rlft import runs
-from rlft.config import option, require, section, to_dict
+from rlft.config import option, require, section
 from rlft.errors import RlftError
 from rlft.evaluate import EvalConfig
 from rlft.ppo.config import PPOConfig
@@ -83,12 +81,8 @@ REUSABLE_CHANGES = ("output_dir", "resume", "push_to_hub", "hub_model_id", "hub_
 
 def check_reusable(stage: str, stage_config) -> None:
     """A finished stage is reused only if it ran with this config: else a variant would silently report
-    another experiment's model. Keys its saved config lacks are options newer than the run: ignored."""
-    saved_path = Path(stage_config.output_dir) / runs.CONFIG
-    old = runs.flatten(yaml.safe_load(saved_path.read_text()) or {}) if saved_path.is_file() else {}
-    new = runs.flatten(to_dict(stage_config))
-    changed = [f"{key}: {old[key]!r} -> {new[key]!r}" for key in sorted(old.keys() & new.keys())
-               if old[key] != new[key] and key not in REUSABLE_CHANGES]
+    another experiment's model."""
+    changed = runs.saved_config_changes(stage_config.output_dir, stage_config, REUSABLE_CHANGES)
     if changed:
         raise RlftError(
             f"[{stage}] '{stage_config.output_dir}' holds a finished run of another config "

@@ -171,7 +171,7 @@ def plot_overoptimization(report: dict):
             lines.append(errorline(right, x, [p["gold"] for p in points], GOLD, role(report, report["gold"])))
             right.set_ylabel(f"gold score ({report['gold']})", color=GOLD)
         if recommended := report.get("recommended"):
-            judged = recommended["gold" if report["gold"] else "proxy"]["mean"]
+            judged = recommended[recommended["by"]]["mean"]
             lines.append(judged_ax.plot([transform(recommended["kl"])], [judged], marker="*", markersize=16,
                                         color="tab:green", linestyle="none",
                                         label=f"recommended: step {recommended['step']}")[0])
@@ -290,10 +290,9 @@ def hacking_blocks(report: dict, results: list[dict]) -> list[tuple]:
     ]
     if "recommended" in report:
         point = report["recommended"]
-        judge = "gold" if report["gold"] else "proxy"
         content.append(("p", "No checkpoint fits the KL budget." if point is None else (
             f"Recommended checkpoint: step {point['step']}{' (the reference itself)' if point['step'] == 0 else ''}, "
-            f"the best {judge} score ({ci(point[judge])}) at KL {point['kl']:.2f}, within the budget of "
+            f"the best {point['by']} score ({ci(point[point['by']])}) at KL {point['kl']:.2f}, within the budget of "
             f"{report['kl_budget'] or 'no limit'} (starred on the over-optimisation plot).")))
     return content
 

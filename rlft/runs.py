@@ -41,15 +41,14 @@ def prepare(output_dir: str | Path, config, resuming: bool = False, may_change: 
         lock(out)
     except OSError as e:
         raise RlftError(f"cannot write to output_dir '{out}' ({e.strerror or e}): pick a writable folder") from None
-    saved = out / CONFIG
-    if resuming and saved.is_file():
-        changed = config_changes(yaml.safe_load(saved.read_text()) or {}, to_dict(config), may_change)
+    if resuming:
+        changed = saved_config_changes(out, config, may_change)
         if changed:
             raise RlftError(
                 f"output_dir '{out}' holds a checkpoint of a run with another config ({'; '.join(changed)}): "
                 "rerun with the saved values, set resume=false to start over there, or pick another output_dir"
             )
-    save_config(config, saved)
+    save_config(config, out / CONFIG)
     return out
 
 
@@ -79,12 +78,16 @@ def release_locks() -> None:
     _locks.clear()
 
 
-def config_changes(saved: dict, current: dict, may_change: tuple[str, ...]) -> list[str]:
-    """'key: saved -> current' for every leaf that differs, outside `may_change` (dotted keys or sections)."""
-    old, new = flatten(saved), flatten(current)
+def saved_config_changes(folder: str | Path, config, may_change: tuple[str, ...] = ()) -> list[str]:
+    """'key: saved -> current' for every leaf where `config` differs from the one saved in `folder`, outside
+    `may_change` (dotted keys or sections). A key only one side has is an option added or removed between
+    rlft versions, not a change of the run: skipped. No saved config: no changes."""
+    saved = Path(folder) / CONFIG
+    old = flatten(yaml.safe_load(saved.read_text()) or {}) if saved.is_file() else {}
+    new = flatten(to_dict(config))
     allowed = lambda key: any(key == k or key.startswith(k + ".") for k in may_change)  # noqa: E731
-    return [f"{key}: {old.get(key)!r} -> {new.get(key)!r}" for key in sorted(old.keys() | new.keys())
-            if old.get(key) != new.get(key) and not allowed(key)]
+    return [f"{key}: {old[key]!r} -> {new[key]!r}" for key in sorted(old.keys() & new.keys())
+            if old[key] != new[key] and not allowed(key)]
 
 
 def flatten(tree: dict, prefix: str = "") -> dict:

@@ -377,3 +377,21 @@ def test_library_warnings_print_once():
             "logging.getLogger('datasets.builder').warning('datasets says'); logging.getLogger('rlft.x').warning('we say')")
     err = subprocess.run([sys.executable, "-c", code], env=ENV, capture_output=True, text=True).stderr
     assert [err.count(words) for words in ("hub says", "datasets says", "we say")] == [1, 1, 1], err
+
+
+def test_saved_config_changes_skip_options_newer_than_the_run(tmp_path):
+    """A run saved before an option existed still resumes (or is reused) after an upgrade; a changed value
+    does not."""
+    import yaml
+
+    from rlft.config import to_dict
+    from rlft.runs import CONFIG, saved_config_changes
+    from rlft.sft import SFTConfig
+
+    saved = to_dict(SFTConfig())
+    del saved["lora"]["use_dora"]  # an option this run's rlft did not have yet
+    saved["lora"]["r"] = 8
+    saved["output_dir"] = "elsewhere"
+    (tmp_path / CONFIG).write_text(yaml.safe_dump(saved))
+    assert saved_config_changes(tmp_path, SFTConfig(), may_change=("output_dir",)) == ["lora.r: 8 -> 16"]
+    assert saved_config_changes(tmp_path / "never_ran", SFTConfig()) == []

@@ -68,9 +68,11 @@ def run(config: PPOConfig) -> dict:
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, (lambda step: 1 - step / hp.steps) if hp.lr_schedule == "linear" else (lambda step: 1.0)
     )
-    kl_controller = (FixedKLController(hp.kl_coef) if hp.kl_control == "fixed" else
-                     (PIKLController if hp.kl_control == "pi" else AdaptiveKLController)(
-                         hp.kl_coef, hp.target_kl, hp.kl_horizon))
+    if hp.kl_control == "fixed":
+        kl_controller = FixedKLController(hp.kl_coef)
+    else:
+        controller = PIKLController if hp.kl_control == "pi" else AdaptiveKLController
+        kl_controller = controller(hp.kl_coef, hp.target_kl, hp.kl_horizon)
 
     start_step = 0
     if last is not None:
