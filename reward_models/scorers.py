@@ -27,8 +27,10 @@ NORMALIZATION = "normalization.json"  # {"mean", "std"} of the trained model's s
 @dataclass
 class ScorerConfig:
     name: str = option("", "Label in logs and reports; empty: derived from path.")
-    kind: Literal["model", "function"] = option(
-        "model", "model: a sequence classifier with one output; function: a Python f(prompts, completions)."
+    kind: Literal["model", "function", "adapter"] = option(
+        "model", "model: a sequence classifier with one output (a folder, hub id, or `rlft reward` LoRA adapter "
+        "on its own base); function: a Python f(prompts, completions); adapter: an `rlft reward` LoRA adapter "
+        "scored on PPO's own base weights, no second copy (elsewhere: as model)."
     )
     path: str = option(
         "", "model: a directory (e.g. runs/reward), an embedded name or a hub id; function: "
@@ -51,7 +53,7 @@ class ScorerConfig:
                     f"path '{self.path}' looks like module:function; set kind: function")
         require(self.batch_size > 0, "batch_size", "must be >= 1")
         require(self.max_length > 0, "max_length", "must be >= 1")
-        require(not (self.normalize and self.kind == "function"), "normalize", "only applies to kind: model")
+        require(not (self.normalize and self.kind == "function"), "normalize", "only applies to learned models")
         if not self.name:
             self.name = self.path.rsplit(":", 1)[-1] if self.kind == "function" else Path(self.path).name
 
@@ -63,14 +65,19 @@ class Scorer(Protocol):
         """(batch,) float32 scores on the CPU."""
 
 
-def build_scorer(configs: list[ScorerConfig], device=None) -> Scorer:
-    """One config: that scorer. Several: their weighted sum. A lone scorer's weight still applies."""
+def build_scorer(configs: list[ScorerConfig], device=None, shared_base: bool = False) -> Scorer:
+    """One config: that scorer. Several: their weighted sum. A lone scorer's weight still applies.
+
+    shared_base: `kind: adapter` scorers wait to be attached to the caller's base (PPO); else they load
+    standalone on their own base, like `kind: model` (eval, preferences)."""
     if not configs:
         raise RlftError("no scorer configured: name a reward model dir or a module:function")
     names = [c.name for c in configs]
     if len(set(names)) < len(names):
         raise RlftError(f"scorer names {names} repeat: give each scorer a distinct name")
-    parts = [(ModelScorer(c, device) if c.kind == "model" else FunctionScorer(c), c.weight) for c in configs]
+    kinds = {"model": lambda c: ModelScorer(c, device), "function": FunctionScorer,
+             "adapter": AdapterScorer if shared_base else lambda c: ModelScorer(c, device)}
+    parts = [(kinds[c.kind](c), c.weight) for c in configs]
     if len(parts) == 1 and parts[0][1] == 1.0:
         return parts[0][0]
     return WeightedSum(parts)
@@ -156,27 +163,139 @@ class ModelScorer:
         self.name, self.batch_size = config.name, config.batch_size
         model_config = ModelConfig(name_or_path=config.path)
         self.tokenizer = load_tokenizer(model_config)
-        self.model = load_model(model_config, loader=AutoModelForSequenceClassification, device=device).eval()
+        if (Path(resolve(config.path)) / "adapter_config.json").is_file():  # a LoRA reward model: base + adapter
+            from peft import PeftModel
+
+            from rlft.policy import adapter_info, load_reference
+
+            base_config, reference_adapter = adapter_info(config.path)
+            base = load_reference(base_config, reference_adapter, device,
+                                  loader=AutoModelForSequenceClassification, num_labels=1)
+            self.model = PeftModel.from_pretrained(base, resolve(config.path)).eval()
+        else:
+            self.model = load_model(model_config, loader=AutoModelForSequenceClassification, device=device).eval()
         if self.model.config.num_labels != 1:
             raise RlftError(f"scorer '{self.name}': '{config.path}' has {self.model.config.num_labels} outputs; "
                             "a reward model needs exactly 1 (train one with rlft reward)")
         self.model.config.pad_token_id = self.tokenizer.pad_token_id  # causal heads find the last real token by it
         self.max_length = length_limit(self.model, self.tokenizer, config.max_length)
-        self.mean, self.std = 0.0, 1.0
-        if config.normalize:
-            stats_file = Path(resolve(config.path)) / NORMALIZATION
-            if not stats_file.is_file():
-                raise RlftError(f"scorer '{self.name}': normalize is on but '{stats_file}' is missing: "
-                                "train the model with rlft reward, or set normalize: false")
-            from rlft.runs import read_json
-
-            stats = read_json(stats_file)
-            self.mean, self.std = float(stats["mean"]), float(stats["std"])
+        self.mean, self.std = normalization(config)
 
     def __call__(self, prompts: list, completions: list[str]) -> torch.Tensor:
         ids = [encode(self.tokenizer, p, c, self.max_length) for p, c in zip(prompts, completions, strict=True)]
         scores = score_ids(self.model, ids, self.tokenizer.pad_token_id, self.batch_size)
         return checked(self.name, (scores - self.mean) / self.std, len(completions))
+
+
+def normalization(config: ScorerConfig) -> tuple[float, float]:
+    """(mean, std) to standardise a learned scorer's output: its normalization.json, or (0, 1)."""
+    from rlft.models import resolve
+    from rlft.runs import read_json
+
+    if not config.normalize:
+        return 0.0, 1.0
+    stats_file = Path(resolve(config.path)) / NORMALIZATION
+    if not stats_file.is_file():
+        raise RlftError(f"scorer '{config.name}': normalize is on but '{stats_file}' is missing: "
+                        "train the model with rlft reward, or set normalize: false")
+    stats = read_json(stats_file)
+    return float(stats["mean"]), float(stats["std"])
+
+
+class AdapterScorer:
+    """A LoRA reward model scored on the weights PPO already holds: its adapter is loaded next to the
+    policy's and switched on for scoring only, and its score head reads the shared trunk. One copy of the
+    base serves policy, reference, reward model and critic.
+
+    Built before the policy (its files are checked first); `attach` then loads it onto the policy.
+    """
+
+    ADAPTER = "reward"
+
+    def __init__(self, config: ScorerConfig):
+        from rlft.models import load_tokenizer
+        from rlft.policy import adapter_info
+
+        self.name, self.batch_size, self.path = config.name, config.batch_size, config.path
+        if not (Path(config.path) / "adapter_config.json").is_file():
+            raise RlftError(f"scorer '{self.name}': '{config.path}' has no adapter_config.json: kind: adapter needs "
+                            "an rlft reward run with lora_enabled: true (use kind: model for a full classifier)")
+        self.base_config, self.reference_adapter = adapter_info(config.path)
+        self.tokenizer = load_tokenizer(ModelConfig(name_or_path=config.path))
+        self.max_length = min(config.max_length, self.tokenizer.model_max_length or config.max_length)
+        self.mean, self.std = normalization(config)
+        self.policy = self.model = None
+
+    def check_base(self, model_config: ModelConfig, reference_adapter: str | None) -> None:
+        """Refuse a reward adapter trained on other weights than the policy's base (+ merged SFT adapter)."""
+        def weights(config, adapter):
+            return (config.name_or_path, config.revision, config.quantization,
+                    str(Path(adapter).resolve()) if adapter else None)
+
+        mine, theirs = weights(self.base_config, self.reference_adapter), weights(model_config, reference_adapter)
+        if mine != theirs:
+            raise RlftError(
+                f"scorer '{self.name}': reward adapter '{self.path}' was trained on {describe(*mine)}, but PPO runs on "
+                f"{describe(*theirs)}: train the reward model on PPO's base (rlft reward sft_adapter=...), or use "
+                "kind: model to load it on its own base")
+
+    def attach(self, policy) -> None:
+        """Load the reward adapter (frozen) into the peft `policy` and build the classifier over its trunk."""
+        from safetensors.torch import load_file
+
+        policy.load_adapter(self.path, adapter_name=self.ADAPTER, is_trainable=False)
+        policy.train(policy.training)  # the new adapter's dropout modules start in training mode
+        saved = load_file(Path(self.path) / "adapter_model.safetensors")
+        self.model = classifier_on(policy.get_base_model(), saved, self.tokenizer.pad_token_id, self.name)
+        self.policy = policy
+
+    def value_head_init(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weight (1, H), bias (1,)) of a value head that outputs this scorer's normalised score."""
+        head = next(module for name, module in self.model.named_children() if name != self.model.base_model_prefix)
+        if not isinstance(head, torch.nn.Linear):
+            raise RlftError(f"scorer '{self.name}': its score head is a {type(head).__name__}, not one linear layer: "
+                            "an adapter critic cannot start from it; set ppo.critic=head")
+        bias = head.bias if head.bias is not None else torch.zeros(1, device=head.weight.device)
+        return head.weight.detach() / self.std, (bias.detach() - self.mean) / self.std
+
+    def __call__(self, prompts: list, completions: list[str]) -> torch.Tensor:
+        from rlft.policy import active_adapter
+
+        assert self.policy is not None, "AdapterScorer.attach(policy) first"
+        ids = [encode(self.tokenizer, p, c, self.max_length) for p, c in zip(prompts, completions, strict=True)]
+        with active_adapter(self.policy, self.ADAPTER):
+            scores = score_ids(self.model, ids, self.tokenizer.pad_token_id, self.batch_size)
+        return checked(self.name, (scores - self.mean) / self.std, len(completions))
+
+
+def describe(name, revision, quantization, adapter) -> str:
+    return (f"'{name}'" + (f"@{revision}" if revision else "") + (f" ({quantization})" if quantization != "none" else "")
+            + (f" + SFT adapter '{adapter}'" if adapter else " with no SFT adapter"))
+
+
+def classifier_on(causal_lm, adapter_weights: dict, pad_token_id: int, name: str):
+    """A *ForSequenceClassification model whose trunk IS `causal_lm`'s (the same modules, no copy) and whose
+    score head comes from a peft SEQ_CLS adapter's weights: HF's own forward then pools the last real token,
+    exactly as the standalone reward model does."""
+    import copy
+
+    from transformers import AutoModelForSequenceClassification
+
+    config = copy.deepcopy(causal_lm.config)
+    config.num_labels, config.pad_token_id = 1, pad_token_id
+    with torch.device("meta"):  # the shell's own trunk is never materialised
+        shell = AutoModelForSequenceClassification.from_config(config)
+    prefix = shell.base_model_prefix
+    setattr(shell, prefix, getattr(causal_lm, prefix))
+    head_keys = [key for key in shell.state_dict() if not key.startswith(prefix + ".")]
+    missing = [key for key in head_keys if f"base_model.model.{key}" not in adapter_weights]
+    if missing:
+        raise RlftError(f"scorer '{name}': the reward adapter has no score head ({missing[0]}): retrain it with "
+                        "rlft reward lora_enabled=true")
+    device = next(causal_lm.parameters()).device
+    head = {key: adapter_weights[f"base_model.model.{key}"].to(device) for key in head_keys}
+    shell.load_state_dict(head, strict=False, assign=True)
+    return shell.eval()
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -217,6 +336,12 @@ class FunctionScorer:
             raise RlftError(f"scorer '{self.name}' raised {type(e).__name__}: "
                             f"{(str(e).strip().splitlines() or [''])[0][:200]}") from None
         return checked(self.name, scores, len(completions))
+
+
+def adapter_scorers(scorer: Scorer) -> list[AdapterScorer]:
+    """The AdapterScorers in `scorer` (itself, or the parts of a weighted sum): PPO attaches them to its base."""
+    parts = [part for part, _ in scorer.parts] if isinstance(scorer, WeightedSum) else [scorer]
+    return [part for part in parts if isinstance(part, AdapterScorer)]
 
 
 class WeightedSum:

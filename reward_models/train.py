@@ -1,8 +1,10 @@
 """Stage 2, `rlft reward`: a Bradley-Terry reward model on preference pairs, on TRL's RewardTrainer.
 
 setup (config, data, model) -> tokenize pairs with the scorers' `encode` -> held-out pairwise accuracy
-before -> train (resumable) -> accuracy after -> normalization.json -> save model + tokenizer (HF format,
-loadable by AutoModelForSequenceClassification and by `kind: model` scorers) -> metrics.json last.
+before -> train (resumable) -> accuracy after -> normalization.json -> save model + tokenizer -> metrics.json
+last. Fully trained: a plain classifier (AutoModelForSequenceClassification loads it). LoRA: the adapter and
+its score head in peft's format plus rlft_adapter.json (its base and the SFT adapter merged under it), so
+`kind: model` scorers rebuild it on its own base and PPO's `kind: adapter` scores with it on the policy's.
 
 The loss is TRL's -log sigmoid(r(chosen) - r(rejected) [- margin]) (Ouyang et al. 2022, eq. 1). We
 tokenize the pairs ourselves, so TRL skips its own formatting: training and scoring share one format.
@@ -23,7 +25,8 @@ from rlft.errors import RlftError
 from rlft import hf_training
 from rlft.hf_training import RESUMABLE_CHANGES, TrainConfig, check_finite_losses, last_checkpoint, training_kwargs
 from rlft.publish import Publishing, push, write_model_card
-from rlft.models import MINILM, add_lora, count_parameters, load_model, load_tokenizer
+from rlft.models import MINILM, add_lora, count_parameters, load_tokenizer
+from rlft.policy import load_reference, save_adapter
 
 log = logging.getLogger(__name__)
 
@@ -42,9 +45,12 @@ class RewardConfig(Publishing):
     seed: int = option(0, "Seed for the head's initialisation, data order and the hold-out split.")
     resume: bool = option(True, "Continue from the last checkpoint in output_dir if there is one.")
     lora_enabled: bool = option(
-        False, "Train a LoRA adapter (merged into the saved model) instead of all weights; full fine-tuning "
-        "suits a small backbone like MiniLM, LoRA a large causal LM.",
+        False, "Train a LoRA adapter and the score head (saved in peft's format) instead of all weights; full "
+        "fine-tuning suits a small backbone like MiniLM, LoRA a causal LM (and a quantized one).",
     )
+    sft_adapter: str = option(
+        "", "An SFT adapter merged into the backbone before training (InstructGPT starts its reward model from the "
+        "SFT model): on the same base, PPO then scores with this reward adapter on its own weights (empty: none).")
     model: RewardModelConfig = section(RewardModelConfig, "The backbone.")
     lora: LoraConfig = section(LoraConfig, "The adapter, when lora_enabled (the score head is trained in full).")
     data: DataConfig = section(
@@ -74,7 +80,8 @@ def run(config: RewardConfig) -> dict:
         raise RlftError(f"the evaluation split of '{config.data.path}' is empty: check data.eval_split")
     hf_training.check_optimizer(config.train.optim, "train.optim")
     tokenizer = load_tokenizer(config.model)
-    model = load_model(config.model, loader=AutoModelForSequenceClassification, num_labels=1)
+    model = load_reference(config.model, config.sft_adapter or None,
+                           loader=AutoModelForSequenceClassification, num_labels=1)
     model.config.pad_token_id = tokenizer.pad_token_id
     max_length = length_limit(model, tokenizer, config.train.max_length)
     train_data, eval_data = (tokenize_pairs(rows, tokenizer, max_length) for rows in (train_rows, eval_rows))
@@ -105,8 +112,9 @@ def run(config: RewardConfig) -> dict:
     log.info("held-out pairwise accuracy after training: %.3f (before %.3f)", accuracy_after, accuracy_before)
 
     if config.lora_enabled:
-        model = model.merge_and_unload()  # a plain classifier: scorers load it without peft
-    model.save_pretrained(out)
+        save_adapter(model, out, config.model, reference_adapter=config.sft_adapter or None)
+    else:
+        model.save_pretrained(out)
     tokenizer.model_max_length = max_length  # scorers of this model truncate where training did
     tokenizer.save_pretrained(out)
     # The scores of the training completions: when they are SFT samples (as `rlft preferences` makes

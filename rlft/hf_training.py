@@ -130,7 +130,9 @@ def check_optimizer(name: str, key: str) -> None:
 
 
 def optimizer(parameters, name: str, learning_rate: float, eps: float = 1e-8, weight_decay: float = 0.0):
-    """The optimizer the HF Trainer would build for `name` (one mapping for every stage, PPO's included)."""
+    """The optimizer the HF Trainer would build for `name` (one mapping for every stage, PPO's included).
+
+    `parameters`: a list of tensors, or of param-group dicts (e.g. {"params": [...], "lr": ...})."""
     import dataclasses
     from types import SimpleNamespace
 
@@ -143,7 +145,9 @@ def optimizer(parameters, name: str, learning_rate: float, eps: float = 1e-8, we
                               "weight_decay": weight_decay})
     optimizer_class, kwargs = Trainer.get_optimizer_cls_and_kwargs(args)
     # The Trainer sets weight decay through parameter groups, not the constructor: so do we.
-    return optimizer_class([{"params": list(parameters), "weight_decay": weight_decay}], **kwargs)
+    parameters = list(parameters)
+    groups = parameters if parameters and isinstance(parameters[0], dict) else [{"params": parameters}]
+    return optimizer_class([{"weight_decay": weight_decay, **group} for group in groups], **kwargs)
 
 
 def measured_before(out: Path, checkpoint: str | None, name: str, measure) -> float:

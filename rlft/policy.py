@@ -8,6 +8,7 @@ rebuild policy and reference from the folder alone.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -20,24 +21,30 @@ ADAPTER_INFO = "rlft_adapter.json"
 
 
 def save_adapter(model, folder: str | Path, model_config: ModelConfig, reference_adapter: str | None) -> None:
-    """Save the active LoRA adapter (HF format, loadable with PeftModel.from_pretrained) and its lineage."""
+    """Save the active LoRA adapter (HF format, loadable with PeftModel.from_pretrained) and its lineage; a PPO
+    model also holds reward and critic adapters, which are not the policy's."""
     folder = Path(folder)
-    model.save_pretrained(folder)
+    model.save_pretrained(folder, selected_adapters=[model.active_adapter])
     info = {"base_model": asdict(model_config), "reference_adapter": reference_adapter}
     runs.write_json(folder / ADAPTER_INFO, info)
 
 
-def load_reference(model_config: ModelConfig, reference_adapter: str | None, device=None):
-    """The frozen reference model: the base, with an earlier stage's adapter merged in if given."""
+def load_reference(model_config: ModelConfig, reference_adapter: str | None, device=None, **load_kwargs):
+    """The frozen reference model: the base, with an earlier stage's adapter merged in if given.
+
+    `load_kwargs` go to load_model: a reward model loads the same weights as a sequence classifier (its
+    trunk's module names are the causal LM's, so an SFT adapter merges into either)."""
     if reference_adapter:
         check_adapter_base(reference_adapter, model_config)  # before minutes of loading
-    base = load_model(model_config, device=device)
+    base = load_model(model_config, device=device, **load_kwargs)
     if not reference_adapter:
         return base
-    from peft import PeftModel
+    from peft import PeftConfig, PeftModel
 
+    config = PeftConfig.from_pretrained(reference_adapter)
+    config.task_type = None  # a plain PeftModel: the SFT adapter merges into a classifier of the same trunk too
     try:
-        merged = PeftModel.from_pretrained(base, reference_adapter).merge_and_unload()
+        merged = PeftModel.from_pretrained(base, reference_adapter, config=config).merge_and_unload()
     except RuntimeError as e:  # size mismatch: an adapter for another architecture
         raise RlftError(f"adapter '{reference_adapter}' does not fit base model '{model_config.name_or_path}' "
                         f"({str(e).strip().splitlines()[-1].strip()[:160]}): use the base it was trained on") from None
@@ -89,3 +96,26 @@ def load_policy(folder: str | Path, device=None, trainable: bool = False, trust_
     reference = load_reference(model_config, reference_adapter, device)
     model = PeftModel.from_pretrained(reference, str(folder), is_trainable=trainable)
     return model, load_tokenizer(model_config), model_config
+
+
+@contextmanager
+def active_adapter(model, name: str | None):
+    """Run the peft `model` with adapter `name` alone switched on (None: every adapter off, the reference).
+
+    Switches the flags peft's forward reads and nothing else: peft's own set_adapter / disable_adapter also
+    set requires_grad, freezing every adapter but one, and PPO trains two (policy and critic).
+    """
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [module for module in model.modules() if isinstance(module, BaseTunerLayer)]
+    saved = [(layer._active_adapter, layer._disable_adapters) for layer in layers]
+    for layer in layers:
+        if name is None:
+            layer._disable_adapters = True
+        else:
+            layer._active_adapter, layer._disable_adapters = [name], False
+    try:
+        yield
+    finally:
+        for layer, (active, disabled) in zip(layers, saved):
+            layer._active_adapter, layer._disable_adapters = active, disabled

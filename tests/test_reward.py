@@ -72,17 +72,28 @@ def test_tiny_bert_learns_a_marker_word_and_its_scorer_agrees(tiny_reward_dir, t
     assert scores.std().item() == pytest.approx(1.0, abs=1e-4)
 
 
-def test_lora_reward_model_is_saved_merged(tiny_reward_dir, tmp_path):
-    """With lora_enabled the saved folder is a plain classifier (no peft needed) whose weights moved."""
+def test_lora_reward_model_is_a_peft_adapter_that_plain_peft_loads(tiny_reward_dir, tmp_path):
+    """With lora_enabled the folder is the adapter and its score head in peft's format (no merged copy of the
+    backbone); plain peft rebuilds the model, and the `kind: model` scorer scores exactly as it does."""
+    from peft import PeftModel
     from transformers import AutoModelForSequenceClassification
 
     data = write_marker_pairs(tmp_path / "pairs.jsonl", 40)
     run(tiny_config(tiny_reward_dir, data, tmp_path / "rm", "lora_enabled=true", "train.max_steps=3", "lora.r=4"))
-    assert not (tmp_path / "rm" / "adapter_config.json").exists()
-    saved = AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm")
-    base = AutoModelForSequenceClassification.from_pretrained(tiny_reward_dir)
-    moved = [name for name, p in saved.named_parameters() if not torch.equal(p, base.state_dict()[name])]
-    assert any("classifier" in name for name in moved) and any("attention" in name for name in moved)
+    assert (tmp_path / "rm" / "adapter_config.json").is_file() and not (tmp_path / "rm" / "model.safetensors").exists()
+    base = AutoModelForSequenceClassification.from_pretrained(tiny_reward_dir, num_labels=1)
+    untrained_head = base.classifier.weight.clone()
+    model = PeftModel.from_pretrained(base, tmp_path / "rm").eval()
+    moved = {name for name, p in model.named_parameters() if ("lora_B" in name or "modules_to_save" in name) and p.abs().sum() > 0}
+    assert any("lora_B" in name for name in moved)
+    assert not torch.equal(model.base_model.model.classifier.modules_to_save["default"].weight, untrained_head)
+
+    scorer = build_scorer([ScorerConfig(path=str(tmp_path / "rm"))])
+    prompts, completions = ["hello", "how are you"], ["good day", "bad"]
+    ids = [encode(scorer.tokenizer, p, c, scorer.max_length) for p, c in zip(prompts, completions)]
+    with torch.no_grad():
+        expected = torch.stack([model(input_ids=torch.tensor([row])).logits[0, 0] for row in ids])
+    torch.testing.assert_close(scorer(prompts, completions), expected, atol=1e-6, rtol=1e-6)
 
 
 @pytest.mark.parametrize("row, expected", [

@@ -3,6 +3,7 @@
 checkpoints/step-000010/
     policy/            the PPO adapter (PeftModel.save_pretrained + rlft_adapter.json): loadable on its own
     value_head.pt      critic head weights (gae only: the other estimators train no critic)
+    critic/            the critic's LoRA adapter (ppo.critic=adapter only)
     trainer_state.pt   optimiser, scheduler, KL controller, step (tensors and numbers only)
     rng_state_<rank>.json  torch / numpy / python RNG of each process
 Nothing is unpickled on load: tensors go through torch.load(weights_only=True), the RNG states are JSON,
@@ -26,6 +27,7 @@ import torch
 from rlft.config import ModelConfig
 from rlft.errors import RlftError
 from rlft.policy import save_adapter
+from rlft.ppo.model import CRITIC
 from rlft.runs import read_json, unsafe_checkpoint, write_json
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -81,9 +83,8 @@ def save(accelerator, run_dir: Path, step: int, policy, value_head, trainer_stat
     accelerator.wait_for_everyone()
     write_json(staging / f"rng_state_{accelerator.process_index}.json", rng_state())
     if accelerator.is_main_process:
+        save_critic(policy, value_head, staging)
         save_adapter(policy, staging / "policy", model_config, reference_adapter)
-        if value_head is not None:
-            torch.save(value_head.state_dict(), staging / "value_head.pt")
         torch.save(trainer_state, staging / "trainer_state.pt")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
@@ -98,6 +99,14 @@ def save(accelerator, run_dir: Path, step: int, policy, value_head, trainer_stat
     return final
 
 
+def save_critic(policy, value_head, folder: Path) -> None:
+    """value_head.pt and, for an adapter critic, its adapter in folder/critic (peft's layout for a named adapter)."""
+    if value_head is not None:
+        torch.save(value_head.state_dict(), folder / "value_head.pt")
+    if CRITIC in policy.peft_config:
+        policy.save_pretrained(folder, selected_adapters=[CRITIC])
+
+
 def load(folder: Path, process_index: int, policy, value_head) -> dict:
     """Restore adapter and head weights and this process's RNG; return the trainer state."""
     import pickle
@@ -109,6 +118,8 @@ def load(folder: Path, process_index: int, policy, value_head) -> dict:
         set_peft_model_state_dict(policy, load_file(folder / "policy" / "adapter_model.safetensors"))
         if value_head is not None:
             value_head.load_state_dict(torch.load(folder / "value_head.pt", weights_only=True))
+        if CRITIC in policy.peft_config:
+            set_peft_model_state_dict(policy, load_file(folder / CRITIC / "adapter_model.safetensors"), CRITIC)
         rng_file = folder / f"rng_state_{process_index}.json"
         if rng_file.is_file():  # resuming with a different process count: fresh RNG for new ranks
             set_rng_state(read_json(rng_file))

@@ -30,6 +30,11 @@ class PPOHyperparameters:
     advantage_estimator: Literal["gae", "grpo", "rloo", "reinforce_pp"] = option(
         "gae", "gae: PPO with a critic (value head); grpo: group-normalised scores; rloo: leave-one-out baseline; "
         "reinforce_pp: REINFORCE++, batch-normalised returns. All but gae train no critic.")
+    critic: Literal["head", "adapter"] = option(
+        "head", "gae's critic: head (a linear value head on the policy's detached hidden state, no extra pass) or "
+        "adapter (its own LoRA adapter and value head on the same base, one more forward pass; started from the "
+        "reward adapter when the reward is kind: adapter).")
+    critic_learning_rate: float = option(0.0, "Learning rate of the adapter critic (0: learning_rate).")
     scale_by_std: bool = option(True, "grpo: divide by the group's std (false: Dr. GRPO's centring only).")
     kl_in: Literal["reward", "loss"] = option(
         "reward", "Where beta * KL goes: in the per-token reward (k1 estimate, PPO's way) or in the loss "
@@ -89,6 +94,7 @@ class PPOHyperparameters:
         require(self.mini_batch_size % self.gradient_accumulation_steps == 0, "gradient_accumulation_steps",
                 f"must divide mini_batch_size={self.mini_batch_size}")
         require(self.learning_rate > 0, "learning_rate", "must be > 0")
+        require(self.critic_learning_rate >= 0, "critic_learning_rate", "must be >= 0 (0: learning_rate)")
         require(self.kl_coef >= 0, "kl_coef", "must be >= 0")
         require(self.target_kl > 0, "target_kl", "must be > 0")
         require(0 < self.gamma <= 1 and 0 <= self.lam <= 1, "gamma", "gamma must be in (0, 1], lam in [0, 1]")

@@ -1,21 +1,31 @@
 """Policy, reference and critic over ONE copy of the base weights.
 
 - policy: the base with the PPO LoRA adapter on;
-- reference: the same modules under `disable_adapter()` (the SFT adapter, if any, was merged into the
+- reference: the same modules with every adapter off (the SFT adapter, if any, was merged into the
   base before the PPO adapter was added, so the reference is the SFT model);
-- critic: a linear head on the policy's last hidden state (shared trunk). One forward pass yields
+- critic `head`: a linear head on the policy's last hidden state (shared trunk). One forward pass yields
   log-probs and values, so a rollout costs one policy pass plus one reference pass. The head reads
   the hidden state through a stop-gradient: with a shared trunk, large value errors (early on, or
   under a large KL coefficient) otherwise dominate the clipped gradient and drag the policy away
   from its reference (measured: with beta=50 the KL grew to 5 nats instead of staying near 0).
+- critic `adapter`: its own LoRA adapter ("critic") on the same base and a value head on that trunk, in its
+  own parameter group; started from the reward adapter when PPO scores with one (InstructGPT; Huang et al.
+  2024, "The N+ implementation details of RLHF with PPO"). Values cost one more forward pass.
+- a reward model may be a fourth adapter ("reward", reward_models.scorers.AdapterScorer).
+Adapters are switched with `active_adapter`, which leaves requires_grad alone.
 """
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 
+from rlft.policy import active_adapter
 from rlft.ppo.core import logprobs_from_logits
+
+CRITIC = "critic"  # the critic adapter's name; the policy's is peft's "default"
 
 
 def position_ids_for(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -24,13 +34,17 @@ def position_ids_for(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 class PolicyWithValueHead(nn.Module):
-    def __init__(self, policy, critic: bool = True, eos_token_id: int | None = None, min_new_tokens: int = 0):
+    def __init__(self, policy, critic: str | None = "head", eos_token_id: int | None = None, min_new_tokens: int = 0,
+                 critic_from=None):
+        """critic: "head", "adapter" or None (critic-free estimators: grpo, rloo, reinforce_pp train none).
+        critic_from: an attached AdapterScorer whose adapter and head start the adapter critic."""
         super().__init__()
         self.policy = policy  # a peft PeftModel; its base weights are frozen
+        self.critic = critic
         # The sampler's EOS ban on the first min_new_tokens tokens, applied to every log-prob too
         self.eos_token_id, self.min_new_tokens = eos_token_id, min_new_tokens
         self.lm_head = policy.get_base_model().get_output_embeddings()
-        self.value_head = None  # critic-free estimators (grpo, rloo, reinforce_pp) train none
+        self.value_head = None
         if critic:
             # The head reads what the LM head reads: its input width, not config.hidden_size (OPT-350m
             # projects to word_embed_proj_dim first; multimodal wrapper configs have no hidden_size at all).
@@ -39,6 +53,26 @@ class PolicyWithValueHead(nn.Module):
             nn.init.zeros_(self.value_head.weight)
             nn.init.zeros_(self.value_head.bias)
             self.value_head.to(next(policy.parameters()).device)
+        if critic == "adapter":
+            if critic_from is not None:  # the reward model's adapter, and its head rescaled to normalised scores
+                policy.load_adapter(critic_from.path, adapter_name=CRITIC, is_trainable=True)
+                weight, bias = critic_from.value_head_init()
+                with torch.no_grad():
+                    self.value_head.weight.copy_(weight)
+                    self.value_head.bias.copy_(bias)
+            else:  # the policy's adapter config, at its identity init: the critic starts as the base's trunk
+                policy.add_adapter(CRITIC, copy.deepcopy(policy.peft_config[policy.active_adapter]))
+            policy.train(policy.training)  # the new adapter's dropout modules start in training mode
+            for name, parameter in policy.named_parameters():  # peft's add/load freeze all but the active adapter
+                if f".{CRITIC}." in name or f".{policy.active_adapter}." in name:
+                    parameter.requires_grad_(True)
+
+    def parameter_groups(self) -> list[list[nn.Parameter]]:
+        """Trainable parameters by optimiser group: [policy adapter (+ the head critic)], [critic adapter + head]."""
+        critic = [p for n, p in self.policy.named_parameters() if p.requires_grad and f".{CRITIC}." in n]
+        policy = [p for n, p in self.policy.named_parameters() if p.requires_grad and f".{CRITIC}." not in n]
+        head = [] if self.value_head is None else list(self.value_head.parameters())
+        return [policy + head] if self.critic != "adapter" else [policy, critic + head]
 
     def forward(self, input_ids, attention_mask, response_length: int, temperature: float):
         """Log-probs of the response tokens, the values of the states before them, and their logits.
@@ -64,15 +98,26 @@ class PolicyWithValueHead(nn.Module):
         logprobs = logprobs_from_logits(logits, input_ids[:, -response_length:], temperature)
         if self.value_head is None:
             return logprobs, torch.zeros_like(logprobs), logits
-        # Detached: critic errors must not push the policy's adapter around (see module docstring).
-        hidden = captured["hidden"][:, :-1].detach()
+        if self.critic == "adapter":
+            hidden = self.critic_hidden(input_ids, attention_mask, response_length)
+        else:  # detached: critic errors must not push the policy's adapter around (see module docstring)
+            hidden = captured["hidden"][:, :-1].detach()
         values = self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1).float()
         return logprobs, values, logits
+
+    def critic_hidden(self, input_ids, attention_mask, response_length: int) -> torch.Tensor:
+        """(B, T, H) last hidden states of the states before each response token, under the critic adapter:
+        the trunk alone (HF's `base_model`, what sequence classifiers read), no LM head."""
+        trunk = self.policy.get_base_model().base_model
+        with active_adapter(self.policy, CRITIC):
+            hidden = trunk(input_ids=input_ids, attention_mask=attention_mask,
+                           position_ids=position_ids_for(attention_mask), use_cache=False).last_hidden_state
+        return hidden[:, -response_length - 1 : -1]
 
     @torch.no_grad()
     def reference_logprobs(self, input_ids, attention_mask, response_length: int, temperature: float):
         """Log-probs under the reference: the same weights with the PPO adapter switched off."""
-        with self.policy.disable_adapter():
+        with active_adapter(self.policy, None):
             output = self.policy(
                 input_ids=input_ids,
                 attention_mask=attention_mask,

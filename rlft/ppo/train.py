@@ -30,7 +30,7 @@ from rlft.ppo.core import (AdaptiveKLController, FixedKLController, PIKLControll
                            policy_loss, reinforce_pp_advantages, rloo_advantages, value_loss)
 from rlft.ppo.model import PolicyWithValueHead
 from rlft.ppo.rollout import Rollout, collect
-from reward_models.scorers import build_scorer
+from reward_models.scorers import adapter_scorers, build_scorer
 
 log = logging.getLogger(__name__)
 __all__ = ["PPOConfig", "run"]
@@ -57,14 +57,25 @@ def run(config: PPOConfig) -> dict:
     prompts = prompts_of(train_data)
     prompt_texts = render_prompts(tokenizer, prompts)
     check_prompt_lengths(tokenizer, prompt_texts, config.sampling.max_prompt_length)
-    scorer = build_scorer(config.reward, accelerator.device)
+    scorer = build_scorer(config.reward, accelerator.device, shared_base=True)
     reference_adapter = config.sft_adapter or None
+    reward_adapters = adapter_scorers(scorer)
+    for reward_adapter in reward_adapters:
+        reward_adapter.check_base(config.model, reference_adapter)  # before the base loads
+    # One copy of the base: policy (adapter on), reference (all off), reward adapters and critic
     base = load_reference(config.model, reference_adapter, accelerator.device)
-    actor_critic = PolicyWithValueHead(add_lora(base, config.model, config.lora), critic=hp.uses_critic,
-                                       eos_token_id=tokenizer.eos_token_id, min_new_tokens=config.sampling.min_new_tokens)
+    policy = add_lora(base, config.model, config.lora)
+    for reward_adapter in reward_adapters:
+        reward_adapter.attach(policy)
+    actor_critic = PolicyWithValueHead(policy, critic=hp.critic if hp.uses_critic else None,
+                                       eos_token_id=tokenizer.eos_token_id, min_new_tokens=config.sampling.min_new_tokens,
+                                       critic_from=reward_adapters[0] if reward_adapters else None)
     actor_critic.eval()  # no dropout anywhere: rollout and update log-probs must come from one function
-    trainable = [p for p in actor_critic.parameters() if p.requires_grad]
-    optimizer = hf_training.optimizer(trainable, hp.optim, hp.learning_rate, eps=1e-5, weight_decay=hp.weight_decay)
+    # Parameter groups: the policy (with the head critic), then the adapter critic at its own learning rate.
+    groups = [{"params": group, "lr": hp.learning_rate if i == 0 else hp.critic_learning_rate or hp.learning_rate}
+              for i, group in enumerate(actor_critic.parameter_groups())]
+    trainable = [p for group in groups for p in group["params"]]
+    optimizer = hf_training.optimizer(groups, hp.optim, hp.learning_rate, eps=1e-5, weight_decay=hp.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, (lambda step: 1 - step / hp.steps) if hp.lr_schedule == "linear" else (lambda step: 1.0)
     )
@@ -155,8 +166,7 @@ def run(config: PPOConfig) -> dict:
     summary = {}
     if accelerator.is_main_process:
         save_adapter(actor_critic.policy, out / "policy", config.model, reference_adapter)
-        if actor_critic.value_head is not None:
-            torch.save(actor_critic.value_head.state_dict(), out / "policy" / "value_head.pt")
+        checkpoint.save_critic(actor_critic.policy, actor_critic.value_head, out / "policy")
         summary = logger.summary()
         summary["peak_rss_mb"] = runs.peak_rss_mb()
         lineage = [config.model.name_or_path, *([f"sft ({config.sft_adapter})"] if config.sft_adapter else []),
@@ -252,9 +262,9 @@ def ppo_update(model, accelerator, optimizer, rollout: Rollout, advantages, retu
                 stats["policy/clipfrac"].append(pg_stats["clipfrac"].item())
                 stats["policy/approxkl"].append(pg_stats["approxkl"].item())
                 epoch_approxkl.append(pg_stats["approxkl"].item())
-            grad_norm = accelerator.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
-                                                    hp.max_grad_norm)
-            stats["policy/grad_norm"].append(float(grad_norm))
+            # Each group clipped on its own: the critic's gradient must not shrink the policy's step.
+            for group, key in zip(optimizer.param_groups, ("policy/grad_norm", "val/grad_norm")):
+                stats[key].append(float(accelerator.clip_grad_norm_(group["params"], hp.max_grad_norm)))
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         stats["policy/epochs"] = [epoch + 1]
