@@ -14,8 +14,10 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import yaml
+
 from rlft import runs
-from rlft.config import option, require, section
+from rlft.config import ModelConfig, option, require, section
 from rlft.errors import RlftError
 from rlft.evaluate import EvalConfig
 from rlft.ppo.config import PPOConfig
@@ -37,6 +39,9 @@ class PipelineConfig:
     reuse_from: str = option(
         "", "Another pipeline's folder whose sft, preferences and reward stages this one uses (run there if not "
         "yet complete), so variants of the PPO stage share one SFT model and one reward model; empty: its own.")
+    reuse_stages: list[str] = option(
+        list(STAGES[:3]), "The stages taken from reuse_from: sft, then optionally preferences, then reward (each is "
+        "trained on the ones before). Where that pipeline reused a stage itself, it comes from where it did.")
     sft: SFTConfig = section(SFTConfig, "Stage 1 (rlft sft).")
     preferences: PreferenceConfig = section(PreferenceConfig, "Pairs sampled from the SFT policy, ranked by a judge.")
     reward: RewardConfig = section(RewardConfig, "Stage 2 (rlft reward) on those pairs.")
@@ -46,15 +51,36 @@ class PipelineConfig:
     def __post_init__(self):
         unknown = [stage for stage in self.stages if stage not in STAGES]
         require(not unknown, "stages", f"unknown stage(s) {unknown}; choose from {list(STAGES)}")
+        require(self.reuse_stages in [list(STAGES[:n]) for n in range(4)], "reuse_stages",
+                f"must be one of [sft], [sft, preferences], [sft, preferences, reward] (got {self.reuse_stages})")
+
+
+def stage_dir(root: Path, reuse_from: str, reuse_stages: list[str], stage: str) -> Path:
+    """Where `stage`'s output lives: this pipeline's folder, or the one it reuses the stage from, followed
+    through that pipeline's own reuse."""
+    folder, seen = root, set()
+    while reuse_from and stage in reuse_stages and Path(reuse_from).resolve() not in seen:
+        folder = Path(reuse_from)
+        seen.add(folder.resolve())
+        saved = yaml.safe_load((folder / runs.CONFIG).read_text()) if (folder / runs.CONFIG).is_file() else {}
+        reuse_from, reuse_stages = saved.get("reuse_from", ""), saved.get("reuse_stages", list(STAGES[:3]))
+    return folder / stage
+
+
+def same_weights(a: ModelConfig, b: ModelConfig) -> bool:
+    return (a.name_or_path, a.revision, a.quantization) == (b.name_or_path, b.revision, b.quantization)
 
 
 def wire(config: PipelineConfig) -> dict:
     """Each stage's config with the pipeline's paths filled in: {stage name: config}."""
     root = Path(config.output_dir)
-    shared = Path(config.reuse_from or config.output_dir)
-    sft_dir, pairs_dir, reward_dir = (str(shared / name) for name in STAGES[:3])
+    sft_dir, pairs_dir, reward_dir = (str(stage_dir(root, config.reuse_from, config.reuse_stages, name))
+                                      for name in STAGES[:3])
     ppo_dir = str(root / "ppo")
-    proxy = ScorerConfig(name="proxy", kind="model", path=reward_dir, normalize=True,
+    # A LoRA reward model on the SFT model's base starts from the SFT model (InstructGPT), and PPO then
+    # scores with it on its own weights: one copy of the base for all four roles.
+    one_base = config.reward.lora_enabled and same_weights(config.reward.model, config.sft.model)
+    proxy = ScorerConfig(name="proxy", kind="adapter" if one_base else "model", path=reward_dir, normalize=True,
                          max_length=config.reward.train.max_length)
     # The judge that ranked the preference pairs is the report's independent "gold" scorer.
     gold = [replace(config.preferences.judge[0], name="gold")]
@@ -65,6 +91,7 @@ def wire(config: PipelineConfig) -> dict:
         # report's held-out prompts stay unseen.
         "preferences": replace(config.preferences, output_dir=pairs_dir, policy=sft_dir, seed=seed),
         "reward": replace(config.reward, output_dir=reward_dir, seed=seed,
+                          sft_adapter=sft_dir if one_base else config.reward.sft_adapter,
                           data=replace(config.reward.data, path=str(Path(pairs_dir) / PAIRS))),
         # PPO optimises the reward model this pipeline trains, from this pipeline's SFT model.
         "ppo": replace(config.ppo, output_dir=ppo_dir, sft_adapter=sft_dir, model=config.sft.model, reward=[proxy],

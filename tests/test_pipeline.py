@@ -77,6 +77,23 @@ def test_pipeline_runs_every_stage_then_reuses_them(tiny_lm_dir, tiny_reward_dir
     assert f"sft_adapter: {out / 'sft'}" in ppo_config and f"path: {out / 'reward'}" in ppo_config
     assert stamps == {stage: (out / stage / "metrics.json").stat().st_mtime_ns for stage in stamps}
 
+    # one base: a LoRA reward model on the SFT model's base is trained on the SFT model and scored by PPO on
+    # its own weights (kind: adapter), next to an adapter critic; SFT and pairs come from the first pipeline
+    one_base = tmp_path / "one_base"
+    assert main([*args, f"output_dir={one_base}", f"reuse_from={out}", "reuse_stages=[sft,preferences]",
+                 f"reward.model.name_or_path={tiny_lm_dir}", "reward.lora_enabled=true", "reward.lora.r=4",
+                 "ppo.ppo.critic=adapter"]) == 0, capsys.readouterr().err[-2000:]
+    assert sorted(p.name for p in one_base.iterdir() if p.is_dir()) == ["eval", "ppo", "reward"]
+    assert json.loads((one_base / "reward" / "rlft_adapter.json").read_text())["reference_adapter"] == str(out / "sft")
+    assert "kind: adapter" in (one_base / "ppo" / "config.yaml").read_text()
+    # a variant of that one reuses its reward model, and the SFT model and pairs from where it took them
+    head = tmp_path / "one_base_head"
+    assert main([*args, f"output_dir={head}", f"reuse_from={one_base}", "stages=[sft,preferences,reward,ppo]",
+                 f"reward.model.name_or_path={tiny_lm_dir}", "reward.lora_enabled=true", "reward.lora.r=4"]) == 0
+    assert sorted(p.name for p in head.iterdir() if p.is_dir()) == ["ppo"]
+    ppo_config = (head / "ppo" / "config.yaml").read_text()
+    assert f"sft_adapter: {out / 'sft'}" in ppo_config and f"path: {one_base / 'reward'}" in ppo_config
+
 
 def test_one_seed_reaches_every_stage():
     from rlft.config import load_config

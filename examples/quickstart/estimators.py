@@ -61,12 +61,23 @@ def write_table() -> None:
     (HERE / "estimators.md").write_text(markdown(table))
     for plot in ("training.png", "overoptimization.png"):  # the README shows the quickstart's own plots
         shutil.copyfile(ROOT / "runs" / "quickstart" / "eval" / plot, HERE / plot)
-    text = README.read_text()
-    start, end = MARKERS
-    if start in text and end in text:
-        README.write_text(re.sub(re.escape(start) + ".*?" + re.escape(end),
-                                 lambda _: f"{start}\n{markdown(table)}{end}", text, flags=re.S))
+    write_between_markers(README, MARKERS, markdown(table))
     print(markdown(table))
+
+
+def write_between_markers(path: Path, markers: tuple[str, str], text: str) -> None:
+    """Replace what stands between the two marker lines of `path` (left alone if they are missing)."""
+    content = path.read_text()
+    start, end = markers
+    if start in content and end in content:
+        path.write_text(re.sub(re.escape(start) + ".*?" + re.escape(end), lambda _: f"{start}\n{text}{end}", content,
+                               flags=re.S))
+
+
+def ci(stats: dict, percent: bool = False) -> str:
+    """'mean ± half-width' of a {mean, ci95} summary."""
+    half = stats["mean"] - stats["ci95"][0]
+    return f"{stats['mean']:.0%} ± {half:.0%}" if percent else f"{stats['mean']:.2f} ± {half:.2f}"
 
 
 def headline(report: dict) -> dict:
@@ -95,10 +106,6 @@ def headline(report: dict) -> dict:
 
 
 def markdown(table: dict) -> str:
-    def ci(stats, percent=False):
-        half = stats["mean"] - stats["ci95"][0]
-        return f"{stats['mean']:.0%} ± {half:.0%}" if percent else f"{stats['mean']:.2f} ± {half:.2f}"
-
     rm = table["reward_model"]
     lines = [f"Each policy against the SFT model it started from, on {table['prompts']} held-out prompts (win rates and "
              f"means ± 95% CI half-widths); seed {table['seed']}, {table['threads']} threads. Reward model held-out "

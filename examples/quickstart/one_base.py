@@ -1,0 +1,114 @@
+"""The quickstart with one base for all four roles, next to the MiniLM quickstart, with both critics.
+
+    python examples/quickstart/one_base.py
+
+1. `rlft pipeline --config configs/quickstart.yaml` (if not yet complete): MiniLM reward model, head critic;
+2. `configs/quickstart_one_base.yaml`: the reward model is a SmolLM2 LoRA adapter on the quickstart's SFT
+   model, PPO scores with it on its own base and trains an adapter critic started from it;
+3. `configs/quickstart_one_base_head.yaml`: the same reward adapter, PPO with the head critic;
+4. `benchmarks/one_base.py`: peak RSS and step time of a few PPO steps by reward model and critic;
+5. the table from the three reports (each pipeline's own `eval/report.json`: its own proxy, VADER as gold)
+   into examples/quickstart/one_base.{json,md} and the README between its `<!-- one_base -->` markers.
+Each stage skips what is already complete; `--table-only` redoes the table from what is there.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+from estimators import ci, write_between_markers  # this folder is on sys.path when run as a script
+
+ROOT = Path(__file__).resolve().parents[2]
+HERE = Path(__file__).resolve().parent
+README = ROOT / "README.md"
+MARKERS = ("<!-- one_base: written by examples/quickstart/one_base.py -->", "<!-- /one_base -->")
+RUNS = {  # label: pipeline folder
+    "MiniLM reward model, head critic": "runs/quickstart",
+    "SmolLM2 reward adapter, adapter critic": "runs/quickstart_one_base",
+    "SmolLM2 reward adapter, head critic": "runs/quickstart_one_base_head",
+}
+BENCHMARK = ROOT / "benchmarks" / "results" / "one_base.json"
+COMMANDS = [
+    ["-m", "rlft", "pipeline", "--config", "configs/quickstart.yaml"],
+    ["-m", "rlft", "pipeline", "--config", "configs/quickstart_one_base.yaml"],
+    ["-m", "rlft", "pipeline", "--config", "configs/quickstart_one_base_head.yaml"],
+    ["benchmarks/one_base.py", "--json", str(BENCHMARK)],
+]
+
+
+def main() -> None:
+    if "--table-only" not in sys.argv[1:]:
+        for command in COMMANDS:
+            print("+", " ".join(command), flush=True)
+            subprocess.run([sys.executable, *command], cwd=ROOT, check=True)
+    table = headline()
+    (HERE / "one_base.json").write_text(json.dumps(table, indent=2) + "\n")
+    (HERE / "one_base.md").write_text(markdown(table))
+    write_between_markers(README, MARKERS, markdown(table))
+    print(markdown(table))
+
+
+def mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
+def headline() -> dict:
+    rows = []
+    for label, folder in RUNS.items():
+        folder = ROOT / folder
+        report = json.loads((folder / "eval" / "report.json").read_text())
+        ppo = next(p for p in report["policies"] if p["path"].startswith(str(folder / "ppo")))
+        reward = json.loads((folder / "reward" / "metrics.json").read_text()) if (folder / "reward").is_dir() else None
+        if reward is None:  # reused: read the reward model this pipeline's PPO stage scored with
+            ppo_config = yaml.safe_load((folder / "ppo" / "config.yaml").read_text())
+            reward = json.loads((Path(ppo_config["reward"][0]["path"]) / "metrics.json").read_text())
+        steps = [json.loads(line) for line in (folder / "ppo" / "metrics.jsonl").read_text().splitlines() if line]
+        last = steps[len(steps) // 2:]  # the second half of training
+        rows.append({
+            "run": label, "folder": str(folder.relative_to(ROOT)),
+            "reward_accuracy": reward["eval_accuracy_after"], "reward_eval_pairs": reward["eval_rows"],
+            "proxy_win_rate": ppo["rewards"][report["proxy"]]["win_rate"],
+            "gold_win_rate": ppo["rewards"][report["gold"]]["win_rate"],
+            "kl_exact": ppo["kl"]["exact"],
+            "explained_variance": mean([s["val/explained_variance"] for s in last]),
+            "time_step_s": mean([s["time/step"] for s in steps[1:]]),
+            "ppo_peak_rss_mb": json.loads((folder / "ppo" / "metrics.json").read_text())["peak_rss_mb"],
+        })
+    benchmark = json.loads(BENCHMARK.read_text()) if BENCHMARK.is_file() else None
+    return {"prompts": report["prompts"]["count"], "seed": report["seed"],
+            "threads": int(os.environ.get("OMP_NUM_THREADS", "0")) or os.cpu_count(), "rows": rows,
+            "memory_benchmark": benchmark}
+
+
+def markdown(table: dict) -> str:
+    lines = [f"PPO against the SFT model it started from, on {table['prompts']} held-out prompts (win rates and means "
+             f"± 95% CI half-widths); proxy: each run's own reward model, gold: VADER; seed {table['seed']}, "
+             f"{table['threads']} threads, one run each. Explained variance: mean over the second half of training. "
+             "Written by examples/quickstart/one_base.py.", "",
+             "| Run | Reward model accuracy (pairs) | Proxy win rate | Gold win rate | Exact KL | Explained variance "
+             "| Step time | PPO peak RSS |", "|---|---|---|---|---|---|---|---|"]
+    for row in table["rows"]:
+        lines.append(f"| {row['run']} | {row['reward_accuracy']:.2f} ({row['reward_eval_pairs']}) | "
+                     f"{ci(row['proxy_win_rate'], True)} | {ci(row['gold_win_rate'], True)} | {ci(row['kl_exact'])} | "
+                     f"{row['explained_variance']:.2f} | {row['time_step_s']:.1f} s | {row['ppo_peak_rss_mb']:.0f} MB |")
+    benchmark = table["memory_benchmark"]
+    if benchmark:
+        lines += ["", f"Peak RSS of {benchmark['steps']} PPO steps by reward model (`benchmarks/one_base.py`, "
+                  "each in its own process; the ratio is to a Python-function reward, no reward network):", "",
+                  "| Reward model, critic | Peak RSS | vs function reward | Step time |", "|---|---|---|---|"]
+        names = {"function": "VADER function, head", "minilm": "MiniLM (second network), head",
+                 "adapter_head": "SmolLM2 adapter on PPO's base, head",
+                 "adapter_adapter": "SmolLM2 adapter on PPO's base, adapter critic"}
+        for name, run in benchmark["runs"].items():
+            lines.append(f"| {names.get(name, name)} | {run['peak_rss_mb']:.0f} MB | {run['rss_vs_function']:.2f}x | "
+                         f"{run['time_step_s']:.1f} s |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
