@@ -135,8 +135,10 @@ def run(config: RewardConfig) -> dict:
         "peak_rss_mb": runs.peak_rss_mb(),
     }
     write_model_card(out, title=f"Reward model on {config.model.name_or_path}", base_model=config.model.name_or_path,
-                     lineage=[config.model.name_or_path, f"reward ({config.data.path})"], config=config,
-                     metrics=metrics, tags=["reward-model"], library="transformers", pipeline_tag="text-classification")
+                     lineage=[config.model.name_or_path, *([f"sft ({config.sft_adapter})"] if config.sft_adapter else []),
+                              f"reward ({config.data.path})"], config=config,
+                     metrics=metrics, tags=["reward-model"], library="peft" if config.lora_enabled else "transformers",
+                     pipeline_tag="text-classification")
     runs.write_json(out / runs.METRICS, metrics)
     push(out, config)
     return metrics

@@ -59,10 +59,10 @@ def mean(values: list[float]) -> float:
 
 def headline() -> dict:
     rows = []
-    for label, folder in RUNS.items():
-        folder = ROOT / folder
+    for label, relative in RUNS.items():
+        folder = ROOT / relative
         report = json.loads((folder / "eval" / "report.json").read_text())
-        ppo = next(p for p in report["policies"] if p["path"].startswith(str(folder / "ppo")))
+        ppo = next(p for p in report["policies"] if p["path"].startswith(f"{relative}/ppo"))
         reward = json.loads((folder / "reward" / "metrics.json").read_text()) if (folder / "reward").is_dir() else None
         if reward is None:  # reused: read the reward model this pipeline's PPO stage scored with
             ppo_config = yaml.safe_load((folder / "ppo" / "config.yaml").read_text())
@@ -70,14 +70,13 @@ def headline() -> dict:
         steps = [json.loads(line) for line in (folder / "ppo" / "metrics.jsonl").read_text().splitlines() if line]
         last = steps[len(steps) // 2:]  # the second half of training
         rows.append({
-            "run": label, "folder": str(folder.relative_to(ROOT)),
+            "run": label, "folder": relative,
             "reward_accuracy": reward["eval_accuracy_after"], "reward_eval_pairs": reward["eval_rows"],
             "proxy_win_rate": ppo["rewards"][report["proxy"]]["win_rate"],
             "gold_win_rate": ppo["rewards"][report["gold"]]["win_rate"],
             "kl_exact": ppo["kl"]["exact"],
             "explained_variance": mean([s["val/explained_variance"] for s in last]),
             "time_step_s": mean([s["time/step"] for s in steps[1:]]),
-            "ppo_peak_rss_mb": json.loads((folder / "ppo" / "metrics.json").read_text())["peak_rss_mb"],
         })
     benchmark = json.loads(BENCHMARK.read_text()) if BENCHMARK.is_file() else None
     return {"prompts": report["prompts"]["count"], "seed": report["seed"],
@@ -88,14 +87,14 @@ def headline() -> dict:
 def markdown(table: dict) -> str:
     lines = [f"PPO against the SFT model it started from, on {table['prompts']} held-out prompts (win rates and means "
              f"± 95% CI half-widths); proxy: each run's own reward model, gold: VADER; seed {table['seed']}, "
-             f"{table['threads']} threads, one run each. Explained variance: mean over the second half of training. "
+             f"{table['threads']} threads, one run each. Explained variance: mean over the second half of training; step time: mean after the first step. "
              "Written by examples/quickstart/one_base.py.", "",
              "| Run | Reward model accuracy (pairs) | Proxy win rate | Gold win rate | Exact KL | Explained variance "
-             "| Step time | PPO peak RSS |", "|---|---|---|---|---|---|---|---|"]
+             "| Step time |", "|---|---|---|---|---|---|---|"]
     for row in table["rows"]:
         lines.append(f"| {row['run']} | {row['reward_accuracy']:.2f} ({row['reward_eval_pairs']}) | "
                      f"{ci(row['proxy_win_rate'], True)} | {ci(row['gold_win_rate'], True)} | {ci(row['kl_exact'])} | "
-                     f"{row['explained_variance']:.2f} | {row['time_step_s']:.1f} s | {row['ppo_peak_rss_mb']:.0f} MB |")
+                     f"{row['explained_variance']:.2f} | {row['time_step_s']:.1f} s |")
     benchmark = table["memory_benchmark"]
     if benchmark:
         lines += ["", f"Peak RSS of {benchmark['steps']} PPO steps by reward model (`benchmarks/one_base.py`, "
