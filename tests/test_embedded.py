@@ -51,7 +51,7 @@ def test_qlora_4bit_sft_trains(tmp_path):
     from rlft.sft import SFTConfig, run
 
     metrics = run(load_config(SFTConfig, CONFIGS / "sft_qlora.yaml",
-                              [f"output_dir={tmp_path}", *SHORT_SFT, "data.max_samples=64", "train.learning_rate=1e-3"]))
+                              [f"output_dir={tmp_path}", *SHORT_SFT, "train.learning_rate=1e-3"]))
     assert metrics["eval_loss_after"] < metrics["eval_loss_before"], metrics
     config = json.loads((tmp_path / "rlft_adapter.json").read_text())
     assert config["base_model"]["quantization"] == "4bit"
