@@ -37,8 +37,8 @@ class PipelineConfig:
                        "hold-out split, so PPO and the report never see SFT's held-out prompts in training.")
     stages: list[str] = option(list(STAGES), f"Stages to run, in order, from {list(STAGES)}.")
     reuse_from: str = option(
-        "", "Another pipeline's folder whose sft, preferences and reward stages this one uses (run there if not "
-        "yet complete), so variants of the PPO stage share one SFT model and one reward model; empty: its own.")
+        "", "Another pipeline's folder whose first stages (reuse_stages) this one uses, run there if not yet "
+        "complete, so variants of a later stage share one SFT model (and pairs, and reward model); empty: its own.")
     reuse_stages: list[str] = option(
         list(STAGES[:3]), "The stages taken from reuse_from: sft, then optionally preferences, then reward (each is "
         "trained on the ones before). Where that pipeline reused a stage itself, it comes from where it did.")
