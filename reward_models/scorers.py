@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -210,13 +211,13 @@ class AdapterScorer:
     Built before the policy (its files are checked first); `attach` then loads it onto the policy.
     """
 
-    ADAPTER = "reward"
-
     def __init__(self, config: ScorerConfig):
         from rlft.models import load_tokenizer
         from rlft.policy import adapter_info
 
         self.name, self.batch_size, self.path = config.name, config.batch_size, config.path
+        # one adapter per scorer (a weighted sum may hold several); peft's module keys may not contain dots
+        self.adapter = "reward_" + re.sub(r"\W", "_", config.name)
         if not (Path(config.path) / "adapter_config.json").is_file():
             raise RlftError(f"scorer '{self.name}': '{config.path}' has no adapter_config.json: kind: adapter needs "
                             "an rlft reward run with lora_enabled: true (use kind: model for a full classifier)")
@@ -243,7 +244,7 @@ class AdapterScorer:
         """Load the reward adapter (frozen) into the peft `policy` and build the classifier over its trunk."""
         from safetensors.torch import load_file
 
-        policy.load_adapter(self.path, adapter_name=self.ADAPTER, is_trainable=False)
+        policy.load_adapter(self.path, adapter_name=self.adapter, is_trainable=False)
         policy.train(policy.training)  # the new adapter's dropout modules start in training mode
         saved = load_file(Path(self.path) / "adapter_model.safetensors")
         self.model = classifier_on(policy.get_base_model(), saved, self.tokenizer.pad_token_id, self.name)
@@ -263,7 +264,7 @@ class AdapterScorer:
 
         assert self.policy is not None, "AdapterScorer.attach(policy) first"
         ids = [encode(self.tokenizer, p, c, self.max_length) for p, c in zip(prompts, completions, strict=True)]
-        with active_adapter(self.policy, self.ADAPTER):
+        with active_adapter(self.policy, self.adapter):
             scores = score_ids(self.model, ids, self.tokenizer.pad_token_id, self.batch_size)
         return checked(self.name, (scores - self.mean) / self.std, len(completions))
 

@@ -101,7 +101,7 @@ def test_scores_on_the_shared_base_equal_the_standalone_model_and_leave_log_prob
     # Scoring switched adapters and back: the policy and its reference are bit-for-bit what they were.
     assert torch.equal(before, after) and torch.equal(reference_before, reference_after)
     assert policy.active_adapter == "default"
-    assert not any(p.requires_grad for n, p in policy.named_parameters() if ".reward." in n)
+    assert not any(p.requires_grad for n, p in policy.named_parameters() if f".{shared.adapter}." in n)
 
     # The same adapter on its own base copy: plain peft on a sequence classifier of the SFT model
     standalone = build_scorer([config])  # outside PPO, kind adapter loads standalone
@@ -123,7 +123,7 @@ def test_four_roles_hold_one_copy_of_the_base(tiny_lm_dir, sft_dir, reward_dir):
     for tensor in [*actor_critic.parameters(), *actor_critic.buffers(), *scorer.model.parameters()]:
         storage[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
     adapters = sum(p.numel() * p.element_size() for n, p in policy.named_parameters()
-                   if ".reward." in n or ".critic." in n)
+                   if f".{scorer.adapter}." in n or ".critic." in n)
     heads = sum(p.numel() * p.element_size() for p in [*actor_critic.value_head.parameters(), *scorer.model.score.parameters()])
     # base (+ the policy's adapter) once, the reward and critic adapters, two 1-row heads, rotary buffers
     assert sum(storage.values()) < base_bytes + adapters + heads + 4096
@@ -144,7 +144,7 @@ def test_the_adapter_critic_starts_as_the_normalised_reward_model(tiny_lm_dir, s
         _, values, _ = actor_critic(ids, torch.ones_like(ids), 4, 1.0)
     from rlft.policy import active_adapter
 
-    with active_adapter(policy, "reward"):
+    with active_adapter(policy, scorer.adapter):
         prefixes = [ids[0, : 6 + t].tolist() for t in range(4)]  # the state before response token t
         rewards = score_ids(scorer.model, prefixes, pad_token_id=0, batch_size=1)
     torch.testing.assert_close(values[0], (rewards - scorer.mean) / scorer.std, atol=1e-5, rtol=1e-5)
@@ -217,3 +217,16 @@ def test_all_four_roles_on_a_4bit_base_learn_a_toy_task(tiny_lm_dir_64, data, tm
 
     first, last = [r for r in samples if r["step"] <= 4], [r for r in samples if r["step"] > 32]
     assert target_share(last) > target_share(first) + 0.1, (target_share(first), target_share(last))
+
+
+def test_two_reward_adapters_in_a_weighted_sum_each_get_their_own_adapter(tiny_lm_dir, sft_dir, reward_dir):
+    from reward_models.scorers import AdapterScorer, ScorerConfig, adapter_scorers, build_scorer
+
+    policy, _ = policy_on_sft(tiny_lm_dir, sft_dir)
+    single = AdapterScorer(ScorerConfig(name="one", kind="adapter", path=str(reward_dir)))
+    summed = build_scorer([ScorerConfig(name="a", kind="adapter", path=str(reward_dir), weight=1.0),
+                           ScorerConfig(name="b.v2", kind="adapter", path=str(reward_dir), weight=0.5)], shared_base=True)
+    for scorer in [single, *adapter_scorers(summed)]:
+        scorer.attach(policy)
+    assert {"reward_one", "reward_a", "reward_b_v2"} <= set(policy.peft_config)
+    torch.testing.assert_close(summed(PROMPTS, COMPLETIONS), 1.5 * single(PROMPTS, COMPLETIONS), atol=1e-5, rtol=1e-5)
