@@ -11,7 +11,7 @@
 - critic `adapter`: its own LoRA adapter ("critic") on the same base and a value head on that trunk, in its
   own parameter group; started from the reward adapter when PPO scores with one (InstructGPT; Huang et al.
   2024, "The N+ implementation details of RLHF with PPO"). Values cost one more forward pass.
-- a reward model may be a fourth adapter ("reward", reward_models.scorers.AdapterScorer).
+- a reward model may be a fourth adapter ("reward_<scorer name>", reward_models.scorers.AdapterScorer).
 Adapters are switched with `active_adapter`, which leaves requires_grad alone.
 """
 
