@@ -16,17 +16,19 @@ import logging
 import os
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 from reward_models.scorers import NORMALIZATION, encode, length_limit, score_ids
 from rlft import runs
 from rlft.config import DataConfig, LoraConfig, ModelConfig, option, require, section
 from rlft.data import load_splits
+from rlft.distributed import full_state_dict, is_main_process
 from rlft.errors import RlftError
 from rlft import hf_training
 from rlft.hf_training import RESUMABLE_CHANGES, TrainConfig, check_finite_losses, last_checkpoint, training_kwargs
 from rlft.publish import Publishing, push, write_model_card
 from rlft.models import MINILM, add_lora, count_parameters, load_tokenizer
-from rlft.policy import load_reference, save_adapter
+from rlft.policy import adapter_state_dict, load_reference, save_adapter
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +74,10 @@ def run(config: RewardConfig) -> dict:
     started = time.time()
     runs.seed_everything(config.seed)  # before loading: it initialises the new score head
     checkpoint = last_checkpoint(config.output_dir) if config.resume else None
-    out = runs.prepare(config.output_dir, config, resuming=checkpoint is not None, may_change=RESUMABLE_CHANGES)
+    # Under `accelerate launch` the main process claims output_dir and writes the run's files.
+    main = is_main_process()
+    out = (runs.prepare(config.output_dir, config, resuming=checkpoint is not None, may_change=RESUMABLE_CHANGES)
+           if main else Path(config.output_dir))
 
     # Data first: a wrong column should fail before the model loads.
     train_rows, eval_rows, _ = load_splits(config.data, ("preference",), config.seed, "reward data")
@@ -98,29 +103,33 @@ def run(config: RewardConfig) -> dict:
     # keeps our `length` column for its sampler only if it keeps unused columns; TRL's collator ignores them.
     args = TrlRewardConfig(**training_kwargs(config.train, config.model, out, config.seed),
                            train_sampling_strategy="group_by_length", remove_unused_columns=False)
-    trainer = RewardTrainer(
+    trainer = hf_training.with_seeded_length_groups(RewardTrainer)(
         model=model, args=args, train_dataset=train_data, eval_dataset=eval_data, processing_class=tokenizer
     )
     hf_training.keep_trainable_float32(model)
-    accuracy_before = hf_training.measured_before(out, checkpoint, "eval_accuracy", lambda: pairwise_accuracy(
+    hf_training.shard_on_cpu(trainer)
+    before = hf_training.measured_before(trainer, out, checkpoint, "eval_accuracy", lambda: pairwise_accuracy(
         model, eval_data, tokenizer.pad_token_id, config.train.batch_size))
-    log.info("held-out pairwise accuracy before training: %.3f", accuracy_before)
-
     hf_training.train(trainer, checkpoint)
+    accuracy_before = before["eval_accuracy"]
     check_finite_losses(trainer.state.log_history)
     accuracy_after = pairwise_accuracy(model, eval_data, tokenizer.pad_token_id, config.train.batch_size)
     log.info("held-out pairwise accuracy after training: %.3f (before %.3f)", accuracy_after, accuracy_before)
 
-    if config.lora_enabled:
-        save_adapter(model, out, config.model, reference_adapter=config.sft_adapter or None)
-    else:
-        model.save_pretrained(out)
-    tokenizer.model_max_length = max_length  # scorers of this model truncate where training did
-    tokenizer.save_pretrained(out)
+    # Every process: the weights are gathered from the shards, the scores computed on them, under FSDP.
+    weights = adapter_state_dict(model) if config.lora_enabled else full_state_dict(model)
     # The scores of the training completions: when they are SFT samples (as `rlft preferences` makes
     # them), normalising by these makes the SFT policy's rewards mean 0 and std 1 at the start of PPO.
     completions = list(train_data["chosen_ids"]) + list(train_data["rejected_ids"])
     scores = score_ids(model, completions, tokenizer.pad_token_id, config.train.batch_size)
+    if not main:
+        return {}
+    if config.lora_enabled:
+        save_adapter(model, out, config.model, reference_adapter=config.sft_adapter or None, state_dict=weights)
+    else:
+        model.save_pretrained(out, state_dict=weights)
+    tokenizer.model_max_length = max_length  # scorers of this model truncate where training did
+    tokenizer.save_pretrained(out)
     normalization = {"mean": scores.mean().item(), "std": max(scores.std().item(), 1e-6), "count": len(scores)}
     runs.write_json(out / NORMALIZATION, normalization)
     metrics = {

@@ -64,6 +64,7 @@ def sample(model, prompt: dict[str, torch.Tensor], sampling: SamplingConfig, tok
     """
     from transformers import GenerationConfig
 
+    from rlft.distributed import is_sharded
     from rlft.models import context_length
 
     context, width = context_length(model), prompt["input_ids"].shape[1]
@@ -84,7 +85,9 @@ def sample(model, prompt: dict[str, torch.Tensor], sampling: SamplingConfig, tok
         use_cache=True,
     )
     with model_defaults_set_aside(model):
-        output = model.generate(**prompt, generation_config=clean)
+        # Sharded (FSDP2), each decoding step gathers every layer from all processes: all must take as many
+        # steps as the longest one, however early their own rows end.
+        output = model.generate(**prompt, generation_config=clean, synced_gpus=is_sharded(model))
     return output[:, prompt["input_ids"].shape[1] :]
 
 

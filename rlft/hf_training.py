@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from rlft.config import ModelConfig, option, require
+from rlft.distributed import is_main_process
 from rlft.errors import RlftError
 from rlft.models import torch_dtype
 from rlft.runs import read_json, unsafe_checkpoint, write_json
@@ -90,6 +91,9 @@ def training_kwargs(train: TrainConfig, model: ModelConfig, output_dir: Path, se
         # add_lora already set up checkpointing on the peft model; the trainer must not redo it.
         gradient_checkpointing=False,
         dataloader_num_workers=0,
+        # Without a GPU, say so: TrainingArguments then joins `accelerate launch`'s processes over gloo (else each
+        # process trains alone on all the data).
+        use_cpu=not torch.cuda.is_available(),
         # Without this, evaluate() keeps every batch's (batch, length, vocab) logits: GBs for a 49k vocab.
         prediction_loss_only=True,
     )
@@ -150,15 +154,66 @@ def optimizer(parameters, name: str, learning_rate: float, eps: float = 1e-8, we
     return optimizer_class([{"weight_decay": weight_decay, **group} for group in groups], **kwargs)
 
 
-def measured_before(out: Path, checkpoint: str | None, name: str, measure) -> float:
-    """A figure of the untrained model (eval loss, pairwise accuracy), measured once: a resumed run reads it
-    back, since by then the model in memory is the checkpoint's."""
-    path = out / "eval_before.json"
-    if checkpoint and path.is_file():
-        return read_json(path)[name]
-    value = measure()
-    write_json(path, {name: value})
-    return value
+def with_seeded_length_groups(trainer_class):
+    """`trainer_class` whose group_by_length batches are drawn from (data_seed, epoch) alone.
+
+    HF's LengthGroupedSampler draws from the global RNG, which a resumed run holds in another state than the
+    uninterrupted run did at that epoch's start: the resumed epoch saw other batches (a tiny reward adapter
+    ended 7e-5 away from the uninterrupted one). The epoch is read from the trainer's state when an epoch's
+    batches are drawn (a resumed run restores it; accelerate's set_epoch does not reach a sampler behind a
+    multi-process skip of the first batches), so every process and every resume draws the same order."""
+    from transformers.trainer_pt_utils import LengthGroupedSampler
+
+    class SeededLengthGroupedSampler(LengthGroupedSampler):
+        def __init__(self, batch_size: int, lengths: list[int], seed: int, epoch_of):
+            super().__init__(batch_size, lengths=lengths, generator=torch.Generator())
+            self.seed, self.epoch_of = seed, epoch_of
+
+        def __iter__(self):
+            self.generator.manual_seed(self.seed + self.epoch_of())
+            return super().__iter__()
+
+    class Seeded(trainer_class):
+        def _get_train_sampler(self, train_dataset=None):
+            sampler = super()._get_train_sampler(train_dataset)
+            if type(sampler) is LengthGroupedSampler:
+                sampler = SeededLengthGroupedSampler(sampler.batch_size, sampler.lengths, self.args.data_seed,
+                                                     lambda: int(self.state.epoch or 0))
+            return sampler
+
+    Seeded.__name__ = trainer_class.__name__
+    return Seeded
+
+
+def shard_on_cpu(trainer) -> None:
+    """Right after the trainer is built: FSDP on CPU processes as well (rlft.distributed.fsdp_on_cpu)."""
+    from rlft.distributed import fsdp_on_cpu
+
+    fsdp_on_cpu(trainer.accelerator)
+    trainer.is_fsdp_enabled = getattr(trainer.accelerator.state, "fsdp_plugin", None) is not None
+
+
+def measured_before(trainer, out: Path, checkpoint: str | None, name: str, measure) -> dict:
+    """A figure of the untrained model (eval loss, pairwise accuracy), measured once, as training starts: then
+    accelerate has prepared the model (FSDP2 shards a model only together with its optimizer, so the Trainer
+    cannot evaluate one before). A resumed run reads it back, since by then the model is the checkpoint's.
+    Returns a dict that holds {name: value} once trainer.train has begun."""
+    from transformers import TrainerCallback
+
+    path, figure = out / "eval_before.json", {}
+
+    class MeasureFirst(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            if checkpoint and path.is_file():
+                figure[name] = read_json(path)[name]
+                return
+            figure[name] = measure()  # every process: a collective under FSDP
+            if is_main_process():
+                write_json(path, figure)
+            log.info("before training: %s %.4f", name, figure[name])
+
+    trainer.add_callback(MeasureFirst)
+    return figure
 
 
 def keep_trainable_float32(model) -> None:

@@ -20,13 +20,23 @@ from rlft.models import load_model, load_tokenizer
 ADAPTER_INFO = "rlft_adapter.json"
 
 
-def save_adapter(model, folder: str | Path, model_config: ModelConfig, reference_adapter: str | None) -> None:
+def save_adapter(model, folder: str | Path, model_config: ModelConfig, reference_adapter: str | None,
+                 state_dict: dict | None = None) -> None:
     """Save the active LoRA adapter (HF format, loadable with PeftModel.from_pretrained) and its lineage; a PPO
-    model also holds reward and critic adapters, which are not the policy's."""
+    model also holds reward and critic adapters, which are not the policy's. `state_dict`: the model's
+    weights gathered whole, where they are sharded (FSDP)."""
     folder = Path(folder)
-    model.save_pretrained(folder, selected_adapters=[model.active_adapter])
+    model.save_pretrained(folder, selected_adapters=[model.active_adapter], state_dict=state_dict)
     info = {"base_model": asdict(model_config), "reference_adapter": reference_adapter}
     runs.write_json(folder / ADAPTER_INFO, info)
+
+
+def adapter_state_dict(model) -> dict:
+    """The peft model's adapter weights (LoRA and modules_to_save, e.g. a score head) by state_dict name, whole
+    tensors on the CPU: gathered from the shards under FSDP, so every process must call it."""
+    from rlft.distributed import full_state_dict
+
+    return full_state_dict(model, keep=lambda name: "lora_" in name or "modules_to_save" in name)
 
 
 def load_reference(model_config: ModelConfig, reference_adapter: str | None, device=None, **load_kwargs):

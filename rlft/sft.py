@@ -20,7 +20,8 @@ from rlft.generation import SamplingConfig, complete
 from rlft import hf_training
 from rlft.hf_training import RESUMABLE_CHANGES, TrainConfig, check_finite_losses, last_checkpoint, training_kwargs
 from rlft.models import add_lora, context_length, count_parameters, load_model, load_tokenizer
-from rlft.policy import save_adapter
+from rlft.distributed import is_main_process
+from rlft.policy import adapter_state_dict, save_adapter
 from rlft.publish import Publishing, push, write_model_card
 
 log = logging.getLogger(__name__)
@@ -53,7 +54,10 @@ def run(config: SFTConfig) -> dict:
     started = time.time()
     runs.seed_everything(config.seed)
     checkpoint = last_checkpoint(config.output_dir) if config.resume else None
-    out = runs.prepare(config.output_dir, config, resuming=checkpoint is not None, may_change=RESUMABLE_CHANGES)
+    # Under `accelerate launch` the main process claims output_dir and writes the run's files.
+    main = is_main_process()
+    out = (runs.prepare(config.output_dir, config, resuming=checkpoint is not None, may_change=RESUMABLE_CHANGES)
+           if main else Path(config.output_dir))
 
     # Data first: a wrong column should fail before minutes of model loading.
     train_data, eval_data, data_format = load_splits(
@@ -84,16 +88,20 @@ def run(config: SFTConfig) -> dict:
         model=model, args=args, train_dataset=train_data, eval_dataset=eval_data, processing_class=tokenizer
     )
     hf_training.keep_trainable_float32(model)
+    hf_training.shard_on_cpu(trainer)
 
-    eval_before = hf_training.measured_before(out, checkpoint, "eval_loss", lambda: eval_loss(trainer, config))
-    log.info("eval loss before training: %.4f", eval_before)
-
+    before = hf_training.measured_before(trainer, out, checkpoint, "eval_loss", lambda: eval_loss(trainer, config))
     hf_training.train(trainer, checkpoint)
+    eval_before = before["eval_loss"]
     check_finite_losses(trainer.state.log_history)
     eval_after = eval_loss(trainer, config)
     log.info("eval loss after training: %.4f (before %.4f)", eval_after, eval_before)
 
-    save_adapter(model, out, config.model, reference_adapter=None)
+    weights = adapter_state_dict(model)  # every process: gathered from the shards under FSDP
+    samples = sample_completions(model, tokenizer, eval_data, config.num_samples)
+    if not main:
+        return {}
+    save_adapter(model, out, config.model, reference_adapter=None, state_dict=weights)
     tokenizer.save_pretrained(out)
     if config.merge:
         save_merged(config.model, out)
@@ -106,7 +114,7 @@ def run(config: SFTConfig) -> dict:
         "trainable_parameters": trainable,
         "wall_time_s": time.time() - started,
         "peak_rss_mb": runs.peak_rss_mb(),
-        "samples": sample_completions(model, tokenizer, eval_data, config.num_samples),
+        "samples": samples,
     }
     write_model_card(out, title=f"SFT adapter for {config.model.name_or_path}", base_model=config.model.name_or_path,
                      lineage=[config.model.name_or_path, "sft"], config=config, metrics=metrics, tags=["sft", "lora"])

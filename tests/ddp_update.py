@@ -1,10 +1,11 @@
 """One PPO update of a fixed rollout, split over however many processes `accelerate launch` starts.
 
-    accelerate launch --cpu --num_processes N tests/ddp_update.py MODEL_DIR OUT.pt '{"advantage_estimator": ...}'
+    accelerate launch --config_file C --num_processes N tests/ddp_update.py MODEL_DIR OUT.pt '{"advantage_estimator": ...}'
 
 Every process builds the same model and the same 8-row rollout (same seeds), computes advantages on all
 of it (groups whole), keeps its own contiguous share of the rows, and takes one optimiser step; the main
-process saves the adapter. N = 1 and N = 2 must save the same weights.
+process saves the adapter. N = 1 and N = 2 must save the same weights, under DDP or FSDP2 (C: ddp_cpu.yaml,
+fsdp.yaml).
 """
 
 import dataclasses
@@ -12,8 +13,8 @@ import json
 import sys
 
 import torch
-from accelerate import Accelerator
 
+from rlft import distributed
 from rlft.config import LoraConfig, ModelConfig
 from rlft.generation import SamplingConfig
 from rlft.models import add_lora, load_model, load_tokenizer
@@ -38,7 +39,7 @@ def moved_policy(config: ModelConfig, hp: PPOHyperparameters) -> PolicyWithValue
 
 
 def main(model_dir: str, out: str, estimator: dict) -> None:
-    accelerator = Accelerator(cpu=True)
+    accelerator = distributed.accelerator()
     world, rank = accelerator.num_processes, accelerator.process_index
     config = ModelConfig(name_or_path=model_dir)
     tokenizer = load_tokenizer(config)
@@ -50,7 +51,7 @@ def main(model_dir: str, out: str, estimator: dict) -> None:
     texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
              for p in prompts]
     torch.manual_seed(1)
-    rollout = collect(model, model.policy, tokenizer, prompts, texts, lambda p, c: torch.linspace(-1, 1, len(c)),
+    rollout = collect(model, tokenizer, prompts, texts, lambda p, c: torch.linspace(-1, 1, len(c)),
                       SamplingConfig(max_new_tokens=6), 8, 0.0, 0.0)
     for row in range(8):  # responses of 6, 5, 4 and 3 tokens: the two halves hold different token counts
         rollout.response_mask[row, 6 - row % 4 - (row >= 4):] = False
@@ -64,9 +65,11 @@ def main(model_dir: str, out: str, estimator: dict) -> None:
                       for f in dataclasses.fields(Rollout)})
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     wrapped, optimizer = accelerator.prepare(model, optimizer)
+    assert distributed.is_sharded(wrapped) == (accelerator.distributed_type == "FSDP")  # the launcher's choice held
     ppo_update(wrapped, accelerator, optimizer, mine, advantages[rows], returns[rows], hp, 1.0, kl_coef=0.5)
+    trained = {n: distributed.full_tensor(p).detach().clone() for n, p in wrapped.named_parameters() if p.requires_grad}
     if accelerator.is_main_process:
-        torch.save({n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}, out)
+        torch.save(trained, out)
     accelerator.wait_for_everyone()
 
 

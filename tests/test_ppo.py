@@ -107,9 +107,9 @@ def test_groups_stay_whole(tiny_lm_dir, prompts_file, tmp_path):
     seen = []
     collect = train.collect
 
-    def recording_collect(actor_critic, generator, tokenizer, prompts, *args):
+    def recording_collect(actor_critic, tokenizer, prompts, *args):
         seen.append([p[0]["content"] for p in prompts])
-        return collect(actor_critic, generator, tokenizer, prompts, *args)
+        return collect(actor_critic, tokenizer, prompts, *args)
 
     train.collect = recording_collect
     try:
@@ -159,7 +159,7 @@ def test_first_step_kl_is_exactly_zero_and_reference_is_the_sft_model(tiny_lm_di
     actor_critic = PolicyWithValueHead(add_lora(base, model_config, config.lora)).eval()
     texts = [tokenizer.apply_chat_template([{"role": "user", "content": w}], tokenize=False,
                                            add_generation_prompt=True) for w in WORDS[:6]]
-    rollout = collect(actor_critic, actor_critic.policy, tokenizer, WORDS[:6], texts,
+    rollout = collect(actor_critic, tokenizer, WORDS[:6], texts,
                       build_scorer(config.reward), config.sampling, 4, 0.0, 0.0)
     assert torch.equal(rollout.logprobs, rollout.ref_logprobs)  # KL exactly 0, not just small
 
@@ -238,7 +238,7 @@ def test_gradient_accumulation_equals_one_big_batch(tiny_lm_dir, estimator):
         hp = PPOHyperparameters(rollout_batch_size=8, mini_batch_size=8, gradient_accumulation_steps=accumulation,
                                 ppo_epochs=1, learning_rate=1e-2, **estimator)
         model = moved_policy(model_config, hp)
-        rollout = collect(model, model.policy, tokenizer, WORDS[:8], texts,
+        rollout = collect(model, tokenizer, WORDS[:8], texts,
                           lambda p, c: torch.linspace(-1, 1, len(c)), SamplingConfig(max_new_tokens=6), 8, 0.0, 0.0)
         advantages = torch.randn_like(rollout.values) * rollout.response_mask
         returns = torch.randn_like(rollout.values)

@@ -25,8 +25,9 @@ import numpy as np
 import torch
 
 from rlft.config import ModelConfig
+from rlft.distributed import full_state_dict, is_sharded
 from rlft.errors import RlftError
-from rlft.policy import save_adapter
+from rlft.policy import adapter_state_dict, save_adapter
 from rlft.ppo.model import CRITIC
 from rlft.runs import read_json, unsafe_checkpoint, write_json
 
@@ -71,20 +72,20 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
 
 
-def save(accelerator, run_dir: Path, step: int, policy, value_head, trainer_state: dict,
+def save(accelerator, run_dir: Path, step: int, actor_critic, trainer_state: dict,
          model_config: ModelConfig, reference_adapter: str | None, keep: int = 2) -> Path:
     """Write checkpoint `step` atomically (all processes call this)."""
     folder = run_dir / "checkpoints"
     final = folder / f"step-{step:06d}"
     staging = folder / f".staging-step-{step:06d}"
+    weights = trained_weights(actor_critic)  # every process: a gather under FSDP
     if accelerator.is_main_process:
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
     accelerator.wait_for_everyone()
     write_json(staging / f"rng_state_{accelerator.process_index}.json", rng_state())
     if accelerator.is_main_process:
-        save_critic(policy, value_head, staging)
-        save_adapter(policy, staging / "policy", model_config, reference_adapter)
+        write_policy(staging / "policy", actor_critic.policy, weights, model_config, reference_adapter, staging)
         torch.save(trainer_state, staging / "trainer_state.pt")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
@@ -99,12 +100,43 @@ def save(accelerator, run_dir: Path, step: int, policy, value_head, trainer_stat
     return final
 
 
-def save_critic(policy, value_head, folder: Path) -> None:
-    """value_head.pt and, for an adapter critic, its adapter in folder/critic (peft's layout for a named adapter)."""
-    if value_head is not None:
-        torch.save(value_head.state_dict(), folder / "value_head.pt")
+def trained_weights(actor_critic) -> tuple[dict, dict | None]:
+    """(adapter weights of the peft policy by its state_dict names, value head weights or None), whole tensors
+    on the CPU. Under FSDP every process must call it: the shards are gathered."""
+    adapters = adapter_state_dict(actor_critic.policy)
+    head = full_state_dict(actor_critic.value_head) if actor_critic.value_head is not None else None
+    return adapters, head
+
+
+def write_policy(folder: Path, policy, weights: tuple[dict, dict | None], model_config: ModelConfig,
+                 reference_adapter: str | None, critic_folder: Path | None = None) -> None:
+    """The policy adapter in `folder`, and the critic (value_head.pt, critic/ for an adapter critic) in
+    `critic_folder` (default: the same folder)."""
+    adapters, head = weights
+    critic_folder = critic_folder or folder
+    save_adapter(policy, folder, model_config, reference_adapter, state_dict=adapters)
+    if head is not None:
+        torch.save(head, critic_folder / "value_head.pt")
     if CRITIC in policy.peft_config:
-        policy.save_pretrained(folder, selected_adapters=[CRITIC])
+        policy.save_pretrained(critic_folder, selected_adapters=[CRITIC], state_dict=adapters)
+
+
+def optimizer_state(model, optimizer) -> dict:
+    """The optimizer's state_dict; under FSDP gathered whole and keyed by parameter name (every process calls)."""
+    if not is_sharded(model):
+        return optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    return get_optimizer_state_dict(model, optimizer.optimizer, options=StateDictOptions(full_state_dict=True,
+                                                                                        cpu_offload=True))
+
+
+def load_optimizer(model, optimizer, state: dict) -> None:
+    if not is_sharded(model):
+        return optimizer.load_state_dict(state)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(model, optimizer.optimizer, state, options=StateDictOptions(full_state_dict=True))
 
 
 def load(folder: Path, process_index: int, policy, value_head) -> dict:

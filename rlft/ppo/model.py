@@ -67,6 +67,29 @@ class PolicyWithValueHead(nn.Module):
                 if f".{CRITIC}." in name or f".{policy.active_adapter}." in name:
                     parameter.requires_grad_(True)
 
+    # What accelerate's FSDP2 preparation reads from the model it shards: the layers that become units,
+    # and the embeddings that get their own.
+    @property
+    def _no_split_modules(self):
+        return self.policy.get_base_model()._no_split_modules
+
+    @property
+    def config(self):
+        return self.policy.config
+
+    def get_base_model(self):
+        return self.policy.get_base_model()
+
+    def get_input_embeddings(self):
+        return self.policy.get_base_model().get_input_embeddings()
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def generate(self, **kwargs):
+        """The policy's generate(): a method of the root module, so FSDP2 can gather around it (train.py)."""
+        return self.policy.generate(**kwargs)
+
     def parameter_groups(self) -> list[list[nn.Parameter]]:
         """Trainable parameters by optimiser group: [policy adapter (+ the head critic)], [critic adapter + head]."""
         critic = [p for n, p in self.policy.named_parameters() if p.requires_grad and f".{CRITIC}." in n]

@@ -37,12 +37,12 @@ class Rollout:
 
 
 @torch.no_grad()
-def collect(actor_critic, generator, tokenizer, prompts: list, prompt_texts: list[str], scorer,
+def collect(actor_critic, tokenizer, prompts: list, prompt_texts: list[str], scorer,
             sampling: SamplingConfig, forward_batch_size: int, missing_eos_penalty: float,
             score_clip: float) -> Rollout:
     """Steps 1-3 of a PPO step: generate, score, and compute log-probs, reference log-probs and values.
 
-    `generator` is the policy module to call generate() on (the unwrapped peft model under DDP).
+    `actor_critic` is the unwrapped PolicyWithValueHead (under DDP; under FSDP2 it is the sharded model itself).
     """
     device = actor_critic.lm_head.weight.device
     timings = {}
@@ -50,7 +50,7 @@ def collect(actor_critic, generator, tokenizer, prompts: list, prompt_texts: lis
     # 1. generate
     started = time.perf_counter()
     query = encode_prompts(tokenizer, prompt_texts, sampling.max_prompt_length, device)
-    response_ids = sample(generator, query, sampling, tokenizer)
+    response_ids = sample(actor_critic, query, sampling, tokenizer)
     response_mask, ended = response_mask_from_eos(response_ids, tokenizer.eos_token_id, tokenizer.pad_token_id)
     # Tokens after EOS are padding for every later pass, whatever generate() filled them with.
     response_ids = torch.where(response_mask, response_ids, tokenizer.pad_token_id)

@@ -2,7 +2,8 @@
 
 Read top to bottom: setup -> for each step: 1. generate, 2. score, 3. reference and values, 4. per-token
 rewards, 5. advantages, 6. update, 7. KL controller, log, checkpoint -> save. The math is in core.py.
-Runs as one process or under `accelerate launch` (DDP); every process takes its own prompts.
+Runs as one process or under `accelerate launch` (DDP, or FSDP2 with the base sharded: rlft/distributed.py);
+every process takes its own prompts.
 """
 
 from __future__ import annotations
@@ -15,13 +16,14 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
+from torch.distributed.fsdp import register_fsdp_forward_method
 
-from rlft import hf_training, runs
+from rlft import distributed, hf_training, runs
 from rlft.data import load_splits, prompts_of, render_prompts
 from rlft.errors import RlftError
 from rlft.metrics import MetricsLogger
-from rlft.models import add_lora, default_device, load_tokenizer
-from rlft.policy import load_reference, save_adapter
+from rlft.models import add_lora, load_tokenizer
+from rlft.policy import load_reference
 from rlft.publish import push, write_model_card
 from rlft.ppo import checkpoint
 from rlft.ppo.config import RESUMABLE_CHANGES, PPOConfig, PPOHyperparameters
@@ -37,12 +39,9 @@ __all__ = ["PPOConfig", "run"]
 
 
 def run(config: PPOConfig) -> dict:
-    from accelerate import Accelerator
-
     if not config.reward:
         raise RlftError("ppo needs a reward: set reward=[{kind: model, path: runs/reward}] or a module:function scorer")
-    # Without a GPU, say so: accelerate then joins torchrun's processes over gloo (else each runs alone).
-    accelerator = Accelerator(cpu=default_device().type == "cpu")
+    accelerator = distributed.accelerator()
     hp = config.ppo
     out = Path(config.output_dir)
     last = checkpoint.latest(out) if config.resume else None
@@ -74,7 +73,6 @@ def run(config: PPOConfig) -> dict:
     # Parameter groups: the policy (with the head critic), then the adapter critic at its own learning rate.
     groups = [{"params": group, "lr": hp.learning_rate if i == 0 else hp.critic_learning_rate or hp.learning_rate}
               for i, group in enumerate(actor_critic.parameter_groups())]
-    trainable = [p for group in groups for p in group["params"]]
     optimizer = hf_training.optimizer(groups, hp.optim, hp.learning_rate, eps=1e-5, weight_decay=hp.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, (lambda step: 1 - step / hp.steps) if hp.lr_schedule == "linear" else (lambda step: 1.0)
@@ -88,7 +86,6 @@ def run(config: PPOConfig) -> dict:
     start_step = 0
     if last is not None:
         state = checkpoint.load(last, accelerator.process_index, actor_critic.policy, actor_critic.value_head)
-        optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         kl_controller.load_state_dict(state["kl_controller"])
         start_step = state["step"]
@@ -96,6 +93,13 @@ def run(config: PPOConfig) -> dict:
     else:
         torch.manual_seed(config.seed + 1000 * accelerator.process_index)  # distinct samples per process
     model, optimizer = accelerator.prepare(actor_critic, optimizer)
+    if last is not None:  # after prepare: under FSDP the optimizer's state is sharded like its parameters
+        checkpoint.load_optimizer(model, optimizer, state["optimizer"])
+    for method in ("generate", "reference_logprobs"):  # FSDP2 gathers around these as around forward
+        register_fsdp_forward_method(model, method)
+    trainable = [p for group in optimizer.param_groups for p in group["params"]]  # FSDP2 swapped in DTensors
+    # this process's share of the weights (1/N of the base under FSDP), the largest of all processes
+    parameters_mb = accelerator.gather(torch.tensor([distributed.parameter_bytes(model) / 2**20])).max().item()
     logger = MetricsLogger(out, start_step, accelerator.is_main_process)
 
     from tqdm.auto import tqdm
@@ -110,7 +114,7 @@ def run(config: PPOConfig) -> dict:
                 for _ in range(hp.num_generations)]
 
         # 1.-3. generate, score, policy/reference log-probs and values
-        rollout = collect(actor_critic, actor_critic.policy, tokenizer, [prompts[i] for i in rows],
+        rollout = collect(actor_critic, tokenizer, [prompts[i] for i in rows],
                           [prompt_texts[i] for i in rows], scorer, config.sampling, hp.forward_batch_size,
                           hp.missing_eos_penalty, hp.score_clip)
         mask = rollout.response_mask
@@ -131,7 +135,7 @@ def run(config: PPOConfig) -> dict:
                                   config.sampling.temperature, beta)
         scheduler.step()
         rollout.timings["time/update"] = time.perf_counter() - update_started
-        check_finite_weights(trainable, step + 1, out)  # before NaN weights reach a checkpoint or generate()
+        check_finite_weights(trainable, accelerator, step + 1, out)  # before NaN weights reach a checkpoint or generate()
 
         # 7. KL controller, on step 4's KL of all processes' samples so beta stays identical everywhere
         mean_kl = accelerator.reduce(sequence_kl.mean(), "mean").item()
@@ -158,17 +162,18 @@ def run(config: PPOConfig) -> dict:
                 f"(last checkpoint kept in {out / 'checkpoints'})"
             )
         if (step + 1) % config.save_every == 0 or step + 1 == hp.steps:
-            trainer_state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            trainer_state = {"optimizer": checkpoint.optimizer_state(model, optimizer),
+                             "scheduler": scheduler.state_dict(),
                              "kl_controller": kl_controller.state_dict(), "step": step + 1}
-            checkpoint.save(accelerator, out, step + 1, actor_critic.policy, actor_critic.value_head,
-                            trainer_state, config.model, reference_adapter)
+            checkpoint.save(accelerator, out, step + 1, actor_critic, trainer_state, config.model, reference_adapter)
 
     summary = {}
+    weights = checkpoint.trained_weights(actor_critic)  # every process: a gather under FSDP
     if accelerator.is_main_process:
-        save_adapter(actor_critic.policy, out / "policy", config.model, reference_adapter)
-        checkpoint.save_critic(actor_critic.policy, actor_critic.value_head, out / "policy")
+        checkpoint.write_policy(out / "policy", actor_critic.policy, weights, config.model, reference_adapter)
         summary = logger.summary()
         summary["peak_rss_mb"] = runs.peak_rss_mb()
+        summary["parameters_mb"] = parameters_mb
         lineage = [config.model.name_or_path, *([f"sft ({config.sft_adapter})"] if config.sft_adapter else []),
                    f"reward ({', '.join(s.path for s in config.reward)})", "ppo"]
         write_model_card(out / "policy", title=f"PPO policy on {config.model.name_or_path}", lineage=lineage,
@@ -201,8 +206,8 @@ def estimate_advantages(rewards: torch.Tensor, rollout: Rollout, hp: PPOHyperpar
     return torch.where(mask, per_sequence[:, None], 0), torch.zeros_like(rewards)
 
 
-def check_finite_weights(parameters: list[torch.Tensor], step: int, out: Path) -> None:
-    if not all(torch.isfinite(p).all() for p in parameters):
+def check_finite_weights(parameters: list[torch.Tensor], accelerator, step: int, out: Path) -> None:
+    if not distributed.all_finite(parameters, accelerator):
         raise RlftError(
             f"the policy's weights became NaN/inf in the update of step {step}: the run diverged; lower "
             f"ppo.learning_rate or ppo.max_grad_norm (checkpoints before it are kept in {out / 'checkpoints'})"
@@ -264,7 +269,8 @@ def ppo_update(model, accelerator, optimizer, rollout: Rollout, advantages, retu
                 epoch_approxkl.append(pg_stats["approxkl"].item())
             # Each group clipped on its own: the critic's gradient must not shrink the policy's step.
             for group, key in zip(optimizer.param_groups, ("policy/grad_norm", "val/grad_norm")):
-                stats[key].append(float(accelerator.clip_grad_norm_(group["params"], hp.max_grad_norm)))
+                norm = accelerator.clip_grad_norm_(group["params"], hp.max_grad_norm)
+                stats[key].append(float(distributed.full_tensor(norm)))
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         stats["policy/epochs"] = [epoch + 1]

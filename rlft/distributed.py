@@ -1,0 +1,87 @@
+"""Processes, and the sharded base under FSDP2: what PPO needs beyond one process (accelerate does the rest).
+
+`accelerate launch --config_file configs/accelerate/fsdp.yaml` shards every decoder layer with FSDP2's
+`fully_shard` (accelerate's own `fsdp2_prepare_model`): each process keeps 1/N of the frozen base and of
+the adapters, gathers a layer's parameters just for its forward and backward, and reduce-scatters the
+LoRA gradients. The reference is the same sharded weights with the adapter off, and generate() runs on
+the shards too: each decoder layer is gathered for its step and freed after it (so every process runs
+the same number of decoding steps: `synced_gpus`), and no process ever holds the whole base.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from rlft.models import default_device
+
+
+def accelerator():
+    """accelerate's Accelerator for this process (PPO's), FSDP on CPU processes too: see `fsdp_on_cpu`."""
+    from accelerate import Accelerator
+
+    return fsdp_on_cpu(Accelerator(cpu=default_device().type == "cpu"))
+
+
+def fsdp_on_cpu(accelerator):
+    """Switch a CPU process group that `accelerate launch` asked to shard to FSDP; return the accelerator.
+
+    accelerate enables FSDP only where a GPU backend runs (`AcceleratorState` keeps a CPU process group as
+    MULTI_CPU even when the launcher set ACCELERATE_USE_FSDP); PyTorch's FSDP2 itself runs over gloo. Setting
+    the state to FSDP with the launcher's own plugin lets every CPU test take accelerate's FSDP2 path, the one
+    GPUs take. (The state is shared by every Accelerator of the process, the HF Trainer's included.)
+    """
+    from accelerate import PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    fsdp_requested = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+    if fsdp_requested and accelerator.distributed_type == DistributedType.MULTI_CPU:
+        accelerator.state.fsdp_plugin = FullyShardedDataParallelPlugin()  # reads the launcher's FSDP_* variables
+        accelerator.state.distributed_type = DistributedType.FSDP
+        # mirrored into the process state, as AcceleratorState does itself: every later AcceleratorState() copies it
+        PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+    return accelerator
+
+
+def is_main_process() -> bool:
+    """Rank 0 of `accelerate launch`'s processes (or the only process): the one that writes run files.
+    Read from the launcher's environment, so a stage can claim its output_dir before any process group."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def is_sharded(model) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of a (possibly) sharded one: an all-gather for a DTensor, so every process must call it."""
+    from torch.distributed.tensor import DTensor
+
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def full_state_dict(module, keep=lambda name: True) -> dict[str, torch.Tensor]:
+    """`module.state_dict()` entries whose name passes `keep`, gathered whole (collective under FSDP)."""
+    return {name: full_tensor(value).detach().cpu() for name, value in module.state_dict().items() if keep(name)}
+
+
+def all_finite(tensors, accelerator) -> bool:
+    """True if every process's (shards of) `tensors` are finite: the same answer on every process."""
+    from torch.distributed.tensor import DTensor
+
+    bad = sum(int((~torch.isfinite(t.to_local() if isinstance(t, DTensor) else t)).sum()) for t in tensors)
+    return accelerator.reduce(torch.tensor(float(bad), device=accelerator.device), "sum").item() == 0
+
+
+def parameter_bytes(module) -> int:
+    """Bytes of parameter and buffer storage this process holds for `module` (its shards under FSDP)."""
+    from torch.distributed.tensor import DTensor
+
+    storage = {}
+    for tensor in [*module.parameters(), *module.buffers()]:
+        local = tensor.to_local() if isinstance(tensor, DTensor) else tensor
+        storage[local.untyped_storage().data_ptr()] = local.untyped_storage().nbytes()
+    return sum(storage.values())
