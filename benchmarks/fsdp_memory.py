@@ -10,7 +10,8 @@ other, each process on one thread. Read from each run's metrics.json:
                     counted tensor by tensor (the largest of the processes)
     peak_rss_mb     the main process's peak resident memory (ru_maxrss): loading the whole base before
                     sharding it is part of it
-and the mean step time after the first step.
+and the mean step time after the first step. The table also goes into README.md between its
+<!-- fsdp_memory --> markers.
 """
 
 from __future__ import annotations
@@ -24,6 +25,10 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "examples" / "quickstart"))
+from estimators import write_between_markers  # noqa: E402
+
+MARKERS = ("<!-- fsdp_memory -->", "<!-- /fsdp_memory -->")
 GOLD = "{name: gold, kind: function, path: 'reward_models.judges:sentiment'}"
 
 
@@ -34,7 +39,11 @@ def main() -> None:
     parser.add_argument("--processes", type=int, default=2)
     parser.add_argument("--out", default="runs/bench_fsdp")
     parser.add_argument("--json", help="also write the results here")
+    parser.add_argument("--table-only", action="store_true", help="only rewrite README's table from --json")
     args = parser.parse_args()
+    if args.table_only:
+        return write_between_markers(ROOT / "README.md", MARKERS, markdown(json.loads(Path(args.json).read_text()),
+                                                                          args.json))
     results = {"steps": args.steps, "processes": args.processes, "threads_per_process": 1, "runs": {}}
     for name in ("ddp_cpu", "fsdp"):
         run_dir = Path(args.out) / name
@@ -61,6 +70,18 @@ def main() -> None:
     print(json.dumps(results, indent=2))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+        write_between_markers(ROOT / "README.md", MARKERS, markdown(results, args.json))
+
+
+def markdown(results: dict, source: str) -> str:
+    rows = [f"{results['processes']} processes x 1 thread, {results['steps']} PPO steps of the embedded SmolLM2 "
+            f"(`benchmarks/fsdp_memory.py`, {source}):", "",
+            "| Launch config | Parameters per process | Peak RSS (main process) | Step time | Generate |",
+            "|---|---|---|---|---|"]
+    for name, run in results["runs"].items():
+        rows.append(f"| `{name}.yaml` | {run['parameters_mb']:.0f} MB | {run['peak_rss_mb']:.0f} MB | "
+                    f"{run['step_time_s']:.1f} s | {run['generate_s']:.1f} s |")
+    return "\n".join(rows) + "\n"
 
 
 if __name__ == "__main__":
