@@ -89,6 +89,8 @@ def run(config: SFTConfig) -> dict:
     )
     hf_training.keep_trainable_float32(model)
     hf_training.shard_on_cpu(trainer)
+    if len(trainer.train_dataset) == 0:  # TRL drops the rows it has nothing left of to train on
+        raise RlftError(no_completion_within(config, "training"))
 
     before = hf_training.measured_before(trainer, out, checkpoint, "eval_loss", lambda: eval_loss(trainer, config))
     hf_training.train(trainer, checkpoint)
@@ -127,11 +129,13 @@ def eval_loss(trainer, config: SFTConfig) -> float:
     """Held-out loss; none at all when every held-out completion lies past the length cut."""
     loss = trainer.evaluate().get("eval_loss")
     if loss is None or not math.isfinite(loss):
-        raise RlftError(
-            f"no held-out row keeps a completion token within train.max_length={config.train.max_length} (the "
-            "prompts fill it, or the model's context is shorter): raise train.max_length or shorten the prompts"
-        )
+        raise RlftError(no_completion_within(config, "held-out"))
     return loss
+
+
+def no_completion_within(config: SFTConfig, split: str) -> str:
+    return (f"no {split} row keeps a completion token within train.max_length={config.train.max_length} (the "
+            "prompts fill it, or the model's context is shorter): raise train.max_length or shorten the prompts")
 
 
 def save_merged(model_config: ModelConfig, out: Path) -> None:

@@ -67,7 +67,7 @@ def main(model_dir: str, out: str, estimator: dict) -> None:
     wrapped, optimizer = accelerator.prepare(model, optimizer)
     assert distributed.is_sharded(wrapped) == (accelerator.distributed_type == "FSDP")  # the launcher's choice held
     ppo_update(wrapped, accelerator, optimizer, mine, advantages[rows], returns[rows], hp, 1.0, kl_coef=0.5)
-    trained = {n: distributed.full_tensor(p).detach().clone() for n, p in wrapped.named_parameters() if p.requires_grad}
+    trained = {n: distributed.full_tensor(p).detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     if accelerator.is_main_process:
         torch.save(trained, out)
     accelerator.wait_for_everyone()

@@ -187,4 +187,4 @@ def test_completions_wholly_past_the_cut_are_one_line(files, tmp_path, capsys):
     long.write_text("".join(json.dumps({"prompt": "hello " * 150, "completion": " the cat"}) + "\n" for _ in range(8)))
     assert main(["sft", f"output_dir={tmp_path / 'sft'}", f"model.name_or_path={model_dir}", f"data.path={long}",
                  "train.max_steps=1"]) == 2
-    assert "no held-out row keeps a completion token within train.max_length" in capsys.readouterr().err
+    assert "row keeps a completion token within train.max_length" in capsys.readouterr().err

@@ -3,7 +3,8 @@
 FSDP changes where the weights live, not what is computed: the same seeds give the same samples and the
 same updates as DDP (which holds the whole base in every process), to float tolerance, with half the
 parameter storage per process; resume continues exactly; all four roles (policy, reference, reward
-adapter, adapter critic) run on the one sharded base.
+adapter, adapter critic) run on the one sharded base. (A fixed rollout's update split over 2 FSDP
+processes equals 1 process: tests/test_ppo.py, beside the DDP cases.)
 """
 
 import json
@@ -16,9 +17,8 @@ import pytest
 import torch
 
 from tests.test_one_base import reward_dir, sft_dir  # noqa: F401 (fixtures)
-from tests.test_ppo import DDP_CPU, TINY, history, prompts_file  # noqa: F401 (prompts_file: fixture)
+from tests.test_ppo import DDP_CPU, FSDP, TINY, history, prompts_file  # noqa: F401 (prompts_file: fixture)
 
-FSDP = Path(__file__).parents[1] / "configs" / "accelerate" / "fsdp.yaml"
 ROOT = Path(__file__).parents[1]
 # Reduce-scatter (FSDP) and all-reduce (DDP) sum the same gradients in different orders: equal to ~1e-7.
 COMPARED = ("objective/scores", "objective/kl", "objective/kl_coef", "loss/policy", "loss/value",
@@ -51,6 +51,9 @@ def test_ppo_under_fsdp_equals_ddp_with_half_the_parameters_and_resumes_exactly(
     ppo(DDP_CPU, tiny_lm_dir, prompts_file, tmp_path / "ddp", "ppo.steps=3")
     ppo(FSDP, tiny_lm_dir, prompts_file, tmp_path / "fsdp", "ppo.steps=3")
     ddp, fsdp = history(tmp_path / "ddp"), history(tmp_path / "fsdp")
+    for kind in ("ddp", "fsdp"):  # two processes really ran: each saved its own RNG state
+        assert sorted(p.name for p in (tmp_path / kind / "checkpoints" / "step-000003").glob("rng_state_*")) == [
+            "rng_state_0.json", "rng_state_1.json"]
     assert fsdp[0]["objective/kl"] == 0.0  # the reference is the same sharded weights, adapter off
     assert fsdp[-1]["objective/kl"] != 0.0  # ... and the policy did move
     assert_same_history(fsdp, ddp)
@@ -82,18 +85,6 @@ def test_four_roles_on_one_sharded_base_equal_ddp(tiny_lm_dir, sft_dir, reward_d
     assert fsdp[0]["objective/kl"] == 0.0
     assert_same_history(fsdp, history(tmp_path / "ddp"), keys=(*COMPARED, "val/grad_norm", "val/explained_variance"))
     assert (tmp_path / "fsdp" / "policy" / "critic" / "adapter_model.safetensors").is_file()
-
-
-def test_two_sharded_processes_update_as_one_on_the_same_global_batch(tiny_lm_dir, tmp_path):
-    """The update of tests/ddp_update.py (a fixed 8-row rollout), split over 2 FSDP processes or run in one.
-    (The estimators' own 2-process tests run under DDP in test_ppo.py; sharding is orthogonal to them.)"""
-    weights = {}
-    for processes in (1, 2):
-        out = tmp_path / f"{processes}.pt"
-        launch(FSDP, ROOT / "tests" / "ddp_update.py", tiny_lm_dir, out, "{}", processes=processes)
-        weights[processes] = torch.load(out, weights_only=True)
-    for name, value in weights[1].items():
-        torch.testing.assert_close(weights[2][name], value, atol=1e-6, rtol=1e-5, msg=name)
 
 
 # ---------------------------------------------------------------------------------------------------

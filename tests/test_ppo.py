@@ -36,6 +36,7 @@ def prompts_file(tmp_path_factory):
 
 TINY = Path(__file__).parents[1] / "configs" / "tiny" / "ppo.yaml"
 DDP_CPU = Path(__file__).parents[1] / "configs" / "accelerate" / "ddp_cpu.yaml"
+FSDP = Path(__file__).parents[1] / "configs" / "accelerate" / "fsdp.yaml"
 
 
 def ppo_config(tiny_lm_dir, prompts_file, out, *overrides):
@@ -252,21 +253,6 @@ def test_gradient_accumulation_equals_one_big_batch(tiny_lm_dir, estimator):
         torch.testing.assert_close(one[name], four[name], atol=1e-6, rtol=1e-5)
 
 
-def test_runs_under_accelerate_launch_with_two_processes(tiny_lm_dir, prompts_file, tmp_path):
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(DDP_CPU),
-               "-m", "rlft", *cli_args(tiny_lm_dir, prompts_file, tmp_path)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
-    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    entries = history(tmp_path)
-    assert [e["step"] for e in entries] == [1, 2]
-    assert entries[-1]["perf/samples_per_s"] > 0
-    assert (tmp_path / "policy" / "adapter_model.safetensors").is_file()
-    # two processes really ran: each saved its own RNG state
-    assert sorted(p.name for p in (tmp_path / "checkpoints" / "step-000002").glob("rng_state_*")) == [
-        "rng_state_0.json", "rng_state_1.json"]
-
-
 @pytest.mark.parametrize("estimator", [
     {},
     {"advantage_estimator": "grpo", "num_generations": 2, "kl_in": "loss"},
@@ -278,16 +264,20 @@ def test_two_processes_update_as_one_on_the_same_global_batch(estimator, tiny_lm
     would not)."""
     script = str(Path(__file__).parent / "ddp_update.py")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
+    # and, for one estimator, 2 FSDP2 processes, each holding half of every weight (sharding is orthogonal
+    # to the estimator)
+    launches = [(DDP_CPU, 1), (DDP_CPU, 2)] + ([(FSDP, 2)] if not estimator else [])
     weights = {}
-    for processes in (1, 2):
-        out = tmp_path / f"{processes}.pt"
-        command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(DDP_CPU),
+    for config, processes in launches:
+        out = tmp_path / f"{config.stem}_{processes}.pt"
+        command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
                    "--num_processes", str(processes), script, str(tiny_lm_dir), str(out), json.dumps(estimator)]
         result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
         assert result.returncode == 0, result.stderr[-3000:]
-        weights[processes] = torch.load(out, weights_only=True)
-    for name, value in weights[1].items():
-        torch.testing.assert_close(weights[2][name], value, atol=1e-6, rtol=1e-5, msg=name)
+        weights[config, processes] = torch.load(out, weights_only=True)
+    for launch in launches[1:]:
+        for name, value in weights[DDP_CPU, 1].items():
+            torch.testing.assert_close(weights[launch][name], value, atol=1e-6, rtol=1e-5, msg=(launch, name))
 
 
 def cli_args(tiny_lm_dir, prompts_file, out, *overrides):
