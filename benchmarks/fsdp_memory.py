@@ -1,4 +1,5 @@
-"""Memory per process of 2-process PPO on the embedded SmolLM2: DDP (whole base in each) against FSDP2 FULL_SHARD.
+"""Memory per process of 2-process PPO on the embedded SmolLM2: DDP (whole base in each) against FSDP2 FULL_SHARD,
+generating layer by layer (the default) or on the whole gathered policy (ppo.gather_for_generation).
 
     python benchmarks/fsdp_memory.py --json benchmarks/results/fsdp_memory.json
 
@@ -45,13 +46,16 @@ def main() -> None:
         return write_between_markers(ROOT / "README.md", MARKERS, markdown(json.loads(Path(args.json).read_text()),
                                                                           args.json))
     results = {"steps": args.steps, "processes": args.processes, "threads_per_process": 1, "runs": {}}
-    for name in ("ddp_cpu", "fsdp"):
+    variants = {"ddp_cpu": ("ddp_cpu", []), "fsdp": ("fsdp", []),
+                "fsdp_whole": ("fsdp", ["ppo.gather_for_generation=true"])}
+    for name, (launch_config, overrides) in variants.items():
         run_dir = Path(args.out) / name
         shutil.rmtree(run_dir, ignore_errors=True)
         command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-                   f"configs/accelerate/{name}.yaml", "--num_processes", str(args.processes), "-m", "rlft", "ppo",
-                   "--config", "configs/ppo.yaml", f"output_dir={run_dir}", f"sft_adapter={Path(args.quickstart) / 'sft'}",
-                   f"ppo.steps={args.steps}", f"save_every={args.steps}", f"reward=[{GOLD}]"]
+                   f"configs/accelerate/{launch_config}.yaml", "--num_processes", str(args.processes), "-m", "rlft",
+                   "ppo", "--config", "configs/ppo.yaml", f"output_dir={run_dir}",
+                   f"sft_adapter={Path(args.quickstart) / 'sft'}", f"ppo.steps={args.steps}", f"save_every={args.steps}",
+                   f"reward=[{GOLD}]", *overrides]
         print("+", " ".join(command[2:]), flush=True)
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
         subprocess.run(command, check=True, cwd=ROOT, env=env)
@@ -78,8 +82,10 @@ def markdown(results: dict, source: str) -> str:
             f"(`benchmarks/fsdp_memory.py`, {source}):", "",
             "| Launch config | Parameters per process | Peak RSS (main process) | Step time | Generate |",
             "|---|---|---|---|---|"]
+    labels = {"ddp_cpu": "`ddp_cpu.yaml`", "fsdp": "`fsdp.yaml`, layer by layer",
+              "fsdp_whole": "`fsdp.yaml`, `ppo.gather_for_generation=true`"}
     for name, run in results["runs"].items():
-        rows.append(f"| `{name}.yaml` | {run['parameters_mb']:.0f} MB | {run['peak_rss_mb']:.0f} MB | "
+        rows.append(f"| {labels.get(name, name)} | {run['parameters_mb']:.0f} MB | {run['peak_rss_mb']:.0f} MB | "
                     f"{run['step_time_s']:.1f} s | {run['generate_s']:.1f} s |")
     return "\n".join(rows) + "\n"
 

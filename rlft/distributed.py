@@ -5,12 +5,14 @@
 the adapters, gathers a layer's parameters just for its forward and backward, and reduce-scatters the
 LoRA gradients. The reference is the same sharded weights with the adapter off, and generate() runs on
 the shards too: each decoder layer is gathered for its step and freed after it (so every process runs
-the same number of decoding steps: `synced_gpus`), and no process ever holds the whole base.
+the same number of decoding steps: `synced_gpus`), and no process ever holds the whole base; or, with
+`ppo.gather_for_generation`, on the whole policy gathered once (`gathered`).
 """
 
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 
 import torch
 
@@ -85,3 +87,23 @@ def parameter_bytes(module) -> int:
         local = tensor.to_local() if isinstance(tensor, DTensor) else tensor
         storage[local.untyped_storage().data_ptr()] = local.untyped_storage().nbytes()
     return sum(storage.values())
+
+
+@contextmanager
+def gathered(model):
+    """Every FSDP2 unit of `model` gathered whole and kept so until exit, then resharded: generate() inside
+    runs with no collective per decoding step. Afterwards every unit reshards after its forward (FULL_SHARD
+    throughout: accelerate's own setup kept the embedding/LM-head unit and the root gathered from forward to
+    backward; FSDP2 offers no way to read a unit's setting back). A no-op without FSDP."""
+    from torch.distributed.fsdp import FSDPModule
+
+    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    for unit in units:
+        unit.unshard()
+        unit.set_reshard_after_forward(False, recurse=False)
+    try:
+        yield
+    finally:
+        for unit in units:
+            unit.reshard()
+            unit.set_reshard_after_forward(True, recurse=False)

@@ -68,6 +68,10 @@ def test_ppo_under_fsdp_equals_ddp_with_half_the_parameters_and_resumes_exactly(
     for name in saved["ddp"]:
         torch.testing.assert_close(saved["fsdp"][name], saved["ddp"][name], atol=1e-6, rtol=1e-5)
 
+    # generating on the whole gathered policy instead of layer by layer changes nothing but the time
+    ppo(FSDP, tiny_lm_dir, prompts_file, tmp_path / "whole", "ppo.steps=3", "ppo.gather_for_generation=true")
+    assert_same_history(history(tmp_path / "whole"), ddp)
+
     # interrupted after step 1, resumed to 3: optimizer state (sharded, saved whole), RNG and adapter restored
     ppo(FSDP, tiny_lm_dir, prompts_file, tmp_path / "resumed", "ppo.steps=1")
     ppo(FSDP, tiny_lm_dir, prompts_file, tmp_path / "resumed", "ppo.steps=3")

@@ -13,7 +13,7 @@ from reward_models.scorers import ScorerConfig
 
 # Keys a rerun may change and still resume its checkpoint: how long it runs, how often it logs and saves.
 RESUMABLE_CHANGES = ("output_dir", "resume", "save_every", "sample_every", "ppo.steps", "ppo.forward_batch_size",
-                     "ppo.max_kl")
+                     "ppo.max_kl", "ppo.gather_for_generation")
 
 
 @dataclass
@@ -75,6 +75,10 @@ class PPOHyperparameters:
                              "per step (16: one step's rollout).")
     early_stop_approxkl: float = option(0.0, "Stop an update's epochs once approx-KL exceeds this (0: off).")
     max_kl: float = option(100.0, "Abort when the mean KL per sequence exceeds this: the policy has run away.")
+    gather_for_generation: bool = option(
+        False, "Under FSDP (configs/accelerate/fsdp.yaml): gather the whole policy for generate() and free it after "
+        "(no collective per decoding step: faster, but every process holds the whole base while it samples); "
+        "false: one decoder layer at a time.")
 
     @property
     def uses_critic(self) -> bool:

@@ -18,10 +18,12 @@ Adapters are switched with `active_adapter`, which leaves requires_grad alone.
 from __future__ import annotations
 
 import copy
+from contextlib import nullcontext
 
 import torch
 from torch import nn
 
+from rlft.distributed import gathered
 from rlft.policy import active_adapter
 from rlft.ppo.core import logprobs_from_logits
 
@@ -35,10 +37,12 @@ def position_ids_for(attention_mask: torch.Tensor) -> torch.Tensor:
 
 class PolicyWithValueHead(nn.Module):
     def __init__(self, policy, critic: str | None = "head", eos_token_id: int | None = None, min_new_tokens: int = 0,
-                 critic_from=None):
+                 critic_from=None, gather_for_generation: bool = False):
         """critic: "head", "adapter" or None (critic-free estimators: grpo, rloo, reinforce_pp train none).
-        critic_from: an attached AdapterScorer whose adapter and head start the adapter critic."""
+        critic_from: an attached AdapterScorer whose adapter and head start the adapter critic.
+        gather_for_generation: under FSDP, generate on the whole gathered policy (rlft.distributed.gathered)."""
         super().__init__()
+        self.gather_for_generation = gather_for_generation
         self.policy = policy  # a peft PeftModel; its base weights are frozen
         self.critic = critic
         # The sampler's EOS ban on the first min_new_tokens tokens, applied to every log-prob too
@@ -88,7 +92,8 @@ class PolicyWithValueHead(nn.Module):
 
     def generate(self, **kwargs):
         """The policy's generate(): a method of the root module, so FSDP2 can gather around it (train.py)."""
-        return self.policy.generate(**kwargs)
+        with gathered(self) if self.gather_for_generation else nullcontext():
+            return self.policy.generate(**kwargs)
 
     def parameter_groups(self) -> list[list[nn.Parameter]]:
         """Trainable parameters by optimiser group: [policy adapter (+ the head critic)], [critic adapter + head]."""

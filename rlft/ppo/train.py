@@ -68,7 +68,8 @@ def run(config: PPOConfig) -> dict:
         reward_adapter.attach(policy)
     actor_critic = PolicyWithValueHead(policy, critic=hp.critic if hp.uses_critic else None,
                                        eos_token_id=tokenizer.eos_token_id, min_new_tokens=config.sampling.min_new_tokens,
-                                       critic_from=reward_adapters[0] if reward_adapters else None)
+                                       critic_from=reward_adapters[0] if reward_adapters else None,
+                                       gather_for_generation=hp.gather_for_generation)
     actor_critic.eval()  # no dropout anywhere: rollout and update log-probs must come from one function
     # Parameter groups: the policy (with the head critic), then the adapter critic at its own learning rate.
     groups = [{"params": group, "lr": hp.learning_rate if i == 0 else hp.critic_learning_rate or hp.learning_rate}
