@@ -16,7 +16,6 @@ import logging
 import os
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 from reward_models.scorers import NORMALIZATION, encode, length_limit, score_ids
 from rlft import runs
@@ -74,10 +73,8 @@ def run(config: RewardConfig) -> dict:
     started = time.time()
     runs.seed_everything(config.seed)  # before loading: it initialises the new score head
     checkpoint = last_checkpoint(config.output_dir) if config.resume else None
-    # Under `accelerate launch` the main process claims output_dir and writes the run's files.
-    main = is_main_process()
-    out = (runs.prepare(config.output_dir, config, resuming=checkpoint is not None, may_change=RESUMABLE_CHANGES)
-           if main else Path(config.output_dir))
+    out = runs.prepare(config.output_dir, config, resuming=checkpoint is not None, may_change=RESUMABLE_CHANGES)
+    main = is_main_process()  # under `accelerate launch` the one process that writes the run's files
 
     # Data first: a wrong column should fail before the model loads.
     train_rows, eval_rows, _ = load_splits(config.data, ("preference",), config.seed, "reward data")

@@ -70,22 +70,25 @@ def full_state_dict(module, keep=lambda name: True) -> dict[str, torch.Tensor]:
     return {name: full_tensor(value).detach().cpu() for name, value in module.state_dict().items() if keep(name)}
 
 
-def all_finite(tensors, accelerator) -> bool:
-    """True if every process's (shards of) `tensors` are finite: the same answer on every process."""
+def local(tensor: torch.Tensor) -> torch.Tensor:
+    """This process's shard of a DTensor (the tensor itself when not sharded)."""
     from torch.distributed.tensor import DTensor
 
-    bad = sum(int((~torch.isfinite(t.to_local() if isinstance(t, DTensor) else t)).sum()) for t in tensors)
-    return accelerator.reduce(torch.tensor(float(bad), device=accelerator.device), "sum").item() == 0
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
+def all_finite(tensors, accelerator) -> bool:
+    """True if every process's (shards of) `tensors` are finite: the same answer on every process.
+    One count and one reduce per call (it runs every PPO step), not one sync per tensor."""
+    bad = sum((~torch.isfinite(local(t))).sum() for t in tensors).float().to(accelerator.device)
+    return accelerator.reduce(bad, "sum").item() == 0
 
 
 def parameter_bytes(module) -> int:
     """Bytes of parameter and buffer storage this process holds for `module` (its shards under FSDP)."""
-    from torch.distributed.tensor import DTensor
-
     storage = {}
-    for tensor in [*module.parameters(), *module.buffers()]:
-        local = tensor.to_local() if isinstance(tensor, DTensor) else tensor
-        storage[local.untyped_storage().data_ptr()] = local.untyped_storage().nbytes()
+    for tensor in map(local, [*module.parameters(), *module.buffers()]):
+        storage[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
     return sum(storage.values())
 
 

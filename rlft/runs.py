@@ -18,6 +18,7 @@ import torch
 import yaml
 
 from rlft.config import to_dict
+from rlft.distributed import is_main_process
 from rlft.errors import RlftError
 
 METRICS = "metrics.json"  # written last: its presence marks a finished stage
@@ -34,6 +35,8 @@ def prepare(output_dir: str | Path, config, resuming: bool = False, may_change: 
     one folder, or crash on the checkpoint's shapes. The check comes before the saved config is replaced.
     """
     out = Path(output_dir)
+    if not is_main_process():
+        return out  # under `accelerate launch` the main process alone claims the folder and writes its files
     if out.exists() and not out.is_dir():
         raise RlftError(f"output_dir '{out}' is a file, not a folder: pick another output_dir")
     try:

@@ -54,10 +54,8 @@ def run(config: SFTConfig) -> dict:
     started = time.time()
     runs.seed_everything(config.seed)
     checkpoint = last_checkpoint(config.output_dir) if config.resume else None
-    # Under `accelerate launch` the main process claims output_dir and writes the run's files.
-    main = is_main_process()
-    out = (runs.prepare(config.output_dir, config, resuming=checkpoint is not None, may_change=RESUMABLE_CHANGES)
-           if main else Path(config.output_dir))
+    out = runs.prepare(config.output_dir, config, resuming=checkpoint is not None, may_change=RESUMABLE_CHANGES)
+    main = is_main_process()  # under `accelerate launch` the one process that writes the run's files
 
     # Data first: a wrong column should fail before minutes of model loading.
     train_data, eval_data, data_format = load_splits(

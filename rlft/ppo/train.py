@@ -45,8 +45,7 @@ def run(config: PPOConfig) -> dict:
     hp = config.ppo
     out = Path(config.output_dir)
     last = checkpoint.latest(out) if config.resume else None
-    if accelerator.is_main_process:
-        runs.prepare(out, config, resuming=last is not None, may_change=RESUMABLE_CHANGES)
+    runs.prepare(out, config, resuming=last is not None, may_change=RESUMABLE_CHANGES)
     runs.seed_everything(config.seed)  # same on every process: identical adapter and head init
 
     # Setup: prompts, scorer and optimizer name first, so bad input fails before the policy loads.
