@@ -36,8 +36,20 @@ def pick_pair(prompt, candidates: list[str], scores: list[float], min_gap: float
     gap = scores[best] - scores[worst]
     if gap <= 0 or gap < min_gap or candidates[best] == candidates[worst]:
         return None
-    chosen, rejected = candidates[best], candidates[worst]
+    return preference_row(prompt, candidates[best], candidates[worst], scores[best], scores[worst])
+
+
+def every_pair(prompt, candidates: list[str], scores: list[float], min_gap: float) -> list[dict]:
+    """A row for each two distinct candidates the judge separates by at least min_gap (InstructGPT's
+    K-choose-2 comparisons): up to K(K-1)/2 rows per prompt instead of one, from the same samples."""
+    scored = sorted(dict(zip(candidates, scores)).items(), key=lambda item: -item[1])  # a repeated text counts once
+    return [preference_row(prompt, better, worse, high, low)
+            for i, (better, high) in enumerate(scored) for worse, low in scored[i + 1:]
+            if high - low > 0 and high - low >= min_gap]
+
+
+def preference_row(prompt, chosen: str, rejected: str, score_chosen: float, score_rejected: float) -> dict:
     if isinstance(prompt, list):  # conversational: the completions become assistant turns
         chosen, rejected = [{"role": "assistant", "content": chosen}], [{"role": "assistant", "content": rejected}]
     return {"prompt": prompt, "chosen": chosen, "rejected": rejected,
-            "score_chosen": scores[best], "score_rejected": scores[worst]}
+            "score_chosen": score_chosen, "score_rejected": score_rejected}

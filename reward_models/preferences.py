@@ -2,7 +2,7 @@
 
 For each prompt: sample `num_samples` completions from the policy (an SFT adapter, or a plain base
 model), score them with the judge (any scorer), and keep (prompt, chosen=best, rejected=worst) unless
-the judge ties them or their gap is under `min_gap`. Pairs go to output_dir/pairs.jsonl in TRL's
+the judge ties them or their gap is under `min_gap` (or, with `pairs: all`, every two samples so separated). Pairs go to output_dir/pairs.jsonl in TRL's
 conversational preference format, ready for `rlft reward data.path=<output_dir>/pairs.jsonl`. Because
 both sides are SFT samples, the reward model's normalization.json then centres the SFT policy at 0.
 
@@ -14,8 +14,9 @@ import json
 import logging
 import time
 from dataclasses import dataclass, field
+from typing import Literal
 
-from reward_models.judges import pick_pair
+from reward_models.judges import every_pair, pick_pair
 from reward_models.scorers import ScorerConfig, build_scorer
 from rlft import runs
 from rlft.config import DataConfig, ModelConfig, option, require, section
@@ -38,7 +39,11 @@ class PreferenceConfig:
         DataConfig, "Prompts (`prompt` or `messages` rows). Only the training split is used, so with the "
         "SFT run's seed and eval_fraction the held-out prompts stay unseen.",
     )
-    num_samples: int = option(4, "Completions sampled per prompt (>= 2); the judge's best and worst form a pair.")
+    num_samples: int = option(4, "Completions sampled per prompt (>= 2).")
+    pairs: Literal["best_worst", "all"] = option(
+        "best_worst", "Pairs per prompt: the judge's best and worst sample, or every two samples it separates by "
+        "min_gap (up to num_samples*(num_samples-1)/2 pairs from the same samples; a reward stage holds out "
+        "whole prompts, so its held-out pairs stay unseen).")
     batch_size: int = option(16, "Prompts per generation batch.")
     min_gap: float = option(0.0, "Skip a prompt when best minus worst judge score is below this (ties always).")
     sampling: SamplingConfig = section(SamplingConfig, "How completions are sampled.")
@@ -73,8 +78,10 @@ def run(config: PreferenceConfig) -> dict:
                        config.batch_size, num_samples=config.num_samples)
     k = config.num_samples
     scores = judge([p for p in prompts for _ in range(k)], [c for row in samples for c in row]).view(-1, k)
-    rows = [pick_pair(p, s, sc.tolist(), config.min_gap) for p, s, sc in zip(prompts, samples, scores)]
-    rows = [row for row in rows if row is not None]
+    if config.pairs == "all":
+        rows = [row for p, s, sc in zip(prompts, samples, scores) for row in every_pair(p, s, sc.tolist(), config.min_gap)]
+    else:
+        rows = [row for p, s, sc in zip(prompts, samples, scores) if (row := pick_pair(p, s, sc.tolist(), config.min_gap))]
     if not rows:
         raise RlftError(f"the judge '{judge.name}' tied every prompt's samples (or min_gap={config.min_gap} "
                         "was never reached): raise num_samples or sampling.temperature, or lower min_gap")
@@ -85,6 +92,7 @@ def run(config: PreferenceConfig) -> dict:
     metrics = {
         "pairs": len(rows),
         "prompts": len(prompts),
+        "prompts_with_pairs": len({json.dumps(row["prompt"]) for row in rows}),
         "mean_gap": sum(gaps) / len(gaps),
         "judge/mean_score": scores.mean().item(),
         "judge": judge.name,

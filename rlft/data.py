@@ -10,6 +10,7 @@ Row formats (TRL's names):
 from __future__ import annotations
 
 import glob
+import json
 import random
 from pathlib import Path
 
@@ -208,13 +209,37 @@ def load_splits(config: DataConfig, allowed: tuple[str, ...], seed: int = 0, wha
     else:
         if len(train) < 2:
             raise RlftError(f"dataset '{config.path}' has {len(train)} row: need at least 2 to hold one out")
-        parts = train.train_test_split(test_size=config.eval_fraction, seed=seed)
-        train, evaluation = parts["train"], parts["test"]
+        train, evaluation = hold_out(train, config.eval_fraction, seed)
     if config.max_samples:
         train = train.shuffle(seed=seed).select(range(min(config.max_samples, len(train))))
     if config.max_eval_samples:
         evaluation = evaluation.select(range(min(config.max_eval_samples, len(evaluation))))
     return train, evaluation, data_format
+
+
+def hold_out(dataset, fraction: float, seed: int):
+    """(train, eval): a seeded share of the rows held out, whole prompts at a time where prompts repeat.
+
+    Rows that share a prompt (several preference pairs per prompt, several replies to one statement) all
+    fall on one side, so the held-out figures are on prompts training never saw. Data without repeats
+    split exactly as `train_test_split` splits them."""
+    import datasets
+
+    if "prompt" not in dataset.column_names:
+        parts = dataset.train_test_split(test_size=fraction, seed=seed)
+        return parts["train"], parts["test"]
+    keys = [json.dumps(prompt, sort_keys=True) for prompt in dataset["prompt"]]
+    unique = list(dict.fromkeys(keys))
+    if len(unique) == len(keys):
+        parts = dataset.train_test_split(test_size=fraction, seed=seed)
+        return parts["train"], parts["test"]
+    if len(unique) < 2:
+        raise RlftError("every row shares one prompt: need at least 2 distinct prompts to hold one out")
+    held = datasets.Dataset.from_dict({"key": unique}).train_test_split(test_size=fraction, seed=seed)["test"]
+    held = set(held["key"])
+    inside = [i for i, key in enumerate(keys) if key in held]
+    outside = [i for i, key in enumerate(keys) if key not in held]
+    return dataset.select(outside), dataset.select(inside)
 
 
 def to_prompt_completion(dataset):

@@ -156,7 +156,9 @@ def load_prompts(config: EvalConfig) -> list:
     _, evaluation, _ = load_splits(
         config.data, ("prompt_only", "conversational", "prompt_completion"), config.seed, "eval prompts"
     )
-    return prompts_of(evaluation)[: config.num_prompts]  # prompts_of refuses an empty split
+    # One prompt once: a held-out prompt with several replies would count its win several times.
+    distinct = {json.dumps(prompt, sort_keys=True): prompt for prompt in prompts_of(evaluation)}  # refuses none
+    return list(distinct.values())[: config.num_prompts]
 
 
 def fingerprint(adapter: Adapter) -> str:

@@ -85,6 +85,7 @@ def wire(config: PipelineConfig) -> dict:
     # The judge that ranked the preference pairs is the report's independent "gold" scorer.
     gold = [replace(config.preferences.judge[0], name="gold")]
     seed = config.seed
+    check_one_hold_out(config)
     return {
         "sft": replace(config.sft, output_dir=sft_dir, seed=seed),
         # One seed, one hold-out split: preference and PPO prompts stay inside SFT's training split, so the
@@ -100,6 +101,20 @@ def wire(config: PipelineConfig) -> dict:
                         checkpoints_of=ppo_dir, training_run=ppo_dir, scorers=[proxy, *gold],
                         gold=gold[0].name, seed=seed),
     }
+
+
+def check_one_hold_out(config: PipelineConfig) -> None:
+    """Preference, PPO and eval prompts from SFT's dataset must use SFT's hold-out: with another fraction or
+    split, some of the report's "held-out" prompts would be ones a stage trained on."""
+    held_out = ("eval_split", "eval_fraction")
+    for stage, data in (("preferences", config.preferences.data), ("ppo", config.ppo.data), ("eval", config.eval.data)):
+        if (data.path, data.subset, data.split) != (config.sft.data.path, config.sft.data.subset, config.sft.data.split):
+            continue
+        for key in held_out:
+            if getattr(data, key) != getattr(config.sft.data, key):
+                raise RlftError(f"{stage}.data.{key}={getattr(data, key)!r} but sft.data.{key}="
+                                f"{getattr(config.sft.data, key)!r} on the same dataset: set one hold-out for every "
+                                "stage, or the report's held-out prompts include trained ones")
 
 
 # Keys a finished stage may differ in and still be reused: they change nothing it computed.

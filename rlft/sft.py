@@ -81,8 +81,10 @@ def run(config: SFTConfig) -> dict:
         **{**training_kwargs(config.train, config.model, out, config.seed), "max_length": max_length},
         completion_only_loss=config.completion_only_loss if data_format != "text" else None,
         dataset_num_proc=1,
+        # Batches of similar length: on the quickstart's dialog pairs half of a random batch was padding.
+        train_sampling_strategy="group_by_length",
     )
-    trainer = SFTTrainer(
+    trainer = hf_training.with_seeded_length_groups(SFTTrainer)(
         model=model, args=args, train_dataset=train_data, eval_dataset=eval_data, processing_class=tokenizer
     )
     hf_training.keep_trainable_float32(model)

@@ -5,12 +5,11 @@ from pathlib import Path
 
 import pytest
 
-from reward_models.judges import sentiment
-from reward_models.judges import pick_pair
+from reward_models.judges import every_pair, pick_pair, sentiment
 from reward_models.preferences import PreferenceConfig, run
 from rlft.data import chatterbot_sentiment_pairs
 from rlft.config import ConfigError, DataConfig, load_config
-from rlft.data import load_any, load_splits
+from rlft.data import hold_out, load_any, load_splits
 from rlft.errors import RlftError
 
 CONFIGS = Path(__file__).parents[1] / "configs"
@@ -20,7 +19,8 @@ def write_prompts(path: Path, count: int) -> Path:
     words = "tell me about the cat dog sun rain day night".split()
     with open(path, "w") as f:
         for i in range(count):
-            f.write(json.dumps({"prompt": [{"role": "user", "content": " ".join(words[i % 5 : i % 5 + 4])}]}) + "\n")
+            text = " ".join(words[i % 5 : i % 5 + 4]) + f" {i}"
+            f.write(json.dumps({"prompt": [{"role": "user", "content": text}]}) + "\n")
     return path
 
 
@@ -50,6 +50,39 @@ def test_pairs_from_a_tiny_policy_are_ranked_by_the_judge(tiny_lm_dir, tmp_path)
     assert metrics["mean_gap"] == pytest.approx(sum(p["score_chosen"] - p["score_rejected"] for p in pairs) / len(pairs))
     *_, data_format = load_splits(DataConfig(path=str(tmp_path / "prefs" / "pairs.jsonl")), ("preference",))
     assert data_format == "preference"
+
+
+def test_every_pair_of_samples(tiny_lm_dir, tmp_path):
+    """pairs=all: up to K(K-1)/2 pairs per prompt, each separated by min_gap, from prompts training holds out whole."""
+    metrics = run(tiny_config(tmp_path, f"model.name_or_path={tiny_lm_dir}", "min_gap=0.2", "pairs=all"))
+    pairs = read_pairs(tmp_path / "prefs")
+    assert metrics["prompts_with_pairs"] <= len(pairs) == metrics["pairs"] <= 6 * metrics["prompts_with_pairs"]
+    assert all(p["score_chosen"] - p["score_rejected"] >= 0.2 and p["chosen"] != p["rejected"] for p in pairs)
+    train, evaluation, _ = load_splits(DataConfig(path=str(tmp_path / "prefs" / "pairs.jsonl"), eval_fraction=0.3),
+                                       ("preference",))
+    assert not {json.dumps(p) for p in train["prompt"]} & {json.dumps(p) for p in evaluation["prompt"]}
+
+
+def test_every_pair_ranks_distinct_texts():
+    pairs = every_pair("q", ["a", "b", "c", "a"], [0.5, 0.9, -0.4, 0.5], 0.3)
+    assert [(p["chosen"], p["rejected"]) for p in pairs] == [("b", "a"), ("b", "c"), ("a", "c")]
+    assert [(p["chosen"], p["rejected"]) for p in every_pair("q", ["a", "b", "c"], [0.5, 0.9, -0.4], 0.5)] == [
+        ("b", "c"), ("a", "c")]
+    assert every_pair("q", ["a", "b"], [0.2, 0.2], 0.0) == []  # a tie says nothing
+
+
+def test_hold_out_keeps_each_prompt_on_one_side():
+    """Three pairs per prompt: every prompt's pairs land on one side, about `fraction` of the prompts held out;
+    data whose prompts are all distinct split exactly as datasets' train_test_split does."""
+    import datasets
+
+    rows = [{"prompt": f"p{i}", "chosen": f"c{i}{j}", "rejected": f"r{i}{j}"} for i in range(30) for j in range(3)]
+    train, evaluation = hold_out(datasets.Dataset.from_list(rows), 0.2, seed=1)
+    assert len(set(evaluation["prompt"])) == 6 and len(evaluation) == 18 and len(train) == 72
+    assert not set(train["prompt"]) & set(evaluation["prompt"])
+    distinct = datasets.Dataset.from_list(rows[::3])
+    parts = distinct.train_test_split(test_size=0.2, seed=1)
+    assert [d["prompt"] for d in hold_out(distinct, 0.2, seed=1)] == [parts["train"]["prompt"], parts["test"]["prompt"]]
 
 
 def test_samples_from_an_sft_adapter(tiny_lm_dir, tmp_path):
