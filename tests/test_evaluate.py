@@ -13,6 +13,7 @@ from rlft.errors import RlftError
 from rlft.evaluate import (
     EvalConfig,
     kl_drift,
+    load_prompts,
     run,
     sample_pass,
     sequence_kl,
@@ -230,3 +231,19 @@ def test_shipped_config_loads():
     assert config.policies == ["runs/sft", "runs/ppo"] and config.checkpoints_of == "runs/ppo"
     assert [s.name for s in config.scorers] == ["proxy", "gold"] and config.gold_scorer == "gold"
     assert config.scorers[0].normalize and config.scorers[1].path == "reward_models.judges:sentiment"
+
+
+def test_held_out_prompts_count_once(tmp_path):
+    """A prompt with several replies is one held-out prompt: evaluated once, never on a trained prompt."""
+    from rlft.config import DataConfig
+    from rlft.data import load_splits
+
+    path = tmp_path / "replies.jsonl"
+    path.write_text("".join(json.dumps({"prompt": [{"role": "user", "content": f"q{i}"}],
+                                        "completion": [{"role": "assistant", "content": f"a{j}"}]}) + "\n"
+                            for i in range(20) for j in range(3)))
+    data = DataConfig(path=str(path), eval_fraction=0.25)
+    prompts = load_prompts(EvalConfig(data=data, num_prompts=100))
+    assert len(prompts) == len({p[0]["content"] for p in prompts}) == 5
+    train, _, _ = load_splits(data, ("prompt_completion",))
+    assert not {p[0]["content"] for p in prompts} & {p[0]["content"] for p in train["prompt"]}

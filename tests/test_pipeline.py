@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from rlft.cli import main
+from rlft.errors import RlftError
 
 POSITIVE = {"good", "great", "happy", "love", "yes", "thanks"}
 ROWS = [("hello how are you ?", "i am good , thanks !"), ("tell me a story", "the cat and the dog love the sun"),
@@ -104,21 +105,42 @@ def test_one_seed_reaches_every_stage():
     assert {name: stage.seed for name, stage in stages.items()} == dict.fromkeys(stages, 7)
 
 
+@pytest.mark.parametrize("override", ["ppo.data.eval_fraction=0.1", "eval.data.eval_fraction=0.3",
+                                      "preferences.data.eval_split=test"])
+def test_one_hold_out_for_every_stage(override):
+    """A stage on SFT's dataset with another hold-out would report trained prompts as held out: refused."""
+    from rlft.config import load_config
+    from rlft.pipeline import PipelineConfig, wire
+
+    quickstart = Path(__file__).parents[1] / "configs" / "quickstart.yaml"
+    key = override.split("=")[0]
+    with pytest.raises(RlftError, match=rf"{key}=.* but sft\.data\.{key.split('.')[-1]}="):
+        wire(load_config(PipelineConfig, quickstart, [override]))
+    setting = override.split(".", 1)[1]
+    wire(load_config(PipelineConfig, quickstart, [f"{stage}.{setting}" for stage in ("sft", "preferences", "ppo", "eval")]))
+    wire(load_config(PipelineConfig, quickstart, [override, f"{key.split('.')[0]}.data.path=elsewhere.jsonl"]))
+
+
 def test_seed_sweep_tables_seeds_and_repeats_a_seed_exactly(tiny_lm_dir, tiny_reward_dir, tmp_path):
     """The sweep's table holds each run's figures; the same seed and thread count twice gives the same report."""
     from examples.quickstart import seed_sweep
 
     overrides = tiny_overrides(tiny_lm_dir, tiny_reward_dir, tmp_path)
+    readme = tmp_path / "README.md"
+    readme.write_text("before\n%s\nold table\n%s\nafter\n" % seed_sweep.MARKERS)
     sweep = seed_sweep.main(["--runs", "0:1", "1:1", "--out", str(tmp_path / "a"), "--table", str(tmp_path / "t"),
-                             "--", *overrides])
+                             "--readme", str(readme), "--", *overrides])
     assert [(r["seed"], r["threads"]) for r in sweep["runs"]] == [(0, 1), (1, 1)]
-    assert json.loads((tmp_path / "t.json").read_text()) == sweep and "| mean ± std |" in (tmp_path / "t.md").read_text()
+    table = (tmp_path / "t.md").read_text()
+    assert json.loads((tmp_path / "t.json").read_text()) == sweep and "| mean ± std |" in table
+    assert "seed 0 on 1 thread, seed 1 on 1 thread" in table and table in readme.read_text()
+    assert "old table" not in readme.read_text() and readme.read_text().endswith("after\n")
     win_rates = [r["proxy_win_rate"] for r in sweep["runs"]]
     assert sweep["summary"]["proxy_win_rate"]["mean"] == pytest.approx(sum(win_rates) / 2)
     assert all("on >= 200 held-out prompts" in r["bars_missed"] for r in sweep["runs"])  # 8 prompts here
 
     again = seed_sweep.main(["--runs", "0:1", "--out", str(tmp_path / "b"), "--table", str(tmp_path / "u"),
-                             "--", *overrides])
+                             "--readme", "", "--", *overrides])
     first, second = (json.loads((tmp_path / side / "seed0_threads1" / "eval" / "report.json").read_text())
                      for side in ("a", "b"))
     for policy, repeat in zip(first["policies"] + first["checkpoints"], second["policies"] + second["checkpoints"]):

@@ -5,7 +5,9 @@
 Each run is `rlft pipeline --config configs/quickstart.yaml seed=S output_dir=<out>/seed<S>_threads<T>`
 under OMP_NUM_THREADS=T (a rerun skips finished stages). The figures of each run, their mean, std, min
 and max, and whether each run meets the quickstart's bars, go to examples/quickstart/seed_sweep.json and
-seed_sweep.md. Arguments after `--` go to every pipeline run (the tests use that for tiny models).
+seed_sweep.md, and the table into README.md between its `<!-- seed_sweep -->` markers (the README's
+quickstart figures). `--table-only` rewrites the .md and the README from the .json. Arguments after `--`
+go to every pipeline run (the tests use that for tiny models).
 """
 
 from __future__ import annotations
@@ -21,6 +23,10 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(Path(__file__).parent))
+from estimators import write_between_markers  # noqa: E402
+
+MARKERS = ("<!-- seed_sweep: written by examples/quickstart/seed_sweep.py -->", "<!-- /seed_sweep -->")
 # The quickstart's bars: (figure, test, wording)
 BARS = [
     ("reward_model_accuracy", lambda v: v >= 0.75, "reward model held-out accuracy >= 75%"),
@@ -49,7 +55,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", default="runs/seed_sweep", help="one pipeline folder per run here")
     parser.add_argument("--table", default=str(ROOT / "examples" / "quickstart" / "seed_sweep"),
                         help="write <table>.json and <table>.md")
+    parser.add_argument("--readme", default=str(ROOT / "README.md"), help="write the table between its markers here")
+    parser.add_argument("--table-only", action="store_true", help="only rewrite <table>.md and the README from .json")
     args = parser.parse_args(argv[: argv.index("--")] if "--" in argv else argv)
+    if args.table_only:
+        sweep = json.loads(Path(args.table).with_suffix(".json").read_text())
+        return write(sweep, args)
 
     runs = []
     for seed, threads in args.runs:
@@ -59,11 +70,26 @@ def main(argv: list[str] | None = None) -> dict:
         print("+ OMP_NUM_THREADS=%d rlft %s" % (threads, " ".join(command[3:])), flush=True)
         subprocess.run(command, check=True, env={**os.environ, "OMP_NUM_THREADS": str(threads)})
         runs.append({"seed": seed, "threads": threads, "folder": str(folder), **figures(folder)})
-    sweep = {"config": args.config, "overrides": extra, "runs": runs, "summary": summarise(runs)}
+    sweep = {"config": args.config, "overrides": extra, "machine": machine(), "runs": runs, "summary": summarise(runs)}
     Path(args.table).with_suffix(".json").write_text(json.dumps(sweep, indent=2) + "\n")
+    return write(sweep, args)
+
+
+def write(sweep: dict, args) -> dict:
     Path(args.table).with_suffix(".md").write_text(markdown(sweep))
+    if args.readme and Path(args.readme).is_file():
+        write_between_markers(Path(args.readme), MARKERS, markdown(sweep))
     print(markdown(sweep))
     return sweep
+
+
+def machine() -> str:
+    """The CPU model and torch build the figures come from: another machine's floating point differs."""
+    import torch
+
+    names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+             if line.startswith("model name")] if Path("/proc/cpuinfo").is_file() else []
+    return f"{names[0] if names else 'unknown CPU'} ({len(names)} cores), torch {torch.__version__}"
 
 
 def figures(folder: Path) -> dict:
@@ -81,6 +107,7 @@ def figures(folder: Path) -> dict:
         "kl_exact": ppo["kl"]["exact"]["mean"], "target_kl": target, "kl_over_target": ppo["kl"]["exact"]["mean"] / target,
         "length": ppo["response"]["policy"]["length"]["mean"],
         "reference_length": ppo["response"]["reference"]["length"]["mean"],
+        "wall_time_min": sum(json.loads((folder / "pipeline.json").read_text())["stage_wall_time_s"].values()) / 60,
     }
     found["bars_missed"] = [wording for key, test, wording in BARS if not test(found[key])]
     return found
@@ -97,8 +124,15 @@ def markdown(sweep: dict) -> str:
     columns = [("reward_model_accuracy", "RM accuracy", "{:.2f}"), ("reward_model_eval_pairs", "RM pairs", "{:.0f}"),
                ("proxy_win_rate", "proxy win", "{:.0%}"), ("gold_win_rate", "gold win", "{:.0%}"),
                ("gold_win_rate_ci_low", "gold CI low", "{:.0%}"), ("kl_exact", "exact KL", "{:.2f}"),
-               ("kl_over_target", "KL / target", "{:.2f}"), ("length", "length", "{:.1f}")]
-    lines = [f"`{sweep['config']}` per seed and thread count (written by examples/quickstart/seed_sweep.py).", "",
+               ("kl_over_target", "KL / target", "{:.2f}"), ("length", "length", "{:.1f}"),
+               ("wall_time_min", "minutes", "{:.0f}")]
+    runs = sweep["runs"]
+    described = ", ".join(f"seed {r['seed']} on {r['threads']} thread{'s' if r['threads'] > 1 else ''}" for r in runs)
+    lines = [f"`{sweep['config']}`, {described}, on {sweep.get('machine', 'this machine')}. PPO against the SFT "
+             f"model it started from on {runs[0]['eval_prompts']:.0f} held-out prompts (proxy: the run's MiniLM reward "
+             f"model; gold: VADER); reward model accuracy on {runs[0]['reward_model_eval_pairs']:.0f} held-out pairs "
+             "(prompts it never saw); exact KL summed over the response; minutes: all five stages. Written by "
+             "examples/quickstart/seed_sweep.py from examples/quickstart/seed_sweep.json.", "",
              "| seed | threads | " + " | ".join(title for _, title, _ in columns) + " | bars missed |",
              "|---|---|" + "---|" * len(columns) + "---|"]
     for run in sweep["runs"]:
