@@ -13,8 +13,11 @@ from rlft.errors import RlftError
 from rlft.models import add_lora, load_model
 from rlft.sft import SFTConfig, run
 
-ROWS = [("hello how are you ?", "i am good , thanks !"), ("tell me a joke", "why the cat ? because the dog !"),
-        ("what is the sun", "the sun is big and red"), ("do you love rain", "yes i love rain and night")] * 8
+# Four replies, each to eight wordings of its prompt: held-out rows are prompts training never saw (a hold-out
+# keeps a repeated prompt on one side), whose replies a model that learned can still predict.
+ROWS = [(f"{prompt} {'?' * i}", reply) for i in range(1, 9) for prompt, reply in [
+    ("hello how are you", "i am good , thanks !"), ("tell me a joke", "why the cat ? because the dog !"),
+    ("what is the sun", "the sun is big and red"), ("do you love rain", "yes i love rain and night")]]
 
 
 def write_jsonl(path, rows):
