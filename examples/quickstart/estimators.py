@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -59,8 +58,6 @@ def write_table() -> None:
     table = headline(json.loads(REPORT.read_text()))
     (HERE / "estimators.json").write_text(json.dumps(table, indent=2) + "\n")
     (HERE / "estimators.md").write_text(markdown(table))
-    for plot in ("training.png", "overoptimization.png"):  # the README shows the quickstart's own plots
-        shutil.copyfile(ROOT / "runs" / "quickstart" / "eval" / plot, HERE / plot)
     write_between_markers(README, MARKERS, markdown(table))
     print(markdown(table))
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -71,6 +72,9 @@ def main(argv: list[str] | None = None) -> dict:
         subprocess.run(command, check=True, env={**os.environ, "OMP_NUM_THREADS": str(threads)})
         runs.append({"seed": seed, "threads": threads, "folder": str(folder), **figures(folder)})
     sweep = {"config": args.config, "overrides": extra, "machine": machine(), "runs": runs, "summary": summarise(runs)}
+    if not extra:  # the README shows the first run's own plots
+        for plot in ("training.png", "overoptimization.png"):
+            shutil.copyfile(Path(runs[0]["folder"]) / "eval" / plot, Path(args.table).parent / plot)
     Path(args.table).with_suffix(".json").write_text(json.dumps(sweep, indent=2) + "\n")
     return write(sweep, args)
 
