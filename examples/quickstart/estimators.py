@@ -9,8 +9,7 @@
 3. `rlft eval --config configs/eval_estimators.yaml`: the four policies on the same held-out prompts,
    proxy and gold, in runs/estimators/report.html;
 4. the headline table from that report.json into examples/quickstart/estimators.{json,md}, and into the
-   README between its `<!-- estimators -->` markers (the README's quickstart figures are this table),
-   with the quickstart report's training and over-optimisation plots beside it.
+   README between its `<!-- estimators -->` markers.
 Each training stage skips what is already complete, so a rerun redoes the reports and the table;
 `--table-only` redoes the table alone.
 """
