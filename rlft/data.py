@@ -225,16 +225,12 @@ def hold_out(dataset, fraction: float, seed: int):
     split exactly as `train_test_split` splits them."""
     import datasets
 
-    if "prompt" not in dataset.column_names:
-        parts = dataset.train_test_split(test_size=fraction, seed=seed)
-        return parts["train"], parts["test"]
-    keys = [json.dumps(prompt, sort_keys=True) for prompt in dataset["prompt"]]
+    prompts = dataset["prompt"] if "prompt" in dataset.column_names else range(len(dataset))
+    keys = [json.dumps(prompt, sort_keys=True) for prompt in prompts]
     unique = list(dict.fromkeys(keys))
-    if len(unique) == len(keys):
+    if len(unique) == len(keys) or len(unique) < 2:  # one prompt for every row: only rows can be held out
         parts = dataset.train_test_split(test_size=fraction, seed=seed)
         return parts["train"], parts["test"]
-    if len(unique) < 2:
-        raise RlftError("every row shares one prompt: need at least 2 distinct prompts to hold one out")
     held = datasets.Dataset.from_dict({"key": unique}).train_test_split(test_size=fraction, seed=seed)["test"]
     held = set(held["key"])
     inside = [i for i, key in enumerate(keys) if key in held]
