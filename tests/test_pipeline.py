@@ -122,7 +122,7 @@ def test_one_hold_out_for_every_stage(override):
     wire(load_config(PipelineConfig, quickstart, [override, f"{key.split('.')[0]}.data.path=elsewhere.jsonl"]))
 
 
-def test_seed_sweep_tables_seeds_and_repeats_a_seed_exactly(tiny_lm_dir, tiny_reward_dir, tmp_path):
+def test_seed_sweep_tables_seeds_and_repeats_a_seed_exactly(tiny_lm_dir, tiny_reward_dir, tmp_path, monkeypatch):
     """The sweep's table holds each run's figures; the same seed and thread count twice gives the same report."""
     from examples.quickstart import seed_sweep
 
@@ -148,3 +148,9 @@ def test_seed_sweep_tables_seeds_and_repeats_a_seed_exactly(tiny_lm_dir, tiny_re
         assert policy["per_prompt"] == repeat["per_prompt"] and policy["samples"] == repeat["samples"]
     assert {k: v for k, v in again["runs"][0].items() if k not in ("folder", "wall_time_min")} == {
         k: v for k, v in sweep["runs"][0].items() if k not in ("folder", "wall_time_min")}
+
+    # A run that has its report is read back, not rerun.
+    monkeypatch.setattr(seed_sweep.subprocess, "run", lambda *a, **k: pytest.fail("reran a finished run"))
+    reread = seed_sweep.main(["--runs", "1:1", "--out", str(tmp_path / "a"), "--table", str(tmp_path / "r"),
+                              "--readme", "", "--", *overrides])
+    assert reread["runs"] == sweep["runs"][1:]

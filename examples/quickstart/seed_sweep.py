@@ -3,7 +3,8 @@
     python examples/quickstart/seed_sweep.py          # seeds 0, 1, 2 on 2 threads, and seed 0 on 1 thread
 
 Each run is `rlft pipeline --config configs/quickstart.yaml seed=S output_dir=<out>/seed<S>_threads<T>`
-under OMP_NUM_THREADS=T (a rerun skips finished stages). The figures of each run, their mean, std, min
+under OMP_NUM_THREADS=T; a run whose folder already holds its report is read, not rerun (`--redo` reruns
+it: the pipeline then skips its finished training stages and redoes the report). The figures of each run, their mean, std, min
 and max, and whether each run meets the quickstart's bars, go to examples/quickstart/seed_sweep.json and
 seed_sweep.md, and the table into README.md between its `<!-- seed_sweep -->` markers (the README's
 quickstart figures). `--table-only` rewrites the .md and the README from the .json. Arguments after `--`
@@ -56,6 +57,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", default="runs/seed_sweep", help="one pipeline folder per run here")
     parser.add_argument("--table", default=str(ROOT / "examples" / "quickstart" / "seed_sweep"),
                         help="write <table>.json and <table>.md")
+    parser.add_argument("--redo", action="store_true", help="rerun the pipeline of runs that have a report")
     parser.add_argument("--readme", default=str(ROOT / "README.md"), help="write the table between its markers here")
     parser.add_argument("--table-only", action="store_true", help="only rewrite <table>.md and the README from .json")
     args = parser.parse_args(argv[: argv.index("--")] if "--" in argv else argv)
@@ -68,8 +70,9 @@ def main(argv: list[str] | None = None) -> dict:
         folder = Path(args.out) / f"seed{seed}_threads{threads}"
         command = [sys.executable, "-m", "rlft", "pipeline", "--config", args.config, f"seed={seed}",
                    f"output_dir={folder}", *extra]
-        print("+ OMP_NUM_THREADS=%d rlft %s" % (threads, " ".join(command[3:])), flush=True)
-        subprocess.run(command, check=True, env={**os.environ, "OMP_NUM_THREADS": str(threads)})
+        if args.redo or not (folder / "eval" / "report.json").is_file():
+            print("+ OMP_NUM_THREADS=%d rlft %s" % (threads, " ".join(command[3:])), flush=True)
+            subprocess.run(command, check=True, env={**os.environ, "OMP_NUM_THREADS": str(threads)})
         runs.append({"seed": seed, "threads": threads, "folder": str(folder), **figures(folder)})
     sweep = {"config": args.config, "overrides": extra, "machine": machine(), "runs": runs, "summary": summarise(runs)}
     if not extra:  # the README shows the first run's own plots
