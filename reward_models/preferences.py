@@ -2,8 +2,8 @@
 
 For each prompt: sample `num_samples` completions from the policy (an SFT adapter, or a plain base
 model), score them with the judge (any scorer), and keep (prompt, chosen=best, rejected=worst) unless
-the judge ties them or their gap is under `min_gap` (or, with `pairs: all`, every two samples so separated). Pairs go to output_dir/pairs.jsonl in TRL's
-conversational preference format, ready for `rlft reward data.path=<output_dir>/pairs.jsonl`. Because
+the judge ties them or their gap is under `min_gap` (with `pairs: all`, every two samples it separates so).
+Pairs go to output_dir/pairs.jsonl in TRL's conversational preference format, ready for `rlft reward data.path=<output_dir>/pairs.jsonl`. Because
 both sides are SFT samples, the reward model's normalization.json then centres the SFT policy at 0.
 
 """
@@ -45,7 +45,7 @@ class PreferenceConfig:
         "min_gap (up to num_samples*(num_samples-1)/2 pairs from the same samples; a reward stage holds out "
         "whole prompts, so its held-out pairs stay unseen).")
     batch_size: int = option(16, "Prompts per generation batch.")
-    min_gap: float = option(0.0, "Skip a prompt when best minus worst judge score is below this (ties always).")
+    min_gap: float = option(0.0, "Keep a pair only if the judge's scores differ by at least this (ties never).")
     sampling: SamplingConfig = section(SamplingConfig, "How completions are sampled.")
     judge: list[ScorerConfig] = field(
         default_factory=lambda: [ScorerConfig(kind="function", path="reward_models.judges:sentiment")],
