@@ -3,8 +3,9 @@
 For each prompt: sample `num_samples` completions from the policy (an SFT adapter, or a plain base
 model), score them with the judge (any scorer), and keep (prompt, chosen=best, rejected=worst) unless
 the judge ties them or their gap is under `min_gap` (with `pairs: all`, every two samples it separates so).
-Pairs go to output_dir/pairs.jsonl in TRL's conversational preference format, ready for `rlft reward data.path=<output_dir>/pairs.jsonl`. Because
-both sides are SFT samples, the reward model's normalization.json then centres the SFT policy at 0.
+Pairs go to output_dir/pairs.jsonl in TRL's conversational preference format, ready for
+`rlft reward data.path=<output_dir>/pairs.jsonl`. Because both sides are SFT samples, the reward model's
+normalization.json then centres the SFT policy at 0.
 
 """
 
