@@ -40,10 +40,13 @@ def data(tmp_path_factory):
 
     words = "hello how are you tell me about the cat dog sun rain day night".split()
     folder = tmp_path_factory.mktemp("data")
-    rows = [("hello how are you ?", "i am good , thanks !"), ("tell me a joke", "why the cat ? because the dog !"),
-            ("what is the sun", "the sun is big and red"), ("do you love rain", "yes i love rain and night")] * 6
+    # Distinct prompts: a hold-out takes whole prompts, and its held-out rows should be learnable, not unseen.
+    rows = [(f"{prompt} {'?' * i}", reply) for i in range(1, 7) for prompt, reply in [
+        ("hello how are you", "i am good , thanks !"), ("tell me a joke", "why the cat ? because the dog !"),
+        ("what is the sun", "the sun is big and red"), ("do you love rain", "yes i love rain and night")]]
     (folder / "sft.jsonl").write_text("".join(json.dumps({"prompt": p, "completion": " " + c}) + "\n" for p, c in rows))
-    prompts = [{"prompt": [{"role": "user", "content": " ".join(words[i % 7: i % 7 + 3])}]} for i in range(64)]
+    prompts = [{"prompt": [{"role": "user", "content": " ".join(words[i % 7: i % 7 + 3] + [words[i // 7]])}]}
+               for i in range(64)]
     (folder / "prompts.jsonl").write_text("".join(json.dumps(row) + "\n" for row in prompts))
     write_marker_pairs(folder / "pairs.jsonl", 48)
     return folder

@@ -85,10 +85,15 @@ def test_show_config_prints_the_resolved_values(capsys):
 
 def test_ppo_defaults_are_the_tuned_config():
     """One source of defaults: `rlft ppo` and `rlft ppo --config configs/ppo.yaml` are the same run, and the
-    quickstart's PPO stage is that run too (bar the paths the pipeline wires in)."""
+    quickstart's PPO stage is that run too (bar the paths the pipeline wires in, and the quickstart's one
+    hold-out of a fifth)."""
+    from dataclasses import replace
+
     from rlft.pipeline import PipelineConfig
     from rlft.ppo.config import PPOConfig
 
     defaults = load_config(PPOConfig)
     assert load_config(PPOConfig, CONFIGS / "ppo.yaml") == defaults
-    assert load_config(PipelineConfig, CONFIGS / "quickstart.yaml").ppo == defaults
+    quickstart = load_config(PipelineConfig, CONFIGS / "quickstart.yaml")
+    assert replace(quickstart.ppo, data=replace(quickstart.ppo.data, eval_fraction=0.1)) == defaults
+    assert quickstart.ppo.data.eval_fraction == quickstart.sft.data.eval_fraction == 0.2
