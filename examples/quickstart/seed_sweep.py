@@ -137,7 +137,7 @@ def markdown(sweep: dict) -> str:
     described = ", ".join(f"seed {r['seed']} on {r['threads']} thread{'s' if r['threads'] > 1 else ''}" for r in runs)
     lines = [f"`{sweep['config']}`, {described}, on {sweep.get('machine', 'this machine')}. PPO against the SFT "
              f"model it started from on {runs[0]['eval_prompts']:.0f} held-out prompts (proxy: the run's MiniLM reward "
-             f"model; gold: VADER); reward model accuracy on {runs[0]['reward_model_eval_pairs']:.0f} held-out pairs "
+             f"model; gold: VADER); reward model accuracy on the held-out pairs (RM pairs) "
              "(prompts it never saw); exact KL summed over the response; minutes: all five stages. Written by "
              "examples/quickstart/seed_sweep.py from examples/quickstart/seed_sweep.json.", "",
              "| seed | threads | " + " | ".join(title for _, title, _ in columns) + " | bars missed |",
