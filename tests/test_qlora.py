@@ -102,8 +102,7 @@ def test_lora_gradients_are_unchanged_by_an_eval_forward_and_match_the_dequantiz
 
 def test_qlora_sft_learns_about_as_much_as_lora(tiny_lm_dir_64, tmp_path):
     """Same data, steps and learning rate: QLoRA's held-out eval-loss drop is at least 80% of LoRA's."""
-    rows = [("hello how are you ?", "i am good , thanks !"), ("tell me a joke", "why the cat ? because the dog !"),
-            ("what is the sun", "the sun is big and red"), ("do you love rain", "yes i love rain and night")] * 8
+    from tests.test_sft import ROWS as rows  # distinct prompts: a hold-out takes whole prompts
     data = tmp_path / "pc.jsonl"
     data.write_text("".join(json.dumps({"prompt": p, "completion": " " + c}) + "\n" for p, c in rows))
     drops = {}
