@@ -21,7 +21,7 @@ from reward_models.judges import every_pair, pick_pair
 from reward_models.scorers import ScorerConfig, build_scorer
 from rlft import runs
 from rlft.config import DataConfig, ModelConfig, option, require, section
-from rlft.data import load_splits, prompts_of, render_prompts
+from rlft.data import load_splits, prompt_key, prompts_of, render_prompts
 from rlft.errors import RlftError
 from rlft.generation import SamplingConfig, complete
 
@@ -79,10 +79,8 @@ def run(config: PreferenceConfig) -> dict:
                        config.batch_size, num_samples=config.num_samples)
     k = config.num_samples
     scores = judge([p for p in prompts for _ in range(k)], [c for row in samples for c in row]).view(-1, k)
-    if config.pairs == "all":
-        rows = [row for p, s, sc in zip(prompts, samples, scores) for row in every_pair(p, s, sc.tolist(), config.min_gap)]
-    else:
-        rows = [row for p, s, sc in zip(prompts, samples, scores) if (row := pick_pair(p, s, sc.tolist(), config.min_gap))]
+    pairing = every_pair if config.pairs == "all" else lambda *args: [row] if (row := pick_pair(*args)) else []
+    rows = [row for p, s, sc in zip(prompts, samples, scores) for row in pairing(p, s, sc.tolist(), config.min_gap)]
     if not rows:
         raise RlftError(f"the judge '{judge.name}' tied every prompt's samples (or min_gap={config.min_gap} "
                         "was never reached): raise num_samples or sampling.temperature, or lower min_gap")
@@ -93,7 +91,7 @@ def run(config: PreferenceConfig) -> dict:
     metrics = {
         "pairs": len(rows),
         "prompts": len(prompts),
-        "prompts_with_pairs": len({json.dumps(row["prompt"]) for row in rows}),
+        "prompts_with_pairs": len({prompt_key(row["prompt"]) for row in rows}),
         "mean_gap": sum(gaps) / len(gaps),
         "judge/mean_score": scores.mean().item(),
         "judge": judge.name,

@@ -217,6 +217,11 @@ def load_splits(config: DataConfig, allowed: tuple[str, ...], seed: int = 0, wha
     return train, evaluation, data_format
 
 
+def prompt_key(prompt) -> str:
+    """One string per distinct prompt, text or message list: what makes two rows share a prompt."""
+    return json.dumps(prompt, sort_keys=True)
+
+
 def hold_out(dataset, fraction: float, seed: int):
     """(train, eval): a seeded share of the rows held out, whole prompts at a time where prompts repeat.
 
@@ -226,7 +231,7 @@ def hold_out(dataset, fraction: float, seed: int):
     import datasets
 
     prompts = dataset["prompt"] if "prompt" in dataset.column_names else range(len(dataset))
-    keys = [json.dumps(prompt, sort_keys=True) for prompt in prompts]
+    keys = [prompt_key(prompt) for prompt in prompts]
     unique = list(dict.fromkeys(keys))
     if len(unique) == len(keys) or len(unique) < 2:  # one prompt for every row: only rows can be held out
         parts = dataset.train_test_split(test_size=fraction, seed=seed)

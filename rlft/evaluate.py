@@ -26,7 +26,7 @@ import torch
 from reward_models.scorers import ScorerConfig, build_scorer
 from rlft import hacking, runs
 from rlft.config import DataConfig, ModelConfig, option, require, section
-from rlft.data import load_splits, prompts_of, render_prompts
+from rlft.data import load_splits, prompt_key, prompts_of, render_prompts
 from rlft.errors import RlftError
 from rlft.metrics import METRICS_JSONL, read_metrics
 from rlft.generation import SamplingConfig, decode_responses, encode_prompts, response_mask_from_eos, sample
@@ -157,7 +157,7 @@ def load_prompts(config: EvalConfig) -> list:
         config.data, ("prompt_only", "conversational", "prompt_completion"), config.seed, "eval prompts"
     )
     # One prompt once: a held-out prompt with several replies would count its win several times.
-    distinct = {json.dumps(prompt, sort_keys=True): prompt for prompt in prompts_of(evaluation)}  # refuses none
+    distinct = {prompt_key(prompt): prompt for prompt in prompts_of(evaluation)}  # prompts_of refuses none
     return list(distinct.values())[: config.num_prompts]
 
 
