@@ -134,7 +134,8 @@ def test_trainer_stages_under_fsdp_equal_one_process_and_resume_exactly(stage, t
         extra = ("data.eval_fraction=0.25",)
         before, after = "eval_loss_before", "eval_loss_after"
     else:
-        data = write_marker_pairs(tmp_path / "pairs.jsonl", 64)
+        # distinct prompts: 48 training pairs, whole global batches of 8 (a ragged last one splits unevenly)
+        data = write_marker_pairs(tmp_path / "pairs.jsonl", 64, numbered=True)
         extra = ("lora_enabled=true", "lora.r=4", "lora.alpha=8")
         before, after = "eval_accuracy_before", "eval_accuracy_after"
     args = lambda out, *more: [stage, "--config", TINY.parent / f"{stage}.yaml", f"output_dir={out}",  # noqa: E731

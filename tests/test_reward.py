@@ -19,12 +19,14 @@ CONFIGS = Path(__file__).parents[1] / "configs"
 FILLER = "the a cat dog sun rain day night is very big small red blue one two".split()
 
 
-def write_marker_pairs(path: Path, count: int, seed: int = 0) -> Path:
-    """Chosen replies contain "great"; rejected ones the same number of filler words, so length gives nothing away."""
+def write_marker_pairs(path: Path, count: int, seed: int = 0, numbered: bool = False) -> Path:
+    """Chosen replies contain "great"; rejected ones the same number of filler words, so length gives nothing away.
+    Random prompts repeat now and then (hold-outs keep a prompt's pairs together); `numbered` ones never do."""
     rng = random.Random(seed)
     with open(path, "w") as f:
-        for _ in range(count):
-            prompt = [{"role": "user", "content": " ".join(rng.choices(FILLER, k=3))}]
+        for i in range(count):
+            statement = " ".join(rng.choices(FILLER, k=3))
+            prompt = [{"role": "user", "content": f"{statement} {i}" if numbered else statement}]
             words = rng.choices(FILLER, k=4)
             chosen = words[:]
             chosen.insert(rng.randrange(5), "great")
