@@ -52,6 +52,10 @@ class RewardConfig(Publishing):
     sft_adapter: str = option(
         "", "An SFT adapter merged into the backbone before training (InstructGPT starts its reward model from the "
         "SFT model): on the same base, PPO then scores with this reward adapter on its own weights (empty: none).")
+    score_margin: float = option(
+        0.0, "Where pairs carry their judge's scores (score_chosen, score_rejected: rlft preferences writes them), "
+        "train with a margin of score_margin x their gap in the loss (Llama 2's margin loss), so a pair the judge "
+        "separates widely must be separated widely; 0: no margin, or a `margin` column of your own.")
     model: RewardModelConfig = section(RewardModelConfig, "The backbone.")
     lora: LoraConfig = section(LoraConfig, "The adapter, when lora_enabled (the score head is trained in full).")
     data: DataConfig = section(
@@ -63,6 +67,7 @@ class RewardConfig(Publishing):
         super().__post_init__()
         require(self.model.quantization == "none" or self.lora_enabled, "model.quantization",
                 "a quantized backbone can only be trained with lora_enabled: true")
+        require(self.score_margin >= 0, "score_margin", f"must be >= 0 (0: no margin), got {self.score_margin}")
 
 
 def run(config: RewardConfig) -> dict:
@@ -78,6 +83,8 @@ def run(config: RewardConfig) -> dict:
 
     # Data first: a wrong column should fail before the model loads.
     train_rows, eval_rows, _ = load_splits(config.data, ("preference",), config.seed, "reward data")
+    if config.score_margin:
+        train_rows = with_score_margin(train_rows, config.score_margin, config.data.path)
     if len(eval_rows) == 0:
         raise RlftError(f"the evaluation split of '{config.data.path}' is empty: check data.eval_split")
     hf_training.check_optimizer(config.train.optim, "train.optim")
@@ -168,6 +175,18 @@ def split_pair(row: dict) -> list[tuple]:
         "a preference row mixes text and message lists, or has an empty side: chosen/rejected must both be "
         f"strings or both non-empty message lists, with a prompt of the same kind (got {str(row)[:120]}...)"
     )
+
+
+def with_score_margin(dataset, scale: float, path: str):
+    """The pairs with margin = scale * (score_chosen - score_rejected): the loss becomes
+    -log sigmoid(r(chosen) - r(rejected) - margin). Held-out accuracy ignores it."""
+    missing = {"score_chosen", "score_rejected"} - set(dataset.column_names)
+    if missing or "margin" in dataset.column_names:
+        problem = f"has no {' or '.join(sorted(missing))} column" if missing else "already has a `margin` column"
+        raise RlftError(f"score_margin is set but '{path}' {problem}: use pairs from rlft preferences, or set "
+                        "score_margin=0")
+    gaps = [scale * (chosen - rejected) for chosen, rejected in zip(dataset["score_chosen"], dataset["score_rejected"])]
+    return dataset.add_column("margin", gaps)
 
 
 def tokenize_pairs(dataset, tokenizer, max_length: int):

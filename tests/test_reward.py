@@ -181,3 +181,19 @@ def test_default_config_trains_minilm_well_past_chance(tmp_path):
     """
     metrics = run(load_config(RewardConfig, CONFIGS / "reward.yaml", [f"output_dir={tmp_path}/rm", "train.epochs=1"]))
     assert metrics["eval_accuracy_after"] >= 0.7 and metrics["eval_accuracy_after"] > metrics["eval_accuracy_before"] + 0.15, metrics
+
+
+def test_score_margin_is_the_judges_gap_and_needs_its_scores():
+    import datasets
+
+    from reward_models.train import with_score_margin
+
+    pairs = datasets.Dataset.from_list([{"chosen": "a", "rejected": "b", "score_chosen": 0.75, "score_rejected": -0.25},
+                                        {"chosen": "c", "rejected": "d", "score_chosen": 0.5, "score_rejected": 0.375}])
+    assert with_score_margin(pairs, 2.0, "p.jsonl")["margin"] == [2.0, 0.25]
+    with pytest.raises(RlftError, match="no score_chosen or score_rejected column"):
+        with_score_margin(pairs.remove_columns(["score_chosen", "score_rejected"]), 1.0, "p.jsonl")
+    with pytest.raises(RlftError, match="already has a `margin` column"):
+        with_score_margin(with_score_margin(pairs, 1.0, "p.jsonl"), 1.0, "p.jsonl")
+    with pytest.raises(ConfigError, match="score_margin"):
+        load_config(RewardConfig, None, ["score_margin=-1"])
