@@ -154,3 +154,30 @@ def test_seed_sweep_tables_seeds_and_repeats_a_seed_exactly(tiny_lm_dir, tiny_re
     reread = seed_sweep.main(["--runs", "1:1", "--out", str(tmp_path / "a"), "--table", str(tmp_path / "r"),
                               "--readme", "", "--", *overrides])
     assert reread["runs"] == sweep["runs"][1:]
+
+
+def test_reward_validation_splits_the_training_pairs_never_the_held_out(tiny_lm_dir, tiny_reward_dir, tmp_path):
+    """examples/quickstart/reward_validation.py tunes on pairs the reward stage trains on: none of its
+    validation prompts is one the stage holds out, and its two parts are exactly the stage's training pairs."""
+    from examples.quickstart import reward_validation
+    from rlft.config import load_config
+    from rlft.data import load_splits, prompt_key
+    from rlft.pipeline import PipelineConfig, wire
+
+    out = tmp_path / "quick"
+    assert main(["pipeline", f"output_dir={out}", "stages=[sft, preferences]",
+                 *tiny_overrides(tiny_lm_dir, tiny_reward_dir, tmp_path)]) == 0
+    table = reward_validation.main([str(out), "--variants", "", "train.epochs=1", "--table", str(tmp_path / "v")])
+    assert list(table["variants"]) == ["", "train.epochs=1"] and (tmp_path / "v.md").is_file()
+
+    stage = wire(load_config(PipelineConfig, out / "config.yaml"))["reward"]
+    train, held_out, _ = load_splits(stage.data, ("preference",), stage.seed)
+    validation_config = load_config(type(stage), out / "reward_validation" / "reward.yaml")
+    fit, validation, _ = load_splits(validation_config.data, ("preference",), validation_config.seed)
+    keys = lambda rows: [prompt_key(p) + json.dumps([rows[i]["chosen"], rows[i]["rejected"]])  # noqa: E731
+                         for i, p in enumerate(rows["prompt"])]
+    assert sorted(keys(fit) + keys(validation)) == sorted(keys(train))
+    assert len(validation) > 0 and not {prompt_key(p) for p in validation["prompt"]} & {
+        prompt_key(p) for p in held_out["prompt"]}
+    run = table["variants"]["train.epochs=1"]["runs"][0]
+    assert run["validation_pairs"] == len(validation) and run["train_pairs"] == len(fit)

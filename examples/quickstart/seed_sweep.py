@@ -96,7 +96,9 @@ def machine() -> str:
 
     names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
              if line.startswith("model name")] if Path("/proc/cpuinfo").is_file() else []
-    return f"{names[0] if names else 'unknown CPU'} ({len(names)} cores), torch {torch.__version__}"
+    # the vector ISA torch dispatches to (AVX2, AVX512): one CPU model name covers machines that differ there
+    return (f"{names[0] if names else 'unknown CPU'} ({len(names)} cores, {torch.backends.cpu.get_cpu_capability()}), "
+            f"torch {torch.__version__}")
 
 
 def figures(folder: Path) -> dict:
