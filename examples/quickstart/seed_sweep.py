@@ -116,6 +116,9 @@ def figures(folder: Path) -> dict:
         "kl_exact": ppo["kl"]["exact"]["mean"], "target_kl": target, "kl_over_target": ppo["kl"]["exact"]["mean"] / target,
         "length": ppo["response"]["policy"]["length"]["mean"],
         "reference_length": ppo["response"]["reference"]["length"]["mean"],
+        # mode collapse (one reply for every prompt) wins under a rule judge too: the bars cannot see it
+        "distinct_1": ppo["hacking"]["diversity"]["policy"]["distinct_1"],
+        "reference_distinct_1": ppo["hacking"]["diversity"]["reference"]["distinct_1"],
         "wall_time_min": sum(json.loads((folder / "pipeline.json").read_text())["stage_wall_time_s"].values()) / 60,
     }
     found["bars_missed"] = [wording for key, test, wording in BARS if not test(found[key])]
@@ -134,13 +137,15 @@ def markdown(sweep: dict) -> str:
                ("proxy_win_rate", "proxy win", "{:.0%}"), ("gold_win_rate", "gold win", "{:.0%}"),
                ("gold_win_rate_ci_low", "gold CI low", "{:.0%}"), ("kl_exact", "exact KL", "{:.2f}"),
                ("kl_over_target", "KL / target", "{:.2f}"), ("length", "length", "{:.1f}"),
-               ("wall_time_min", "minutes", "{:.0f}")]
+               ("reference_length", "SFT length", "{:.1f}"), ("distinct_1", "distinct-1", "{:.2f}"),
+               ("reference_distinct_1", "SFT distinct-1", "{:.2f}"), ("wall_time_min", "minutes", "{:.0f}")]
     runs = sweep["runs"]
     described = ", ".join(f"seed {r['seed']} on {r['threads']} thread{'s' if r['threads'] > 1 else ''}" for r in runs)
     lines = [f"`{sweep['config']}`, {described}, on {sweep.get('machine', 'this machine')}. PPO against the SFT "
              f"model it started from on {runs[0]['eval_prompts']:.0f} held-out prompts (proxy: the run's MiniLM reward "
              f"model; gold: VADER); reward model accuracy on the held-out pairs (RM pairs) "
-             "(prompts it never saw); exact KL summed over the response; minutes: all five stages. Written by "
+             "(prompts it never saw); exact KL summed over the response; length in tokens and distinct-1 (distinct "
+             "words / words, over all replies) of PPO's and SFT's replies; minutes: all five stages. Written by "
              "examples/quickstart/seed_sweep.py from examples/quickstart/seed_sweep.json.", "",
              "| seed | threads | " + " | ".join(title for _, title, _ in columns) + " | bars missed |",
              "|---|---|" + "---|" * len(columns) + "---|"]
