@@ -4,9 +4,9 @@
         --variants "" "train.epochs=2" "train.learning_rate=2e-5"
 
 For each pipeline folder (its preferences stage done), the reward stage's own training pairs (the pipeline's
-hold-out already removed) are split again by prompt, as that stage splits its data (the quickstart: a quarter of
-the prompts, with all their pairs): the validation set. Each variant (overrides of the quickstart's `reward` section; "" is the config as it is)
-trains `rlft reward` on the rest and reports validation accuracy. The table (mean and spread over folders)
+hold-out already removed) are split again by prompt, as that stage splits its data (the quickstart: a quarter
+of the prompts, with all their pairs): the validation set. Each variant (overrides of the reward config that
+pipeline saved; "" is that config as it is) trains `rlft reward` on the rest and reports validation accuracy. The table (mean and spread over folders)
 goes to examples/quickstart/reward_validation.{json,md}.
 """
 
