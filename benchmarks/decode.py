@@ -1,0 +1,101 @@
+"""Where a rollout's decode time goes: rlft's sampler against the fastest decode of the same policy outside it.
+
+    python benchmarks/decode.py [--rows 16 64] [--new-tokens 32] [--dtype float32] [--json F]
+
+The policy is what PPO samples from: the embedded SmolLM2 with a fresh LoRA adapter (r=16, all-linear; its B
+is zero-initialised, so every variant computes the same function). Every variant generates exactly
+`--new-tokens` tokens (EOS banned) from the same chatterbot prompts; tokens/s is over 3 calls after a warm-up.
+
+- `rlft`: rlft.generation.sample, what PPO, preferences and eval call;
+- `hf_generate`: plain `model.generate(do_sample=True)` on the same PEFT model (the HF baseline);
+- `hf_merged`: the same on a merged copy of the weights (no LoRA matmuls);
+- `hf_static`: generate with `cache_implementation="static"` on the merged copy;
+- `floor`: the model's own cached forward, one token per row per step, and nothing else (no sampling, no
+  stopping checks): the eager model's cost, the bound a sampling loop can approach.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from rlft.config import LoraConfig, ModelConfig
+from rlft.data import chatterbot_pairs, render_prompts
+from rlft.generation import SamplingConfig, encode_prompts, sample
+from rlft.models import add_lora, load_model, load_tokenizer
+
+
+def timed(function, calls: int = 3) -> float:
+    function()  # warm-up
+    started = time.perf_counter()
+    for _ in range(calls):
+        function()
+    return (time.perf_counter() - started) / calls
+
+
+@torch.no_grad()
+def floor(model, prompt: dict, new_tokens: int) -> None:
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    mask = prompt["attention_mask"]
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    output = model(input_ids=prompt["input_ids"], attention_mask=mask, position_ids=positions,
+                   past_key_values=cache, use_cache=True, logits_to_keep=1)
+    token = output.logits[:, -1].argmax(-1, keepdim=True)
+    for _ in range(new_tokens - 1):
+        mask = torch.cat([mask, mask.new_ones(len(mask), 1)], dim=1)
+        positions = positions[:, -1:] + 1
+        output = model(input_ids=token, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                       use_cache=True)
+        token = output.logits[:, -1].argmax(-1, keepdim=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", nargs="+", type=int, default=[16, 64])
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--variants", default="rlft,hf_generate,hf_merged,hf_static,floor")
+    parser.add_argument("--json", default="")
+    args = parser.parse_args()
+    model_config = ModelConfig(name_or_path="smollm2-135m-instruct", chat_template="chatml", dtype=args.dtype)
+    tokenizer = load_tokenizer(model_config)
+    policy = add_lora(load_model(model_config), model_config, LoraConfig(r=16, alpha=32, dropout=0.0))
+    policy.eval()
+    merged = copy.deepcopy(policy).merge_and_unload()
+    sampling = SamplingConfig(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens)
+    texts = render_prompts(tokenizer, [row["prompt"] for row in chatterbot_pairs()[: max(args.rows)]])
+    variants = {
+        "rlft": lambda prompt: sample(policy, prompt, sampling, tokenizer),
+        "hf_generate": lambda prompt: policy.generate(**prompt, do_sample=True, max_new_tokens=args.new_tokens,
+                                                      min_new_tokens=args.new_tokens, pad_token_id=tokenizer.pad_token_id),
+        "hf_merged": lambda prompt: merged.generate(**prompt, do_sample=True, max_new_tokens=args.new_tokens,
+                                                    min_new_tokens=args.new_tokens, pad_token_id=tokenizer.pad_token_id),
+        "hf_static": lambda prompt: merged.generate(**prompt, do_sample=True, max_new_tokens=args.new_tokens,
+                                                    min_new_tokens=args.new_tokens, pad_token_id=tokenizer.pad_token_id,
+                                                    cache_implementation="static"),
+        "floor": lambda prompt: floor(merged, prompt, args.new_tokens),
+        "floor_lora": lambda prompt: floor(policy, prompt, args.new_tokens),
+    }
+    results = {"threads": torch.get_num_threads(), "dtype": args.dtype, "new_tokens": args.new_tokens, "runs": {}}
+    for rows in args.rows:
+        prompt = encode_prompts(tokenizer, texts[:rows], sampling.max_prompt_length, policy.device)
+        for name in args.variants.split(","):
+            seconds = timed(lambda: variants[name](prompt))
+            results["runs"][f"{name}_{rows}"] = {"rows": rows, "seconds": seconds,
+                                                 "tokens_per_s": rows * args.new_tokens / seconds,
+                                                 "ms_per_step": 1000 * seconds / args.new_tokens}
+            print(f"{rows:>3} rows  {name:<12} {rows * args.new_tokens / seconds:7.0f} tokens/s  "
+                  f"{1000 * seconds / args.new_tokens:6.1f} ms/step", flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
