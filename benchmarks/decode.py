@@ -11,7 +11,10 @@ is zero-initialised, so every variant computes the same function). Every variant
 - `hf_merged`: the same on a merged copy of the weights (no LoRA matmuls);
 - `hf_static`: generate with `cache_implementation="static"` on the merged copy;
 - `floor`: the model's own cached forward, one token per row per step, and nothing else (no sampling, no
-  stopping checks): the eager model's cost, the bound a sampling loop can approach.
+  stopping checks): the eager model's cost, the bound a sampling loop can approach; `floor_lora` the same
+  on the unmerged PEFT model.
+Figures depend on the CPU's vector ISA and thread count: benchmarks/results/decode.json is from a 2-core AVX2
+AMD EPYC, `--variants rlft,hf_merged,floor,floor_lora` (its `argv` field).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -28,6 +32,7 @@ from rlft.config import LoraConfig, ModelConfig
 from rlft.data import chatterbot_pairs, render_prompts
 from rlft.generation import SamplingConfig, encode_prompts, sample
 from rlft.models import add_lora, load_model, load_tokenizer
+from rlft.ppo.model import position_ids_for
 
 
 def timed(function, calls: int = 3) -> float:
@@ -44,7 +49,7 @@ def floor(model, prompt: dict, new_tokens: int) -> None:
 
     cache = DynamicCache()
     mask = prompt["attention_mask"]
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    positions = position_ids_for(mask)
     output = model(input_ids=prompt["input_ids"], attention_mask=mask, position_ids=positions,
                    past_key_values=cache, use_cache=True, logits_to_keep=1)
     token = output.logits[:, -1].argmax(-1, keepdim=True)
@@ -71,19 +76,17 @@ def main() -> None:
     merged = copy.deepcopy(policy).merge_and_unload()
     sampling = SamplingConfig(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens)
     texts = render_prompts(tokenizer, [row["prompt"] for row in chatterbot_pairs()[: max(args.rows)]])
+    hf = {"do_sample": True, "max_new_tokens": args.new_tokens, "min_new_tokens": args.new_tokens,
+          "pad_token_id": tokenizer.pad_token_id}
     variants = {
         "rlft": lambda prompt: sample(policy, prompt, sampling, tokenizer),
-        "hf_generate": lambda prompt: policy.generate(**prompt, do_sample=True, max_new_tokens=args.new_tokens,
-                                                      min_new_tokens=args.new_tokens, pad_token_id=tokenizer.pad_token_id),
-        "hf_merged": lambda prompt: merged.generate(**prompt, do_sample=True, max_new_tokens=args.new_tokens,
-                                                    min_new_tokens=args.new_tokens, pad_token_id=tokenizer.pad_token_id),
-        "hf_static": lambda prompt: merged.generate(**prompt, do_sample=True, max_new_tokens=args.new_tokens,
-                                                    min_new_tokens=args.new_tokens, pad_token_id=tokenizer.pad_token_id,
-                                                    cache_implementation="static"),
+        "hf_generate": lambda prompt: policy.generate(**prompt, **hf),
+        "hf_merged": lambda prompt: merged.generate(**prompt, **hf),
+        "hf_static": lambda prompt: merged.generate(**prompt, **hf, cache_implementation="static"),
         "floor": lambda prompt: floor(merged, prompt, args.new_tokens),
         "floor_lora": lambda prompt: floor(policy, prompt, args.new_tokens),
     }
-    results = {"threads": torch.get_num_threads(), "dtype": args.dtype, "new_tokens": args.new_tokens, "runs": {}}
+    results = {"argv": sys.argv[1:], "threads": torch.get_num_threads(), "dtype": args.dtype, "new_tokens": args.new_tokens, "runs": {}}
     for rows in args.rows:
         prompt = encode_prompts(tokenizer, texts[:rows], sampling.max_prompt_length, policy.device)
         for name in args.variants.split(","):
