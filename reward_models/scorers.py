@@ -44,6 +44,8 @@ class ScorerConfig:
     normalize: bool = option(
         False, "model: apply its normalization.json, so the SFT policy's completions score mean 0, std 1."
     )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = option(
+        "auto", "model: weights dtype, as model.dtype (a LoRA reward model takes its base's, as trained).")
 
     def __post_init__(self):
         require(bool(self.path), "path", "must name a reward model dir, 'module:function' or 'file.py:function'")
@@ -140,6 +142,10 @@ def score_ids(model, ids: list[list[int]], pad_token_id: int, batch_size: int) -
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
+    # A bf16/fp16 trunk scores under autocast, as the HF Trainer trained and measured it (accelerate wraps its
+    # forward so): the float32 score head reads the half-precision hidden states, and every path scores alike.
+    dtype = model.get_input_embeddings().weight.dtype
+    half = torch.autocast(device.type, dtype=dtype, enabled=dtype in (torch.bfloat16, torch.float16))
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
     scores = torch.zeros(len(ids))
     for start in range(0, len(ids), batch_size):
@@ -149,7 +155,8 @@ def score_ids(model, ids: list[list[int]], pad_token_id: int, batch_size: int) -
         attention_mask = torch.zeros_like(input_ids)
         for row, tokens in enumerate(batch):
             attention_mask[row, : len(tokens)] = 1
-        logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).logits
+        with half:
+            logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).logits
         scores[rows] = logits[:, 0].float().cpu()
     model.train(was_training)
     return scores
@@ -162,7 +169,7 @@ class ModelScorer:
         from rlft.models import load_model, load_tokenizer, resolve
 
         self.name, self.batch_size = config.name, config.batch_size
-        model_config = ModelConfig(name_or_path=config.path)
+        model_config = ModelConfig(name_or_path=config.path, dtype=config.dtype)
         self.tokenizer = load_tokenizer(model_config)
         if (Path(resolve(config.path)) / "adapter_config.json").is_file():  # a LoRA reward model: base + adapter
             from peft import PeftModel

@@ -65,7 +65,9 @@ class ModelConfig:
     )
     revision: str = option("", "Hub revision (branch, tag or commit); empty for the default.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = option(
-        "auto", "Weights/compute dtype. auto: bfloat16 on a GPU that supports it, else float32."
+        "auto", "Weights/compute dtype of the base. auto: bfloat16 on a GPU that supports it or a CPU with "
+        "AVX512-BF16/AMX-BF16 (several times float32's matmul rate), else float32. Adapters, optimiser state, "
+        "log-probs, KL and losses are float32 either way."
     )
     quantization: Literal["none", "4bit", "8bit"] = option(
         "none", "Load the frozen base with bitsandbytes: 4bit (NF4, double quant) or 8bit = QLoRA."

@@ -81,7 +81,7 @@ def wire(config: PipelineConfig) -> dict:
     # scores with it on its own weights: one copy of the base for all four roles.
     one_base = config.reward.lora_enabled and same_weights(config.reward.model, config.sft.model)
     proxy = ScorerConfig(name="proxy", kind="adapter" if one_base else "model", path=reward_dir, normalize=True,
-                         max_length=config.reward.train.max_length)
+                         max_length=config.reward.train.max_length, dtype=config.reward.model.dtype)
     # The judge that ranked the preference pairs is the report's independent "gold" scorer.
     gold = [replace(config.preferences.judge[0], name="gold")]
     seed = config.seed

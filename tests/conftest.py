@@ -9,6 +9,9 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# float32 even on a CPU with bf16 units, so what a test measures does not depend on the machine; bf16 tests ask
+# for model.dtype=bfloat16 themselves.
+os.environ["RLFT_CPU_BF16"] = "0"
 
 from tests import tiny  # noqa: E402
 

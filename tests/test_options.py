@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from rlft.cli import main
-from rlft.config import load_config
+from rlft.config import ModelConfig, load_config
 from tests.test_faults import ppo_args, sft_args
 from tests.test_ppo import history, ppo_config
 
@@ -153,3 +153,26 @@ def test_push_uploads_the_model_without_training_state(tiny_lm_dir, data, tmp_pa
     upload = calls[1][1]
     assert upload["repo_id"] == "me/tiny" and upload["folder_path"] == str(out)
     assert {"checkpoints/**", "tensorboard/**", ".*"} <= set(upload["ignore_patterns"])
+
+
+@pytest.mark.parametrize("flags, env, expected", [
+    ("fpu avx2 avx512f avx512_bf16 amx_tile", "1", torch.bfloat16),
+    ("fpu avx2 amx_bf16 amx_tile", "1", torch.bfloat16),
+    ("fpu avx2 avx512f avx512_vnni", "1", torch.float32),   # AVX-512 alone emulates bf16: slower than float32
+    ("fpu avx2 avx512f avx512_bf16", "0", torch.float32),   # RLFT_CPU_BF16=0 says no
+])
+def test_auto_dtype_is_bf16_on_a_cpu_with_bf16_units(flags, env, expected, monkeypatch):
+    from pathlib import Path
+
+    from rlft import models
+
+    real = Path.read_text
+    monkeypatch.setattr(Path, "read_text", lambda self, *a, **k: f"flags\t\t: {flags}\n" if str(self) == "/proc/cpuinfo"
+                        else real(self, *a, **k))
+    monkeypatch.setenv("RLFT_CPU_BF16", env)
+    models.cpu_has_bf16.cache_clear()
+    try:
+        assert models.torch_dtype(ModelConfig(), "cpu") == expected
+        assert models.torch_dtype(ModelConfig(dtype="float32"), "cpu") == torch.float32  # an explicit dtype wins
+    finally:
+        models.cpu_has_bf16.cache_clear()

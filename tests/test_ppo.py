@@ -53,10 +53,12 @@ def history(out):
     return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_reward_rises_on_a_toy_task(tiny_lm_dir, prompts_file, tmp_path):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_reward_rises_on_a_toy_task(dtype, tiny_lm_dir, prompts_file, tmp_path):
+    """bfloat16 (the base and its matmuls; adapter, optimiser and losses float32) must learn like float32."""
     from rlft.ppo.train import run
 
-    run(ppo_config(tiny_lm_dir, prompts_file, tmp_path, "ppo.steps=30", "save_every=100"))
+    run(ppo_config(tiny_lm_dir, prompts_file, tmp_path, "ppo.steps=30", "save_every=100", f"model.dtype={dtype}"))
     scores = [entry["objective/scores"] for entry in history(tmp_path)]
     first, last = sum(scores[:5]) / 5, sum(scores[-5:]) / 5
     # A random 79-word model says the target ~1/79 of the time; PPO must make it a habit.
@@ -179,6 +181,60 @@ def test_first_step_kl_is_exactly_zero_and_reference_is_the_sft_model(tiny_lm_di
     mask = rollout.response_mask
     torch.testing.assert_close(rollout.ref_logprobs[mask], sft_logprobs[mask], atol=1e-5, rtol=1e-5)
     assert (rollout.ref_logprobs[mask] - base_logprobs[mask]).abs().max() > 1e-2  # and not the raw base
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_kl_is_exactly_zero_at_step_zero_and_the_first_update_replays_the_rollout(dtype, tiny_lm_dir):
+    """In either dtype: the fresh adapter's log-probs are the reference's bit for bit, and the update's first
+    forward (with grad) gives the rollout's no-grad log-probs and values exactly: ratio 1, nothing clipped."""
+    from accelerate import Accelerator
+
+    from rlft.config import ModelConfig
+    from rlft.generation import SamplingConfig
+    from rlft.models import add_lora, load_model, load_tokenizer
+    from rlft.ppo.config import PPOHyperparameters, PPOLoraConfig
+    from rlft.ppo.model import PolicyWithValueHead
+    from rlft.ppo.rollout import collect
+    from rlft.ppo.train import ppo_update
+    from tests.ddp_update import moved_policy
+
+    model_config = ModelConfig(name_or_path=str(tiny_lm_dir), dtype=dtype)
+    tokenizer = load_tokenizer(model_config)
+    texts = [tokenizer.apply_chat_template([{"role": "user", "content": w}], tokenize=False,
+                                           add_generation_prompt=True) for w in WORDS[:8]]
+    sampling = SamplingConfig(max_new_tokens=6)
+    torch.manual_seed(0)
+    fresh = PolicyWithValueHead(add_lora(load_model(model_config), model_config, PPOLoraConfig(r=4, alpha=8))).eval()
+    base_weight = fresh.lm_head.weight
+    assert base_weight.dtype == getattr(torch, dtype)
+    # only the frozen base is bf16: the adapter and the value head train in float32
+    assert {p.dtype for p in fresh.parameters() if p.requires_grad} == {torch.float32}
+    rollout = collect(fresh, tokenizer, WORDS[:8], texts, lambda p, c: torch.zeros(len(c)), sampling, 4, 0.0, 0.0)
+    assert torch.equal(rollout.logprobs, rollout.ref_logprobs)
+
+    hp = PPOHyperparameters(rollout_batch_size=8, mini_batch_size=8, forward_batch_size=8, ppo_epochs=1)
+    moved = moved_policy(model_config, hp)  # an adapter away from the reference, so equality is not trivial
+    rollout = collect(moved, tokenizer, WORDS[:8], texts, lambda p, c: torch.zeros(len(c)), sampling, 8, 0.0, 0.0)
+    assert not torch.equal(rollout.logprobs, rollout.ref_logprobs)
+    seen = {}
+
+    def record(module, args, output):
+        seen.setdefault("first", (args[0], output))
+    hook = moved.register_forward_hook(record)
+    try:
+        advantages = torch.where(rollout.response_mask, torch.randn_like(rollout.values), 0)
+        optimizer = torch.optim.SGD([p for p in moved.parameters() if p.requires_grad], lr=1e-3)
+        stats = ppo_update(moved, Accelerator(cpu=True), optimizer, rollout, advantages, rollout.values, hp, 1.0, 0.0)
+    finally:
+        hook.remove()
+    input_ids, (logprobs, values, _) = seen["first"]
+    # the update shuffles: find each of its rows in the rollout
+    rows = [next(i for i, ids in enumerate(rollout.input_ids) if torch.equal(ids, row)) for row in input_ids]
+    assert sorted(rows) == list(range(8))
+    mask = rollout.response_mask[rows]
+    rollout.logprobs, rollout.values = rollout.logprobs[rows], rollout.values[rows]
+    assert torch.equal(logprobs[mask], rollout.logprobs[mask]) and torch.equal(values[mask], rollout.values[mask])
+    assert stats["policy/approxkl"] == 0.0 and stats["policy/clipfrac"] == 0.0
 
 
 def test_reference_and_critic_add_no_copy_of_the_base(tiny_lm_dir):

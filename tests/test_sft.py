@@ -112,6 +112,21 @@ def test_sft_run_lowers_eval_loss_and_saves_a_loadable_adapter(tiny_lm_dir, data
     assert model.generate(input_ids=torch.tensor([[5, 12, 14]]), max_new_tokens=3, do_sample=False).shape[1] > 3
 
 
+def test_sft_in_bfloat16_learns_like_float32(tiny_lm_dir, datasets_by_format, tmp_path):
+    """The HF Trainer's bf16 switch on a bf16 base: the adapter stays float32 and the loss falls as in float32."""
+    from safetensors.torch import load_file
+
+    after = {}
+    for dtype in ("float32", "bfloat16"):
+        out = tmp_path / dtype
+        metrics = run(load_config(SFTConfig, None, [
+            *sft_overrides(tiny_lm_dir, datasets_by_format["prompt_completion"], out), f"model.dtype={dtype}"]))
+        assert metrics["eval_loss_after"] < metrics["eval_loss_before"] - 0.5, (dtype, metrics)
+        assert {t.dtype for t in load_file(out / "adapter_model.safetensors").values()} == {torch.float32}
+        after[dtype] = metrics["eval_loss_after"]
+    assert after["bfloat16"] == pytest.approx(after["float32"], abs=0.1), after
+
+
 def test_sft_qlora_and_merge(tiny_lm_dir_64, datasets_by_format, tmp_path):
     out = tmp_path / "qlora"
     overrides = sft_overrides(tiny_lm_dir_64, datasets_by_format["conversational"], out, "model.quantization=4bit",
