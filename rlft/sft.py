@@ -93,7 +93,9 @@ def run(config: SFTConfig) -> dict:
         raise RlftError(no_completion_within(config, "training"))
 
     before = hf_training.measured_before(trainer, out, checkpoint, "eval_loss", lambda: eval_loss(trainer, config))
+    train_started = time.time()
     hf_training.train(trainer, checkpoint)
+    train_time = time.time() - train_started
     eval_before = before["eval_loss"]
     check_finite_losses(trainer.state.log_history)
     eval_after = eval_loss(trainer, config)
@@ -115,6 +117,7 @@ def run(config: SFTConfig) -> dict:
         "steps": trainer.state.global_step,
         "trainable_parameters": trainable,
         "wall_time_s": time.time() - started,
+        "train_time_s": train_time,  # the optimiser steps alone (this process's, if it resumed)
         "peak_rss_mb": runs.peak_rss_mb(),
         "samples": samples,
     }

@@ -30,7 +30,7 @@ def moved_policy(config: ModelConfig, hp: PPOHyperparameters) -> PolicyWithValue
     """The tiny policy with its LoRA B set off zero (seeded), so the adapter already differs from the reference."""
     torch.manual_seed(0)
     model = PolicyWithValueHead(add_lora(load_model(config), config, LoraConfig(r=4, dropout=0.0)),
-                                critic=hp.uses_critic).eval()
+                                critic=hp.critic if hp.uses_critic else None).eval()
     with torch.no_grad():
         for name, parameter in model.named_parameters():
             if "lora_B" in name:

@@ -53,7 +53,9 @@ def reward_dir(tiny_lm_dir, sft_dir, tmp_path_factory):
     """A reward adapter + score head on the SFT model (the tiny Llama with sft_dir merged)."""
     out = tmp_path_factory.mktemp("rm") / "rm"
     metrics = train_reward_adapter(tiny_lm_dir, out, f"sft_adapter={sft_dir}")
-    assert metrics["eval_accuracy_after"] > metrics["eval_accuracy_before"]
+    # Not "after > before": on some CPUs the random score head already ranks these marker pairs (seen: 1.0 before
+    # training on AVX-512). Learning is test_reward's; here the adapter must rank them well.
+    assert metrics["eval_accuracy_after"] >= 0.9, metrics
     return out
 
 

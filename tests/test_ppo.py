@@ -108,17 +108,17 @@ def test_groups_stay_whole(tiny_lm_dir, prompts_file, tmp_path):
     from rlft.ppo import train
 
     seen = []
-    collect = train.collect
+    generate_and_score = train.generate_and_score
 
-    def recording_collect(actor_critic, tokenizer, prompts, *args):
+    def recording(actor_critic, tokenizer, prompts, *args):
         seen.append([p[0]["content"] for p in prompts])
-        return collect(actor_critic, tokenizer, prompts, *args)
+        return generate_and_score(actor_critic, tokenizer, prompts, *args)
 
-    train.collect = recording_collect
+    train.generate_and_score = recording
     try:
         train.run(ppo_config(tiny_lm_dir, prompts_file, tmp_path, "ppo.steps=2", *GROUPED["rloo"]))
     finally:
-        train.collect = collect
+        train.generate_and_score = generate_and_score
     for rows in seen:
         assert len(rows) == 16 and all(len(set(rows[i:i + 4])) == 1 for i in range(0, 16, 4)), rows
 
@@ -235,6 +235,58 @@ def test_kl_is_exactly_zero_at_step_zero_and_the_first_update_replays_the_rollou
     rollout.logprobs, rollout.values = rollout.logprobs[rows], rollout.values[rows]
     assert torch.equal(logprobs[mask], rollout.logprobs[mask]) and torch.equal(values[mask], rollout.values[mask])
     assert stats["policy/approxkl"] == 0.0 and stats["policy/clipfrac"] == 0.0
+
+
+@pytest.mark.parametrize("critic", ["head", "adapter"])
+def test_folding_the_first_forward_into_the_update_changes_nothing(critic, tiny_lm_dir):
+    """Step 3's forward of the update's first mini-batch, run once with autograd on and reused by the update,
+    gives the same rollout and the same trained weights as a no-grad pass plus the update's own forward."""
+    from accelerate import Accelerator
+
+    from rlft.config import ModelConfig
+    from rlft.generation import SamplingConfig
+    from rlft.models import load_tokenizer
+    from rlft.ppo.config import PPOHyperparameters
+    from rlft.ppo.rollout import forward_passes, generate_and_score
+    from rlft.ppo.train import epoch_order, estimate_advantages, ppo_update
+    from tests.ddp_update import moved_policy
+
+    model_config = ModelConfig(name_or_path=str(tiny_lm_dir))
+    tokenizer = load_tokenizer(model_config)
+    texts = [tokenizer.apply_chat_template([{"role": "user", "content": w}], tokenize=False,
+                                           add_generation_prompt=True) for w in WORDS[:8]]
+    hp = PPOHyperparameters(rollout_batch_size=8, mini_batch_size=4, forward_batch_size=8, ppo_epochs=2,
+                            critic=critic, learning_rate=1e-2)
+
+    def trained(fold: bool):
+        model = moved_policy(model_config, hp)
+        untrained = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        rows_seen = []  # rows through the policy's forward (generate() calls the peft model, not this)
+        model.register_forward_pre_hook(lambda module, args: rows_seen.append(len(args[0])))
+        torch.manual_seed(1)
+        rollout = generate_and_score(model, tokenizer, WORDS[:8], texts, lambda p, c: torch.linspace(-1, 1, len(c)),
+                                     SamplingConfig(max_new_tokens=6), 0.0, 0.0)
+        order = epoch_order(8, 1)
+        live = forward_passes(model, rollout, hp.forward_batch_size, 1.0, model, order[:4] if fold else None)
+        rewards = torch.where(rollout.response_mask, -0.1 * (rollout.logprobs - rollout.ref_logprobs), 0)
+        rewards[:, -1] += rollout.scores
+        advantages, returns = estimate_advantages(rewards, rollout, hp)
+        optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        stats = ppo_update(model, Accelerator(cpu=True), optimizer, rollout, advantages, returns, hp, 1.0, 0.5,
+                           order, live)
+        weights = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        assert all(not torch.equal(weights[n], untrained[n]) for n in weights if "lora_B.default" in n)  # it trained
+        return rollout, stats, weights, sum(rows_seen)
+
+    (plain, plain_stats, plain_weights, plain_rows), (folded, folded_stats, folded_weights, folded_rows) = (
+        trained(False), trained(True))
+    # 8 no-grad rows + 2 epochs x 8 rows in the update, less the 4 rows the fold ran once for both
+    assert (plain_rows, folded_rows) == (24, 20)
+    for key in ("logprobs", "values", "ref_logprobs"):
+        assert torch.equal(getattr(folded, key), getattr(plain, key)), key
+    assert plain_stats == folded_stats
+    for name in plain_weights:
+        assert torch.equal(folded_weights[name], plain_weights[name]), name
 
 
 def test_reference_and_critic_add_no_copy_of_the_base(tiny_lm_dir):

@@ -44,7 +44,8 @@ class PPOHyperparameters:
     mini_batch_size: int = option(8, "Rollout rows per optimiser step (whole groups: a multiple of num_generations).")
     gradient_accumulation_steps: int = option(1, "Micro-batches per mini-batch (mini_batch_size must divide evenly).")
     ppo_epochs: int = option(2, "Passes over each rollout.")
-    forward_batch_size: int = option(16, "Rows per no-grad forward pass when computing log-probs and values.")
+    forward_batch_size: int = option(16, "Rows per no-grad forward pass when computing log-probs and values (the "
+                                     "update's first mini-batch takes its own forward, with autograd, instead).")
     optim: str = option("adamw_torch", "Optimizer, by HF Trainer name: adamw_torch, adamw_8bit, paged_adamw_8bit, ...")
     learning_rate: float = option(7e-4, "AdamW learning rate for the adapter and value head (2e-4 left KL at 0.1 nats "
                                   "after 7 quickstart steps).")

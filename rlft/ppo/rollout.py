@@ -22,9 +22,10 @@ class Rollout:
     response_mask: torch.Tensor  # (B, T) bool: tokens up to and including the first EOS
     ended_with_eos: torch.Tensor  # (B,) bool
     scores: torch.Tensor  # (B,) scorer output (after the missing-EOS penalty and clipping)
-    logprobs: torch.Tensor  # (B, T) policy log-probs of the sampled tokens, at the sampling temperature
-    ref_logprobs: torch.Tensor  # (B, T) reference log-probs of the same tokens
-    values: torch.Tensor  # (B, T) critic values of the states before each token
+    # step 3 (forward_passes) fills these
+    logprobs: torch.Tensor | None = None  # (B, T) policy log-probs of the sampled tokens, at the sampling temperature
+    ref_logprobs: torch.Tensor | None = None  # (B, T) reference log-probs of the same tokens
+    values: torch.Tensor | None = None  # (B, T) critic values of the states before each token
     timings: dict = field(default_factory=dict)
 
     @property
@@ -36,7 +37,6 @@ class Rollout:
         return torch.cat([self.query_mask, self.response_mask.long()], dim=1)
 
 
-@torch.no_grad()
 def collect(actor_critic, tokenizer, prompts: list, prompt_texts: list[str], scorer,
             sampling: SamplingConfig, forward_batch_size: int, missing_eos_penalty: float,
             score_clip: float) -> Rollout:
@@ -44,6 +44,16 @@ def collect(actor_critic, tokenizer, prompts: list, prompt_texts: list[str], sco
 
     `actor_critic` is the unwrapped PolicyWithValueHead (under DDP; under FSDP2 it is the sharded model itself).
     """
+    rollout = generate_and_score(actor_critic, tokenizer, prompts, prompt_texts, scorer, sampling,
+                                 missing_eos_penalty, score_clip)
+    forward_passes(actor_critic, rollout, forward_batch_size, sampling.temperature)
+    return rollout
+
+
+@torch.no_grad()
+def generate_and_score(actor_critic, tokenizer, prompts: list, prompt_texts: list[str], scorer,
+                       sampling: SamplingConfig, missing_eos_penalty: float, score_clip: float) -> Rollout:
+    """Steps 1-2: sample a response to each prompt and score it. The log-probs and values are step 3's."""
     device = actor_critic.lm_head.weight.device
     timings = {}
 
@@ -65,33 +75,44 @@ def collect(actor_critic, tokenizer, prompts: list, prompt_texts: list[str], sco
         scores = scores.clamp(-score_clip, score_clip)
     timings["time/score"] = time.perf_counter() - started
 
-    # 3. policy log-probs, values and reference log-probs, in no-grad micro-batches
-    started = time.perf_counter()
-    input_ids = torch.cat([query["input_ids"], response_ids], dim=1)
-    attention_mask = torch.cat([query["attention_mask"], response_mask.long()], dim=1)
-    length = response_ids.shape[1]
-    logprobs, values, ref_logprobs = [], [], []
-    for start in range(0, len(prompts), forward_batch_size):
-        rows = slice(start, start + forward_batch_size)
-        lp, v, _ = actor_critic(input_ids[rows], attention_mask[rows], length, sampling.temperature)
-        logprobs.append(lp)
-        values.append(v)
-        ref_logprobs.append(
-            actor_critic.reference_logprobs(input_ids[rows], attention_mask[rows], length, sampling.temperature)
-        )
-    timings["time/forward"] = time.perf_counter() - started
+    return Rollout(prompts=list(prompts), completions=completions, query_ids=query["input_ids"],
+                   query_mask=query["attention_mask"], response_ids=response_ids, response_mask=response_mask,
+                   ended_with_eos=ended, scores=scores, timings=timings)
 
-    return Rollout(
-        prompts=list(prompts),
-        completions=completions,
-        query_ids=query["input_ids"],
-        query_mask=query["attention_mask"],
-        response_ids=response_ids,
-        response_mask=response_mask,
-        ended_with_eos=ended,
-        scores=scores,
-        logprobs=torch.cat(logprobs),
-        ref_logprobs=torch.cat(ref_logprobs),
-        values=torch.cat(values),
-        timings=timings,
-    )
+
+def forward_passes(actor_critic, rollout: Rollout, forward_batch_size: int, temperature: float,
+                   graph_model=None, graph_rows: torch.Tensor | None = None):
+    """Step 3: the policy's log-probs and values and the reference's log-probs of every row, into `rollout`.
+
+    No-grad micro-batches of `forward_batch_size` rows, except `graph_rows`: those go through `graph_model` (the
+    prepared model the update calls) with autograd on, and their live (logprobs, values, logits) are returned
+    for the update's first micro-batch to backpropagate through. That is the same forward on the same weights
+    the update would run before its first optimiser step, so it runs once, and the ratio of those rows is 1
+    by construction. Returns None without graph_rows.
+    """
+    started = time.perf_counter()
+    input_ids, attention_mask = rollout.input_ids, rollout.attention_mask
+    length = rollout.response_ids.shape[1]
+    batch = len(input_ids)
+    logprobs = torch.zeros(rollout.response_ids.shape, device=input_ids.device)
+    values, ref_logprobs = torch.zeros_like(logprobs), torch.zeros_like(logprobs)
+    live = None
+    if graph_rows is not None:
+        with torch.enable_grad():
+            live = graph_model(input_ids[graph_rows], attention_mask[graph_rows], length, temperature)
+        logprobs[graph_rows], values[graph_rows] = live[0].detach(), live[1].detach()
+    folded = torch.zeros(batch, dtype=torch.bool)
+    if graph_rows is not None:
+        folded[graph_rows.cpu()] = True
+    rest = torch.arange(batch)[~folded]
+    with torch.no_grad():
+        for start in range(0, len(rest), forward_batch_size):
+            rows = rest[start : start + forward_batch_size].to(input_ids.device)
+            logprobs[rows], values[rows], _ = actor_critic(input_ids[rows], attention_mask[rows], length, temperature)
+        for start in range(0, batch, forward_batch_size):
+            rows = slice(start, start + forward_batch_size)
+            ref_logprobs[rows] = actor_critic.reference_logprobs(input_ids[rows], attention_mask[rows], length,
+                                                                 temperature)
+    rollout.logprobs, rollout.values, rollout.ref_logprobs = logprobs, values, ref_logprobs
+    rollout.timings["time/forward"] = time.perf_counter() - started
+    return live

@@ -31,7 +31,7 @@ from rlft.ppo.core import (AdaptiveKLController, FixedKLController, PIKLControll
                            gae, grpo_advantages, kl_penalty, masked_mean, masked_var, masked_whiten, per_token_rewards,
                            policy_loss, reinforce_pp_advantages, rloo_advantages, value_loss)
 from rlft.ppo.model import PolicyWithValueHead
-from rlft.ppo.rollout import Rollout, collect
+from rlft.ppo.rollout import Rollout, forward_passes, generate_and_score
 from reward_models.scorers import adapter_scorers, build_scorer
 
 log = logging.getLogger(__name__)
@@ -113,10 +113,18 @@ def run(config: PPOConfig) -> dict:
                                         hp.rollout_batch_size // hp.num_generations, len(prompts), config.seed)
                 for _ in range(hp.num_generations)]
 
-        # 1.-3. generate, score, policy/reference log-probs and values
-        rollout = collect(actor_critic, tokenizer, [prompts[i] for i in rows],
-                          [prompt_texts[i] for i in rows], scorer, config.sampling, hp.forward_batch_size,
-                          hp.missing_eos_penalty, hp.score_clip)
+        # 1.-2. generate and score
+        rollout = generate_and_score(actor_critic, tokenizer, [prompts[i] for i in rows],
+                                     [prompt_texts[i] for i in rows], scorer, config.sampling,
+                                     hp.missing_eos_penalty, hp.score_clip)
+        # The update's first mini-batch, drawn now (nothing between here and the update draws random numbers,
+        # so the stream is what it would be there): its forward is step 3's for those rows, done once.
+        first_order = epoch_order(len(rows), hp.num_generations)
+        fold = first_order[:hp.mini_batch_size] if hp.gradient_accumulation_steps == 1 else None
+
+        # 3. policy log-probs and values (the first mini-batch's with autograd on), reference log-probs
+        first_output = forward_passes(actor_critic, rollout, hp.forward_batch_size, config.sampling.temperature,
+                                      graph_model=model, graph_rows=fold)
         mask = rollout.response_mask
 
         # 4. per-token rewards: -beta * KL on every token (unless the KL goes in the loss), the score on the last
@@ -132,7 +140,8 @@ def run(config: PPOConfig) -> dict:
         # 6. update: several epochs of clipped policy and value losses over mini-batches
         update_started = time.perf_counter()
         update_stats = ppo_update(model, accelerator, optimizer, rollout, advantages, returns, hp,
-                                  config.sampling.temperature, beta)
+                                  config.sampling.temperature, beta, first_order, first_output)
+        del first_output  # its graph was freed by backward; the tensors go too
         scheduler.step()
         rollout.timings["time/update"] = time.perf_counter() - update_started
         check_finite_weights(trainable, accelerator, step + 1, out)  # before NaN weights reach a checkpoint or generate()
@@ -214,14 +223,23 @@ def check_finite_weights(parameters: list[torch.Tensor], accelerator, step: int,
         )
 
 
+def epoch_order(batch: int, num_generations: int) -> torch.Tensor:
+    """A shuffled order of the rollout's rows that keeps each prompt's group together and in order: (batch,)."""
+    groups = torch.randperm(batch // num_generations)
+    return (groups[:, None] * num_generations + torch.arange(num_generations)).flatten()
+
+
 def ppo_update(model, accelerator, optimizer, rollout: Rollout, advantages, returns,
-               hp: PPOHyperparameters, temperature: float, kl_coef: float) -> dict:
+               hp: PPOHyperparameters, temperature: float, kl_coef: float, first_order: torch.Tensor | None = None,
+               first_output: tuple | None = None) -> dict:
     """Step 6: `ppo_epochs` passes of shuffled mini-batches of whole groups; accumulation over micro-batches.
 
     Each micro-batch's loss is weighted by its share of the mini-batch of all processes (of tokens for
     token_mean, of sequences for sequence_mean), so the gradient equals that of one pass over the whole
     global mini-batch (accumulation 4x1 == 1x4, 2 processes == 1). With kl_in=loss the loss adds
-    kl_coef * k3(pi || pi_ref) per token.
+    kl_coef * k3(pi || pi_ref) per token. first_order: the first epoch's row order (else drawn here);
+    first_output: the live forward output of its first micro-batch (rlft.ppo.rollout.forward_passes), used
+    instead of running that forward again.
     """
     input_ids, attention_mask, mask = rollout.input_ids, rollout.attention_mask, rollout.response_mask
     length = rollout.response_ids.shape[1]
@@ -229,8 +247,7 @@ def ppo_update(model, accelerator, optimizer, rollout: Rollout, advantages, retu
     stats = defaultdict(list)
     for epoch in range(hp.ppo_epochs):
         epoch_approxkl = []
-        groups = torch.randperm(len(rollout.prompts) // hp.num_generations)
-        order = (groups[:, None] * hp.num_generations + torch.arange(hp.num_generations)).flatten()
+        order = first_order if epoch == 0 and first_order is not None else epoch_order(len(mask), hp.num_generations)
         for start in range(0, len(order), hp.mini_batch_size):
             mini_batch = order[start : start + hp.mini_batch_size]
             # The mini-batch of all processes: DDP averages gradients over processes, so each one scales its
@@ -241,7 +258,11 @@ def ppo_update(model, accelerator, optimizer, rollout: Rollout, advantages, retu
                 rows = mini_batch[micro_start : micro_start + micro_size]
                 is_last = micro_start + micro_size >= len(mini_batch)
                 with accelerator.no_sync(model) if not is_last else nullcontext():
-                    logprobs, values, logits = model(input_ids[rows], attention_mask[rows], length, temperature)
+                    if first_output is not None and epoch == 0 and start == 0 and micro_start == 0:
+                        assert len(rows) == len(first_output[0]), "the folded forward must be one whole micro-batch"
+                        logprobs, values, logits = first_output
+                    else:
+                        logprobs, values, logits = model(input_ids[rows], attention_mask[rows], length, temperature)
                     pg_loss, pg_stats = policy_loss(logprobs, rollout.logprobs[rows], advantages[rows], mask[rows],
                                                     hp.clip_range, hp.loss_aggregation)
                     loss = pg_loss
