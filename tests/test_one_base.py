@@ -112,22 +112,25 @@ def test_scores_on_the_shared_base_equal_the_standalone_model_and_leave_log_prob
     assert scores.std() > 0.1  # not a constant head
 
 
-def test_four_roles_hold_one_copy_of_the_base(tiny_lm_dir, sft_dir, reward_dir):
-    from reward_models.scorers import AdapterScorer, ScorerConfig
-    from rlft.ppo.model import PolicyWithValueHead
+def test_four_roles_hold_one_copy_of_the_base(tiny_lm_dir, sft_dir, reward_dir, data, tmp_path):
+    """What `rlft ppo` builds (rlft.ppo.train.build_actor_critic) with a reward adapter and an adapter critic."""
+    from reward_models.scorers import adapter_scorers, build_scorer
+    from rlft.models import load_tokenizer
+    from rlft.ppo.train import build_actor_critic
 
-    policy, _ = policy_on_sft(tiny_lm_dir, sft_dir)
-    base_bytes = sum(p.numel() * p.element_size() for p in policy.get_base_model().parameters())  # + default LoRA
-    scorer = AdapterScorer(ScorerConfig(kind="adapter", path=str(reward_dir)))
-    scorer.attach(policy)
-    actor_critic = PolicyWithValueHead(policy, critic="adapter", critic_from=scorer)
+    config = one_base_config(tiny_lm_dir, data / "prompts.jsonl", reward_dir, tmp_path, f"sft_adapter={sft_dir}")
+    scorer = build_scorer(config.reward, "cpu", shared_base=True)
+    actor_critic = build_actor_critic(config, load_tokenizer(config.model), scorer, "cpu")
+    reward = adapter_scorers(scorer)[0]
+    named = dict(actor_critic.policy.named_parameters())
+    base_bytes = sum(p.numel() * p.element_size() for n, p in named.items() if "lora_" not in n)
+    adapters = sum(p.numel() * p.element_size() for n, p in named.items() if "lora_" in n)  # policy, reward, critic
+    assert any(f".{reward.adapter}." in n for n in named) and any(".critic." in n for n in named)
     storage = {}
-    for tensor in [*actor_critic.parameters(), *actor_critic.buffers(), *scorer.model.parameters()]:
+    for tensor in [*actor_critic.parameters(), *actor_critic.buffers(), *reward.model.parameters()]:
         storage[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
-    adapters = sum(p.numel() * p.element_size() for n, p in policy.named_parameters()
-                   if f".{scorer.adapter}." in n or ".critic." in n)
-    heads = sum(p.numel() * p.element_size() for p in [*actor_critic.value_head.parameters(), *scorer.model.score.parameters()])
-    # base (+ the policy's adapter) once, the reward and critic adapters, two 1-row heads, rotary buffers
+    heads = sum(p.numel() * p.element_size() for p in [*actor_critic.value_head.parameters(), *reward.model.score.parameters()])
+    # base once, the three adapters, two 1-row heads, rotary buffers
     assert sum(storage.values()) < base_bytes + adapters + heads + 4096
     assert base_bytes > 20 * 4096  # so a second copy of the base could not hide in the slack
 

@@ -57,19 +57,7 @@ def run(config: PPOConfig) -> dict:
     check_prompt_lengths(tokenizer, prompt_texts, config.sampling.max_prompt_length)
     scorer = build_scorer(config.reward, accelerator.device, shared_base=True)
     reference_adapter = config.sft_adapter or None
-    reward_adapters = adapter_scorers(scorer)
-    for reward_adapter in reward_adapters:
-        reward_adapter.check_base(config.model, reference_adapter)  # before the base loads
-    # One copy of the base: policy (adapter on), reference (all off), reward adapters and critic
-    base = load_reference(config.model, reference_adapter, accelerator.device)
-    policy = add_lora(base, config.model, config.lora)
-    for reward_adapter in reward_adapters:
-        reward_adapter.attach(policy)
-    actor_critic = PolicyWithValueHead(policy, critic=hp.critic if hp.uses_critic else None,
-                                       eos_token_id=tokenizer.eos_token_id, min_new_tokens=config.sampling.min_new_tokens,
-                                       critic_from=reward_adapters[0] if reward_adapters else None,
-                                       gather_for_generation=hp.gather_for_generation)
-    actor_critic.eval()  # no dropout anywhere: rollout and update log-probs must come from one function
+    actor_critic = build_actor_critic(config, tokenizer, scorer, accelerator.device)
     # Parameter groups: the policy (with the head critic), then the adapter critic at its own learning rate.
     groups = [{"params": group, "lr": hp.learning_rate if i == 0 else hp.critic_learning_rate or hp.learning_rate}
               for i, group in enumerate(actor_critic.parameter_groups())]
@@ -193,6 +181,24 @@ def run(config: PPOConfig) -> dict:
     if accelerator.is_main_process:
         push(out / "policy", config)
     return summary
+
+
+def build_actor_critic(config: PPOConfig, tokenizer, scorer, device) -> PolicyWithValueHead:
+    """One copy of the base for every role: the policy (PPO adapter on), the reference (all adapters off; the SFT
+    adapter is merged into the base), the scorer's reward adapters (attached here) and the critic. In eval mode:
+    no dropout anywhere, so rollout and update log-probs come from one function."""
+    reference_adapter = config.sft_adapter or None
+    reward_adapters = adapter_scorers(scorer)
+    for reward_adapter in reward_adapters:
+        reward_adapter.check_base(config.model, reference_adapter)  # before the base loads
+    policy = add_lora(load_reference(config.model, reference_adapter, device), config.model, config.lora)
+    for reward_adapter in reward_adapters:
+        reward_adapter.attach(policy)
+    hp = config.ppo
+    return PolicyWithValueHead(policy, critic=hp.critic if hp.uses_critic else None,
+                               eos_token_id=tokenizer.eos_token_id, min_new_tokens=config.sampling.min_new_tokens,
+                               critic_from=reward_adapters[0] if reward_adapters else None,
+                               gather_for_generation=hp.gather_for_generation).eval()
 
 
 def estimate_advantages(rewards: torch.Tensor, rollout: Rollout, hp: PPOHyperparameters):
