@@ -96,18 +96,15 @@ def forward_passes(actor_critic, rollout: Rollout, forward_batch_size: int, temp
     batch = len(input_ids)
     logprobs = torch.zeros(rollout.response_ids.shape, device=input_ids.device)
     values, ref_logprobs = torch.zeros_like(logprobs), torch.zeros_like(logprobs)
-    live = None
+    live, rest = None, torch.arange(batch, device=input_ids.device)
     if graph_rows is not None:
         with torch.enable_grad():
             live = graph_model(input_ids[graph_rows], attention_mask[graph_rows], length, temperature)
         logprobs[graph_rows], values[graph_rows] = live[0].detach(), live[1].detach()
-    folded = torch.zeros(batch, dtype=torch.bool)
-    if graph_rows is not None:
-        folded[graph_rows.cpu()] = True
-    rest = torch.arange(batch)[~folded]
+        rest = rest[~torch.isin(rest, graph_rows.to(rest.device))]
     with torch.no_grad():
         for start in range(0, len(rest), forward_batch_size):
-            rows = rest[start : start + forward_batch_size].to(input_ids.device)
+            rows = rest[start : start + forward_batch_size]
             logprobs[rows], values[rows], _ = actor_critic(input_ids[rows], attention_mask[rows], length, temperature)
         for start in range(0, batch, forward_batch_size):
             rows = slice(start, start + forward_batch_size)
