@@ -204,16 +204,17 @@ def test_resume_with_reward_and_critic_adapters_matches_uninterrupted_run(tiny_l
     assert report["proxy"] == "proxy"
 
 
-@pytest.mark.parametrize("base", ["model.quantization=4bit", "model.dtype=bfloat16"], ids=["4bit", "bfloat16"])
+@pytest.mark.parametrize("base", [["model.quantization=4bit"], ["model.quantization=4bit", "model.dtype=bfloat16"],
+                                  ["model.dtype=bfloat16"]], ids=["4bit", "4bit-bf16-compute", "bfloat16"])
 def test_all_four_roles_on_a_4bit_or_bf16_base_learn_a_toy_task(base, tiny_lm_dir_64, data, tmp_path):
     """Reward adapter trained on a 4-bit (or bf16) base (chosen replies contain the target word), then PPO on that
     base with the reward adapter scoring and an adapter critic: the reward model's score and the target word rise."""
     from rlft.ppo.train import run
 
-    metrics = train_reward_adapter(tiny_lm_dir_64, tmp_path / "rm", base)
+    metrics = train_reward_adapter(tiny_lm_dir_64, tmp_path / "rm", *base)
     assert metrics["eval_accuracy_after"] >= 0.75
     run(one_base_config(tiny_lm_dir_64, data / "prompts.jsonl", tmp_path / "rm", tmp_path / "ppo",
-                        base, "sft_adapter=", "ppo.steps=40", "save_every=100", "sample_every=1"))
+                        *base, "sft_adapter=", "ppo.steps=40", "save_every=100", "sample_every=1"))
     scores = [entry["objective/scores"] for entry in history(tmp_path / "ppo")]
     assert sum(scores[-4:]) / 4 > sum(scores[:4]) / 4 + 0.5, scores
     samples = [json.loads(line) for line in (tmp_path / "ppo" / "samples.jsonl").read_text().splitlines()]
