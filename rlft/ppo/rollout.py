@@ -96,11 +96,8 @@ def forward_passes(actor_critic, rollout: Rollout, forward_batch_size: int, temp
     batch = len(input_ids)
     logprobs = torch.zeros(rollout.response_ids.shape, device=input_ids.device)
     values, ref_logprobs = torch.zeros_like(logprobs), torch.zeros_like(logprobs)
-    live, rest = None, torch.arange(batch, device=input_ids.device)
+    rest = torch.arange(batch, device=input_ids.device)
     if graph_rows is not None:
-        with torch.enable_grad():
-            live = graph_model(input_ids[graph_rows], attention_mask[graph_rows], length, temperature)
-        logprobs[graph_rows], values[graph_rows] = live[0].detach(), live[1].detach()
         rest = rest[~torch.isin(rest, graph_rows.to(rest.device))]
     with torch.no_grad():
         for start in range(0, len(rest), forward_batch_size):
@@ -110,6 +107,11 @@ def forward_passes(actor_critic, rollout: Rollout, forward_batch_size: int, temp
             rows = slice(start, start + forward_batch_size)
             ref_logprobs[rows] = actor_critic.reference_logprobs(input_ids[rows], attention_mask[rows], length,
                                                                  temperature)
+    live = None
+    if graph_rows is not None:  # last, so its graph is not held while the no-grad passes allocate theirs
+        with torch.enable_grad():
+            live = graph_model(input_ids[graph_rows], attention_mask[graph_rows], length, temperature)
+        logprobs[graph_rows], values[graph_rows] = live[0].detach(), live[1].detach()
     rollout.logprobs, rollout.values, rollout.ref_logprobs = logprobs, values, ref_logprobs
     rollout.timings["time/forward"] = time.perf_counter() - started
     return live
