@@ -6,7 +6,8 @@ The policy is what PPO samples from: the embedded SmolLM2 with a fresh LoRA adap
 is zero-initialised, so every variant computes the same function). Every variant generates exactly
 `--new-tokens` tokens (EOS banned) from the same chatterbot prompts; tokens/s is over 3 calls after a warm-up.
 
-- `rlft`: rlft.generation.sample, what PPO, preferences and eval call;
+- `rlft`: rlft.generation.sample, what PPO, preferences and eval call (the adapter merged while sampling);
+  `rlft_unmerged` the same with `sampling.merge_adapter=false`;
 - `hf_generate`: plain `model.generate(do_sample=True)` on the same PEFT model (the HF baseline);
 - `hf_merged`: the same on a merged copy of the weights (no LoRA matmuls);
 - `hf_static`: generate with `cache_implementation="static"` on the merged copy;
@@ -75,11 +76,13 @@ def main() -> None:
     policy.eval()
     merged = copy.deepcopy(policy).merge_and_unload()
     sampling = SamplingConfig(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens)
+    unmerged = SamplingConfig(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, merge_adapter=False)
     texts = render_prompts(tokenizer, [row["prompt"] for row in chatterbot_pairs()[: max(args.rows)]])
     hf = {"do_sample": True, "max_new_tokens": args.new_tokens, "min_new_tokens": args.new_tokens,
           "pad_token_id": tokenizer.pad_token_id}
     variants = {
         "rlft": lambda prompt: sample(policy, prompt, sampling, tokenizer),
+        "rlft_unmerged": lambda prompt: sample(policy, prompt, unmerged, tokenizer),
         "hf_generate": lambda prompt: policy.generate(**prompt, **hf),
         "hf_merged": lambda prompt: merged.generate(**prompt, **hf),
         "hf_static": lambda prompt: merged.generate(**prompt, **hf, cache_implementation="static"),

@@ -30,7 +30,7 @@ from rlft.data import load_splits, prompt_key, prompts_of, render_prompts
 from rlft.errors import RlftError
 from rlft.metrics import METRICS_JSONL, read_metrics
 from rlft.generation import SamplingConfig, decode_responses, encode_prompts, response_mask_from_eos, sample
-from rlft.models import default_device
+from rlft.models import default_device, half_compute
 from rlft.policy import ADAPTER_INFO, adapter_info, load_policy
 from rlft.ppo import checkpoint
 from rlft.ppo.core import (
@@ -283,9 +283,10 @@ def kl_drift(model, rollout: SamplePass, temperature: float, batch_size: int) ->
     for start in range(0, len(rows), batch_size):
         chunk = order[start : start + batch_size]
         packed = pack([rows[i] for i in chunk])
-        logits = response_logits(model, packed)
-        with model.disable_adapter():
-            ref_logits = response_logits(model, packed)
+        with half_compute(model):
+            logits = response_logits(model, packed)
+            with model.disable_adapter():
+                ref_logits = response_logits(model, packed)
         chunk_sampled, chunk_exact, token_exact = sequence_kl(
             logits, ref_logits, packed.tokens, packed.lengths, temperature
         )

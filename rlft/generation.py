@@ -23,6 +23,10 @@ class SamplingConfig:
     min_new_tokens: int = option(0, "Forbid EOS for the first this many tokens (0: off). PPO's log-probs apply the "
                                  "same mask, so they still describe what was sampled.")
     max_prompt_length: int = option(256, "Prompts longer than this many tokens are an error, not silently cut.")
+    merge_adapter: bool = option(True, "Sample on the LoRA adapter merged into a temporary copy of the weights it "
+                                 "adapts (exact again afterwards): the base model's decode speed for one extra copy "
+                                 "of those weights while sampling. PPO's log-probs are recomputed unmerged either way. "
+                                 "Skipped for quantized bases, DoRA and FSDP-sharded models.")
 
     def __post_init__(self):
         require(self.max_new_tokens > 0, "max_new_tokens", "must be >= 1")
@@ -57,13 +61,12 @@ def encode_prompts(tokenizer, texts: list[str], max_length: int, device) -> dict
 def sample(model, prompt: dict[str, torch.Tensor], sampling: SamplingConfig, tokenizer, greedy: bool = False):
     """Response token ids (batch, <= max_new_tokens); after a row's first EOS the tokens are padding.
 
-    Samples from softmax(logits / temperature) (with top_p / top_k when set) and nothing else: the
-    sampling defaults a model ships in generation_config.json (repetition_penalty, no_repeat_ngram_size,
-    min_length, bad_words_ids, its own top_k, ...) are set aside, so PPO's recomputed log-probs describe
-    exactly what was sampled.
+    Samples from softmax(logits / temperature) (with top_p / top_k when set) and nothing else: the sampling
+    defaults a model ships in generation_config.json (repetition_penalty, no_repeat_ngram_size, its own top_k,
+    ...) are never read, so PPO's recomputed log-probs describe exactly what was sampled. A model with its own
+    `sample_responses` (rlft.ppo.model.PolicyWithValueHead: under FSDP2 a registered forward method) decodes
+    through it; anything else through `decode`.
     """
-    from transformers import GenerationConfig
-
     from rlft.distributed import is_sharded
     from rlft.models import context_length
 
@@ -73,37 +76,142 @@ def sample(model, prompt: dict[str, torch.Tensor], sampling: SamplingConfig, tok
             f"a prompt of {width} tokens plus sampling.max_new_tokens={sampling.max_new_tokens} is longer than the "
             f"model's context ({context} tokens): lower sampling.max_prompt_length or max_new_tokens"
         )
-    clean = GenerationConfig(
-        do_sample=not greedy,
-        temperature=sampling.temperature if not greedy else 1.0,
-        top_p=sampling.top_p if not greedy else 1.0,
-        top_k=sampling.top_k if not greedy else 0,
-        max_new_tokens=sampling.max_new_tokens,
-        min_new_tokens=sampling.min_new_tokens or None,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        use_cache=True,
-    )
-    with model_defaults_set_aside(model):
-        # Sharded (FSDP2), each decoding step gathers every layer from all processes: all must take as many
-        # steps as the longest one, however early their own rows end.
-        output = model.generate(**prompt, generation_config=clean, synced_gpus=is_sharded(model))
-    return output[:, prompt["input_ids"].shape[1] :]
+    own = getattr(model, "sample_responses", None)
+    if own is not None:
+        return own(prompt, sampling, tokenizer.eos_token_id, tokenizer.pad_token_id, greedy)
+    return decode(model, prompt, sampling, tokenizer.eos_token_id, tokenizer.pad_token_id, greedy,
+                  synced=is_sharded(model))
+
+
+@torch.no_grad()
+def decode(model, prompt: dict[str, torch.Tensor], sampling: SamplingConfig, eos_token_id: int, pad_token_id: int,
+           greedy: bool = False, synced: bool = False, scores: list | None = None) -> torch.Tensor:
+    """The sampling loop: one cached forward per token, then `next_tokens`; (B, <= max_new_tokens) ids.
+
+    model: a HF causal LM or a peft model of one; with `sampling.merge_adapter` its LoRA adapter is merged for
+    the loop (`merged_adapter`). Leaner than HF `generate` (no logits-processor or stopping-criteria machinery,
+    no per-step input preparation): benchmarks/decode.py measures the difference. synced: keep stepping until
+    every process is done (FSDP2 gathers each layer from all of them at every step). scores: if given, each
+    step's (B, V) float32 logits as sampled from (temperature and masks applied) are appended to it.
+    """
+    from transformers import DynamicCache
+
+    from rlft.models import half_compute
+    from rlft.ppo.model import position_ids_for
+
+    mask = prompt["attention_mask"]
+    positions = position_ids_for(mask)
+    batch = len(mask)
+    done = torch.zeros(batch, dtype=torch.bool, device=mask.device)
+    tokens = []
+    # merged, the adapter is off; unmerged, its matmuls run at the base's precision
+    with merged_adapter(model) if sampling.merge_adapter and not synced else half_compute(model):
+        cache = DynamicCache(config=model.config)
+        inputs = prompt["input_ids"]
+        for step in range(sampling.max_new_tokens):
+            logits = model(input_ids=inputs, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                           use_cache=True, logits_to_keep=1).logits[:, -1]
+            token = next_tokens(logits, step, sampling, eos_token_id, greedy, scores)
+            token = torch.where(done, pad_token_id, token)
+            tokens.append(token)
+            done |= token == eos_token_id
+            if step + 1 == sampling.max_new_tokens or all_done(done, synced):
+                break
+            inputs = token[:, None]
+            mask = torch.cat([mask, mask.new_ones(batch, 1)], dim=1)
+            positions = positions[:, -1:] + 1
+    return torch.stack(tokens, dim=1)
+
+
+def next_tokens(logits: torch.Tensor, step: int, sampling: SamplingConfig, eos_token_id: int, greedy: bool = False,
+                scores: list | None = None) -> torch.Tensor:
+    """One token per row from logits (B, V): EOS banned before min_new_tokens, then logits / temperature, top_k,
+    top_p (HF's order), softmax and a draw from the global torch generator; argmax when greedy. -> (B,) long."""
+    logits = logits.float()
+    if step < sampling.min_new_tokens:
+        logits = logits.clone()  # the caller's tensor stays as it was
+        logits[:, eos_token_id] = float("-inf")
+    if greedy:
+        return logits.argmax(-1)
+    if sampling.temperature != 1:
+        logits = logits / sampling.temperature
+    if sampling.top_k:
+        kth = logits.topk(min(sampling.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if sampling.top_p < 1:
+        # keep the most likely tokens until their mass reaches top_p (always the first one)
+        ordered, order = logits.sort(dim=-1, descending=True)
+        probs = ordered.softmax(-1)
+        drop = probs.cumsum(-1) - probs >= sampling.top_p
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    if scores is not None:
+        scores.append(logits)
+    # Inverse-CDF draw, one uniform per row: torch.multinomial draws an exponential per vocabulary entry (73 ms
+    # a step at 64 x 49152 here, against 2). The CDF is float64 so tokens of tiny probability keep their mass.
+    cdf = logits.softmax(-1).cumsum(-1, dtype=torch.float64)
+    uniform = torch.rand(len(cdf), 1, device=cdf.device, dtype=torch.float64) * cdf[:, -1:]
+    return torch.searchsorted(cdf, uniform, right=True).squeeze(-1).clamp(max=cdf.shape[-1] - 1)
+
+
+def all_done(done: torch.Tensor, synced: bool) -> bool:
+    """Whether every row has ended, on every process when `synced` (a collective: all must call it)."""
+    if not synced:
+        return bool(done.all())
+    import torch.distributed as dist
+
+    pending = (~done).any().to(torch.int32).reshape(1)
+    dist.all_reduce(pending, op=dist.ReduceOp.MAX)
+    return not pending.item()
 
 
 @contextmanager
-def model_defaults_set_aside(model):
-    """generate() fills every option we leave unset from the model's own generation_config: swap in an
-    empty one for the call."""
-    from transformers import GenerationConfig
+def merged_adapter(model):
+    """A peft LoRA model's active adapter merged into the weights it touches, for the duration; exact afterwards.
 
-    target = model.get_base_model() if hasattr(model, "get_base_model") else model
-    shipped = target.generation_config
-    target.generation_config = GenerationConfig()
-    try:
+    Each adapted layer's base weight is swapped for weight + scaling * B @ A (peft's `get_delta_weight`) and the
+    original tensor is put back on exit: no arithmetic on the original, so the reference (adapters off) is
+    bit-identical after sampling. Costs one copy of the adapted weights while inside; saves the adapter's two
+    extra matmuls per layer and decoding step (benchmarks/decode.py: the unmerged adapter costs a third of a
+    step). A no-op, sampling through the adapter, for what cannot merge exactly this way: no adapter active,
+    quantized base weights, DoRA, or adapters other than LoRA.
+    """
+    from peft.tuners import lora
+    from peft.tuners.lora import LoraLayer
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    mergeable = layers and all(
+        isinstance(layer, LoraLayer) and not layer.disable_adapters and len(layer.active_adapters) == 1
+        and not layer.use_dora.get(layer.active_adapters[0], False)
+        and type(layer.get_base_layer().weight) is torch.nn.Parameter
+        and layer.get_base_layer().weight.dtype.is_floating_point
+        for layer in layers
+    )
+    if not mergeable:
         yield
+        return
+    from rlft.policy import active_adapter
+
+    swapped = []
+    try:
+        with torch.no_grad():
+            for layer in layers:
+                adapter, base = layer.active_adapters[0], layer.get_base_layer()
+                if adapter not in layer.lora_A and adapter not in getattr(layer, "lora_embedding_A", {}):
+                    continue  # a layer this adapter does not touch
+                original = base.weight.data
+                swapped.append((base, original))
+                if isinstance(layer, lora.Linear) and not layer.fan_in_fan_out:  # one fused W + s * B @ A
+                    a, b = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
+                    base.weight.data = torch.addmm(original, b.to(original.dtype), a.to(original.dtype),
+                                                   alpha=layer.scaling[adapter])
+                else:  # embeddings, GPT-2's transposed Conv1D: peft's own delta
+                    base.weight.data = original + layer.get_delta_weight(adapter).to(original.dtype)
+        with active_adapter(model, None):
+            yield
     finally:
-        target.generation_config = shipped
+        for base, original in swapped:
+            base.weight.data = original
 
 
 def decode_responses(tokenizer, response_ids: torch.Tensor) -> list[str]:

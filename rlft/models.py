@@ -14,6 +14,7 @@ import os
 import re
 import shutil
 import tempfile
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -160,6 +161,28 @@ def cpu_has_bf16() -> bool:
     return bool(re.search(r"\b(avx512_bf16|amx_bf16)\b", flags))
 
 
+@contextmanager
+def half_compute(model):
+    """Run a peft model's float32 adapters at its bf16/fp16 base's precision: torch.autocast, and peft's cast of
+    each adapter's input to float32 switched off. The adapter weights, their gradients and the optimiser state
+    stay float32 (autocast multiplies half copies); what changes is that an adapter's matmuls and their inputs
+    are no longer float32 copies of half activations. Measured on SmolLM2 at 16 x 72 tokens with r=16 LoRA on
+    a 2-core AVX512-BF16 CPU: forward + backward 5.4 s -> 3.2 s. Adapters at B = 0 still add exactly 0, so a
+    fresh policy equals its reference bit for bit. A no-op for float32 and for quantized bases (bitsandbytes
+    casts for itself).
+    """
+    from peft.helpers import disable_input_dtype_casting
+
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    dtype = embeddings.weight.dtype if embeddings is not None else torch.float32
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if dtype not in (torch.bfloat16, torch.float16) or getattr(base, "hf_quantizer", None) is not None:
+        yield
+        return
+    with torch.autocast(embeddings.weight.device.type, dtype=dtype), disable_input_dtype_casting(model):
+        yield
+
+
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -198,7 +221,22 @@ def load_model(config: ModelConfig, loader=None, device: torch.device | str | No
     if quantization is None:
         model.to(device)
     model.requires_grad_(False)
+    contiguous_output_head_input(model)
     return model
+
+
+def contiguous_output_head_input(model) -> None:
+    """Hand the LM head a contiguous hidden state.
+
+    With `logits_to_keep` (generate's prefill, rlft's response-only passes) HF models project a slice of the last
+    hidden state; torch's matmul cannot fold that strided (B, k, H) view into one 2-D product and runs a bmm
+    against the (V, H) head expanded to (B, H, V), copying the head B times. Measured on SmolLM2 (V=49152) at
+    64 rows, bf16: 3.7 s for the prefill's last position against 0.02 s contiguous; for a 33-token window 4.1 s
+    against 0.39 s. The copy costs k*H per row.
+    """
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if isinstance(head, torch.nn.Module):
+        head.register_forward_pre_hook(lambda module, args: (args[0].contiguous(), *args[1:]))
 
 
 def add_lora(model, model_config: ModelConfig, lora: LoraConfig, task_type: str = "CAUSAL_LM", adapter_name="default"):

@@ -8,7 +8,7 @@ import torch
 
 from rlft.config import LoraConfig, ModelConfig, load_config
 from rlft.errors import RlftError
-from rlft.generation import SamplingConfig, encode_prompts, response_mask_from_eos, sample
+from rlft.generation import SamplingConfig, decode, encode_prompts, next_tokens, response_mask_from_eos, sample
 from rlft.models import add_lora, load_model, load_tokenizer
 from rlft.ppo.config import PPOConfig
 from rlft.ppo.model import PolicyWithValueHead
@@ -26,39 +26,92 @@ def opinionated_model(tiny_lm_dir, tmp_path):
     return folder
 
 
-@pytest.mark.parametrize("min_new_tokens", [0, 5])
-def test_sampler_log_probs_equal_the_recomputed_ones(opinionated_model, min_new_tokens):
-    config = ModelConfig(name_or_path=str(opinionated_model))
+def randomised_policy(model_dir, min_new_tokens: int = 0):
+    """A PolicyWithValueHead on the model with a LoRA adapter whose B is random: policy != reference, and the
+    merged weights differ from the unmerged adapter's path by float rounding."""
+    config = ModelConfig(name_or_path=str(model_dir))
     tokenizer = load_tokenizer(config)
     torch.manual_seed(0)
     policy = PolicyWithValueHead(add_lora(load_model(config), config, LoraConfig(r=4, dropout=0.0)),
                                  eos_token_id=tokenizer.eos_token_id, min_new_tokens=min_new_tokens).eval()
+    with torch.no_grad():
+        for name, parameter in policy.policy.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, 0.3)
     prompts = [tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
                                              add_generation_prompt=True) for text in ("hello how are", "tell me a", "the cat")]
-    query = encode_prompts(tokenizer, prompts, 64, "cpu")
-    sampling = SamplingConfig(max_new_tokens=12, temperature=1.3, min_new_tokens=min_new_tokens)
+    return policy, tokenizer, encode_prompts(tokenizer, prompts, 64, "cpu")
 
-    captured = {}
-    generate = policy.policy.generate
 
-    def generate_and_keep_scores(**kwargs):  # the sampler's own next-token distributions, as it sampled
-        output = generate(**kwargs, output_scores=True, return_dict_in_generate=True)
-        captured["scores"] = torch.stack(output.scores, dim=1)  # (B, T, V), after every logits processor
-        return output.sequences
-
-    policy.policy.generate = generate_and_keep_scores
-    response = sample(policy.policy, query, sampling, tokenizer)
+@pytest.mark.parametrize("min_new_tokens", [0, 5])
+@pytest.mark.parametrize("merge_adapter", [True, False])
+def test_sampler_log_probs_equal_the_recomputed_ones(opinionated_model, min_new_tokens, merge_adapter):
+    policy, tokenizer, query = randomised_policy(opinionated_model, min_new_tokens)
+    sampling = SamplingConfig(max_new_tokens=12, temperature=1.3, min_new_tokens=min_new_tokens,
+                              merge_adapter=merge_adapter)
+    scores = []  # the sampler's own next-token logits, as it sampled from them
+    response = decode(policy.policy, query, sampling, tokenizer.eos_token_id, tokenizer.pad_token_id, scores=scores)
     mask, _ = response_mask_from_eos(response, tokenizer.eos_token_id, tokenizer.pad_token_id)
-    sampler_logprobs = captured["scores"].log_softmax(-1).gather(-1, response.unsqueeze(-1)).squeeze(-1)
+    sampler_logprobs = torch.stack(scores, 1).log_softmax(-1).gather(-1, response.unsqueeze(-1)).squeeze(-1)
 
     input_ids = torch.cat([query["input_ids"], response], 1)
     attention_mask = torch.cat([query["attention_mask"], mask.long()], 1)
     with torch.no_grad():
         recomputed, _, _ = policy(input_ids, attention_mask, response.shape[1], sampling.temperature)
-    # top_k=20 in the model's config would make the sampler's scores -inf outside the top 20; penalties
-    # would shift them: with the defaults set aside both are softmax(logits / T), to float rounding.
+    # top_k=20 in the model's config would make the sampler's scores -inf outside the top 20; penalties would
+    # shift them: the loop never reads them, so both are softmax(logits / T), to float rounding (of the
+    # merged weights, too, when merged).
     torch.testing.assert_close(sampler_logprobs[mask], recomputed[mask], atol=1e-5, rtol=1e-5)
-    assert policy.policy.get_base_model().generation_config.repetition_penalty == 1.3  # restored after sampling
+    if min_new_tokens:
+        assert (response[:, :min_new_tokens] != tokenizer.eos_token_id).all()
+
+
+def test_merged_sampling_leaves_every_weight_exact_and_the_adapter_on(tiny_lm_dir):
+    policy, tokenizer, query = randomised_policy(tiny_lm_dir)
+    before = {name: tensor.clone() for name, tensor in policy.state_dict().items()}
+    sample(policy, query, SamplingConfig(max_new_tokens=6), tokenizer)
+    after = policy.state_dict()
+    assert all(torch.equal(before[name], after[name]) for name in before)  # bit for bit, base and adapter
+    # the adapter is switched on again: the policy still differs from its reference
+    input_ids = torch.cat([query["input_ids"], query["input_ids"]], 1)
+    mask = torch.cat([query["attention_mask"], query["attention_mask"]], 1)
+    with torch.no_grad():
+        logprobs, _, _ = policy(input_ids, mask, query["input_ids"].shape[1], 1.0)
+        ref_logprobs = policy.reference_logprobs(input_ids, mask, query["input_ids"].shape[1], 1.0)
+    assert (logprobs - ref_logprobs).abs().max() > 1e-3
+
+
+def test_greedy_decode_equals_hf_generate(tiny_lm_dir):
+    """The loop's cache, positions and left padding do what HF generate does: the same greedy tokens."""
+    policy, tokenizer, query = randomised_policy(tiny_lm_dir)
+    sampling = SamplingConfig(max_new_tokens=10, merge_adapter=False)
+    ours = decode(policy.policy, query, sampling, tokenizer.eos_token_id, tokenizer.pad_token_id, greedy=True)
+    from transformers import GenerationConfig
+
+    base = policy.policy.get_base_model()
+    base.generation_config = GenerationConfig()  # the model's shipped defaults are not greedy decoding
+    theirs = policy.policy.generate(**query, do_sample=False, max_new_tokens=10, pad_token_id=tokenizer.pad_token_id,
+                                    eos_token_id=tokenizer.eos_token_id)[:, query["input_ids"].shape[1]:]
+    ours_mask, _ = response_mask_from_eos(ours, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    theirs_mask, _ = response_mask_from_eos(theirs, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    assert torch.equal(ours_mask, theirs_mask[:, : ours.shape[1]]) and ours_mask.sum() > 3
+    assert torch.equal(ours[ours_mask], theirs[:, : ours.shape[1]][theirs_mask[:, : ours.shape[1]]])
+
+
+def test_top_p_and_top_k_keep_the_likeliest_tokens():
+    probs = torch.tensor([[0.05, 0.5, 0.15, 0.3]])
+    logits = probs.log()
+    kept = []
+    # top_p 0.7: 0.5 alone is short of 0.7, 0.5 + 0.3 reaches it, so tokens 1 and 3 stay
+    next_tokens(logits, 0, SamplingConfig(top_p=0.7), eos_token_id=0, scores=kept)
+    assert torch.isfinite(kept[-1]).tolist() == [[False, True, False, True]]
+    # top_k 3 drops the least likely token; temperature 2 halves the kept logits
+    next_tokens(logits, 0, SamplingConfig(top_k=3, temperature=2.0), eos_token_id=1, scores=kept)
+    assert torch.isfinite(kept[-1]).tolist() == [[False, True, True, True]]
+    torch.testing.assert_close(kept[-1][0, 1:], logits[0, 1:] / 2)
+    # EOS (token 1) banned before min_new_tokens, whatever its probability
+    assert next_tokens(logits, 0, SamplingConfig(min_new_tokens=1), eos_token_id=1, greedy=True).item() == 3
+    assert next_tokens(logits, 1, SamplingConfig(min_new_tokens=1), eos_token_id=1, greedy=True).item() == 1
 
 
 def test_ppo_refuses_truncated_sampling():

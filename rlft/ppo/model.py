@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from rlft.distributed import gathered
+from rlft.models import half_compute
 from rlft.policy import active_adapter
 from rlft.ppo.core import logprobs_from_logits
 
@@ -90,10 +91,15 @@ class PolicyWithValueHead(nn.Module):
     def get_output_embeddings(self):
         return self.lm_head
 
-    def generate(self, **kwargs):
-        """The policy's generate(): a method of the root module, so FSDP2 can gather around it (train.py)."""
+    def sample_responses(self, prompt, sampling, eos_token_id: int, pad_token_id: int, greedy: bool = False):
+        """The policy's sampling loop (rlft.generation.decode): a method of the root module, so FSDP2 can gather
+        around it (train.py)."""
+        from rlft.distributed import is_sharded
+        from rlft.generation import decode
+
         with gathered(self) if self.gather_for_generation else nullcontext():
-            return self.policy.generate(**kwargs)
+            return decode(self.policy, prompt, sampling, eos_token_id, pad_token_id, greedy,
+                          synced=is_sharded(self))
 
     def parameter_groups(self) -> list[list[nn.Parameter]]:
         """Trainable parameters by optimiser group: [policy adapter (+ the head critic)], [critic adapter + head]."""
@@ -113,13 +119,14 @@ class PolicyWithValueHead(nn.Module):
         captured = {}
         hook = self.lm_head.register_forward_pre_hook(lambda module, args: captured.update(hidden=args[0]))
         try:
-            output = self.policy(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                position_ids=position_ids_for(attention_mask),
-                logits_to_keep=response_length + 1,  # only the response's logits: the vocab is the big axis
-                use_cache=False,
-            )
+            with half_compute(self.policy):
+                output = self.policy(
+                    input_ids=input_ids,
+                    attention_mask=attention_mask,
+                    position_ids=position_ids_for(attention_mask),
+                    logits_to_keep=response_length + 1,  # only the response's logits: the vocab is the big axis
+                    use_cache=False,
+                )
         finally:
             hook.remove()
         logits = self.as_sampled(output.logits[:, :-1])  # position P-1+t predicts response token t
@@ -130,6 +137,7 @@ class PolicyWithValueHead(nn.Module):
             hidden = self.critic_hidden(input_ids, attention_mask, response_length)
         else:  # detached: critic errors must not push the policy's adapter around (see module docstring)
             hidden = captured["hidden"][:, :-1].detach()
+        # float32, outside autocast: values feed GAE, and bf16 keeps 3 significant digits
         values = self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1).float()
         return logprobs, values, logits
 
@@ -137,7 +145,7 @@ class PolicyWithValueHead(nn.Module):
         """(B, T, H) last hidden states of the states before each response token, under the critic adapter:
         the trunk alone (HF's `base_model`, what sequence classifiers read), no LM head."""
         trunk = self.policy.get_base_model().base_model
-        with active_adapter(self.policy, CRITIC):
+        with active_adapter(self.policy, CRITIC), half_compute(self.policy):
             hidden = trunk(input_ids=input_ids, attention_mask=attention_mask,
                            position_ids=position_ids_for(attention_mask), use_cache=False).last_hidden_state
         return hidden[:, -response_length - 1 : -1]
@@ -145,7 +153,7 @@ class PolicyWithValueHead(nn.Module):
     @torch.no_grad()
     def reference_logprobs(self, input_ids, attention_mask, response_length: int, temperature: float):
         """Log-probs under the reference: the same weights with the PPO adapter switched off."""
-        with active_adapter(self.policy, None):
+        with active_adapter(self.policy, None), half_compute(self.policy):
             output = self.policy(
                 input_ids=input_ids,
                 attention_mask=attention_mask,

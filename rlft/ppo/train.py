@@ -83,7 +83,7 @@ def run(config: PPOConfig) -> dict:
     model, optimizer = accelerator.prepare(actor_critic, optimizer)
     if last is not None:  # after prepare: under FSDP the optimizer's state is sharded like its parameters
         checkpoint.load_optimizer(model, optimizer, state["optimizer"])
-    for method in ("generate", "reference_logprobs"):  # FSDP2 gathers around these as around forward
+    for method in ("sample_responses", "reference_logprobs"):  # FSDP2 gathers around these as around forward
         register_fsdp_forward_method(model, method)
     trainable = [p for group in optimizer.param_groups for p in group["params"]]  # FSDP2 swapped in DTensors
     # this process's share of the weights (1/N of the base under FSDP), the largest of all processes
