@@ -139,11 +139,7 @@ def next_tokens(logits: torch.Tensor, step: int, sampling: SamplingConfig, eos_t
         kth = logits.topk(min(sampling.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if sampling.top_p < 1:
-        # keep the most likely tokens until their mass reaches top_p (always the first one)
-        ordered, order = logits.sort(dim=-1, descending=True)
-        probs = ordered.softmax(-1)
-        drop = probs.cumsum(-1) - probs >= sampling.top_p
-        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+        logits = logits.masked_fill(~nucleus(logits, sampling.top_p), float("-inf"))
     if scores is not None:
         scores.append(logits)
     # Inverse-CDF draw, one uniform per row: torch.multinomial draws an exponential per vocabulary entry (73 ms
@@ -151,6 +147,27 @@ def next_tokens(logits: torch.Tensor, step: int, sampling: SamplingConfig, eos_t
     cdf = logits.softmax(-1).cumsum(-1, dtype=torch.float64)
     uniform = torch.rand(len(cdf), 1, device=cdf.device, dtype=torch.float64) * cdf[:, -1:]
     return torch.searchsorted(cdf, uniform, right=True).squeeze(-1).clamp(max=cdf.shape[-1] - 1)
+
+
+def nucleus(logits: torch.Tensor, top_p: float, k: int = 256) -> torch.Tensor:
+    """(B, V) bool: the most likely tokens of each row until their mass reaches top_p (always the first one).
+
+    Searches the k most likely tokens first, widening k until every row's top_p mass lies within it: a full sort of
+    the vocabulary costs 300 ms a step at 64 x 49152 here, topk(256) 13 ms, and a nucleus of 0.95 rarely
+    needs more. Tokens past the k-th are then outside the nucleus too, so the kept set is what a sort keeps.
+    """
+    vocab = logits.shape[-1]
+    log_total = logits.logsumexp(-1, keepdim=True)
+    while True:
+        k = min(k, vocab)
+        top, index = logits.topk(k, dim=-1)  # sorted, most likely first
+        probs = (top - log_total).exp()
+        mass = probs.cumsum(-1)
+        if k == vocab or bool((mass[:, -1] >= top_p).all()):
+            break
+        k *= 4
+    keep = mass - probs < top_p
+    return torch.zeros_like(logits, dtype=torch.bool).scatter(-1, index, keep)
 
 
 def all_done(done: torch.Tensor, synced: bool) -> bool:

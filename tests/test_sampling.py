@@ -127,3 +127,64 @@ def test_prompts_past_the_context_are_refused(tiny_lm_dir):
     with pytest.raises(RlftError, match=r"a prompt of 250 tokens plus sampling.max_new_tokens=8 is longer than the "
                                         r"model's context \(256 tokens\)"):
         sample(model, query, SamplingConfig(max_new_tokens=8), tokenizer)
+
+
+def test_output_head_input_is_contiguous_and_kept_logits_are_the_full_ones(tiny_lm_dir):
+    """load_model hands the LM head a contiguous hidden state (a strided logits_to_keep slice makes torch copy the
+    head once per row): the kept logits are exactly the last positions of the full forward."""
+    config = ModelConfig(name_or_path=str(tiny_lm_dir))
+    model = load_model(config)
+    seen = []
+    model.get_output_embeddings().register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    ids = torch.randint(4, 60, (3, 9))
+    with torch.no_grad():
+        full = model(input_ids=ids).logits
+        kept = model(input_ids=ids, logits_to_keep=4).logits
+    assert all(hidden.is_contiguous() for hidden in seen) and seen[-1].shape[1] == 4
+    torch.testing.assert_close(kept, full[:, -4:])
+
+
+def test_half_compute_keeps_float32_adapters_and_their_gradients(tiny_lm_dir):
+    """On a bf16 base the adapter multiplies in bf16 (autocast) but stays float32 with float32 gradients, close to
+    the float32-adapter path; at B = 0 the policy equals the reference exactly."""
+    from rlft.models import half_compute
+
+    config = ModelConfig(name_or_path=str(tiny_lm_dir), dtype="bfloat16")
+    torch.manual_seed(0)
+    policy = add_lora(load_model(config), config, LoraConfig(r=4, dropout=0.0)).eval()
+    ids = torch.randint(4, 60, (3, 9))
+    with torch.no_grad(), half_compute(policy):
+        fresh = policy(input_ids=ids).logits
+        with policy.disable_adapter():
+            reference = policy(input_ids=ids).logits
+    assert torch.equal(fresh, reference)
+    with torch.no_grad():
+        for name, parameter in policy.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, 0.05)
+    lora = [p for p in policy.parameters() if p.requires_grad]
+    grads = {}
+    for half in (False, True):
+        with half_compute(policy) if half else torch.enable_grad():
+            logits = policy(input_ids=ids).logits
+        logits.float().logsumexp(-1).sum().backward()
+        grads[half] = [p.grad.clone() for p in lora]
+        policy.zero_grad()
+        grads[f"logits{half}"] = logits.float().detach()
+    assert all(p.dtype == torch.float32 for p in lora) and all(g.dtype == torch.float32 for g in grads[True])
+    difference = (grads["logitsTrue"] - grads["logitsFalse"]).abs().mean() / grads["logitsFalse"].abs().mean()
+    assert difference < 0.06  # bf16 rounding of the adapter's path , not another function
+    for half_grad, grad in zip(grads[True], grads[False]):
+        assert torch.nn.functional.cosine_similarity(half_grad.flatten(), grad.flatten(), dim=0) > 0.97  # bf16 matmul gradients, as under the HF Trainer's bf16 autocast
+
+
+@pytest.mark.parametrize("scale", [0.1, 3.0, 12.0])  # flat (the search widens past k), moderate, peaked
+def test_nucleus_keeps_what_a_full_sort_keeps(scale):
+    from rlft.generation import nucleus
+
+    logits = torch.randn(6, 5000, generator=torch.Generator().manual_seed(1)) * scale
+    ordered, order = logits.sort(dim=-1, descending=True)
+    probs = ordered.softmax(-1)
+    keep_sorted = probs.cumsum(-1) - probs < 0.9
+    expected = torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
+    assert torch.equal(nucleus(logits, 0.9, k=16), expected)
