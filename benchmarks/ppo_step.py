@@ -82,15 +82,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                         help="Both sides' base weights; bfloat16 also sets TRL's bf16=True (its fastest on CPUs "
                              "with AVX512-BF16/AMX).")
+    parser.add_argument("--trl-dtypes", nargs="+", choices=("float32", "bfloat16"),
+                        help="Run TRL at each of these dtypes (default: --dtype) and compare rlft with the fastest.")
     parser.add_argument("--skip-trl", action="store_true", help="Time rlft only.")
     parser.add_argument("--json", help="Also write the results here.")
     parser.add_argument("--keep", help="Keep the run directories and child logs under this folder.")
     parser.add_argument("--child", choices=SIDES, help=argparse.SUPPRESS)
     parser.add_argument("--workdir", help=argparse.SUPPRESS)
+    parser.add_argument("--side-dtype", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
     if args.child:
-        return child(args.child, Path(args.workdir))
+        return child(args.child, Path(args.workdir), args.side_dtype)
 
     settings = Settings(completions=args.completions, num_generations=args.num_generations,
                         max_new_tokens=args.max_new_tokens, equal_lengths=not args.natural_lengths,
@@ -106,25 +109,31 @@ def main(argv: list[str] | None = None) -> int:
     (workdir / "settings.json").write_text(json.dumps(asdict(settings), indent=2))
     write_prompts(settings, workdir)
 
-    results = {}
-    for side in SIDES:
-        if side == "trl" and args.skip_trl:
-            continue
-        print(f"running {side} ({settings.warmup} warmup + {settings.steps} measured steps) ...", flush=True)
+    results, trl_by_dtype = {}, {}
+    runs = [("rlft", args.dtype)] + [("trl", dtype) for dtype in (args.trl_dtypes or [args.dtype])] * (not args.skip_trl)
+    for side, dtype in runs:
+        print(f"running {side} in {dtype} ({settings.warmup} warmup + {settings.steps} measured steps) ...", flush=True)
         started = time.perf_counter()
-        log_path = workdir / f"{side}.log"
+        log_path = workdir / f"{side}_{dtype}.log"
         with open(log_path, "w") as log:
-            code = subprocess.call([sys.executable, __file__, "--child", side, "--workdir", str(workdir)],
-                                   stdout=log, stderr=subprocess.STDOUT, env=child_env())
+            code = subprocess.call([sys.executable, __file__, "--child", side, "--workdir", str(workdir),
+                                    "--side-dtype", dtype], stdout=log, stderr=subprocess.STDOUT, env=child_env())
         if code != 0:
             tail = "".join(log_path.read_text().splitlines(keepends=True)[-30:])
             print(f"{side} failed (exit {code}); last lines of {log_path}:\n{tail}", file=sys.stderr)
             return 1
-        results[side] = summarize(json.loads((workdir / f"{side}.json").read_text()), settings)
+        summary = {"dtype": dtype, **summarize(json.loads((workdir / f"{side}.json").read_text()), settings)}
+        if side == "trl":
+            trl_by_dtype[dtype] = summary
+        else:
+            results[side] = summary
         print(f"  done in {time.perf_counter() - started:.0f}s", flush=True)
+    if trl_by_dtype:  # the peer at its fastest setting
+        results["trl"] = max(trl_by_dtype.values(), key=lambda summary: summary["completions_per_s"])
 
     report = {"settings": asdict(settings), "command": reproduce_command(args), "machine": machine(),
-              "results": results, "ratios": ratios(results)}
+              "results": results, "ratios": ratios(results),
+              "trl_by_dtype": {dtype: summary["completions_per_s"] for dtype, summary in trl_by_dtype.items()}}
     print_table(report)
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
@@ -213,6 +222,7 @@ def reproduce_command(args) -> str:
     parts += ["--natural-lengths"] * args.natural_lengths + ["--threads", args.threads] * bool(args.threads)
     parts += ["--estimator", args.estimator] * (args.estimator != "gae")
     parts += ["--dtype", args.dtype] * (args.dtype != "float32")
+    parts += ["--trl-dtypes", *args.trl_dtypes] if args.trl_dtypes else []
     parts += ["--skip-trl"] * args.skip_trl + ["--json", args.json] * bool(args.json)
     cache = f"RLFT_CACHE={shlex.quote(os.environ['RLFT_CACHE'])} " if "RLFT_CACHE" in os.environ else ""
     return cache + shlex.join(map(str, parts))
@@ -237,7 +247,8 @@ def print_table(report: dict) -> None:
         ("CPU busy share", "busy_share", "{:.2f}"),
     ]
     sides = [side for side in SIDES if side in results]
-    header = f"{'':28}" + "".join(f"{side:>12}" for side in sides) + ("    rlft/TRL" if len(sides) == 2 else "")
+    short = {"float32": "fp32", "bfloat16": "bf16"}
+    header = f"{'':28}" + "".join(f"{side + ' ' + short[results[side]['dtype']]:>12}" for side in sides) + ("    rlft/TRL" if len(sides) == 2 else "")
     print(header)
     for label, key, fmt in rows:
         values = [results[side]["time"][key] if key in (*PHASES, "step") else results[side][key] for side in sides]
@@ -245,6 +256,9 @@ def print_table(report: dict) -> None:
         if len(values) == 2 and values[1]:
             line += f"{values[0] / values[1]:>11.2f}x"
         print(line)
+    if len(report.get("trl_by_dtype", {})) > 1:
+        print("TRL completions/s by dtype: " + ", ".join(f"{dtype} {value:.2f}" for dtype, value in
+                                                         report["trl_by_dtype"].items()) + " (the table's: the fastest)")
     if report["ratios"]:
         r = report["ratios"]
         print(f"\nrlft/TRL: {r['completions_per_s']:.2f}x completions/s, {r['tokens_per_s']:.2f}x tokens/s, "
@@ -263,8 +277,9 @@ def print_table(report: dict) -> None:
 # Children: one side each; they write {workdir}/{side}.json with per-step figures
 
 
-def child(side: str, workdir: Path) -> int:
-    """Run one side; each side imports only what it uses, so its peak RSS carries no other library."""
+def child(side: str, workdir: Path, dtype: str | None = None) -> int:
+    """Run one side (at `dtype`, else the settings'); each imports only what it uses, so its peak RSS carries no
+    other library."""
     from importlib.metadata import version
 
     import torch
@@ -272,6 +287,8 @@ def child(side: str, workdir: Path) -> int:
     from rlft.runs import peak_rss_mb
 
     settings = Settings(**json.loads((workdir / "settings.json").read_text()))
+    if dtype:
+        settings.dtype = dtype
     if settings.threads:
         torch.set_num_threads(settings.threads)
     versions = {name: version(name) for name in ("torch", "transformers", "trl", "peft")}

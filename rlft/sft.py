@@ -84,7 +84,8 @@ def run(config: SFTConfig) -> dict:
         # Batches of similar length: on the quickstart's dialog pairs half of a random batch was padding.
         train_sampling_strategy="group_by_length",
     )
-    trainer = hf_training.with_seeded_length_groups(SFTTrainer)(
+    trainer_class = with_model_loss(SFTTrainer) if model.device.type == "cpu" else SFTTrainer
+    trainer = hf_training.with_seeded_length_groups(trainer_class)(
         model=model, args=args, train_dataset=train_data, eval_dataset=eval_data, processing_class=tokenizer
     )
     hf_training.keep_trainable_float32(model)
@@ -151,6 +152,24 @@ def save_merged(model_config: ModelConfig, out: Path) -> None:
     merged = PeftModel.from_pretrained(base, out).merge_and_unload()
     merged.save_pretrained(out / "merged")
     load_tokenizer(model_config).save_pretrained(out / "merged")
+
+
+def with_model_loss(trainer_class):
+    """`trainer_class` (TRL's SFTTrainer) with the model's own causal-LM loss on the collator's labels (-100 off
+    the completion): HF Trainer's compute_loss. TRL's default patches in a fused LM head that recomputes every
+    position's logits in float32 chunks to also log entropy and top-1 accuracy: on a CPU that head took 45% of a
+    bf16 SFT step on SmolLM2 (torch profiler, 6 steps of configs/sft.yaml), and configs/sft.yaml trained in 205 s
+    instead of 231 (float32) and 178 instead of 215 (bf16; benchmarks/sft_dtype.py). Used on CPU only: on a GPU
+    the fused head saves memory (no (batch, length, vocab) logits) and runs compact. Those two metrics go; the
+    loss is the same mean over completion tokens."""
+    from transformers import Trainer
+
+    class ModelLoss(trainer_class):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            inputs["use_cache"] = False
+            return Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
+
+    return ModelLoss
 
 
 def sample_completions(model, tokenizer, eval_data, count: int) -> list[dict]:

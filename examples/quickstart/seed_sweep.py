@@ -97,15 +97,21 @@ def machine() -> str:
     names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
              if line.startswith("model name")] if Path("/proc/cpuinfo").is_file() else []
     # the vector ISA torch dispatches to (AVX2, AVX512): one CPU model name covers machines that differ there
+    from rlft.config import ModelConfig
+    from rlft.models import torch_dtype
+
+    # what model.dtype: auto resolves to here (bfloat16 where the CPU multiplies it natively)
+    auto = str(torch_dtype(ModelConfig(), "cpu")).removeprefix("torch.")
     return (f"{names[0] if names else 'unknown CPU'} ({len(names)} cores, {torch.backends.cpu.get_cpu_capability()}), "
-            f"torch {torch.__version__}")
+            f"torch {torch.__version__}, model.dtype auto = {auto}")
 
 
 def figures(folder: Path) -> dict:
     """The headline figures of one finished pipeline folder: its reward model, and PPO against SFT."""
     reward = json.loads((folder / "reward" / "metrics.json").read_text())
     report = json.loads((folder / "eval" / "report.json").read_text())
-    ppo = next(p for p in report["policies"] if p["path"].startswith(str(folder / "ppo")))
+    # the PPO stage's policy, by the stage folder it sits in (a run folder may have been moved since)
+    ppo = next(p for p in report["policies"] if Path(p["path"]).parent.name == "ppo" or Path(p["path"]).name == "ppo")
     target = yaml.safe_load((folder / "ppo" / "config.yaml").read_text())["ppo"]["target_kl"]
     proxy, gold = ppo["rewards"][report["proxy"]]["win_rate"], ppo["rewards"][report["gold"]]["win_rate"]
     found = {
