@@ -188,3 +188,22 @@ def test_nucleus_keeps_what_a_full_sort_keeps(scale):
     keep_sorted = probs.cumsum(-1) - probs < 0.9
     expected = torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
     assert torch.equal(nucleus(logits, 0.9, k=16), expected)
+
+
+def test_columns_of_padding_shared_by_every_row_change_no_log_prob(tiny_lm_dir):
+    """PolicyWithValueHead drops left-padding columns that every row of a micro-batch shares (its prompts were
+    padded to the whole rollout's longest): the log-probs and values are those of the unpadded batch."""
+    policy, tokenizer, query = randomised_policy(tiny_lm_dir)
+    policy = PolicyWithValueHead(policy.policy, critic="head", eos_token_id=tokenizer.eos_token_id).eval()
+    with torch.no_grad():
+        policy.value_head.weight.normal_()
+    response = torch.randint(4, 60, (3, 5))
+    input_ids = torch.cat([query["input_ids"], response], 1)
+    mask = torch.cat([query["attention_mask"], torch.ones_like(response)], 1)
+    padded_ids = torch.cat([torch.full((3, 7), tokenizer.pad_token_id), input_ids], 1)
+    padded_mask = torch.cat([torch.zeros(3, 7, dtype=mask.dtype), mask], 1)
+    with torch.no_grad():
+        plain = policy(input_ids, mask, 5, 1.0)[:2] + (policy.reference_logprobs(input_ids, mask, 5, 1.0),)
+        padded = policy(padded_ids, padded_mask, 5, 1.0)[:2] + (policy.reference_logprobs(padded_ids, padded_mask, 5, 1.0),)
+    for a, b in zip(plain, padded):
+        assert torch.equal(a, b)

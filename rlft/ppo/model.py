@@ -31,6 +31,14 @@ from rlft.ppo.core import logprobs_from_logits
 CRITIC = "critic"  # the critic adapter's name; the policy's is peft's "default"
 
 
+def without_shared_padding(input_ids: torch.Tensor, attention_mask: torch.Tensor):
+    """Drop the leading columns that are padding in every row: a micro-batch's prompts are left-padded to the
+    whole rollout's longest. Masked keys add nothing to attention and positions skip padding, so every kept
+    position computes the same function on fewer columns. -> (input_ids, attention_mask), (B, L' <= L)."""
+    first = int(attention_mask.any(0).long().argmax())  # the first column some row uses
+    return input_ids[:, first:], attention_mask[:, first:]
+
+
 def position_ids_for(attention_mask: torch.Tensor) -> torch.Tensor:
     """Positions that skip left padding, as `generate` assigns them, so recomputed log-probs match."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
@@ -114,6 +122,7 @@ class PolicyWithValueHead(nn.Module):
         input_ids, attention_mask: (B, P + T), prompt left-padded then response; T = response_length.
         Returns logprobs (B, T) float32, values (B, T) float32 (zeros without a critic), logits (B, T, V).
         """
+        input_ids, attention_mask = without_shared_padding(input_ids, attention_mask)
         # The head's input is the last hidden state at exactly the kept positions; a pre-hook reads it
         # for any architecture, where output_hidden_states would keep every layer's activations alive.
         captured = {}
@@ -153,6 +162,7 @@ class PolicyWithValueHead(nn.Module):
     @torch.no_grad()
     def reference_logprobs(self, input_ids, attention_mask, response_length: int, temperature: float):
         """Log-probs under the reference: the same weights with the PPO adapter switched off."""
+        input_ids, attention_mask = without_shared_padding(input_ids, attention_mask)
         with active_adapter(self.policy, None), half_compute(self.policy):
             output = self.policy(
                 input_ids=input_ids,
