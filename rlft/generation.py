@@ -190,17 +190,17 @@ def merged_adapter(model):
     bit-identical after sampling. Costs one copy of the adapted weights while inside; saves the adapter's two
     extra matmuls per layer and decoding step (benchmarks/decode.py: the unmerged adapter costs a third of a
     step). A no-op, sampling through the adapter, for what cannot merge exactly this way: no adapter active,
-    quantized base weights, DoRA, or adapters other than LoRA.
+    quantized base weights, MoE expert parameters, DoRA, or adapters other than LoRA.
     """
     from peft.tuners import lora
-    from peft.tuners.lora import LoraLayer
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
     mergeable = layers and all(
-        isinstance(layer, LoraLayer) and not layer.disable_adapters and len(layer.active_adapters) == 1
-        and not layer.use_dora.get(layer.active_adapters[0], False)
-        and type(layer.get_base_layer().weight) is torch.nn.Parameter
+        # plain weight matrices only: not bitsandbytes' layers, nor MoE experts' stacked parameters
+        isinstance(layer, (lora.Linear, lora.Embedding)) and not layer.disable_adapters
+        and len(layer.active_adapters) == 1 and not layer.use_dora.get(layer.active_adapters[0], False)
+        and type(getattr(layer.get_base_layer(), "weight", None)) is torch.nn.Parameter
         and layer.get_base_layer().weight.dtype.is_floating_point
         for layer in layers
     )
