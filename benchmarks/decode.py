@@ -33,7 +33,7 @@ from rlft.config import LoraConfig, ModelConfig
 from rlft.data import chatterbot_pairs, render_prompts
 from rlft.generation import SamplingConfig, encode_prompts, sample
 from rlft.models import add_lora, load_model, load_tokenizer
-from rlft.ppo.model import position_ids_for
+from rlft.generation import position_ids_for
 
 
 def timed(function, calls: int = 3) -> float:

@@ -57,7 +57,8 @@ def sft_row() -> str:
 
 def main() -> None:
     machine = json.loads((RESULTS / "ppo_step_gae.json").read_text())["machine"]
-    rows = [ppo_row("ppo_step_gae.json"), ppo_row("ppo_step_64x64.json"), *decode_rows(), sft_row()]
+    rows = [ppo_row(name) for name in ("ppo_step_gae.json", "ppo_step_64x64.json") if (RESULTS / name).is_file()]
+    rows += [*decode_rows(), sft_row()]
     text = "\n".join([
         f"On {machine['cpu']} ({machine['cores']} cores, bf16 instructions: "
         f"{', '.join(machine['bf16_instructions']) or 'none'}), one benchmark at a time; each file in "

@@ -97,7 +97,6 @@ def decode(model, prompt: dict[str, torch.Tensor], sampling: SamplingConfig, eos
     from transformers import DynamicCache
 
     from rlft.models import half_compute
-    from rlft.ppo.model import position_ids_for
 
     mask = prompt["attention_mask"]
     positions = position_ids_for(mask)
@@ -229,6 +228,11 @@ def merged_adapter(model):
     finally:
         for base, original in swapped:
             base.weight.data = original
+
+
+def position_ids_for(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions that skip left padding, as `generate` assigns them, so recomputed log-probs match."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
 def decode_responses(tokenizer, response_ids: torch.Tensor) -> list[str]:

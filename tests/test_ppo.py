@@ -169,7 +169,7 @@ def test_first_step_kl_is_exactly_zero_and_reference_is_the_sft_model(tiny_lm_di
     sft_model = PeftModel.from_pretrained(load_model(model_config), tmp_path / "sft").eval()
     raw_base = load_model(model_config).eval()
     from rlft.ppo.core import logprobs_from_logits
-    from rlft.ppo.model import position_ids_for
+    from rlft.generation import position_ids_for
 
     ids, attention = rollout.input_ids, rollout.attention_mask
     length = rollout.response_ids.shape[1]

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from rlft.distributed import gathered
+from rlft.generation import decode, position_ids_for
 from rlft.models import half_compute
 from rlft.policy import active_adapter
 from rlft.ppo.core import logprobs_from_logits
@@ -37,11 +38,6 @@ def without_shared_padding(input_ids: torch.Tensor, attention_mask: torch.Tensor
     position computes the same function on fewer columns. -> (input_ids, attention_mask), (B, L' <= L)."""
     first = int(attention_mask.any(0).long().argmax())  # the first column some row uses
     return input_ids[:, first:], attention_mask[:, first:]
-
-
-def position_ids_for(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Positions that skip left padding, as `generate` assigns them, so recomputed log-probs match."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
 class PolicyWithValueHead(nn.Module):
@@ -103,7 +99,6 @@ class PolicyWithValueHead(nn.Module):
         """The policy's sampling loop (rlft.generation.decode): a method of the root module, so FSDP2 can gather
         around it (train.py)."""
         from rlft.distributed import is_sharded
-        from rlft.generation import decode
 
         with gathered(self) if self.gather_for_generation else nullcontext():
             return decode(self.policy, prompt, sampling, eos_token_id, pad_token_id, greedy,
