@@ -1,13 +1,17 @@
 """Where a rollout's decode time goes: rlft's sampler against the fastest decode of the same policy outside it.
 
     python benchmarks/decode.py [--rows 16 64] [--new-tokens 32] [--dtype float32] [--json F]
+    python benchmarks/decode.py --natural runs/quickstart/sft --top-p 0.95 --variants rlft,rlft_full_batch,hf_merged
 
 The policy is what PPO samples from: the embedded SmolLM2 with a fresh LoRA adapter (r=16, all-linear; its B
 is zero-initialised, so every variant computes the same function). Every variant generates exactly
 `--new-tokens` tokens (EOS banned) from the same chatterbot prompts; tokens/s is over 3 calls after a warm-up.
+With `--natural ADAPTER` the policy is that adapter (an SFT output) and responses end at EOS, as in the
+preferences and eval stages: tokens/s counts real response tokens (through EOS), each call seeded alike.
 
 - `rlft`: rlft.generation.sample, what PPO, preferences and eval call (the adapter merged while sampling);
-  `rlft_unmerged` the same with `sampling.merge_adapter=false`;
+  `rlft_unmerged` the same with `sampling.merge_adapter=false`; `rlft_full_batch` the same with ended rows
+  kept in the batch (`decode(drop_ended=False)`);
 - `hf_generate`: plain `model.generate(do_sample=True)` on the same PEFT model (the HF baseline);
 - `hf_merged`: the same on a merged copy of the weights (no LoRA matmuls);
 - `hf_static`: generate with `cache_implementation="static"` on the merged copy;
@@ -31,9 +35,9 @@ import torch
 
 from rlft.config import LoraConfig, ModelConfig
 from rlft.data import chatterbot_pairs, render_prompts
-from rlft.generation import SamplingConfig, encode_prompts, sample
+from rlft.generation import SamplingConfig, decode, encode_prompts, position_ids_for, response_mask_from_eos, sample
 from rlft.models import add_lora, load_model, load_tokenizer
-from rlft.generation import position_ids_for
+from rlft.policy import load_policy
 
 
 def timed(function, calls: int = 3) -> float:
@@ -68,37 +72,59 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--variants", default="rlft,hf_generate,hf_merged,hf_static,floor")
+    parser.add_argument("--natural", default="", help="an SFT adapter folder: sample it until EOS")
+    parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--json", default="")
     args = parser.parse_args()
-    model_config = ModelConfig(name_or_path="smollm2-135m-instruct", chat_template="chatml", dtype=args.dtype)
-    tokenizer = load_tokenizer(model_config)
-    policy = add_lora(load_model(model_config), model_config, LoraConfig(r=16, alpha=32, dropout=0.0))
+    if args.natural:
+        policy, tokenizer, _ = load_policy(args.natural)  # in the dtype its SFT run chose (--dtype unused)
+        args.dtype = str(policy.get_base_model().dtype).removeprefix("torch.")
+    else:
+        model_config = ModelConfig(name_or_path="smollm2-135m-instruct", chat_template="chatml", dtype=args.dtype)
+        tokenizer = load_tokenizer(model_config)
+        policy = add_lora(load_model(model_config), model_config, LoraConfig(r=16, alpha=32, dropout=0.0))
     policy.eval()
     merged = copy.deepcopy(policy).merge_and_unload()
-    sampling = SamplingConfig(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens)
-    unmerged = SamplingConfig(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, merge_adapter=False)
+    forced = 0 if args.natural else args.new_tokens
+    sampling = SamplingConfig(max_new_tokens=args.new_tokens, min_new_tokens=forced, top_p=args.top_p)
+    unmerged = SamplingConfig(max_new_tokens=args.new_tokens, min_new_tokens=forced, top_p=args.top_p,
+                              merge_adapter=False)
     texts = render_prompts(tokenizer, [row["prompt"] for row in chatterbot_pairs()[: max(args.rows)]])
-    hf = {"do_sample": True, "max_new_tokens": args.new_tokens, "min_new_tokens": args.new_tokens,
-          "pad_token_id": tokenizer.pad_token_id}
+    hf = {"do_sample": True, "max_new_tokens": args.new_tokens, "min_new_tokens": forced, "top_p": args.top_p,
+          "top_k": 0, "pad_token_id": tokenizer.pad_token_id}
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     variants = {
         "rlft": lambda prompt: sample(policy, prompt, sampling, tokenizer),
         "rlft_unmerged": lambda prompt: sample(policy, prompt, unmerged, tokenizer),
+        "rlft_full_batch": lambda prompt: decode(policy, prompt, sampling, eos, pad, drop_ended=False),
         "hf_generate": lambda prompt: policy.generate(**prompt, **hf),
         "hf_merged": lambda prompt: merged.generate(**prompt, **hf),
         "hf_static": lambda prompt: merged.generate(**prompt, **hf, cache_implementation="static"),
         "floor": lambda prompt: floor(merged, prompt, args.new_tokens),
         "floor_lora": lambda prompt: floor(policy, prompt, args.new_tokens),
     }
-    results = {"argv": sys.argv[1:], "threads": torch.get_num_threads(), "dtype": args.dtype, "new_tokens": args.new_tokens, "runs": {}}
+    results = {"argv": sys.argv[1:], "threads": torch.get_num_threads(), "dtype": args.dtype,
+               "new_tokens": args.new_tokens, "natural": args.natural, "runs": {}}
     for rows in args.rows:
         prompt = encode_prompts(tokenizer, texts[:rows], sampling.max_prompt_length, policy.device)
+        width = prompt["input_ids"].shape[1]
         for name in args.variants.split(","):
-            seconds = timed(lambda: variants[name](prompt))
-            results["runs"][f"{name}_{rows}"] = {"rows": rows, "seconds": seconds,
-                                                 "tokens_per_s": rows * args.new_tokens / seconds,
+            generated = []
+
+            def call():
+                torch.manual_seed(0)  # every call and variant draws alike (--natural: the same lengths)
+                response = variants[name](prompt)
+                generated.append(response[:, width:] if name.startswith("hf") else response)
+            seconds = timed(call)
+            if args.natural:  # real tokens: through each row's EOS
+                tokens = response_mask_from_eos(generated[-1], eos, pad)[0].sum().item()
+            else:
+                tokens = rows * args.new_tokens
+            results["runs"][f"{name}_{rows}"] = {"rows": rows, "seconds": seconds, "tokens": tokens,
+                                                 "tokens_per_s": tokens / seconds,
                                                  "ms_per_step": 1000 * seconds / args.new_tokens}
-            print(f"{rows:>3} rows  {name:<12} {rows * args.new_tokens / seconds:7.0f} tokens/s  "
-                  f"{1000 * seconds / args.new_tokens:6.1f} ms/step", flush=True)
+            print(f"{rows:>3} rows  {name:<15} {tokens / seconds:7.0f} tokens/s  {seconds:6.2f} s/call  "
+                  f"{tokens:5d} tokens", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
 

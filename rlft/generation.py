@@ -85,14 +85,19 @@ def sample(model, prompt: dict[str, torch.Tensor], sampling: SamplingConfig, tok
 
 @torch.no_grad()
 def decode(model, prompt: dict[str, torch.Tensor], sampling: SamplingConfig, eos_token_id: int, pad_token_id: int,
-           greedy: bool = False, synced: bool = False, scores: list | None = None) -> torch.Tensor:
+           greedy: bool = False, synced: bool = False, scores: list | None = None,
+           drop_ended: bool = True) -> torch.Tensor:
     """The sampling loop: one cached forward per token, then `next_tokens`; (B, <= max_new_tokens) ids.
 
     model: a HF causal LM or a peft model of one; with `sampling.merge_adapter` its LoRA adapter is merged for
     the loop (`merged_adapter`). Leaner than HF `generate` (no logits-processor or stopping-criteria machinery,
-    no per-step input preparation): benchmarks/decode.py measures the difference. synced: keep stepping until
-    every process is done (FSDP2 gathers each layer from all of them at every step). scores: if given, each
-    step's (B, V) float32 logits as sampled from (temperature and masks applied) are appended to it.
+    no per-step input preparation): benchmarks/decode.py measures the difference. Rows that have sampled EOS
+    leave the batch (and the KV cache): a batch runs until its longest response ends, and short replies are
+    the common case. Every row still draws its uniform each step, so which rows are left does not change what
+    the others sample (drop_ended=False keeps them in: benchmarks/decode.py --natural compares). synced: keep
+    stepping until every process is done (FSDP2 gathers each layer from all of them at every step), with every
+    row in. scores: if given, each step's (B, V) float32 logits as sampled from (temperature and masks applied;
+    zeros for rows already ended) are appended to it.
     """
     from transformers import DynamicCache
 
@@ -101,8 +106,9 @@ def decode(model, prompt: dict[str, torch.Tensor], sampling: SamplingConfig, eos
     mask = prompt["attention_mask"]
     positions = position_ids_for(mask)
     batch = len(mask)
+    rows = torch.arange(batch, device=mask.device)  # the rows still in the batch, in the cache's order
     done = torch.zeros(batch, dtype=torch.bool, device=mask.device)
-    tokens = []
+    response = torch.full((batch, sampling.max_new_tokens), pad_token_id, dtype=torch.long, device=mask.device)
     # merged, the adapter is off; unmerged, its matmuls run at the base's precision
     with merged_adapter(model) if sampling.merge_adapter and not synced else half_compute(model):
         cache = DynamicCache(config=model.config)
@@ -110,22 +116,31 @@ def decode(model, prompt: dict[str, torch.Tensor], sampling: SamplingConfig, eos
         for step in range(sampling.max_new_tokens):
             logits = model(input_ids=inputs, attention_mask=mask, position_ids=positions, past_key_values=cache,
                            use_cache=True, logits_to_keep=1).logits[:, -1]
-            token = next_tokens(logits, step, sampling, eos_token_id, greedy, scores)
-            token = torch.where(done, pad_token_id, token)
-            tokens.append(token)
-            done |= token == eos_token_id
+            uniform = None if greedy else torch.rand(batch, 1, device=mask.device, dtype=torch.float64)[rows]
+            kept = [] if scores is not None else None
+            token = next_tokens(logits, step, sampling, eos_token_id, greedy, kept, uniform)
+            if kept:
+                scores.append(kept[0].new_zeros(batch, kept[0].shape[-1]).index_copy(0, rows, kept[0]))
+            token = torch.where(done[rows], pad_token_id, token)  # only where synced keeps ended rows in
+            response[rows, step] = token
+            done[rows] |= token == eos_token_id
             if step + 1 == sampling.max_new_tokens or all_done(done, synced):
                 break
+            if drop_ended and not synced and bool(done[rows].any()):
+                still = (~done[rows]).nonzero().squeeze(-1)
+                cache.reorder_cache(still)  # index_select along the batch of every layer's keys and values
+                rows, token, mask, positions = rows[still], token[still], mask[still], positions[still]
             inputs = token[:, None]
-            mask = torch.cat([mask, mask.new_ones(batch, 1)], dim=1)
+            mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=1)
             positions = positions[:, -1:] + 1
-    return torch.stack(tokens, dim=1)
+    return response[:, : step + 1]
 
 
 def next_tokens(logits: torch.Tensor, step: int, sampling: SamplingConfig, eos_token_id: int, greedy: bool = False,
-                scores: list | None = None) -> torch.Tensor:
+                scores: list | None = None, uniform: torch.Tensor | None = None) -> torch.Tensor:
     """One token per row from logits (B, V): EOS banned before min_new_tokens, then logits / temperature, top_k,
-    top_p (HF's order), softmax and a draw from the global torch generator; argmax when greedy. -> (B,) long."""
+    top_p (HF's order), softmax and a draw by `uniform` (B, 1) float64 in [0, 1), else one from the global torch
+    generator; argmax when greedy. -> (B,) long."""
     logits = logits.float()
     if step < sampling.min_new_tokens:
         logits = logits.clone()  # the caller's tensor stays as it was
@@ -144,8 +159,9 @@ def next_tokens(logits: torch.Tensor, step: int, sampling: SamplingConfig, eos_t
     # Inverse-CDF draw, one uniform per row: torch.multinomial draws an exponential per vocabulary entry (73 ms
     # a step at 64 x 49152 here, against 2). The CDF is float64 so tokens of tiny probability keep their mass.
     cdf = logits.softmax(-1).cumsum(-1, dtype=torch.float64)
-    uniform = torch.rand(len(cdf), 1, device=cdf.device, dtype=torch.float64) * cdf[:, -1:]
-    return torch.searchsorted(cdf, uniform, right=True).squeeze(-1).clamp(max=cdf.shape[-1] - 1)
+    if uniform is None:
+        uniform = torch.rand(len(cdf), 1, device=cdf.device, dtype=torch.float64)
+    return torch.searchsorted(cdf, uniform * cdf[:, -1:], right=True).squeeze(-1).clamp(max=cdf.shape[-1] - 1)
 
 
 def nucleus(logits: torch.Tensor, top_p: float, k: int = 256) -> torch.Tensor:

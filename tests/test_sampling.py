@@ -8,7 +8,15 @@ import torch
 
 from rlft.config import LoraConfig, ModelConfig, load_config
 from rlft.errors import RlftError
-from rlft.generation import SamplingConfig, decode, encode_prompts, next_tokens, response_mask_from_eos, sample
+from rlft.generation import (
+    SamplingConfig,
+    decode,
+    encode_prompts,
+    next_tokens,
+    position_ids_for,
+    response_mask_from_eos,
+    sample,
+)
 from rlft.models import add_lora, load_model, load_tokenizer
 from rlft.ppo.config import PPOConfig
 from rlft.ppo.model import PolicyWithValueHead
@@ -96,6 +104,40 @@ def test_greedy_decode_equals_hf_generate(tiny_lm_dir):
     theirs_mask, _ = response_mask_from_eos(theirs, tokenizer.eos_token_id, tokenizer.pad_token_id)
     assert torch.equal(ours_mask, theirs_mask[:, : ours.shape[1]]) and ours_mask.sum() > 3
     assert torch.equal(ours[ours_mask], theirs[:, : ours.shape[1]][theirs_mask[:, : ours.shape[1]]])
+
+
+def test_ended_rows_leave_the_batch_without_changing_what_the_others_sample(tiny_lm_dir):
+    """Rows that sampled EOS leave the batch and the KV cache; every row still gets the tokens of a plain loop
+    that keeps the whole batch and recomputes every position (no cache), drawing the same uniforms."""
+    policy, tokenizer, _ = randomised_policy(tiny_lm_dir)
+    model = policy.policy
+    with torch.no_grad():  # EOS likely enough that rows end at different steps
+        model.get_output_embeddings().weight[tokenizer.eos_token_id] *= 4
+    words = "hello how are you tell me about the cat dog sun rain day night".split()
+    texts = [tokenizer.apply_chat_template([{"role": "user", "content": " ".join(words[i : i + 1 + i % 4])}],
+                                           tokenize=False, add_generation_prompt=True) for i in range(8)]
+    query = encode_prompts(tokenizer, texts, 64, "cpu")
+    sampling = SamplingConfig(max_new_tokens=16, temperature=1.5, merge_adapter=False)
+    torch.manual_seed(3)
+    ours = decode(model, query, sampling, tokenizer.eos_token_id, tokenizer.pad_token_id)
+
+    torch.manual_seed(3)
+    ids, mask = query["input_ids"], query["attention_mask"]
+    done = torch.zeros(len(ids), dtype=torch.bool)
+    plain = []
+    with torch.no_grad():
+        for step in range(ours.shape[1]):
+            logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids_for(mask)).logits[:, -1]
+            uniform = torch.rand(len(ids), 1, dtype=torch.float64)
+            token = torch.where(done, tokenizer.pad_token_id,
+                                next_tokens(logits, step, sampling, tokenizer.eos_token_id, uniform=uniform))
+            done |= token == tokenizer.eos_token_id
+            plain.append(token)
+            ids, mask = torch.cat([ids, token[:, None]], 1), torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+    plain = torch.stack(plain, 1)
+    lengths = response_mask_from_eos(ours, tokenizer.eos_token_id, tokenizer.pad_token_id)[0].sum(-1)
+    assert lengths.min() < lengths.max() - 2, lengths  # rows did leave while others went on
+    assert torch.equal(ours, plain)
 
 
 def test_top_p_and_top_k_keep_the_likeliest_tokens():
