@@ -1,13 +1,16 @@
 """Where a rollout's decode time goes: rlft's sampler against the fastest decode of the same policy outside it.
 
     python benchmarks/decode.py [--rows 16 64] [--new-tokens 32] [--dtype float32] [--json F]
-    python benchmarks/decode.py --natural runs/quickstart/sft --top-p 0.95 --variants rlft,rlft_full_batch,hf_merged
+    python benchmarks/decode.py --natural runs/quickstart/sft --calls 8 --variants rlft,rlft_full_batch,hf_merged
 
 The policy is what PPO samples from: the embedded SmolLM2 with a fresh LoRA adapter (r=16, all-linear; its B
 is zero-initialised, so every variant computes the same function). Every variant generates exactly
 `--new-tokens` tokens (EOS banned) from the same chatterbot prompts; tokens/s is over 3 calls after a warm-up.
 With `--natural ADAPTER` the policy is that adapter (an SFT output) and responses end at EOS, as in the
-preferences and eval stages: tokens/s counts real response tokens (through EOS), each call seeded alike.
+preferences and eval stages: tokens/s counts real response tokens (through EOS); call i of each variant is
+seeded i, so rlft's variants sample the same responses (but where bf16 rounding differs with the batch's
+size and flips a draw; HF generate draws differently, so its lengths differ),
+and `--calls` more calls average over more batches' longest responses, which decide a call's steps.
 
 - `rlft`: rlft.generation.sample, what PPO, preferences and eval call (the adapter merged while sampling);
   `rlft_unmerged` the same with `sampling.merge_adapter=false`; `rlft_full_batch` the same with ended rows
@@ -18,8 +21,8 @@ preferences and eval stages: tokens/s counts real response tokens (through EOS),
 - `floor`: the model's own cached forward, one token per row per step, and nothing else (no sampling, no
   stopping checks): the eager model's cost, the bound a sampling loop can approach; `floor_lora` the same
   on the unmerged PEFT model.
-Figures depend on the CPU's vector ISA and thread count: benchmarks/results/decode.json is from a 2-core AVX2
-AMD EPYC, `--variants rlft,hf_merged,floor,floor_lora` (its `argv` field).
+Figures depend on the CPU's vector ISA and thread count: benchmarks/results/decode.json and decode_natural.json
+hold the command that wrote them (their `argv` field) and the thread count.
 """
 
 from __future__ import annotations
@@ -74,6 +77,7 @@ def main() -> None:
     parser.add_argument("--variants", default="rlft,hf_generate,hf_merged,hf_static,floor")
     parser.add_argument("--natural", default="", help="an SFT adapter folder: sample it until EOS")
     parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--calls", type=int, default=3, help="timed calls per variant, after one warm-up")
     parser.add_argument("--json", default="")
     args = parser.parse_args()
     if args.natural:
@@ -112,19 +116,19 @@ def main() -> None:
             generated = []
 
             def call():
-                torch.manual_seed(0)  # every call and variant draws alike (--natural: the same lengths)
+                torch.manual_seed(len(generated))  # call i of every variant draws with seed i
                 response = variants[name](prompt)
                 generated.append(response[:, width:] if name.startswith("hf") else response)
-            seconds = timed(call)
-            if args.natural:  # real tokens: through each row's EOS
-                tokens = response_mask_from_eos(generated[-1], eos, pad)[0].sum().item()
+            seconds = timed(call, args.calls)
+            if args.natural:  # real tokens (through each row's EOS) per timed call
+                tokens = sum(response_mask_from_eos(r, eos, pad)[0].sum().item() for r in generated[1:]) / args.calls
             else:
                 tokens = rows * args.new_tokens
             results["runs"][f"{name}_{rows}"] = {"rows": rows, "seconds": seconds, "tokens": tokens,
                                                  "tokens_per_s": tokens / seconds,
                                                  "ms_per_step": 1000 * seconds / args.new_tokens}
             print(f"{rows:>3} rows  {name:<15} {tokens / seconds:7.0f} tokens/s  {seconds:6.2f} s/call  "
-                  f"{tokens:5d} tokens", flush=True)
+                  f"{tokens:7.1f} tokens/call", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
 

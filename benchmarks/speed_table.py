@@ -2,7 +2,8 @@
 
     python benchmarks/speed_table.py           # after ppo_step.py, decode.py and sft_dtype.py wrote their JSON
 
-Reads ppo_step_gae.json (16 completions x 32 tokens), ppo_step_64x64.json, decode.json and sft_dtype.json
+Reads ppo_step_gae.json (16 completions x 32 tokens), ppo_step_64x64.json, decode.json, decode_natural.json
+and sft_dtype.json
 and writes one table between the README's `<!-- speed -->` markers, each row naming the file it comes from.
 """
 
@@ -46,6 +47,20 @@ def decode_rows() -> list[str]:
     return rows
 
 
+def natural_decode_rows() -> list[str]:
+    """Sampling to EOS (decode.py --natural): rlft against HF generate and against keeping ended rows in."""
+    report = json.loads((RESULTS / "decode_natural.json").read_text())
+    rows = []
+    for batch in sorted({run["rows"] for run in report["runs"].values()}):
+        runs = {name.rsplit("_", 1)[0]: run["tokens_per_s"] for name, run in report["runs"].items()
+                if run["rows"] == batch}
+        rows.append(f"| Decode to EOS, {batch} rows, the quickstart's SFT model (`decode_natural.json`) | rlft's "
+                    f"sampler {runs['rlft']:.0f} tokens/s | HF generate, merged weights {runs['hf_merged']:.0f}; "
+                    f"rlft keeping ended rows in {runs['rlft_full_batch']:.0f} | **{runs['rlft'] / runs['hf_merged']:.2f}x** "
+                    f"HF, {runs['rlft'] / runs['rlft_full_batch']:.2f}x the full batch |")
+    return rows
+
+
 def sft_row() -> str:
     report = json.loads((RESULTS / "sft_dtype.json").read_text())
     fp32, bf16 = report["float32"], report["bfloat16"]
@@ -58,7 +73,7 @@ def sft_row() -> str:
 def main() -> None:
     machine = json.loads((RESULTS / "ppo_step_gae.json").read_text())["machine"]
     rows = [ppo_row(name) for name in ("ppo_step_gae.json", "ppo_step_64x64.json") if (RESULTS / name).is_file()]
-    rows += [*decode_rows(), sft_row()]
+    rows += [*decode_rows(), *natural_decode_rows(), sft_row()]
     text = "\n".join([
         f"On {machine['cpu']} ({machine['cores']} cores, bf16 instructions: "
         f"{', '.join(machine['bf16_instructions']) or 'none'}), one benchmark at a time; each file in "
