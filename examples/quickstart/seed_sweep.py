@@ -114,6 +114,7 @@ def figures(folder: Path) -> dict:
     ppo = next(p for p in report["policies"] if Path(p["path"]).parent.name == "ppo" or Path(p["path"]).name == "ppo")
     target = yaml.safe_load((folder / "ppo" / "config.yaml").read_text())["ppo"]["target_kl"]
     proxy, gold = ppo["rewards"][report["proxy"]]["win_rate"], ppo["rewards"][report["gold"]]["win_rate"]
+    timings = json.loads((folder / "pipeline.json").read_text())["stage_wall_time_s"]
     found = {
         "reward_model_accuracy": reward["eval_accuracy_after"], "reward_model_eval_pairs": reward["eval_rows"],
         "eval_prompts": report["prompts"]["count"],
@@ -125,7 +126,8 @@ def figures(folder: Path) -> dict:
         # mode collapse (one reply for every prompt) wins under a rule judge too: the bars cannot see it
         "distinct_1": ppo["hacking"]["diversity"]["policy"]["distinct_1"],
         "reference_distinct_1": ppo["hacking"]["diversity"]["reference"]["distinct_1"],
-        "wall_time_min": sum(json.loads((folder / "pipeline.json").read_text())["stage_wall_time_s"].values()) / 60,
+        "wall_time_min": sum(timings.values()) / 60,
+        "stages_timed": len(timings),  # fewer than five: a stopped run's finished stages, reused without their times
     }
     found["bars_missed"] = [wording for key, test, wording in BARS if not test(found[key])]
     return found
@@ -162,6 +164,8 @@ def markdown(sweep: dict) -> str:
     summary = sweep["summary"]
     lines.append("| mean ± std | | " + " | ".join(
         f"{fmt.format(summary[key]['mean'])} ± {fmt.format(summary[key]['std'])}" for key, _, fmt in columns) + " | |")
+    lines += [f"\nSeed {r['seed']} on {r['threads']} threads: minutes of {r['stages_timed']} stages, the others' "
+              "times lost to a stopped run." for r in runs if r.get("stages_timed", 5) < 5]
     return "\n".join(lines) + "\n"
 
 
