@@ -156,8 +156,11 @@ def run(config: PipelineConfig) -> dict:
         stage_runners[stage](stage_config)
         timings[stage] = time.time() - started
         log.info("[%s] done in %.0f s", stage, timings[stage])
-        # after every stage: a pipeline stopped later still records the time of each stage it finished
-        runs.write_json(record, {"stage_wall_time_s": timings, "peak_rss_mb": runs.peak_rss_mb()})
+        save_record(record, timings)  # after every stage: a pipeline stopped later keeps the times it earned
+    return save_record(record, timings)
+
+
+def save_record(record: Path, timings: dict[str, float]) -> dict:
     summary = {"stage_wall_time_s": timings, "peak_rss_mb": runs.peak_rss_mb()}
     runs.write_json(record, summary)
     return summary
