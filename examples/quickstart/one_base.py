@@ -7,7 +7,9 @@
    model, PPO scores with it on its own base and trains an adapter critic started from it;
 3. `configs/quickstart_one_base_head.yaml`: the same reward adapter, PPO with the head critic;
 4. `benchmarks/one_base.py`: peak RSS and step time of a few PPO steps by reward model and critic;
-5. the table from the three reports (each pipeline's own `eval/report.json`: its own proxy, VADER as gold)
+5. the reward adapter on seeds 1 and 2 too (its reward stage only, on the SFT models and pairs of
+   `examples/quickstart/seed_sweep.py`'s runs, which must be there): held-out accuracy by seed, next to MiniLM's;
+6. the tables from the three reports (each pipeline's own `eval/report.json`: its own proxy, VADER as gold)
    into examples/quickstart/one_base.{json,md} and the README between its `<!-- one_base -->` markers.
 Each stage skips what is already complete; `--table-only` redoes the table from what is there.
 """
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -39,9 +42,21 @@ COMMANDS = [
     ["-m", "rlft", "pipeline", "--config", "configs/quickstart_one_base_head.yaml"],
     ["benchmarks/one_base.py", "--json", str(BENCHMARK)],
 ]
+SEEDS = {  # seed: (the MiniLM quickstart whose SFT model and pairs the reward adapter trains on, its folder)
+    0: ("runs/quickstart", "runs/quickstart_one_base"),
+    1: ("runs/seed_sweep/seed1_threads2", "runs/one_base_seeds/seed1"),
+    2: ("runs/seed_sweep/seed2_threads2", "runs/one_base_seeds/seed2"),
+}
+COMMANDS += [["-m", "rlft", "pipeline", "--config", "configs/quickstart_one_base.yaml", f"output_dir={folder}",
+              f"reuse_from={minilm}", f"seed={seed}", "stages=[sft,preferences,reward]"]
+             for seed, (minilm, folder) in SEEDS.items() if seed]
 
 
 def main() -> None:
+    missing = [minilm for seed, (minilm, _) in SEEDS.items()  # seed 0's is the first command's
+               if seed and not (ROOT / minilm / "reward" / "metrics.json").is_file()]
+    if missing:
+        sys.exit(f"no finished reward stage in {', '.join(missing)}: run examples/quickstart/seed_sweep.py first")
     if "--table-only" not in sys.argv[1:]:
         for command in COMMANDS:
             print("+", " ".join(command), flush=True)
@@ -81,7 +96,19 @@ def headline() -> dict:
     benchmark = json.loads(BENCHMARK.read_text()) if BENCHMARK.is_file() else None
     return {"prompts": report["prompts"]["count"], "seed": report["seed"],
             "threads": int(os.environ.get("OMP_NUM_THREADS", "0")) or os.cpu_count(), "rows": rows,
-            "memory_benchmark": benchmark}
+            "memory_benchmark": benchmark, "reward_by_seed": reward_by_seed()}
+
+
+def reward_by_seed() -> dict:
+    """Held-out accuracy of the SmolLM2 reward adapter and of MiniLM, trained on the same pairs, by seed."""
+    runs = {}
+    for seed, (minilm, folder) in SEEDS.items():
+        adapter, baseline = (json.loads((ROOT / f / "reward" / "metrics.json").read_text()) for f in (folder, minilm))
+        runs[seed] = {"adapter": adapter["eval_accuracy_after"], "minilm": baseline["eval_accuracy_after"],
+                      "pairs": adapter["eval_rows"]}
+    summary = {name: {"mean": statistics.mean(r[name] for r in runs.values()),
+                      "std": statistics.stdev(r[name] for r in runs.values())} for name in ("adapter", "minilm")}
+    return {"runs": runs, **summary}
 
 
 def markdown(table: dict) -> str:
@@ -95,6 +122,15 @@ def markdown(table: dict) -> str:
         lines.append(f"| {row['run']} | {row['reward_accuracy']:.2f} ({row['reward_eval_pairs']}) | "
                      f"{ci(row['proxy_win_rate'], True)} | {ci(row['gold_win_rate'], True)} | {ci(row['kl_exact'])} | "
                      f"{row['explained_variance']:.2f} | {row['time_step_s']:.1f} s |")
+    by_seed = table["reward_by_seed"]
+    seeds = list(by_seed["runs"])
+    lines += ["", f"Held-out accuracy of the reward model by seed (seeds {', '.join(map(str, seeds))}; each seed has its "
+              "own SFT model, pairs and hold-out split; both models trained on the same pairs):", "",
+              "| Reward model | " + " | ".join(f"seed {s}" for s in seeds) + " | mean ± std |",
+              "|---|" + "---|" * (len(seeds) + 1)]
+    for name, label in (("adapter", "SmolLM2 reward adapter"), ("minilm", "MiniLM")):
+        cells = " | ".join(f"{run[name]:.3f} ({run['pairs']})" for run in by_seed["runs"].values())
+        lines.append(f"| {label} | {cells} | {by_seed[name]['mean']:.3f} ± {by_seed[name]['std']:.3f} |")
     benchmark = table["memory_benchmark"]
     if benchmark:
         lines += ["", f"Peak RSS of {benchmark['steps']} PPO steps by reward model (`benchmarks/one_base.py`, "
