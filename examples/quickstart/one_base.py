@@ -56,7 +56,9 @@ def main() -> None:
     missing = [minilm for seed, (minilm, _) in SEEDS.items()  # seed 0's is the first command's
                if seed and not (ROOT / minilm / "reward" / "metrics.json").is_file()]
     if missing:
-        sys.exit(f"no finished reward stage in {', '.join(missing)}: run examples/quickstart/seed_sweep.py first")
+        print(f"no finished reward stage in {', '.join(missing)}: run examples/quickstart/seed_sweep.py first",
+              file=sys.stderr)
+        sys.exit(2)
     if "--table-only" not in sys.argv[1:]:
         for command in COMMANDS:
             print("+", " ".join(command), flush=True)
