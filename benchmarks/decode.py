@@ -38,7 +38,8 @@ import torch
 
 from rlft.config import LoraConfig, ModelConfig
 from rlft.data import chatterbot_pairs, render_prompts
-from rlft.generation import SamplingConfig, decode, encode_prompts, position_ids_for, response_mask_from_eos, sample
+from rlft.generation import (SamplingConfig, cache_argument, decode, encode_prompts, position_ids_for,
+                             response_mask_from_eos, sample)
 from rlft.models import add_lora, load_model, load_tokenizer
 from rlft.policy import load_policy
 
@@ -55,17 +56,16 @@ def timed(function, calls: int = 3) -> float:
 def floor(model, prompt: dict, new_tokens: int) -> None:
     from transformers import DynamicCache
 
-    cache = DynamicCache()
+    cache = {cache_argument(model): DynamicCache()}
     mask = prompt["attention_mask"]
     positions = position_ids_for(mask)
     output = model(input_ids=prompt["input_ids"], attention_mask=mask, position_ids=positions,
-                   past_key_values=cache, use_cache=True, logits_to_keep=1)
+                   **cache, use_cache=True, logits_to_keep=1)
     token = output.logits[:, -1].argmax(-1, keepdim=True)
     for _ in range(new_tokens - 1):
         mask = torch.cat([mask, mask.new_ones(len(mask), 1)], dim=1)
         positions = positions[:, -1:] + 1
-        output = model(input_ids=token, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                       use_cache=True)
+        output = model(input_ids=token, attention_mask=mask, position_ids=positions, **cache, use_cache=True)
         token = output.logits[:, -1].argmax(-1, keepdim=True)
 
 
@@ -98,9 +98,9 @@ def main() -> None:
           "top_k": 0, "pad_token_id": tokenizer.pad_token_id}
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     variants = {
-        "rlft": lambda prompt: sample(policy, prompt, sampling, tokenizer),
-        "rlft_unmerged": lambda prompt: sample(policy, prompt, unmerged, tokenizer),
-        "rlft_full_batch": lambda prompt: decode(policy, prompt, sampling, eos, pad, drop_ended=False),
+        "rlft": lambda prompt: sample(policy, prompt, sampling, tokenizer).ids,
+        "rlft_unmerged": lambda prompt: sample(policy, prompt, unmerged, tokenizer).ids,
+        "rlft_full_batch": lambda prompt: decode(policy, prompt, sampling, eos, pad, drop_ended=False).ids,
         "hf_generate": lambda prompt: policy.generate(**prompt, **hf),
         "hf_merged": lambda prompt: merged.generate(**prompt, **hf),
         "hf_static": lambda prompt: merged.generate(**prompt, **hf, cache_implementation="static"),

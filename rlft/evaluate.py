@@ -25,7 +25,7 @@ import torch
 
 from reward_models.scorers import ScorerConfig, build_scorer
 from rlft import hacking, runs
-from rlft.config import DataConfig, ModelConfig, option, require, section
+from rlft.config import DataConfig, ModelConfig, option, require, require_seed, section
 from rlft.data import load_splits, prompt_key, prompts_of, render_prompts
 from rlft.errors import RlftError
 from rlft.metrics import METRICS_JSONL, read_metrics
@@ -72,8 +72,8 @@ class EvalConfig:
         "adapter folders' records never do, since a downloaded folder could ask for it.",
     )
     kl_budget: float = option(
-        0.0, "Recommend the checkpoint with the best gold (else proxy) score whose exact KL is at most this "
-        "(nats per response; 0: no budget).")
+        0.0, "Recommend the checkpoint with the best gold (else proxy) score whose exact KL is at most this and whose "
+        "replies did not collapse (nats per response; 0: the ppo.kl_budget of the checkpoints' run, else none).")
     gold: str = option("", "Name of the gold scorer (reported apart from the proxy); empty: one named 'gold', if any.")
     scorers: list[ScorerConfig] = option(
         DEFAULT_SCORERS, "Reward models / functions, each reported separately; the first is the proxy (PPO's reward)."
@@ -84,6 +84,7 @@ class EvalConfig:
     sampling: SamplingConfig = section(SamplingConfig, "How policy and reference sample (keep PPO's temperature).")
 
     def __post_init__(self):
+        require_seed(self.seed)
         require(bool(self.policies) or bool(self.checkpoints_of), "policies", "name at least one adapter folder")
         require(self.num_prompts > 0, "num_prompts", "must be >= 1")
         require(self.sampling.min_new_tokens == 0, "sampling.min_new_tokens",
@@ -169,6 +170,17 @@ def fingerprint(adapter: Adapter) -> str:
     return digest.hexdigest()
 
 
+def training_result(run_dir: str) -> dict | None:
+    """Which checkpoint a PPO run kept as its result, at what KL by its own measurement, under what budget."""
+    metrics = Path(run_dir) / runs.METRICS if run_dir else None
+    if metrics is None or not metrics.is_file():
+        return None
+    summary = runs.read_json(metrics)
+    if "result_step" not in summary:
+        return None
+    return {key: summary[key] for key in ("result_step", "result_kl", "kl_budget")}
+
+
 def default_training_run(config: EvalConfig) -> str:
     for path in [*config.policies, config.checkpoints_of]:
         if path and (Path(path) / METRICS_JSONL).is_file():
@@ -204,7 +216,7 @@ def sample_pass(model, tokenizer, prompt_texts: list[str], sampling: SamplingCon
     for start in range(0, len(prompt_texts), batch_size):
         texts = prompt_texts[start : start + batch_size]
         prompt = encode_prompts(tokenizer, texts, sampling.max_prompt_length, model.device)
-        response_ids = sample(model, prompt, sampling, tokenizer)
+        response_ids = sample(model, prompt, sampling, tokenizer).ids
         response_mask, ended = response_mask_from_eos(response_ids, tokenizer.eos_token_id, tokenizer.pad_token_id)
         batches.append(SampleBatch(prompt, response_ids, response_mask))
         completions += decode_responses(tokenizer, response_ids)
@@ -409,6 +421,8 @@ def evaluate_adapter(adapter: Adapter, prompts: list, scorers: dict, config: Eva
     result["hacking"] = hacking.detectors(
         result["per_prompt"]["scores"], {"policy": policy.lengths.tolist(), "reference": reference.lengths.tolist()},
         {"policy": policy.completions, "reference": reference.completions}, config.scorers[0].name, config.gold_scorer)
+    if warnings := result["hacking"]["collapse"]["warnings"]:
+        log.warning("%s: the replies collapsed against the reference's: %s", adapter.label, "; ".join(warnings))
     proxy = result["rewards"][config.scorers[0].name]
     log.info(
         "%s: proxy %.3f (reference %.3f), KL exact %.3f / sampled %.3f; %s", adapter.label, proxy["policy"]["mean"],
@@ -433,7 +447,9 @@ def run(config: EvalConfig) -> dict:
     if training_run and not (Path(training_run) / METRICS_JSONL).is_file():
         raise RlftError(f"training_run: '{Path(training_run) / METRICS_JSONL}' not found: point it at a PPO run dir")
     training = read_metrics(training_run) if training_run else []
-    out = runs.prepare(config.output_dir, config)
+    # no budget of its own: the one PPO kept its result within, so both choose under one limit
+    kl_budget = config.kl_budget or (training_result(config.checkpoints_of) or {}).get("kl_budget", 0.0)
+    out = runs.prepare(config.output_dir, config, "eval")
 
     # 2. scorers, loaded once for all policies, each reported separately under its config name
     scorers = {scorer.name: build_scorer([scorer], default_device()) for scorer in config.scorers}
@@ -453,7 +469,7 @@ def run(config: EvalConfig) -> dict:
         "prompts": {"source": config.data.path, "count": len(prompts)},
         "sampling": asdict(config.sampling),
         "seed": config.seed,
-        "kl_budget": config.kl_budget,
+        "kl_budget": kl_budget,
         "proxy": config.scorers[0].name,
         "gold": config.gold_scorer,
         "scorers": [asdict(scorer) for scorer in config.scorers],
@@ -462,10 +478,12 @@ def run(config: EvalConfig) -> dict:
         "training": {"run": training_run, "rows": training} if training_run else None,
     }
     if checkpoints:  # the checkpoint to ship: the best judged one the KL budget allows
-        report["recommended"] = hacking.recommend(hacking.overoptimization_points(report), config.kl_budget,
+        report["recommended"] = hacking.recommend(hacking.overoptimization_points(report), kl_budget,
                                                   by="gold" if report["gold"] else "proxy")
+        report["training_result"] = training_result(config.checkpoints_of)
 
     # 4. save: numbers first (minutes of sampling survive a plotting error), then plots and readable reports
+    runs.begin(out, config)
     runs.write_json(out / "report.json", report)
     report["files"] = write_report(report, out)
     report["wall_time_s"] = time.time() - started

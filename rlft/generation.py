@@ -5,8 +5,10 @@ One implementation for every stage that generates: PPO rollouts, preference buil
 
 from __future__ import annotations
 
+import inspect
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -57,9 +59,17 @@ def encode_prompts(tokenizer, texts: list[str], max_length: int, device) -> dict
     return {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device)}
 
 
+class Sampled(NamedTuple):
+    """What the sampling loop drew. T <= max_new_tokens; after a row's first EOS its slots are padding."""
+
+    ids: torch.Tensor  # (B, T) response token ids
+    logprobs: torch.Tensor  # (B, T) float32: log-prob of each drawn token under the distribution it was drawn from
+
+
 @torch.no_grad()
-def sample(model, prompt: dict[str, torch.Tensor], sampling: SamplingConfig, tokenizer, greedy: bool = False):
-    """Response token ids (batch, <= max_new_tokens); after a row's first EOS the tokens are padding.
+def sample(model, prompt: dict[str, torch.Tensor], sampling: SamplingConfig, tokenizer,
+           greedy: bool = False) -> Sampled:
+    """Response token ids and the sampler's own log-probs of them (`Sampled`).
 
     Samples from softmax(logits / temperature) (with top_p / top_k when set) and nothing else: the sampling
     defaults a model ships in generation_config.json (repetition_penalty, no_repeat_ngram_size, its own top_k,
@@ -85,9 +95,8 @@ def sample(model, prompt: dict[str, torch.Tensor], sampling: SamplingConfig, tok
 
 @torch.no_grad()
 def decode(model, prompt: dict[str, torch.Tensor], sampling: SamplingConfig, eos_token_id: int, pad_token_id: int,
-           greedy: bool = False, synced: bool = False, scores: list | None = None,
-           drop_ended: bool = True) -> torch.Tensor:
-    """The sampling loop: one cached forward per token, then `next_tokens`; (B, <= max_new_tokens) ids.
+           greedy: bool = False, synced: bool = False, drop_ended: bool = True) -> Sampled:
+    """The sampling loop: one cached forward per token, then `next_tokens`; ids and log-probs (B, <= max_new_tokens).
 
     model: a HF causal LM or a peft model of one; with `sampling.merge_adapter` its LoRA adapter is merged for
     the loop (`merged_adapter`). Leaner than HF `generate` (no logits-processor or stopping-criteria machinery,
@@ -96,8 +105,7 @@ def decode(model, prompt: dict[str, torch.Tensor], sampling: SamplingConfig, eos
     the common case. Every row still draws its uniform each step, so which rows are left does not change what
     the others sample (drop_ended=False keeps them in: benchmarks/decode.py --natural compares). synced: keep
     stepping until every process is done (FSDP2 gathers each layer from all of them at every step), with every
-    row in. scores: if given, each step's (B, V) float32 logits as sampled from (temperature and masks applied;
-    zeros for rows already ended) are appended to it.
+    row in. The log-probs are the sampler's own, kept so that PPO can check them against its recomputed ones.
     """
     from transformers import DynamicCache
 
@@ -109,20 +117,21 @@ def decode(model, prompt: dict[str, torch.Tensor], sampling: SamplingConfig, eos
     rows = torch.arange(batch, device=mask.device)  # the rows still in the batch, in the cache's order
     done = torch.zeros(batch, dtype=torch.bool, device=mask.device)
     response = torch.full((batch, sampling.max_new_tokens), pad_token_id, dtype=torch.long, device=mask.device)
+    logprobs = torch.zeros((batch, sampling.max_new_tokens), dtype=torch.float32, device=mask.device)
     # merged, the adapter is off; unmerged, its matmuls run at the base's precision
     with merged_adapter(model) if sampling.merge_adapter and not synced else half_compute(model):
-        cache = DynamicCache(config=model.config)
+        cache, argument = DynamicCache(config=model.config), cache_argument(model)
+        # Mamba-1 blocks multiply the mask into their inputs position by position: past the prefill, their own
+        # generate passes none (one new token, never padding); every other model reads the whole mask
+        whole_mask = getattr(model.config, "model_type", None) not in MASK_PREFILL_ONLY
         inputs = prompt["input_ids"]
         for step in range(sampling.max_new_tokens):
-            logits = model(input_ids=inputs, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                           use_cache=True, logits_to_keep=1).logits[:, -1]
+            logits = model(input_ids=inputs, attention_mask=mask if whole_mask or step == 0 else None,
+                           position_ids=positions, **{argument: cache}, use_cache=True, logits_to_keep=1).logits[:, -1]
             uniform = None if greedy else torch.rand(batch, 1, device=mask.device, dtype=torch.float64)[rows]
-            kept = [] if scores is not None else None
-            token = next_tokens(logits, step, sampling, eos_token_id, greedy, kept, uniform)
-            if kept:
-                scores.append(kept[0].new_zeros(batch, kept[0].shape[-1]).index_copy(0, rows, kept[0]))
+            token, logprob = next_tokens(logits, step, sampling, eos_token_id, greedy, uniform=uniform)
             token = torch.where(done[rows], pad_token_id, token)  # only where synced keeps ended rows in
-            response[rows, step] = token
+            response[rows, step], logprobs[rows, step] = token, logprob
             done[rows] |= token == eos_token_id
             if step + 1 == sampling.max_new_tokens or all_done(done, synced):
                 break
@@ -133,20 +142,33 @@ def decode(model, prompt: dict[str, torch.Tensor], sampling: SamplingConfig, eos
             inputs = token[:, None]
             mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=1)
             positions = positions[:, -1:] + 1
-    return response[:, : step + 1]
+    return Sampled(response[:, : step + 1], logprobs[:, : step + 1])
+
+
+MASK_PREFILL_ONLY = {"mamba", "falcon_mamba"}  # model types whose decoding steps take no attention mask
+
+
+def cache_argument(model) -> str:
+    """The name under which the model's forward takes its KV cache: `cache` from transformers 5.25 on (where
+    `past_key_values` is deprecated, and some models, Mamba among them, silently ignore it), `past_key_values`
+    before. A peft model's forward takes **kwargs: its base model's signature decides."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
 
 
 def next_tokens(logits: torch.Tensor, step: int, sampling: SamplingConfig, eos_token_id: int, greedy: bool = False,
-                scores: list | None = None, uniform: torch.Tensor | None = None) -> torch.Tensor:
+                scores: list | None = None, uniform: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """One token per row from logits (B, V): EOS banned before min_new_tokens, then logits / temperature, top_k,
     top_p (HF's order), softmax and a draw by `uniform` (B, 1) float64 in [0, 1), else one from the global torch
-    generator; argmax when greedy. -> (B,) long."""
+    generator; argmax when greedy. -> (tokens (B,) long, their log-probs (B,) float32 under the distribution
+    drawn from). scores: if given, the processed (B, V) logits are appended to it."""
     logits = logits.float()
     if step < sampling.min_new_tokens:
         logits = logits.clone()  # the caller's tensor stays as it was
         logits[:, eos_token_id] = float("-inf")
     if greedy:
-        return logits.argmax(-1)
+        token = logits.argmax(-1)
+        return token, logits.log_softmax(-1).gather(-1, token[:, None]).squeeze(-1)
     if sampling.temperature != 1:
         logits = logits / sampling.temperature
     if sampling.top_k:
@@ -161,7 +183,8 @@ def next_tokens(logits: torch.Tensor, step: int, sampling: SamplingConfig, eos_t
     cdf = logits.softmax(-1).cumsum(-1, dtype=torch.float64)
     if uniform is None:
         uniform = torch.rand(len(cdf), 1, device=cdf.device, dtype=torch.float64)
-    return torch.searchsorted(cdf, uniform * cdf[:, -1:], right=True).squeeze(-1).clamp(max=cdf.shape[-1] - 1)
+    token = torch.searchsorted(cdf, uniform * cdf[:, -1:], right=True).squeeze(-1).clamp(max=cdf.shape[-1] - 1)
+    return token, logits.gather(-1, token[:, None]).squeeze(-1) - logits.logsumexp(-1)
 
 
 def nucleus(logits: torch.Tensor, top_p: float, k: int = 256) -> torch.Tensor:
@@ -273,7 +296,7 @@ def complete(model, tokenizer, prompt_texts: list[str], sampling: SamplingConfig
     for start in tqdm(starts, desc="generate", disable=len(starts) < 2):
         batch = prompt_texts[start : start + batch_size]
         prompt = encode_prompts(tokenizer, batch, sampling.max_prompt_length, model.device)
-        texts = decode_responses(tokenizer, sample(model, prompt, sampling, tokenizer, greedy))
+        texts = decode_responses(tokenizer, sample(model, prompt, sampling, tokenizer, greedy).ids)
         for offset, text in enumerate(texts):
             results[start + offset].append(text)
     model.train(was_training)

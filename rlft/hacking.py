@@ -12,6 +12,7 @@ Each is a small function of what the report already holds (per-prompt scores, le
 from __future__ import annotations
 
 import math
+from collections import Counter
 from functools import lru_cache
 from pathlib import Path
 
@@ -68,10 +69,61 @@ def detectors(scores: dict, lengths: dict, completions: dict, proxy: str, gold: 
         "diversity": {side: diversity(completions[side]) for side in sides},
         "disagreement_rate": None,
     }
+    result["collapse"] = collapse(completions, lengths, result["diversity"])
     if gold:
         result["disagreement_rate"] = disagreement_rate(scores[proxy]["policy"], scores[proxy]["reference"],
                                                         scores[gold]["policy"], scores[gold]["reference"])
     return result
+
+
+# A policy that collapsed onto few short replies: its samples against its reference's, each signal with its limit.
+COLLAPSE_LIMITS = {
+    "length_ratio": 0.6,  # mean length below 0.6x the reference's
+    "distinct_1_ratio": 0.75,  # distinct-1 below 0.75x the reference's
+    "self_bleu_ratio": 2.0,  # self-BLEU above 2x the reference's (and above 0.3)
+    "top_reply_share": 0.25,  # one reply is a quarter of all samples (and 3x the reference's most common)
+}
+
+
+def top_reply_share(completions: list[str]) -> float:
+    """The share of samples that are the most common reply (normalised for case and surrounding space)."""
+    counts = Counter(text.strip().lower() for text in completions)
+    return max(counts.values()) / len(completions) if completions else 0.0
+
+
+def collapse(completions: dict[str, list[str]], lengths: dict[str, list[float]],
+             diversity_of_side: dict[str, dict] | None = None) -> dict:
+    """Mode-collapse signals of a policy's samples against its reference's on the same prompts.
+
+    completions, lengths: {"policy": [...], "reference": [...]}; diversity_of_side: their `diversity` if already
+    computed. -> {signal: value, ..., "warnings": [one sentence per signal past its COLLAPSE_LIMITS entry]}.
+    """
+    diversity_of_side = diversity_of_side or {side: diversity(completions[side]) for side in ("policy", "reference")}
+    policy, reference = diversity_of_side["policy"], diversity_of_side["reference"]
+    mean_length = {side: float(np.mean(lengths[side])) if len(lengths[side]) else 0.0 for side in lengths}
+    signals = {
+        "length_ratio": mean_length["policy"] / max(mean_length["reference"], 1e-9),
+        "distinct_1_ratio": policy["distinct_1"] / max(reference["distinct_1"], 1e-9),
+        "self_bleu_ratio": policy["self_bleu"] / max(reference["self_bleu"], 1e-9),
+        "top_reply_share": top_reply_share(completions["policy"]),
+        "reference_top_reply_share": top_reply_share(completions["reference"]),
+    }
+    top = Counter(text.strip() for text in completions["policy"]).most_common(1)
+    warnings = []
+    if signals["length_ratio"] < COLLAPSE_LIMITS["length_ratio"]:
+        warnings.append(f"replies shrank to {signals['length_ratio']:.2f}x the reference's length "
+                        f"({mean_length['policy']:.1f} vs {mean_length['reference']:.1f} tokens)")
+    if signals["distinct_1_ratio"] < COLLAPSE_LIMITS["distinct_1_ratio"]:
+        warnings.append(f"distinct-1 fell to {signals['distinct_1_ratio']:.2f}x the reference's "
+                        f"({policy['distinct_1']:.2f} vs {reference['distinct_1']:.2f})")
+    if signals["self_bleu_ratio"] > COLLAPSE_LIMITS["self_bleu_ratio"] and policy["self_bleu"] > 0.3:
+        warnings.append(f"self-BLEU rose to {signals['self_bleu_ratio']:.1f}x the reference's "
+                        f"({policy['self_bleu']:.2f} vs {reference['self_bleu']:.2f})")
+    if (signals["top_reply_share"] >= COLLAPSE_LIMITS["top_reply_share"]
+            and signals["top_reply_share"] >= 3 * signals["reference_top_reply_share"]):
+        warnings.append(f"one reply is {signals['top_reply_share']:.0%} of the samples ({top[0][0][:40]!r}; the "
+                        f"reference's most common {signals['reference_top_reply_share']:.0%})")
+    return {**signals, "warnings": warnings}
 
 
 def overoptimization_points(report: dict) -> list[dict]:
@@ -82,17 +134,18 @@ def overoptimization_points(report: dict) -> list[dict]:
                "gold": first[gold]["reference"] if gold else None}]
     for r in report["checkpoints"]:
         points.append({"step": r["step"], "kl": max(r["kl"]["exact"]["mean"], 0.0),  # exact KL is >= 0 up to rounding
-                       "proxy": r["rewards"][proxy]["policy"], "gold": r["rewards"][gold]["policy"] if gold else None})
+                       "proxy": r["rewards"][proxy]["policy"], "gold": r["rewards"][gold]["policy"] if gold else None,
+                       "collapsed": bool(r["hacking"]["collapse"]["warnings"])})
     return points
 
 
 def recommend(points: list[dict], kl_budget: float, by: str) -> dict | None:
-    """The point (step 0 = the reference) with the highest mean `by` score whose KL is within the budget,
-    with `by` recorded in it.
+    """The point (step 0 = the reference) with the highest mean `by` score whose KL is within the budget and
+    whose samples did not collapse, with `by` recorded in it.
 
-    points: [{"step", "kl", by: {"mean", ...}}, ...] as the over-optimisation plot draws them; kl_budget <= 0
-    means no budget. None when no point fits.
+    points: [{"step", "kl", by: {"mean", ...}, "collapsed"?}, ...] as the over-optimisation plot draws them;
+    kl_budget <= 0 means no budget. None when no point fits.
     """
-    allowed = [p for p in points if kl_budget <= 0 or p["kl"] <= kl_budget]
+    allowed = [p for p in points if (kl_budget <= 0 or p["kl"] <= kl_budget) and not p.get("collapsed")]
     best = max(allowed, key=lambda p: p[by]["mean"], default=None)
     return None if best is None else {**best, "by": by}

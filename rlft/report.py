@@ -234,6 +234,7 @@ def blocks(report: dict, images: dict[str, str]) -> list[tuple]:
                "KL of every response token; sampled sums log pi - log pi_ref of the sampled tokens (unbiased, "
                "noisier, can be negative). The two agree in expectation; with top_p or top_k set they need not.")),
     ]
+    content[2:2] = warning_blocks(report, results)
     if results:
         content += [("image", images["rewards"], "Reward per scorer: policy vs reference"),
                     ("image", images["kl"], "Per-token and per-response KL")]
@@ -260,6 +261,47 @@ def blocks(report: dict, images: dict[str, str]) -> list[tuple]:
                            "; ".join(f"{n} {v['reference']:.2f} → {v['policy']:.2f}" for n, v in s["scores"].items())]
                           for s in r["samples"]])]
     return content
+
+
+def warning_blocks(report: dict, results: list[dict]) -> list[tuple]:
+    """What a reader must see first: policies whose replies collapsed (rlft.hacking.collapse)."""
+    collapsed = [(r["label"], warnings) for r in results
+                 if (warnings := r.get("hacking", {}).get("collapse", {}).get("warnings"))]
+    if not collapsed:
+        return []
+    return [("h2", "Warnings"),
+            ("table", ["Policy", "Its replies collapsed against the reference's"],
+             [[label, "; ".join(warnings)] for label, warnings in collapsed]),
+            ("p", "A collapsed policy found a few replies its reward model likes; a gold judge that can be pleased "
+                  "the same way (a short positive reply) shares the blind spot. No collapsed checkpoint is "
+                  "recommended.")]
+
+
+def recommendation(report: dict) -> str:
+    """The checkpoint to ship, and how it stands against the one the PPO run kept as its result."""
+    point = report["recommended"]
+    if point is None:
+        text = "No checkpoint fits the KL budget without collapsing."
+    else:
+        text = (f"Recommended checkpoint: step {point['step']}{' (the reference itself)' if point['step'] == 0 else ''}, "
+                f"the best {point['by']} score ({ci(point[point['by']])}) at KL {point['kl']:.2f}, within the budget of "
+                f"{report['kl_budget'] or 'no limit'} and not collapsed (starred on the over-optimisation plot).")
+    kept = report.get("training_result")
+    if kept is None:
+        return text
+    if point is not None and point["step"] == kept["result_step"]:
+        return text + " It is the checkpoint the PPO run kept as its result."
+    measured = {p["step"]: p for p in overoptimization_points(report)}.get(kept["result_step"])
+    if measured is None:
+        why = "that checkpoint is not among those evaluated here"
+    elif report["kl_budget"] and measured["kl"] > report["kl_budget"]:
+        why = f"its KL on these prompts, {measured['kl']:.2f}, is past the budget"
+    elif measured.get("collapsed"):
+        why = "its replies collapsed"
+    else:
+        why = f"another checkpoint scores higher under {point['by']}"
+    return text + (f" The PPO run kept step {kept['result_step']} as its result (KL {kept['result_kl']:.2f} by its own "
+                   f"measurement, budget {kept['kl_budget']:g}); this report differs because {why}.")
 
 
 def correlation(value) -> str:
@@ -289,11 +331,7 @@ def hacking_blocks(report: dict, results: list[dict]) -> list[tuple]:
                "of each sample against the others.")),
     ]
     if "recommended" in report:
-        point = report["recommended"]
-        content.append(("p", "No checkpoint fits the KL budget." if point is None else (
-            f"Recommended checkpoint: step {point['step']}{' (the reference itself)' if point['step'] == 0 else ''}, "
-            f"the best {point['by']} score ({ci(point[point['by']])}) at KL {point['kl']:.2f}, within the budget of "
-            f"{report['kl_budget'] or 'no limit'} (starred on the over-optimisation plot).")))
+        content.append(("p", recommendation(report)))
     return content
 
 

@@ -196,6 +196,35 @@ def test_cli_writes_report(runs_dir):
     assert "<h2>Reward hacking</h2>" in page
 
 
+def test_collapse_leads_the_report_and_the_recommendation_says_how_it_stands_to_ppos_choice(runs_dir, tmp_path, capsys):
+    """A policy whose replies collapsed is the report's first section; a collapsed checkpoint is never
+    recommended; and the recommendation says how it stands to the checkpoint the PPO run kept, and why."""
+    from rlft.hacking import overoptimization_points, recommend
+    from rlft.report import write_report
+
+    (runs_dir / "ppo" / "metrics.json").write_text(json.dumps({"result_step": 20, "result_kl": 1.5, "kl_budget": 9.0}))
+    try:
+        assert cli.main(["eval", "--config", eval_yaml(runs_dir, "kept.yaml", output_dir=str(tmp_path / "kept"))]) == 0, \
+            capsys.readouterr().err[-500:]
+    finally:
+        (runs_dir / "ppo" / "metrics.json").unlink()
+    report = json.loads((tmp_path / "kept" / "report.json").read_text())
+    assert report["training_result"] == {"result_step": 20, "result_kl": 1.5, "kl_budget": 9.0}
+    assert report["kl_budget"] == 9.0  # no budget of its own: PPO's
+    # step 20 (and the final policy, the same weights) collapsed: the report says so first, and step 10 wins
+    for result in [report["policies"][1], report["checkpoints"][1]]:
+        result["hacking"]["collapse"]["warnings"] = ["one reply is 90% of the samples ('Yes.')"]
+    report["recommended"] = recommend(overoptimization_points(report), report["kl_budget"], by="gold")
+    assert report["recommended"]["step"] in (0, 10)
+    (tmp_path / "rendered").mkdir()
+    write_report(report, tmp_path / "rendered")
+    markdown = (tmp_path / "rendered" / "report.md").read_text()
+    sections = [line for line in markdown.splitlines() if line.startswith("## ")]
+    assert sections[0] == "## Warnings" and "one reply is 90% of the samples" in markdown
+    assert "The PPO run kept step 20 as its result (KL 1.50 by its own measurement, budget 9); this report differs " \
+           "because its replies collapsed." in markdown
+
+
 def test_same_seed_same_numbers(runs_dir):
     config = load_config(EvalConfig, eval_yaml(runs_dir, "again.yaml", output_dir=str(runs_dir / "again")))
     config.checkpoints_of, config.policies = "", config.policies[1:]

@@ -56,3 +56,36 @@ def test_recommend_within_budget():
     assert recommend(points, kl_budget=3.0, by="gold")["step"] == 5
     assert recommend(points, kl_budget=0.0, by="gold")["step"] == 10  # no budget: the best overall
     assert recommend(points[1:], kl_budget=1.0, by="gold") is None
+
+
+def test_recommend_skips_collapsed_checkpoints():
+    points = [{"step": 0, "kl": 0.0, "gold": {"mean": 0.1}}, {"step": 10, "kl": 3.0, "gold": {"mean": 0.3}},
+              {"step": 20, "kl": 5.0, "gold": {"mean": 0.6}, "collapsed": True}]
+    assert recommend(points, kl_budget=6.0, by="gold")["step"] == 10  # the best, step 20, collapsed
+
+
+def test_collapse_fires_on_one_reply_and_stays_silent_on_real_replies():
+    """Real chatterbot replies against other real replies: no warning. A policy answering 'Yes.' to nearly
+    everything: every signal fires (shorter, fewer distinct words, one dominant reply)."""
+    from rlft.data import chatterbot_pairs
+    from rlft.hacking import collapse
+
+    replies = [row["completion"] if isinstance(row["completion"], str) else row["completion"][-1]["content"]
+               for row in chatterbot_pairs()[:128]]
+    reference, healthy = replies[:64], replies[64:]
+
+    def lengths(texts):
+        return [len(text.split()) + 1 for text in texts]  # words and the EOS, as a token count would go
+    quiet = collapse({"policy": healthy, "reference": reference}, {"policy": lengths(healthy), "reference": lengths(reference)})
+    assert quiet["warnings"] == [], quiet
+    # one short reply: shorter, and one reply dominates (distinct-1 barely moves: few words, few repeats)
+    yes = ["Yes."] * 56 + healthy[:8]
+    short = collapse({"policy": yes, "reference": reference}, {"policy": lengths(yes), "reference": lengths(reference)})
+    assert short["top_reply_share"] == 56 / 64
+    assert [w.split(" ")[0] for w in short["warnings"]] == ["replies", "one"], short
+    assert "one reply is 88% of the samples ('Yes.'" in short["warnings"][1]
+    assert short["warnings"][0].startswith("replies shrank to 0.3")
+    # one long reply: as long as the reference's, but few distinct words, every reply a copy of the others
+    same = ["I am very happy to help you with that today, thank you!"] * 56 + healthy[:8]
+    long = collapse({"policy": same, "reference": reference}, {"policy": lengths(same), "reference": lengths(reference)})
+    assert [w.split(" ")[0] for w in long["warnings"]] == ["distinct-1", "self-BLEU", "one"], long

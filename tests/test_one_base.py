@@ -91,7 +91,7 @@ def test_scores_on_the_shared_base_equal_the_standalone_model_and_leave_log_prob
     def log_probs():
         actor = PolicyWithValueHead(policy, critic=None)
         with torch.no_grad():
-            return actor(ids, mask, 4, 1.0)[0], actor.reference_logprobs(ids, mask, 4, 1.0)
+            return actor(ids, mask, 4, 1.0)[0], actor.reference_logprobs(ids, mask, 4, 1.0)[0]
 
     before, reference_before = log_probs()
     config = ScorerConfig(kind="adapter", path=str(reward_dir), normalize=True)

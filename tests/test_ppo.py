@@ -58,8 +58,12 @@ def test_reward_rises_on_a_toy_task(dtype, tiny_lm_dir, prompts_file, tmp_path):
     """bfloat16 (the base and its matmuls; adapter, optimiser and losses float32) must learn like float32."""
     from rlft.ppo.train import run
 
-    run(ppo_config(tiny_lm_dir, prompts_file, tmp_path, "ppo.steps=30", "save_every=100", f"model.dtype={dtype}"))
+    # bf16 samples and recomputes with different roundings: there it learns with the sampler correction on
+    correction = ["ppo.sampler_correction_cap=2"] if dtype == "bfloat16" else []
+    run(ppo_config(tiny_lm_dir, prompts_file, tmp_path, "ppo.steps=30", "save_every=100", f"model.dtype={dtype}",
+                   *correction))
     scores = [entry["objective/scores"] for entry in history(tmp_path)]
+    assert ("sampler/correction_capped" in history(tmp_path)[-1]) == bool(correction)
     first, last = sum(scores[:5]) / 5, sum(scores[-5:]) / 5
     # A random 79-word model says the target ~1/79 of the time; PPO must make it a habit.
     assert last > first + 0.2, scores
@@ -165,6 +169,7 @@ def test_first_step_kl_is_exactly_zero_and_reference_is_the_sft_model(tiny_lm_di
     rollout = collect(actor_critic, tokenizer, WORDS[:6], texts,
                       build_scorer(config.reward), config.sampling, 4, 0.0, 0.0)
     assert torch.equal(rollout.logprobs, rollout.ref_logprobs)  # KL exactly 0, not just small
+    assert torch.equal(rollout.exact_kl, torch.zeros_like(rollout.exact_kl))  # over the whole vocabulary too
 
     sft_model = PeftModel.from_pretrained(load_model(model_config), tmp_path / "sft").eval()
     raw_base = load_model(model_config).eval()
@@ -425,3 +430,93 @@ def test_kl_explosion_stops_the_run_and_keeps_the_last_checkpoint(tiny_lm_dir, p
     assert "ppo.max_kl" in one_error_line(capsys)
     checkpoints = sorted((tmp_path / "checkpoints").glob("step-*"))
     assert checkpoints and (checkpoints[-1] / "policy" / "adapter_model.safetensors").is_file()
+
+
+def test_the_update_stops_at_its_trust_region(tiny_lm_dir):
+    """max_update_kl: the first mini-batch whose forward finds the policy that far from the rollout's takes no
+    step, and the update ends there; off (0), every mini-batch of every epoch steps."""
+    from accelerate import Accelerator
+
+    from rlft.config import ModelConfig
+    from rlft.generation import SamplingConfig
+    from rlft.models import load_tokenizer
+    from rlft.ppo.config import PPOHyperparameters
+    from rlft.ppo.rollout import collect
+    from rlft.ppo.train import ppo_update
+    from tests.ddp_update import moved_policy
+
+    model_config = ModelConfig(name_or_path=str(tiny_lm_dir))
+    tokenizer = load_tokenizer(model_config)
+    texts = [tokenizer.apply_chat_template([{"role": "user", "content": w}], tokenize=False,
+                                           add_generation_prompt=True) for w in WORDS[:8]]
+
+    def update(max_update_kl):
+        hp = PPOHyperparameters(rollout_batch_size=8, mini_batch_size=4, ppo_epochs=3, max_update_kl=max_update_kl)
+        model = moved_policy(model_config, hp)
+        rollout = collect(model, tokenizer, WORDS[:8], texts, lambda p, c: torch.linspace(-1, 1, len(c)),
+                          SamplingConfig(max_new_tokens=6), 8, 0.0, 0.0)
+        advantages = torch.randn_like(rollout.values) * rollout.response_mask
+        optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+        torch.manual_seed(1)
+        return ppo_update(model, Accelerator(cpu=True), optimizer, rollout, advantages, rollout.values, hp, 1.0, 0.0)
+
+    free = update(0.0)
+    assert free["policy/optimizer_steps"] == 6 and free["policy/update_stopped"] == 0.0  # 3 epochs x 2 mini-batches
+    # the first mini-batch sees the rollout's own policy (approx-KL 0) and steps; the second already sees it moved
+    stopped = update(1e-9)
+    assert stopped["policy/optimizer_steps"] == 1 and stopped["policy/update_stopped"] == 1.0
+    assert stopped["policy/epochs"] == 1
+
+
+def test_sampling_that_ignores_the_cache_stops_the_run(tiny_lm_dir, prompts_file, tmp_path, capsys, monkeypatch):
+    """A model that ignores the KV cache argument (as Mamba did with `past_key_values` under transformers 5.25)
+    sees only its last token at each decoding step: every stage would run, but the rollout would not come from
+    the policy PPO trains. The sampler's own log-probs disagree with the recomputed ones, and PPO stops. (Its
+    signature names no `cache`, so the loop passes `past_key_values`, which it drops.)"""
+    from transformers import LlamaForCausalLM
+
+    forward = LlamaForCausalLM.forward
+
+    def forgetful(self, input_ids=None, attention_mask=None, past_key_values=None, position_ids=None, **kwargs):
+        if attention_mask is not None:
+            attention_mask = attention_mask[:, -input_ids.shape[1]:]
+        kwargs.pop("use_cache", None)
+        return forward(self, input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
+                       position_ids=None if position_ids is None else position_ids[:, -input_ids.shape[1]:], **kwargs)
+
+    monkeypatch.setattr(LlamaForCausalLM, "forward", forgetful)
+    args = cli_args(tiny_lm_dir, prompts_file, tmp_path, "sampling.merge_adapter=false")
+    assert main(args) == 2
+    line = one_error_line(capsys)
+    assert "the sampler's log-probs of its own tokens differ from the recomputed ones" in line
+    assert str(tiny_lm_dir) in line and "ppo.max_sampler_gap" in line
+
+
+def test_the_result_is_the_last_checkpoint_within_the_kl_budget(tiny_lm_dir, prompts_file, tmp_path, capsys):
+    """PPO's result (policy/) is never past ppo.kl_budget: with the final policy over it, the last checkpoint
+    within it is the result, said in metrics.json; with none within it, the run ends in one line. The budget
+    may change on a rerun, which resumes from the finished run's last checkpoint."""
+    from rlft.ppo.train import run
+
+    out = tmp_path / "run"
+    summary = run(ppo_config(tiny_lm_dir, prompts_file, out, "ppo.learning_rate=0.05", "save_every=1"))
+    kl = {int(step): value for step, value in summary["checkpoint_kl"].items()}
+    assert sorted(kl) == [1, 2, 3, 4] and summary["result_step"] == 4 and summary["result_kl"] == kl[4]
+    # a budget below the last step's KL and at least an earlier one's: the latest such checkpoint is the result
+    budget = (max(kl[s] for s in (1, 2, 3) if kl[s] < kl[4]) + kl[4]) / 2
+    expected = max(s for s in kl if kl[s] <= budget)
+    assert expected < 4
+    summary = run(ppo_config(tiny_lm_dir, prompts_file, out, "ppo.learning_rate=0.05", "save_every=1",
+                             f"ppo.kl_budget={budget}"))
+    assert summary["result_step"] == expected and summary["result_kl"] <= budget
+    checkpoint = out / "checkpoints" / f"step-{expected:06d}" / "policy" / "adapter_model.safetensors"
+    assert (out / "policy" / "adapter_model.safetensors").read_bytes() == checkpoint.read_bytes()
+    assert json.loads((out / "metrics.json").read_text())["result_step"] == expected
+
+    from rlft.errors import RlftError
+
+    # checkpoints every 2 steps (a change a rerun may make): none within half the smaller of their KLs
+    assert kl[2] > 0 and kl[4] > 0
+    with pytest.raises(RlftError, match=r"no checkpoint's KL is within ppo.kl_budget=.* raise ppo.kl_coef"):
+        run(ppo_config(tiny_lm_dir, prompts_file, out, "ppo.learning_rate=0.05", "save_every=2",
+                       f"ppo.kl_budget={min(kl[2], kl[4]) / 2}"))

@@ -1,5 +1,6 @@
 """Hand-checkable tests of the PPO/RLHF math in rlft.ppo.core; comments show the arithmetic."""
 
+import itertools
 import math
 
 import pytest
@@ -14,7 +15,9 @@ from rlft.ppo.core import (
     exact_kl_from_logits,
     gae,
     kl_penalty,
+    logprob_gap,
     logprobs_from_logits,
+    truncated_importance_weights,
     masked_mean,
     masked_var,
     masked_whiten,
@@ -141,6 +144,92 @@ def test_exact_kl_is_the_expectation_of_k1_and_k3_samples():
     ref_logprobs = logprobs_from_logits(ref_logits.expand(1, n, 3), tokens)
     assert kl_penalty(logprobs, ref_logprobs, "k1").mean().item() == pytest.approx(exact, abs=0.01)
     assert kl_penalty(logprobs, ref_logprobs, "k3").mean().item() == pytest.approx(exact, abs=0.01)
+
+
+def test_exact_kl_in_slices_equals_one_pass():
+    # slices of 3 positions over 2 x 5 positions (the last slice short): the same numbers as one pass
+    logits, ref_logits = torch.randn(2, 5, 7), torch.randn(2, 5, 7)
+    whole = exact_kl_from_logits(logits, ref_logits, positions_per_slice=100)
+    torch.testing.assert_close(exact_kl_from_logits(logits, ref_logits, positions_per_slice=3), whole)
+    assert whole.shape == (2, 5) and (whole > 0).all()
+
+
+def test_logprob_gap_by_hand():
+    # row 0: gaps |(-1) - (-1.5)| = 0.5 and |(-2) - (-2)| = 0; row 1: one token, gap 0.1; the padded slot's 9 is ignored
+    sampler = torch.tensor([[-1.0, -2.0], [-0.2, 9.0]])
+    trainer = torch.tensor([[-1.5, -2.0], [-0.3, 0.0]])
+    mask = torch.tensor([[True, True], [True, False]])
+    gap = logprob_gap(sampler, trainer, mask)
+    close(gap["mean"], (0.5 + 0 + 0.1) / 3)
+    close(gap["max"], 0.5)
+    # k3 of log r = sampler - trainer: d = 0.5 -> e^-0.5 - 1 + 0.5 = 0.10653; d = 0 -> 0; d = 0.1 -> 0.00484
+    close(gap["kl"], (math.exp(-0.5) - 0.5 + math.exp(-0.1) - 0.9) / 3)
+    close(logprob_gap(trainer, trainer, mask)["mean"], 0.0)
+
+
+def test_truncated_importance_weights_by_hand():
+    # trainer log-prob -1 vs sampler -1.5: ratio e^0.5 = 1.6487; -1 vs -3: e^2 = 7.39, capped at 2; -2 vs -1:
+    # e^-1 = 0.3679 (never raised to anything); the padded slot is 0 whatever its values
+    logprobs = torch.tensor([[-1.0, -1.0], [-2.0, 0.0]])
+    sampler = torch.tensor([[-1.5, -3.0], [-1.0, -5.0]])
+    mask = torch.tensor([[True, True], [True, False]])
+    close(truncated_importance_weights(logprobs, sampler, mask, cap=2.0), [[math.exp(0.5), 2.0], [math.exp(-1), 0.0]])
+    # scaling the advantages by the weights scales PPO's clipped loss token for token (weights are >= 0)
+    advantages, ratio_logprobs = torch.tensor([[1.0, -2.0], [0.5, 0.0]]), torch.tensor([[-0.8, -1.3], [-2.2, 0.0]])
+    weights = truncated_importance_weights(logprobs, sampler, mask, cap=2.0)
+    weighted, _ = policy_loss(ratio_logprobs, logprobs, advantages * weights, mask, 0.2, "token_mean")
+    plain_terms = []
+    for row, col in [(0, 0), (0, 1), (1, 0)]:
+        one = torch.zeros_like(mask)
+        one[row, col] = True
+        loss, _ = policy_loss(ratio_logprobs, logprobs, advantages, one, 0.2, "token_mean")
+        plain_terms.append(weights[row, col] * loss)
+    close(weighted, sum(plain_terms) / 3)
+
+
+def test_k1_in_the_reward_has_the_gradient_of_the_sequence_kl_and_the_exact_kl_does_not():
+    """Brute force over every sequence of a tiny autoregressive model (3 tokens, length 3: 27 sequences, the
+    logits a free table per prefix). PPO's step with -k1 on every token of the reward (per_token_rewards, then
+    gae with gamma = lam = 1, then policy_loss) has in expectation exactly the gradient of -E_pi[sum_t log pi
+    - log pi_ref], the sequence KL. The exact per-token KL as the reward does not: it misses the direct
+    derivative of KL(pi(.|s_t) || pi_ref(.|s_t)) at s_t, and adding that term back recovers the truth."""
+    torch.manual_seed(0)
+    vocab, length = 3, 3
+    prefixes = [p for n in range(length) for p in itertools.product(range(vocab), repeat=n)]
+    index = {prefix: i for i, prefix in enumerate(prefixes)}
+    theta = torch.randn(len(prefixes), vocab, dtype=torch.float64, requires_grad=True)  # the policy
+    ref_table = torch.randn(len(prefixes), vocab, dtype=torch.float64)
+    sequences = list(itertools.product(range(vocab), repeat=length))
+    rows = torch.tensor([[index[seq[:t]] for t in range(length)] for seq in sequences])  # (27, 3) prefix per token
+    tokens = torch.tensor(sequences)
+    logits, ref_logits = theta[rows], ref_table[rows]  # (27, 3, 3)
+    logprobs = logits.log_softmax(-1).gather(-1, tokens[..., None]).squeeze(-1)
+    ref_logprobs = ref_logits.log_softmax(-1).gather(-1, tokens[..., None]).squeeze(-1)
+    prob = logprobs.sum(-1).exp()  # pi(y) of each whole sequence; they sum to 1
+    close(prob.sum(), 1.0)
+    # the truth: d/dtheta of E_pi[sum_t log pi(y_t|y<t) - log pi_ref(y_t|y<t)]
+    expected_kl = (prob * (logprobs - ref_logprobs).sum(-1)).sum()
+    truth, = torch.autograd.grad(expected_kl, theta, retain_graph=True)
+    mask = torch.ones_like(tokens, dtype=torch.bool)
+    count = mask.numel()
+
+    def expected_ppo_gradient(per_token_kl):
+        """E_pi of the policy-loss gradient at ratio 1, rewards -kl per token: each sequence's loss weighted by
+        pi(y) (times the token count, which token_mean divides by again)."""
+        rewards, _ = per_token_rewards(torch.zeros(len(tokens)), per_token_kl.detach(), 1.0, mask)
+        advantages, _ = gae(rewards, torch.zeros_like(rewards), mask, gamma=1.0, lam=1.0)
+        weighted = advantages * prob.detach()[:, None] * count
+        loss, _ = policy_loss(logprobs, logprobs.detach(), weighted, mask, clip_range=0.2)
+        return torch.autograd.grad(loss, theta, retain_graph=True)[0]
+
+    k1 = kl_penalty(logprobs, ref_logprobs, "k1")
+    torch.testing.assert_close(expected_ppo_gradient(k1), truth)  # unbiased: what rlft ships
+    exact = exact_kl_from_logits(logits, ref_logits).double()
+    biased = expected_ppo_gradient(exact)
+    assert (biased - truth).abs().max() > 0.05
+    # the missing term: the exact KL's own derivative at every visited state
+    direct, = torch.autograd.grad((prob.detach()[:, None] * exact_kl_from_logits(logits, ref_logits)).sum(), theta)
+    torch.testing.assert_close(biased + direct.double(), truth, atol=1e-5, rtol=1e-4)
 
 
 # --- rewards and advantages --------------------------------------------------------------------

@@ -57,10 +57,9 @@ def test_sampler_log_probs_equal_the_recomputed_ones(opinionated_model, min_new_
     policy, tokenizer, query = randomised_policy(opinionated_model, min_new_tokens)
     sampling = SamplingConfig(max_new_tokens=12, temperature=1.3, min_new_tokens=min_new_tokens,
                               merge_adapter=merge_adapter)
-    scores = []  # the sampler's own next-token logits, as it sampled from them
-    response = decode(policy.policy, query, sampling, tokenizer.eos_token_id, tokenizer.pad_token_id, scores=scores)
+    # the sampler's own log-probs of what it drew, as it drew them
+    response, sampler_logprobs = decode(policy.policy, query, sampling, tokenizer.eos_token_id, tokenizer.pad_token_id)
     mask, _ = response_mask_from_eos(response, tokenizer.eos_token_id, tokenizer.pad_token_id)
-    sampler_logprobs = torch.stack(scores, 1).log_softmax(-1).gather(-1, response.unsqueeze(-1)).squeeze(-1)
 
     input_ids = torch.cat([query["input_ids"], response], 1)
     attention_mask = torch.cat([query["attention_mask"], mask.long()], 1)
@@ -85,7 +84,7 @@ def test_merged_sampling_leaves_every_weight_exact_and_the_adapter_on(tiny_lm_di
     mask = torch.cat([query["attention_mask"], query["attention_mask"]], 1)
     with torch.no_grad():
         logprobs, _, _ = policy(input_ids, mask, query["input_ids"].shape[1], 1.0)
-        ref_logprobs = policy.reference_logprobs(input_ids, mask, query["input_ids"].shape[1], 1.0)
+        ref_logprobs, _ = policy.reference_logprobs(input_ids, mask, query["input_ids"].shape[1], 1.0)
     assert (logprobs - ref_logprobs).abs().max() > 1e-3
 
 
@@ -93,7 +92,7 @@ def test_greedy_decode_equals_hf_generate(tiny_lm_dir):
     """The loop's cache, positions and left padding do what HF generate does: the same greedy tokens."""
     policy, tokenizer, query = randomised_policy(tiny_lm_dir)
     sampling = SamplingConfig(max_new_tokens=10, merge_adapter=False)
-    ours = decode(policy.policy, query, sampling, tokenizer.eos_token_id, tokenizer.pad_token_id, greedy=True)
+    ours = decode(policy.policy, query, sampling, tokenizer.eos_token_id, tokenizer.pad_token_id, greedy=True).ids
     from transformers import GenerationConfig
 
     base = policy.policy.get_base_model()
@@ -119,7 +118,7 @@ def test_ended_rows_leave_the_batch_without_changing_what_the_others_sample(tiny
     query = encode_prompts(tokenizer, texts, 64, "cpu")
     sampling = SamplingConfig(max_new_tokens=16, temperature=1.5, merge_adapter=False)
     torch.manual_seed(3)
-    ours = decode(model, query, sampling, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    ours = decode(model, query, sampling, tokenizer.eos_token_id, tokenizer.pad_token_id).ids
 
     torch.manual_seed(3)
     ids, mask = query["input_ids"], query["attention_mask"]
@@ -130,7 +129,7 @@ def test_ended_rows_leave_the_batch_without_changing_what_the_others_sample(tiny
             logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids_for(mask)).logits[:, -1]
             uniform = torch.rand(len(ids), 1, dtype=torch.float64)
             token = torch.where(done, tokenizer.pad_token_id,
-                                next_tokens(logits, step, sampling, tokenizer.eos_token_id, uniform=uniform))
+                                next_tokens(logits, step, sampling, tokenizer.eos_token_id, uniform=uniform)[0])
             done |= token == tokenizer.eos_token_id
             plain.append(token)
             ids, mask = torch.cat([ids, token[:, None]], 1), torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
@@ -152,8 +151,8 @@ def test_top_p_and_top_k_keep_the_likeliest_tokens():
     assert torch.isfinite(kept[-1]).tolist() == [[False, True, True, True]]
     torch.testing.assert_close(kept[-1][0, 1:], logits[0, 1:] / 2)
     # EOS (token 1) banned before min_new_tokens, whatever its probability
-    assert next_tokens(logits, 0, SamplingConfig(min_new_tokens=1), eos_token_id=1, greedy=True).item() == 3
-    assert next_tokens(logits, 1, SamplingConfig(min_new_tokens=1), eos_token_id=1, greedy=True).item() == 1
+    assert next_tokens(logits, 0, SamplingConfig(min_new_tokens=1), eos_token_id=1, greedy=True)[0].item() == 3
+    assert next_tokens(logits, 1, SamplingConfig(min_new_tokens=1), eos_token_id=1, greedy=True)[0].item() == 1
 
 
 def test_ppo_refuses_truncated_sampling():
@@ -245,7 +244,7 @@ def test_columns_of_padding_shared_by_every_row_change_no_log_prob(tiny_lm_dir):
     padded_ids = torch.cat([torch.full((3, 7), tokenizer.pad_token_id), input_ids], 1)
     padded_mask = torch.cat([torch.zeros(3, 7, dtype=mask.dtype), mask], 1)
     with torch.no_grad():
-        plain = policy(input_ids, mask, 5, 1.0)[:2] + (policy.reference_logprobs(input_ids, mask, 5, 1.0),)
-        padded = policy(padded_ids, padded_mask, 5, 1.0)[:2] + (policy.reference_logprobs(padded_ids, padded_mask, 5, 1.0),)
+        plain = policy(input_ids, mask, 5, 1.0)[:2] + (policy.reference_logprobs(input_ids, mask, 5, 1.0)[0],)
+        padded = policy(padded_ids, padded_mask, 5, 1.0)[:2] + (policy.reference_logprobs(padded_ids, padded_mask, 5, 1.0)[0],)
     for a, b in zip(plain, padded):
         assert torch.equal(a, b)

@@ -19,6 +19,7 @@ import os
 import random
 import re
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -27,9 +28,9 @@ import torch
 from rlft.config import ModelConfig
 from rlft.distributed import full_state_dict, is_sharded
 from rlft.errors import RlftError
-from rlft.policy import adapter_state_dict, save_adapter
+from rlft.policy import adapter_state_dict, copy_adapter, save_adapter
 from rlft.ppo.model import CRITIC
-from rlft.runs import read_json, unsafe_checkpoint, write_json
+from rlft.runs import read_json, reading, unsafe_checkpoint, write_json
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
 
@@ -47,7 +48,35 @@ def latest(run_dir: Path) -> Path | None:
         return None
     found = [(step, p) for p in folder.iterdir()
              if (step := step_of(p)) is not None and (p / "trainer_state.pt").is_file()]
-    return max(found)[1] if found else None
+    if not found:
+        return None
+    newest = max(found)[1]
+    check(newest)
+    return newest
+
+
+def check(folder: Path) -> None:
+    """Refuse, in one line and before the run writes anything, a checkpoint whose files do not parse (torn,
+    edited, crafted to hold code): every file is read the way `load` will read it."""
+    import pickle
+
+    from safetensors import safe_open
+
+    fix = "delete it to resume from the one before, or set resume=false"
+    if not (folder / "policy" / "adapter_model.safetensors").is_file():
+        raise RlftError(f"checkpoint '{folder}' has no policy/adapter_model.safetensors: {fix}")
+    for path in sorted(folder.rglob("*")):
+        try:
+            with reading(path, fix):
+                if path.suffix == ".safetensors":
+                    with safe_open(path, framework="pt") as weights:
+                        weights.keys()
+                elif path.suffix == ".pt":
+                    torch.load(path, weights_only=True, map_location="cpu")
+                elif path.suffix == ".json":
+                    read_json(path, fix)
+        except pickle.UnpicklingError as e:
+            raise unsafe_checkpoint(folder, e) from None
 
 
 def rng_state() -> dict:
@@ -100,6 +129,39 @@ def save(accelerator, run_dir: Path, step: int, actor_critic, trainer_state: dic
     return final
 
 
+def last_within_budget(kl_by_step: dict[int, float], budget: float) -> int | None:
+    """The latest step whose measured KL is at most `budget`, or None. kl_by_step: {checkpoint step: KL}."""
+    return max((step for step, kl in kl_by_step.items() if kl <= budget), default=None)
+
+
+@contextmanager
+def replaced(folder: Path):
+    """A staging folder to write `folder`'s new contents into, renamed into its place on success: a crash
+    leaves either the old folder or the new one, never a mixture."""
+    staging = folder.with_name(f".staging-{folder.name}")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    yield staging
+    if folder.exists():
+        old = folder.with_name(f".old-{folder.name}")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(folder, old)
+        os.replace(staging, folder)
+        shutil.rmtree(old)
+    else:
+        os.replace(staging, folder)
+
+
+def copy_result(run_dir: Path, step: int, folder: Path) -> None:
+    """Checkpoint `step`'s policy adapter (and critic, if any) into `folder`, as write_policy lays them out."""
+    source = run_dir / "checkpoints" / f"step-{step:06d}"
+    copy_adapter(source / "policy", folder)
+    if (source / "value_head.pt").is_file():
+        shutil.copy2(source / "value_head.pt", folder / "value_head.pt")
+    if (source / CRITIC).is_dir():
+        shutil.copytree(source / CRITIC, folder / CRITIC, dirs_exist_ok=True)
+
+
 def trained_weights(actor_critic) -> tuple[dict, dict | None]:
     """(adapter weights of the peft policy by its state_dict names, value head weights or None), whole tensors
     on the CPU. Under FSDP every process must call it: the shards are gathered."""
@@ -140,24 +202,27 @@ def load_optimizer(model, optimizer, state: dict) -> None:
 
 
 def load(folder: Path, process_index: int, policy, value_head) -> dict:
-    """Restore adapter and head weights and this process's RNG; return the trainer state."""
+    """Restore adapter and head weights and this process's RNG; return the trainer state. A damaged or
+    incomplete checkpoint is one line: it says to delete it (resuming from the one before) or start over."""
     import pickle
 
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
+    fix = "delete it to resume from the one before, or set resume=false"
     try:
-        set_peft_model_state_dict(policy, load_file(folder / "policy" / "adapter_model.safetensors"))
-        if value_head is not None:
-            value_head.load_state_dict(torch.load(folder / "value_head.pt", weights_only=True))
-        if CRITIC in policy.peft_config:
-            set_peft_model_state_dict(policy, load_file(folder / CRITIC / "adapter_model.safetensors"), CRITIC)
-        rng_file = folder / f"rng_state_{process_index}.json"
-        if rng_file.is_file():  # resuming with a different process count: fresh RNG for new ranks
-            set_rng_state(read_json(rng_file))
-        return torch.load(folder / "trainer_state.pt", weights_only=True)
+        with reading(folder, fix):
+            set_peft_model_state_dict(policy, load_file(folder / "policy" / "adapter_model.safetensors"))
+            if value_head is not None:
+                value_head.load_state_dict(torch.load(folder / "value_head.pt", weights_only=True))
+            if CRITIC in policy.peft_config:
+                set_peft_model_state_dict(policy, load_file(folder / CRITIC / "adapter_model.safetensors"), CRITIC)
+            rng_file = folder / f"rng_state_{process_index}.json"
+            if rng_file.is_file():  # resuming with a different process count: fresh RNG for new ranks
+                set_rng_state(read_json(rng_file, fix))
+            return torch.load(folder / "trainer_state.pt", weights_only=True)
     except pickle.UnpicklingError as e:
         raise unsafe_checkpoint(folder, e) from None
     except (OSError, RuntimeError, ValueError, KeyError, TypeError) as e:
         raise RlftError(f"checkpoint '{folder}' is damaged ({type(e).__name__}: {str(e).splitlines()[0][:120]}): "
-                        "delete it to resume from the one before, or set resume=false") from None
+                        f"{fix}") from None

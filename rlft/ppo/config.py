@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from rlft.config import DataConfig, LoraConfig, ModelConfig, option, require, section
+from rlft.config import DataConfig, LoraConfig, ModelConfig, option, require, require_seed, section
 from rlft.generation import SamplingConfig
 from rlft.publish import Publishing
 from reward_models.scorers import ScorerConfig
@@ -13,7 +13,7 @@ from reward_models.scorers import ScorerConfig
 
 # Keys a rerun may change and still resume its checkpoint: how long it runs, how often it logs and saves.
 RESUMABLE_CHANGES = ("output_dir", "resume", "save_every", "sample_every", "ppo.steps", "ppo.forward_batch_size",
-                     "ppo.max_kl", "ppo.gather_for_generation")
+                     "ppo.max_kl", "ppo.kl_budget", "ppo.max_sampler_gap", "ppo.gather_for_generation")
 
 
 @dataclass
@@ -56,7 +56,9 @@ class PPOHyperparameters:
     clip_range: float = option(0.2, "PPO ratio clip epsilon.")
     clip_range_value: float = option(0.2, "Value clip around the rollout's values.")
     value_loss_coef: float = option(0.1, "Weight of the value loss (the value head shares the trunk).")
-    entropy_coef: float = option(0.0, "Entropy bonus weight (0: entropy is only logged).")
+    entropy_coef: float = option(
+        0.03, "Entropy bonus weight (0: entropy is only logged). Against collapse onto a few replies the reward model "
+        "likes: at 0 the quickstart's PPO answered most prompts with 'Yes' at its target KL (benchmarks/kl_control.py).")
     gamma: float = option(1.0, "Discount factor for GAE.")
     lam: float = option(0.95, "GAE lambda.")
     whiten_advantages: bool = option(True, "Normalise advantages per rollout.")
@@ -64,8 +66,9 @@ class PPOHyperparameters:
     score_clip: float = option(0.0, "Clip scores to [-score_clip, score_clip] (0: off).")
     missing_eos_penalty: float = option(1.0, "Subtract this from the score of a completion without EOS (0: off).")
     kl_estimator: Literal["k1", "k3", "abs", "mse"] = option(
-        "k1", "Per-token KL estimator in the reward; its sum per response is also the KL the controller steers "
-        "and objective/kl logs.")
+        "k1", "Per-token KL estimator of the penalty (k1: its return has the gradient of the sequence KL, unbiased); "
+        "objective/kl_sampled logs its sum per response. The controller steers, and objective/kl logs, the exact KL "
+        "over the whole vocabulary.")
     kl_coef: float = option(0.1, "Initial beta, the per-token KL penalty weight.")
     kl_control: Literal["pi", "adaptive", "fixed"] = option(
         "pi", "How beta follows target_kl: pi (proportional-integral on log beta, no windup: reaches and holds "
@@ -74,8 +77,24 @@ class PPOHyperparameters:
                               "default too; held at 3, the quickstart's policy barely moved the gold judge).")
     kl_horizon: int = option(16, "Controller horizon in samples: the integral moves by up to 0.2 * samples / horizon "
                              "per step (16: one step's rollout).")
-    early_stop_approxkl: float = option(0.0, "Stop an update's epochs once approx-KL exceeds this (0: off).")
+    max_update_kl: float = option(
+        0.05, "Trust region of one update: its remaining mini-batches and epochs are skipped once the KL per token "
+        "between the rollout's policy and the updated one (policy/approxkl, measured on each mini-batch before its "
+        "optimiser step) exceeds this (0: off; the early stop of cleanrl and Stable-Baselines3). Without it single "
+        "updates moved the quickstart's KL by several nats (benchmarks/kl_control.py).")
+    kl_budget: float = option(
+        0.0, "The most KL per sequence (nats, exact) the policy PPO saves as its result may have: the last checkpoint "
+        "within it, said in one line (0: 1.25 x target_kl; 1e9: none). Measured on the rollout that follows each "
+        "checkpoint, and for the last step on more prompts.")
     max_kl: float = option(100.0, "Abort when the mean KL per sequence exceeds this: the policy has run away.")
+    sampler_correction_cap: float = option(
+        0.0, "Truncated importance sampling: weight each token's policy loss by min(pi / pi_sampler, this), "
+        "correcting for the sampler's distribution differing from the one PPO recomputes (bf16 decoding rounds "
+        "differently from a bf16 forward: sampler/logprob_gap_kl measures it); 0: off, 2 as in Yao et al. 2025.")
+    max_sampler_gap: float = option(
+        0.2, "Stop when the sampler's log-probs of its own tokens differ from the trainer's recomputed ones by more "
+        "than this (mean |difference| per token, nats): the rollout was not sampled from the policy PPO trains "
+        "(measured: ~1e-5 in float32, 0.04-0.06 in bf16 on SmolLM2).")
     gather_for_generation: bool = option(
         False, "Under FSDP (configs/accelerate/fsdp.yaml): gather the whole policy for generate() and free it after "
         "(no collective per decoding step: faster, but every process holds the whole base while it samples); "
@@ -104,7 +123,19 @@ class PPOHyperparameters:
         require(self.target_kl > 0, "target_kl", "must be > 0")
         require(0 < self.gamma <= 1 and 0 <= self.lam <= 1, "gamma", "gamma must be in (0, 1], lam in [0, 1]")
         require(self.clip_range > 0 and self.clip_range_value > 0, "clip_range", "clip ranges must be > 0")
+        # torch scales gradients by max_norm / norm: a negative norm flips every gradient, 0 freezes the policy
+        require(self.max_grad_norm > 0, "max_grad_norm", f"must be > 0, got {self.max_grad_norm}")
+        for key in ("weight_decay", "value_loss_coef", "entropy_coef", "score_clip", "missing_eos_penalty"):
+            require(getattr(self, key) >= 0, key, f"must be >= 0, got {getattr(self, key)} (a negative weight would "
+                    "reward what it is meant to penalise)")
         require(self.max_kl > 0, "max_kl", "must be > 0")
+        require(self.max_update_kl >= 0, "max_update_kl", "must be >= 0 (0: off)")
+        require(self.kl_budget >= 0, "kl_budget", "must be >= 0 (0: 1.25 x target_kl)")
+        require(self.max_sampler_gap > 0, "max_sampler_gap", "must be > 0")
+        require(self.sampler_correction_cap == 0 or self.sampler_correction_cap >= 1, "sampler_correction_cap",
+                "must be 0 (off) or >= 1: a cap below 1 would down-weight even the tokens both sides agree on")
+        if self.kl_budget == 0:  # derived once here, so the saved config states the budget the run kept
+            self.kl_budget = 1.25 * self.target_kl
 
 
 @dataclass
@@ -138,4 +169,5 @@ class PPOConfig(Publishing):
                 "PPO trains the adapter only: biases are base weights, so training them would move the reference "
                 "(the adapter switched off) as well; use bias: none")
         require(self.save_every > 0, "save_every", "must be >= 1")
+        require_seed(self.seed)
         require(self.sample_every > 0, "sample_every", "must be >= 1")

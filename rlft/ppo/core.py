@@ -90,17 +90,54 @@ def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: st
     raise ValueError(f"unknown KL estimator {estimator!r}; expected one of {', '.join(KL_ESTIMATORS)}")
 
 
-def exact_kl_from_logits(logits: torch.Tensor, ref_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+def exact_kl_from_logits(logits: torch.Tensor, ref_logits: torch.Tensor, temperature: float = 1.0,
+                         positions_per_slice: int = 128) -> torch.Tensor:
     """Full-vocabulary KL(pi || pi_ref) per position: sum_v p(v) (log p(v) - log q(v)).
 
-    logits, ref_logits: (B, T, V) -> (B, T). The exact quantity k1 and k3 estimate from samples;
-    useful as a diagnostic, too heavy to keep around for every token of a large vocabulary.
+    logits, ref_logits: (..., V) -> (...), float32. The exact quantity k1 and k3 estimate from samples, with
+    none of their sampling noise: PPO steers and reports it (rlft.ppo.rollout.forward_passes), eval reports it.
+    Computed `positions_per_slice` positions at a time, so the float32 (slice, V) temporaries stay small
+    (128 x 49152 floats: 25 MB each) whatever the batch.
     """
-    logprobs = (logits.float() / temperature).log_softmax(dim=-1)
-    ref_logprobs = (ref_logits.float() / temperature).log_softmax(dim=-1)
-    # tokens pi never picks (-inf logits) contribute 0, not 0 * -inf = NaN
-    terms = torch.where(logprobs > -torch.inf, logprobs.exp() * (logprobs - ref_logprobs), 0)
-    return terms.sum(-1)
+    vocab = logits.shape[-1]
+    flat, ref_flat = logits.reshape(-1, vocab), ref_logits.reshape(-1, vocab)
+    out = torch.empty(flat.shape[0], dtype=torch.float32, device=logits.device)
+    for start in range(0, flat.shape[0], positions_per_slice):
+        part = slice(start, start + positions_per_slice)
+        logprobs = (flat[part].float() / temperature).log_softmax(dim=-1)
+        ref_logprobs = (ref_flat[part].float() / temperature).log_softmax(dim=-1)
+        # tokens pi never picks (-inf logits) contribute 0, not 0 * -inf = NaN
+        out[part] = torch.where(logprobs > -torch.inf, logprobs.exp() * (logprobs - ref_logprobs), 0).sum(-1)
+    return out.reshape(logits.shape[:-1])
+
+
+def logprob_gap(sampler_logprobs: torch.Tensor, logprobs: torch.Tensor,
+                response_mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    """How far the sampler's own log-probs of the tokens it drew are from the trainer's recomputed ones.
+
+    sampler_logprobs, logprobs, response_mask: (B, T) -> {"mean", "max": mean and max |difference| per token,
+    "kl": the k3 estimate of KL(sampler || trainer) per token} (scalars). 0 when both describe one distribution;
+    rounding (bf16 weights, a merged adapter) makes it small, a sampler that decodes another model (a cache
+    argument ignored) makes it nats. PPO's ratios and KL are only right when it is small.
+    """
+    mask = response_mask.bool()
+    gap = (sampler_logprobs - logprobs).abs()
+    return {"mean": masked_mean(gap, mask), "max": torch.where(mask, gap, 0).max(),
+            "kl": masked_mean(kl_penalty(sampler_logprobs, logprobs, "k3"), mask)}
+
+
+def truncated_importance_weights(logprobs: torch.Tensor, sampler_logprobs: torch.Tensor, response_mask: torch.Tensor,
+                                 cap: float) -> torch.Tensor:
+    """min(pi(y_t) / pi_sampler(y_t), cap) per token, 0 at padding: (B, T) from logprobs (the trainer's, at the
+    rollout), sampler_logprobs (what the sampling loop computed as it drew), response_mask, all (B, T).
+
+    Truncated importance sampling (Yao et al. 2025, "Your efficient RL framework secretly brings you off-policy
+    RL training"): the tokens were drawn from the sampler's distribution, which rounding (bf16 decoding vs a
+    bf16 full forward) makes differ slightly from the one PPO recomputes; weighting each token's policy loss by
+    this ratio corrects for it, and the cap bounds the variance. Every weight is >= 0, so scaling the
+    advantages by it scales PPO's clipped loss term for term.
+    """
+    return torch.where(response_mask.bool(), (logprobs - sampler_logprobs).exp().clamp(max=cap), 0)
 
 
 def per_token_rewards(

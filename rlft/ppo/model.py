@@ -156,7 +156,8 @@ class PolicyWithValueHead(nn.Module):
 
     @torch.no_grad()
     def reference_logprobs(self, input_ids, attention_mask, response_length: int, temperature: float):
-        """Log-probs under the reference: the same weights with the PPO adapter switched off."""
+        """(log-probs (B, T) float32, logits (B, T, V)) of the response under the reference: the same weights with
+        the PPO adapter switched off."""
         input_ids, attention_mask = without_shared_padding(input_ids, attention_mask)
         with active_adapter(self.policy, None), half_compute(self.policy):
             output = self.policy(
@@ -166,8 +167,8 @@ class PolicyWithValueHead(nn.Module):
                 logits_to_keep=response_length + 1,
                 use_cache=False,
             )
-        return logprobs_from_logits(self.as_sampled(output.logits[:, :-1]), input_ids[:, -response_length:],
-                                    temperature)
+        logits = self.as_sampled(output.logits[:, :-1])
+        return logprobs_from_logits(logits, input_ids[:, -response_length:], temperature), logits
 
     def as_sampled(self, logits: torch.Tensor) -> torch.Tensor:
         """Response logits (B, T, V) with EOS at -inf where the sampler banned it (the first min_new_tokens)."""

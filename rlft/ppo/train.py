@@ -21,21 +21,25 @@ from torch.distributed.fsdp import register_fsdp_forward_method
 from rlft import distributed, hf_training, runs
 from rlft.data import load_splits, prompts_of, render_prompts
 from rlft.errors import RlftError
+from rlft.generation import decode_responses, response_mask_from_eos, sample
+from rlft.hacking import collapse
 from rlft.metrics import MetricsLogger
-from rlft.models import add_lora, load_tokenizer
-from rlft.policy import load_reference
+from rlft.models import add_lora, configured_context_length, load_tokenizer
+from rlft.policy import active_adapter, load_reference
 from rlft.publish import push, write_model_card
 from rlft.ppo import checkpoint
 from rlft.ppo.config import RESUMABLE_CHANGES, PPOConfig, PPOHyperparameters
 from rlft.ppo.core import (AdaptiveKLController, FixedKLController, PIKLController, aggregate, entropy_from_logits,
-                           gae, grpo_advantages, kl_penalty, masked_mean, masked_var, masked_whiten, per_token_rewards,
-                           policy_loss, reinforce_pp_advantages, rloo_advantages, value_loss)
+                           gae, grpo_advantages, kl_penalty, logprob_gap, masked_mean, masked_var, masked_whiten,
+                           per_token_rewards, policy_loss, reinforce_pp_advantages, rloo_advantages,
+                           truncated_importance_weights, value_loss)
 from rlft.ppo.model import PolicyWithValueHead
 from rlft.ppo.rollout import Rollout, forward_passes, generate_and_score
 from reward_models.scorers import adapter_scorers, build_scorer
 
 log = logging.getLogger(__name__)
 __all__ = ["PPOConfig", "run"]
+MEASURED_BATCHES = 2  # rollout batches of fresh prompts that measure the final policy (32 replies by default)
 
 
 def run(config: PPOConfig) -> dict:
@@ -45,7 +49,7 @@ def run(config: PPOConfig) -> dict:
     hp = config.ppo
     out = Path(config.output_dir)
     last = checkpoint.latest(out) if config.resume else None
-    runs.prepare(out, config, resuming=last is not None, may_change=RESUMABLE_CHANGES)
+    runs.prepare(out, config, "ppo", resuming=last is not None, may_change=RESUMABLE_CHANGES)
     runs.seed_everything(config.seed)  # same on every process: identical adapter and head init
 
     # Setup: prompts, scorer and optimizer name first, so bad input fails before the policy loads.
@@ -53,8 +57,9 @@ def run(config: PPOConfig) -> dict:
     tokenizer = load_tokenizer(config.model)
     train_data, _, _ = load_splits(config.data, ("prompt_only", "conversational"), config.seed, "prompt data")
     prompts = prompts_of(train_data)
+    data = runs.check_data(out, config.data.path, train_data, resuming=last is not None)
     prompt_texts = render_prompts(tokenizer, prompts)
-    check_prompt_lengths(tokenizer, prompt_texts, config.sampling.max_prompt_length)
+    check_prompt_lengths(tokenizer, prompt_texts, config.sampling, config.model)
     scorer = build_scorer(config.reward, accelerator.device, shared_base=True)
     reference_adapter = config.sft_adapter or None
     actor_critic = build_actor_critic(config, tokenizer, scorer, accelerator.device)
@@ -92,14 +97,20 @@ def run(config: PPOConfig) -> dict:
 
     from tqdm.auto import tqdm
 
+    def rows_of(step: int) -> list[int]:
+        """This process's prompts at `step`, each num_generations times in a row: a group, whole on one process."""
+        return [i for i in prompt_batch(step, accelerator.process_index, accelerator.num_processes,
+                                        hp.rollout_batch_size // hp.num_generations, len(prompts), config.seed)
+                for _ in range(hp.num_generations)]
+
+    # exact KL of the policy after s updates (checkpoint step-s), read by the rollout of the next step
+    checkpoint_kl = dict(state.get("checkpoint_kl", {})) if last is not None else {}
+    runs.begin(out, config, data)  # from here on this run writes in its folder
     progress = tqdm(range(start_step, hp.steps), desc="ppo", disable=not accelerator.is_main_process,
                     initial=start_step, total=hp.steps)
     for step in progress:
         started, cpu_started = time.perf_counter(), time.process_time()
-        # each prompt num_generations times in a row: a group, whole on one process
-        rows = [i for i in prompt_batch(step, accelerator.process_index, accelerator.num_processes,
-                                        hp.rollout_batch_size // hp.num_generations, len(prompts), config.seed)
-                for _ in range(hp.num_generations)]
+        rows = rows_of(step)
 
         # 1.-2. generate and score
         rollout = generate_and_score(actor_critic, tokenizer, [prompts[i] for i in rows],
@@ -110,20 +121,31 @@ def run(config: PPOConfig) -> dict:
         first_order = epoch_order(len(rows), hp.num_generations)
         fold = first_order[:hp.mini_batch_size] if hp.gradient_accumulation_steps == 1 else None
 
-        # 3. policy log-probs and values (the first mini-batch's with autograd on), reference log-probs
+        # 3. policy log-probs and values (the first mini-batch's with autograd on), reference log-probs, exact KL
         first_output = forward_passes(actor_critic, rollout, hp.forward_batch_size, config.sampling.temperature,
                                       graph_model=model, graph_rows=fold)
         mask = rollout.response_mask
+        gap = check_sampler(rollout, accelerator, hp.max_sampler_gap, config.model.name_or_path, step + 1)
+        sampler_stats = {f"sampler/logprob_gap_{key}": value for key, value in gap.items()}
+        # the exact KL of the policy the rollout sampled from: what the controller steers and the budget reads
+        mean_kl = accelerator.reduce(rollout.exact_kl.sum(-1).mean(), "mean").item()
+        checkpoint_kl[step] = mean_kl  # the policy saved at the end of the previous step
 
         # 4. per-token rewards: -beta * KL on every token (unless the KL goes in the loss), the score on the last
         beta = kl_controller.value
         kl = kl_penalty(rollout.logprobs, rollout.ref_logprobs, hp.kl_estimator)
-        rewards, sequence_kl = per_token_rewards(rollout.scores, kl, beta if hp.kl_in == "reward" else 0.0, mask)
+        rewards, sampled_kl = per_token_rewards(rollout.scores, kl, beta if hp.kl_in == "reward" else 0.0, mask)
         if hp.whiten_rewards:
             rewards = masked_whiten(rewards, mask, shift_mean=False)
 
         # 5. advantages and returns (returns train the critic: gae only)
         advantages, returns = estimate_advantages(rewards, rollout, hp)
+        if hp.sampler_correction_cap:  # the tokens came from the sampler's distribution: reweight to PPO's
+            weights = truncated_importance_weights(rollout.logprobs, rollout.sampler_logprobs, mask,
+                                                   hp.sampler_correction_cap)
+            advantages = advantages * weights
+            sampler_stats["sampler/correction_capped"] = accelerator.reduce(
+                masked_mean((weights >= hp.sampler_correction_cap).float(), mask), "mean").item()
 
         # 6. update: several epochs of clipped policy and value losses over mini-batches
         update_started = time.perf_counter()
@@ -134,12 +156,12 @@ def run(config: PPOConfig) -> dict:
         rollout.timings["time/update"] = time.perf_counter() - update_started
         check_finite_weights(trainable, accelerator, step + 1, out)  # before NaN weights reach a checkpoint or generate()
 
-        # 7. KL controller, on step 4's KL of all processes' samples so beta stays identical everywhere
-        mean_kl = accelerator.reduce(sequence_kl.mean(), "mean").item()
+        # 7. KL controller, on step 3's exact KL of all processes' samples so beta stays identical everywhere
         kl_controller.update(mean_kl, hp.rollout_batch_size * accelerator.num_processes)
 
-        metrics = step_metrics(accelerator, rollout, sequence_kl, beta, mean_kl, returns, update_stats,
-                               critic=hp.uses_critic)
+        metrics = step_metrics(accelerator, rollout, sampled_kl, beta, hp.kl_in == "reward", mean_kl, returns,
+                               update_stats, critic=hp.uses_critic)
+        metrics.update(sampler_stats)
         metrics.update(rollout.timings)
         metrics["time/step"] = time.perf_counter() - started
         # CPU seconds of this process (all threads): far steadier than wall time on a shared machine
@@ -161,20 +183,49 @@ def run(config: PPOConfig) -> dict:
         if (step + 1) % config.save_every == 0 or step + 1 == hp.steps:
             trainer_state = {"optimizer": checkpoint.optimizer_state(model, optimizer),
                              "scheduler": scheduler.state_dict(),
-                             "kl_controller": kl_controller.state_dict(), "step": step + 1}
+                             "kl_controller": kl_controller.state_dict(), "checkpoint_kl": checkpoint_kl,
+                             "step": step + 1}
             checkpoint.save(accelerator, out, step + 1, actor_critic, trainer_state, config.model, reference_adapter)
+
+    # The last update's policy has no rollout after it: more prompts measure its KL, and its replies to them
+    # against the reference's tell whether it collapsed.
+    final_rows = [i for later in range(hp.steps, hp.steps + MEASURED_BATCHES) for i in rows_of(later)]
+    checkpoint_kl[hp.steps], collapsed = measure_result(actor_critic, tokenizer, [prompts[i] for i in final_rows],
+                                                        [prompt_texts[i] for i in final_rows], scorer, config,
+                                                        accelerator)
+    if collapsed["warnings"] and accelerator.is_main_process:
+        log.warning("the final policy's replies collapsed: %s", "; ".join(collapsed["warnings"]))
+    # The result is the last checkpoint within the KL budget, whatever the last steps did.
+    saved = {s: checkpoint_kl[s] for s in range(1, hp.steps + 1)
+             if (s % config.save_every == 0 or s == hp.steps) and s in checkpoint_kl}
+    shipped = checkpoint.last_within_budget(saved, hp.kl_budget)
+    if shipped is None:
+        raise RlftError(
+            f"no checkpoint's KL is within ppo.kl_budget={hp.kl_budget:g} (by step: "
+            f"{', '.join(f'{s}: {kl:.1f}' for s, kl in saved.items())}): raise ppo.kl_coef or lower "
+            f"ppo.learning_rate, or raise the budget (checkpoints kept in {out / 'checkpoints'})")
+    if shipped != hp.steps and accelerator.is_main_process:
+        log.warning("the final policy's KL %.2f is past ppo.kl_budget=%g: the result is step %d's policy (KL %.2f)",
+                    saved[hp.steps], hp.kl_budget, shipped, saved[shipped])
 
     summary = {}
     weights = checkpoint.trained_weights(actor_critic)  # every process: a gather under FSDP
     if accelerator.is_main_process:
-        checkpoint.write_policy(out / "policy", actor_critic.policy, weights, config.model, reference_adapter)
         summary = logger.summary()
+        summary.update({"kl_budget": hp.kl_budget, "result_step": shipped, "result_kl": saved[shipped],
+                        "checkpoint_kl": saved, "final_collapse": collapsed})
         summary["peak_rss_mb"] = runs.peak_rss_mb()
         summary["parameters_mb"] = parameters_mb
         lineage = [config.model.name_or_path, *([f"sft ({config.sft_adapter})"] if config.sft_adapter else []),
                    f"reward ({', '.join(s.path for s in config.reward)})", "ppo"]
-        write_model_card(out / "policy", title=f"PPO policy on {config.model.name_or_path}", lineage=lineage,
-                         base_model=config.model.name_or_path, config=config, metrics=summary, tags=["ppo", "rlhf"])
+        with checkpoint.replaced(out / "policy") as staging:
+            if shipped == hp.steps:
+                checkpoint.write_policy(staging, actor_critic.policy, weights, config.model, reference_adapter)
+            else:
+                checkpoint.copy_result(out, shipped, staging)
+            write_model_card(staging, title=f"PPO policy on {config.model.name_or_path}", lineage=lineage,
+                             base_model=config.model.name_or_path, config=config, metrics=summary,
+                             tags=["ppo", "rlhf"])
         runs.write_json(out / runs.METRICS, summary)
     logger.close()
     accelerator.wait_for_everyone()
@@ -221,6 +272,38 @@ def estimate_advantages(rewards: torch.Tensor, rollout: Rollout, hp: PPOHyperpar
     return torch.where(mask, per_sequence[:, None], 0), torch.zeros_like(rewards)
 
 
+def measure_result(actor_critic, tokenizer, prompts: list, prompt_texts: list[str], scorer, config: PPOConfig,
+                   accelerator) -> tuple[float, dict]:
+    """The final policy's exact KL per response on fresh samples (mean over processes), and its collapse signals
+    against the reference's samples on the same prompts (rlft.hacking.collapse, this process's rows)."""
+    hp = config.ppo
+    measured = generate_and_score(actor_critic, tokenizer, prompts, prompt_texts, scorer, config.sampling,
+                                  hp.missing_eos_penalty, hp.score_clip)
+    forward_passes(actor_critic, measured, hp.forward_batch_size, config.sampling.temperature)
+    check_sampler(measured, accelerator, hp.max_sampler_gap, config.model.name_or_path, hp.steps + 1)
+    with active_adapter(actor_critic.policy, None):  # the reference: every adapter off
+        reference = sample(actor_critic, {"input_ids": measured.query_ids, "attention_mask": measured.query_mask},
+                           config.sampling, tokenizer)
+    reference_mask, _ = response_mask_from_eos(reference.ids, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    signals = collapse({"policy": measured.completions, "reference": decode_responses(tokenizer, reference.ids)},
+                       {"policy": measured.response_mask.sum(-1).tolist(), "reference": reference_mask.sum(-1).tolist()})
+    return accelerator.reduce(measured.exact_kl.sum(-1).mean(), "mean").item(), signals
+
+
+def check_sampler(rollout: Rollout, accelerator, max_gap: float, model_name: str, step: int) -> dict[str, float]:
+    """The gap between the sampler's log-probs and step 3's (rlft.ppo.core.logprob_gap), over all processes;
+    stops the run when the rollout was evidently not sampled from the policy PPO recomputes."""
+    gap = {key: accelerator.reduce(value.detach().float(), "max" if key == "max" else "mean").item()
+           for key, value in logprob_gap(rollout.sampler_logprobs, rollout.logprobs, rollout.response_mask).items()}
+    if not gap["mean"] <= max_gap:
+        raise RlftError(
+            f"at step {step} the sampler's log-probs of its own tokens differ from the recomputed ones by "
+            f"{gap['mean']:.2f} nats per token on average (ppo.max_sampler_gap={max_gap:g}): '{model_name}' does not "
+            "decode in rlft's sampling loop as it scores whole sequences (a model that ignores the KV cache "
+            "argument?); report it with the model's name, or raise ppo.max_sampler_gap if the gap is expected")
+    return gap
+
+
 def check_finite_weights(parameters: list[torch.Tensor], accelerator, step: int, out: Path) -> None:
     if not distributed.all_finite(parameters, accelerator):
         raise RlftError(
@@ -243,16 +326,17 @@ def ppo_update(model, accelerator, optimizer, rollout: Rollout, advantages, retu
     Each micro-batch's loss is weighted by its share of the mini-batch of all processes (of tokens for
     token_mean, of sequences for sequence_mean), so the gradient equals that of one pass over the whole
     global mini-batch (accumulation 4x1 == 1x4, 2 processes == 1). With kl_in=loss the loss adds
-    kl_coef * k3(pi || pi_ref) per token. first_order: the first epoch's row order (else drawn here);
-    first_output: the live forward output of its first micro-batch (rlft.ppo.rollout.forward_passes), used
-    instead of running that forward again.
+    kl_coef * k3(pi || pi_ref) per token. With max_update_kl the update stops at the first mini-batch whose
+    forward finds the policy that far from the rollout's (before stepping on it). first_order: the first
+    epoch's row order (else drawn here); first_output: the live forward output of its first micro-batch
+    (rlft.ppo.rollout.forward_passes), used instead of running that forward again.
     """
     input_ids, attention_mask, mask = rollout.input_ids, rollout.attention_mask, rollout.response_mask
     length = rollout.response_ids.shape[1]
     micro_size = hp.mini_batch_size // hp.gradient_accumulation_steps
     stats = defaultdict(list)
+    optimizer_steps = 0
     for epoch in range(hp.ppo_epochs):
-        epoch_approxkl = []
         order = first_order if epoch == 0 and first_order is not None else epoch_order(len(mask), hp.num_generations)
         for start in range(0, len(order), hp.mini_batch_size):
             mini_batch = order[start : start + hp.mini_batch_size]
@@ -260,6 +344,7 @@ def ppo_update(model, accelerator, optimizer, rollout: Rollout, advantages, retu
             # loss by world size / global count and the result is the loss of the global mini-batch.
             mini_share = accelerator.reduce(share_of(mask[mini_batch], hp.loss_aggregation).float(), "sum")
             mini_share = mini_share.clamp(min=1) / accelerator.num_processes
+            mini_approxkl = []
             for micro_start in range(0, len(mini_batch), micro_size):
                 rows = mini_batch[micro_start : micro_start + micro_size]
                 is_last = micro_start + micro_size >= len(mini_batch)
@@ -287,22 +372,34 @@ def ppo_update(model, accelerator, optimizer, rollout: Rollout, advantages, retu
                         mean_entropy = masked_mean(entropy_from_logits(logits, temperature), mask[rows])
                     loss = loss - hp.entropy_coef * mean_entropy
                     if not torch.isfinite(loss):
-                        raise RlftError("PPO loss became NaN/inf: lower ppo.learning_rate or check the scorer's scores")
+                        raise RlftError("PPO loss became NaN/inf: lower ppo.learning_rate or check the scorer's scores "
+                                        "(if the first steps already fail, try model.attn_implementation=eager: some "
+                                        "families' SDPA backward gives NaN on left-padded rows)")
                     accelerator.backward(loss * share_of(mask[rows], hp.loss_aggregation) / mini_share)
                 stats["loss/policy"].append(pg_loss.item())
                 stats["policy/entropy"].append(mean_entropy.item())
                 stats["policy/clipfrac"].append(pg_stats["clipfrac"].item())
                 stats["policy/approxkl"].append(pg_stats["approxkl"].item())
-                epoch_approxkl.append(pg_stats["approxkl"].item())
+                mini_approxkl.append(pg_stats["approxkl"])
+            # Trust region: this mini-batch's forward saw the policy after the update's steps so far. Past the
+            # threshold, no more steps (decided on every process's rows alike, so they stay in step).
+            moved = accelerator.reduce(torch.stack(mini_approxkl).mean(), "mean").item()
+            if hp.max_update_kl and moved > hp.max_update_kl:
+                optimizer.zero_grad(set_to_none=True)
+                stats["policy/update_stopped"] = [1.0]
+                break
             # Each group clipped on its own: the critic's gradient must not shrink the policy's step.
             for group, key in zip(optimizer.param_groups, ("policy/grad_norm", "val/grad_norm")):
                 norm = accelerator.clip_grad_norm_(group["params"], hp.max_grad_norm)
                 stats[key].append(float(distributed.full_tensor(norm)))
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            optimizer_steps += 1
         stats["policy/epochs"] = [epoch + 1]
-        if hp.early_stop_approxkl and sum(epoch_approxkl) / len(epoch_approxkl) > hp.early_stop_approxkl:
-            break  # the policy already moved as far as one update should
+        if stats.get("policy/update_stopped"):
+            break
+    stats["policy/optimizer_steps"] = [optimizer_steps]
+    stats.setdefault("policy/update_stopped", [0.0])
     return {key: sum(values) / len(values) for key, values in stats.items()}
 
 
@@ -313,21 +410,24 @@ def share_of(response_mask: torch.Tensor, aggregation: str) -> torch.Tensor:
     return response_mask.any(-1).sum()
 
 
-def step_metrics(accelerator, rollout: Rollout, sequence_kl, beta: float, mean_kl: float, returns,
-                 update_stats: dict, critic: bool) -> dict:
+def step_metrics(accelerator, rollout: Rollout, sampled_kl, beta: float, kl_in_reward: bool, mean_kl: float,
+                 returns, update_stats: dict, critic: bool) -> dict:
     """Namespaced per-step metrics, averaged over processes (the same names in JSONL, TensorBoard, reports).
 
-    sequence_kl: (B,) step 4's per-response KL; mean_kl its mean over processes (what the controller saw).
+    sampled_kl: (B,) step 4's per-response sum of the penalty's estimator; beta: its weight (in the reward when
+    kl_in_reward, else in the loss); mean_kl: the exact KL per response, averaged over processes (what the
+    controller saw).
     """
     mask = rollout.response_mask
     scores = accelerator.gather(rollout.scores)
-    non_score = -beta * sequence_kl
     local = {
-        "objective/non_score_reward": non_score.mean(),
-        "objective/rlhf_reward": (rollout.scores + non_score).mean(),
+        "objective/kl_sampled": sampled_kl.mean(),
         "response/length": mask.sum(1).float().mean(),
         "response/eos_rate": rollout.ended_with_eos.float().mean(),
     }
+    if kl_in_reward:  # the penalty the reward carried
+        local["objective/non_score_reward"] = -beta * sampled_kl.mean()
+        local["objective/rlhf_reward"] = (rollout.scores - beta * sampled_kl).mean()
     if critic:
         local["val/explained_variance"] = 1 - masked_var(returns - rollout.values, mask) / masked_var(
             returns, mask).clamp(min=1e-8)
@@ -356,11 +456,20 @@ def prompt_batch(step: int, rank: int, world: int, batch_size: int, num_prompts:
     return indices
 
 
-def check_prompt_lengths(tokenizer, prompt_texts: list[str], max_prompt_length: int) -> None:
+def check_prompt_lengths(tokenizer, prompt_texts: list[str], sampling, model_config) -> None:
+    """Every prompt within sampling.max_prompt_length, and with max_new_tokens within the model's context (read
+    from its config alone): said before the weights load, not at the step that draws the prompt."""
     lengths = [len(ids) for ids in tokenizer(prompt_texts, add_special_tokens=False)["input_ids"]]
-    too_long = sum(length > max_prompt_length for length in lengths)
+    too_long = sum(length > sampling.max_prompt_length for length in lengths)
     if too_long:
         raise RlftError(
-            f"{too_long} of {len(lengths)} prompts are longer than sampling.max_prompt_length={max_prompt_length} "
-            f"tokens (longest {max(lengths)}): raise the limit or filter the prompts"
+            f"{too_long} of {len(lengths)} prompts are longer than sampling.max_prompt_length="
+            f"{sampling.max_prompt_length} tokens (longest {max(lengths)}): raise the limit or filter the prompts"
         )
+    context = configured_context_length(model_config)
+    if context and max(lengths) + sampling.max_new_tokens > context:
+        past = sum(length + sampling.max_new_tokens > context for length in lengths)
+        raise RlftError(
+            f"{past} of {len(lengths)} prompts (longest {max(lengths)} tokens) plus sampling.max_new_tokens="
+            f"{sampling.max_new_tokens} are longer than the model's context ({context} tokens): filter the prompts, "
+            "or lower sampling.max_new_tokens")
