@@ -20,7 +20,7 @@ from typing import Literal
 from reward_models.judges import every_pair, pick_pair
 from reward_models.scorers import ScorerConfig, build_scorer
 from rlft import runs
-from rlft.config import DataConfig, ModelConfig, option, require, section
+from rlft.config import DataConfig, ModelConfig, option, require, require_seed, section
 from rlft.data import load_splits, prompt_key, prompts_of, render_prompts
 from rlft.errors import RlftError
 from rlft.generation import SamplingConfig, complete
@@ -54,6 +54,7 @@ class PreferenceConfig:
     )
 
     def __post_init__(self):
+        require_seed(self.seed)
         require(self.num_samples >= 2, "num_samples", f"must be >= 2 to form a pair, got {self.num_samples}")
         require(self.batch_size > 0, "batch_size", "must be >= 1")
         require(self.min_gap >= 0, "min_gap", "must be >= 0")
@@ -66,7 +67,7 @@ def run(config: PreferenceConfig) -> dict:
 
     started = time.time()
     runs.seed_everything(config.seed)
-    out = runs.prepare(config.output_dir, config)
+    out = runs.prepare(config.output_dir, config, "preferences")
     train_data, _, _ = load_splits(config.data, ("prompt_only", "conversational"), config.seed, "prompt data")
     prompts = prompts_of(train_data)
     judge = build_scorer(config.judge)  # before the policy: a judge that doesn't import fails in seconds
@@ -84,9 +85,8 @@ def run(config: PreferenceConfig) -> dict:
     if not rows:
         raise RlftError(f"the judge '{judge.name}' tied every prompt's samples (or min_gap={config.min_gap} "
                         "was never reached): raise num_samples or sampling.temperature, or lower min_gap")
-    with open(out / PAIRS, "w") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
+    runs.begin(out, config)
+    runs.write_text(out / PAIRS, "".join(json.dumps(row) + "\n" for row in rows))  # whole, or the old file stays
     gaps = [row["score_chosen"] - row["score_rejected"] for row in rows]
     metrics = {
         "pairs": len(rows),

@@ -11,8 +11,12 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import math
 import re
+import signal
 import sys
+import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Protocol
@@ -21,6 +25,7 @@ import torch
 
 from rlft.config import ModelConfig, option, require
 from rlft.errors import RlftError
+from rlft.runs import reading
 
 NORMALIZATION = "normalization.json"  # {"mean", "std"} of the trained model's scores; see reward_models.train
 
@@ -46,6 +51,7 @@ class ScorerConfig:
     )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = option(
         "auto", "model: weights dtype, as model.dtype (a LoRA reward model takes its base's, as trained).")
+    timeout: float = option(0.0, "function: seconds one call may take before the run stops with one line (0: none).")
 
     def __post_init__(self):
         require(bool(self.path), "path", "must name a reward model dir, 'module:function' or 'file.py:function'")
@@ -56,6 +62,8 @@ class ScorerConfig:
                     f"path '{self.path}' looks like module:function; set kind: function")
         require(self.batch_size > 0, "batch_size", "must be >= 1")
         require(self.max_length > 0, "max_length", "must be >= 1")
+        require(math.isfinite(self.weight), "weight", "must be a finite number")
+        require(self.timeout >= 0, "timeout", "must be >= 0 seconds (0: none)")
         require(not (self.normalize and self.kind == "function"), "normalize", "only applies to learned models")
         if not self.name:
             self.name = self.path.rsplit(":", 1)[-1] if self.kind == "function" else Path(self.path).name
@@ -170,18 +178,23 @@ class ModelScorer:
 
         self.name, self.batch_size = config.name, config.batch_size
         model_config = ModelConfig(name_or_path=config.path, dtype=config.dtype)
-        self.tokenizer = load_tokenizer(model_config)
-        if (Path(resolve(config.path)) / "adapter_config.json").is_file():  # a LoRA reward model: base + adapter
-            from peft import PeftModel
+        folder = Path(resolve(config.path))
+        if folder.is_dir() and not any(folder.glob("*.safetensors")) and not any(folder.glob("*.bin")):
+            raise RlftError(f"scorer '{self.name}': '{config.path}' holds no model weights (an empty folder, or a run "
+                            "of rlft reward that did not finish): finish or rerun rlft reward there, or fix the path")
+        with reading(config.path, "rerun rlft reward to train it again"):
+            self.tokenizer = load_tokenizer(model_config)
+            if (folder / "adapter_config.json").is_file():  # a LoRA reward model: base + adapter
+                from peft import PeftModel
 
-            from rlft.policy import adapter_info, load_reference
+                from rlft.policy import adapter_info, load_reference
 
-            base_config, reference_adapter = adapter_info(config.path)
-            base = load_reference(base_config, reference_adapter, device,
-                                  loader=AutoModelForSequenceClassification, num_labels=1)
-            self.model = PeftModel.from_pretrained(base, resolve(config.path)).eval()
-        else:
-            self.model = load_model(model_config, loader=AutoModelForSequenceClassification, device=device).eval()
+                base_config, reference_adapter = adapter_info(config.path)
+                base = load_reference(base_config, reference_adapter, device,
+                                      loader=AutoModelForSequenceClassification, num_labels=1)
+                self.model = PeftModel.from_pretrained(base, resolve(config.path)).eval()
+            else:
+                self.model = load_model(model_config, loader=AutoModelForSequenceClassification, device=device).eval()
         if self.model.config.num_labels != 1:
             raise RlftError(f"scorer '{self.name}': '{config.path}' has {self.model.config.num_labels} outputs; "
                             "a reward model needs exactly 1 (train one with rlft reward)")
@@ -206,8 +219,14 @@ def normalization(config: ScorerConfig) -> tuple[float, float]:
     if not stats_file.is_file():
         raise RlftError(f"scorer '{config.name}': normalize is on but '{stats_file}' is missing: "
                         "train the model with rlft reward, or set normalize: false")
-    stats = read_json(stats_file)
-    return float(stats["mean"]), float(stats["std"])
+    stats = read_json(stats_file, "rerun rlft reward to write it again, or set normalize: false")
+    mean, std = stats.get("mean"), stats.get("std")
+    if not (isinstance(mean, (int, float)) and isinstance(std, (int, float)) and math.isfinite(mean)
+            and math.isfinite(std) and std > 0):
+        # a negative std would flip the reward's sign, a zero one divide by it
+        raise RlftError(f"'{stats_file}' is damaged (mean {mean!r}, std {std!r}: it needs a finite mean and a "
+                        "positive std): rerun rlft reward to write it again, or set normalize: false")
+    return float(mean), float(std)
 
 
 class AdapterScorer:
@@ -251,9 +270,10 @@ class AdapterScorer:
         """Load the reward adapter (frozen) into the peft `policy` and build the classifier over its trunk."""
         from safetensors.torch import load_file
 
-        policy.load_adapter(self.path, adapter_name=self.adapter, is_trainable=False)
+        with reading(self.path, "rerun rlft reward to train it again"):
+            policy.load_adapter(self.path, adapter_name=self.adapter, is_trainable=False)
+            saved = load_file(Path(self.path) / "adapter_model.safetensors")
         policy.train(policy.training)  # the new adapter's dropout modules start in training mode
-        saved = load_file(Path(self.path) / "adapter_model.safetensors")
         self.model = classifier_on(policy.get_base_model(), saved, self.tokenizer.pad_token_id, self.name)
         self.policy = policy
 
@@ -333,17 +353,37 @@ def import_function(path: str):
 
 class FunctionScorer:
     def __init__(self, config: ScorerConfig):
-        self.name, self.function = config.name, import_function(config.path)
+        self.name, self.function, self.timeout = config.name, import_function(config.path), config.timeout
 
     def __call__(self, prompts: list, completions: list[str]) -> torch.Tensor:
         try:
-            scores = self.function(list(prompts), list(completions))
+            with time_limit(self.timeout, f"scorer '{self.name}' took longer than its timeout of {self.timeout:g} s "
+                                          "for one batch: fix it, or raise its `timeout`"):
+                scores = self.function(list(prompts), list(completions))
         except RlftError:
             raise
-        except Exception as e:  # the user's function: its failure is theirs to fix, said in one line
+        except (Exception, SystemExit) as e:  # the user's function: its failure (even sys.exit) is theirs to fix
             raise RlftError(f"scorer '{self.name}' raised {type(e).__name__}: "
                             f"{(str(e).strip().splitlines() or [''])[0][:200]}") from None
         return checked(self.name, scores, len(completions))
+
+
+@contextmanager
+def time_limit(seconds: float, message: str):
+    """Raise RlftError(message) in this (main) thread if the block runs longer than `seconds` (0: no limit)."""
+    if not seconds or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def expired(signum, frame):
+        raise RlftError(message)
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 def adapter_scorers(scorer: Scorer) -> list[AdapterScorer]:

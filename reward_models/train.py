@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from reward_models.scorers import NORMALIZATION, encode, length_limit, score_ids
 from rlft import runs
-from rlft.config import DataConfig, LoraConfig, ModelConfig, option, require, section
+from rlft.config import DataConfig, LoraConfig, ModelConfig, option, require, require_seed, section
 from rlft.data import load_splits
 from rlft.distributed import full_state_dict, is_main_process
 from rlft.errors import RlftError
@@ -56,6 +56,10 @@ class RewardConfig(Publishing):
         0.0, "Where pairs carry their judge's scores (score_chosen, score_rejected: rlft preferences writes them), "
         "train with a margin of score_margin x their gap in the loss (Llama 2's margin loss), so a pair the judge "
         "separates widely must be separated widely; 0: no margin, or a `margin` column of your own.")
+    min_score_gap: float = option(
+        0.0, "Where pairs carry their judge's scores: train only on the pairs the judge separates by at least this "
+        "(a near-tie is a coin flip of a label); the held-out pairs are all kept, so accuracy is measured on the "
+        "same pairs either way. 0: every pair.")
     model: RewardModelConfig = section(RewardModelConfig, "The backbone.")
     lora: LoraConfig = section(LoraConfig, "The adapter, when lora_enabled (the score head is trained in full).")
     data: DataConfig = section(
@@ -65,9 +69,11 @@ class RewardConfig(Publishing):
 
     def __post_init__(self):
         super().__post_init__()
+        require_seed(self.seed)
         require(self.model.quantization == "none" or self.lora_enabled, "model.quantization",
                 "a quantized backbone can only be trained with lora_enabled: true")
         require(self.score_margin >= 0, "score_margin", f"must be >= 0 (0: no margin), got {self.score_margin}")
+        require(self.min_score_gap >= 0, "min_score_gap", f"must be >= 0 (0: every pair), got {self.min_score_gap}")
 
 
 def run(config: RewardConfig) -> dict:
@@ -78,16 +84,21 @@ def run(config: RewardConfig) -> dict:
     started = time.time()
     runs.seed_everything(config.seed)  # before loading: it initialises the new score head
     checkpoint = last_checkpoint(config.output_dir) if config.resume else None
-    out = runs.prepare(config.output_dir, config, resuming=checkpoint is not None, may_change=RESUMABLE_CHANGES)
+    out = runs.prepare(config.output_dir, config, "reward", resuming=checkpoint is not None,
+                       may_change=RESUMABLE_CHANGES)
     main = is_main_process()  # under `accelerate launch` the one process that writes the run's files
 
     # Data first: a wrong column should fail before the model loads.
     train_rows, eval_rows, _ = load_splits(config.data, ("preference",), config.seed, "reward data")
+    data = runs.check_data(out, config.data.path, train_rows, eval_rows, resuming=checkpoint is not None)
+    if config.min_score_gap:
+        train_rows = clear_pairs(train_rows, config.min_score_gap, config.data.path)
     if config.score_margin:
         train_rows = with_score_margin(train_rows, config.score_margin, config.data.path)
     if len(eval_rows) == 0:
         raise RlftError(f"the evaluation split of '{config.data.path}' is empty: check data.eval_split")
     hf_training.check_optimizer(config.train.optim, "train.optim")
+    hf_training.check_scheduler(config.train.lr_scheduler, "train.lr_scheduler")
     tokenizer = load_tokenizer(config.model)
     model = load_reference(config.model, config.sft_adapter or None,
                            loader=AutoModelForSequenceClassification, num_labels=1)
@@ -114,6 +125,7 @@ def run(config: RewardConfig) -> dict:
     hf_training.shard_on_cpu(trainer)
     before = hf_training.measured_before(trainer, out, checkpoint, "eval_accuracy", lambda: pairwise_accuracy(
         model, eval_data, tokenizer.pad_token_id, config.train.batch_size))
+    runs.begin(out, config, data)  # from here on this run writes in its folder
     hf_training.train(trainer, checkpoint)
     accuracy_before = before["eval_accuracy"]
     check_finite_losses(trainer.state.log_history)
@@ -161,7 +173,8 @@ def split_pair(row: dict) -> list[tuple]:
     """[(prompt, chosen completion), (prompt, rejected completion)] for any of TRL's preference shapes.
 
     Explicit `prompt`, or implicit: message lists end in the reply; texts share a prefix, cut at its last
-    space ("The sky is blue." / "The sky is green." -> "The sky is", "blue." / "green.").
+    space ("The sky is blue." / "The sky is green." -> "The sky is", "blue." / "green."). A text prompt beside
+    message lists (UltraFeedback's layout) is the lists' own user turn.
     """
     prompt, sides = row.get("prompt"), [row["chosen"], row["rejected"]]
     if all(isinstance(side, str) for side in sides):
@@ -169,12 +182,29 @@ def split_pair(row: dict) -> list[tuple]:
             cut = os.path.commonprefix(sides).rfind(" ") + 1
             prompt, sides = sides[0][:cut].strip(), [side[cut:] for side in sides]
         return [(prompt, side) for side in sides]
+    if all(isinstance(side, list) and side for side in sides) and isinstance(prompt, str):
+        # HuggingFaceH4/ultrafeedback_binarized: the prompt as text, and each side the whole conversation again
+        # (its user turn then the reply); sides holding the reply alone get the prompt as the user's turn
+        return [(side[:-1] or [{"role": "user", "content": prompt}], side[-1]["content"]) for side in sides]
     if all(isinstance(side, list) and side for side in sides) and isinstance(prompt, (list, type(None))):
         return [((prompt or []) + side[:-1], side[-1]["content"]) for side in sides]
     raise RlftError(
         "a preference row mixes text and message lists, or has an empty side: chosen/rejected must both be "
         f"strings or both non-empty message lists, with a prompt of the same kind (got {str(row)[:120]}...)"
     )
+
+
+def clear_pairs(dataset, gap: float, path: str):
+    """The pairs whose judge scores differ by at least `gap` (rows from rlft preferences carry both scores)."""
+    missing = {"score_chosen", "score_rejected"} - set(dataset.column_names)
+    if missing:
+        raise RlftError(f"min_score_gap is set but '{path}' has no {' or '.join(sorted(missing))} column: use pairs "
+                        "from rlft preferences, or set min_score_gap=0")
+    kept = [i for i, (chosen, rejected) in enumerate(zip(dataset["score_chosen"], dataset["score_rejected"]))
+            if chosen - rejected >= gap]
+    if not kept:
+        raise RlftError(f"no training pair of '{path}' has judge scores {gap:g} apart: lower min_score_gap")
+    return dataset.select(kept)
 
 
 def with_score_margin(dataset, scale: float, path: str):

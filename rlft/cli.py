@@ -101,7 +101,9 @@ def main(argv: list[str] | None = None) -> int:
         return fail(args.stage, problem)
     except KeyboardInterrupt as e:
         where = f" in {config.output_dir}" if config is not None else ""
-        print(f"rlft {args.stage}: {e or 'interrupted'}; the checkpoints{where} are intact: rerun the same "
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second signal must not cut the last line short
+        close_progress_bars()
+        print(f"rlft {args.stage}: {str(e) or 'interrupted'}; the checkpoints{where} are intact: rerun the same "
               "command to resume", file=sys.stderr)
         return 143 if isinstance(e, Terminated) else 130
     finally:
@@ -112,12 +114,18 @@ def main(argv: list[str] | None = None) -> int:
 
 def fail(stage: str, problem: str) -> int:
     """The one line a user reads, last: progress bars the error cut short are closed first."""
+    close_progress_bars()
+    print(f"rlft {stage}: error: {problem}", file=sys.stderr)
+    return 2
+
+
+def close_progress_bars() -> None:
+    """Close every open tqdm bar, which redraws it one last time, so that nothing is drawn after our last line."""
     from tqdm import tqdm
 
     for bar in list(getattr(tqdm, "_instances", ())):
         bar.close()
-    print(f"rlft {stage}: error: {problem}", file=sys.stderr)
-    return 2
+    sys.stderr.flush()
 
 
 WRITE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}

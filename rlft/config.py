@@ -47,6 +47,11 @@ def section(cls, help: str):
     return field(default_factory=cls, metadata={"help": help})
 
 
+def require_seed(seed: int) -> None:
+    """numpy and python seed from unsigned 32-bit integers."""
+    require(0 <= seed < 2**32, "seed", f"must be in [0, 2**32), got {seed}")
+
+
 def require(condition: bool, key: str, problem: str) -> None:
     if not condition:
         raise ConfigValueError(key, problem)

@@ -9,6 +9,7 @@ Row formats (TRL's names):
 
 from __future__ import annotations
 
+import codecs
 import glob
 import json
 import random
@@ -133,12 +134,32 @@ def load_file(local: Path, split: str):
     if split != "train":
         raise RlftError(f"data file '{local}' has one split (train), not '{split}': hold out rows with "
                         "data.eval_fraction and data.eval_split=''")
+    if local.suffix in (".jsonl", ".json", ".csv"):
+        not_utf8(local)
     if local.suffix == ".jsonl":
         bad_jsonl_line(local)
     try:
         return datasets.load_dataset(FILE_TYPES[local.suffix], data_files=str(local), split="train")
     except Exception as e:  # the datasets library raises many types for a malformed file
         raise RlftError(f"could not read data file '{local}': {first_line(e)}") from None
+
+
+def not_utf8(path: Path) -> None:
+    """Refuse a text data file that is not UTF-8 (a Latin-1 export), naming the first bad byte."""
+    offset = 0
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            try:
+                decoder.decode(chunk)
+            except UnicodeDecodeError as e:
+                raise RlftError(f"data file '{path}' is not UTF-8 text (byte {chunk[e.start]:#x} at offset "
+                                f"{offset + e.start}): save it as UTF-8, e.g. iconv -f latin1 -t utf-8") from None
+            offset += len(chunk)
+    try:
+        decoder.decode(b"", final=True)
+    except UnicodeDecodeError:
+        raise RlftError(f"data file '{path}' is not UTF-8 text (it ends inside a character): save it as UTF-8") from None
 
 
 def bad_jsonl_line(path: Path) -> None:
@@ -183,6 +204,15 @@ def check_rows(dataset, columns: tuple[str, ...], source: str) -> None:
             if value is None or (isinstance(value, list) and not value):
                 kind = "a null" if value is None else "an empty"
                 raise RlftError(f"'{source}' row {row} has {kind} `{column}`: drop or fill such rows")
+            if isinstance(value, list):
+                bad = next((m for m in value if not (isinstance(m, dict) and isinstance(m.get("role"), str)
+                                                     and isinstance(m.get("content"), str))), None)
+                if bad is not None:
+                    raise RlftError(f"'{source}' row {row}: a `{column}` message ({str(bad)[:60]}) lacks a text `role` "
+                                    "or `content`: every message needs both")
+            elif not isinstance(value, str):
+                raise RlftError(f"'{source}' row {row} has a {type(value).__name__} `{column}` ({str(value)[:40]}), "
+                                "not text or a message list: quote it as a string")
         if all(isinstance(value, str) and not value.strip() for value in values):
             raise RlftError(f"every `{column}` in '{source}' is empty text: point data.path at rows with content")
 

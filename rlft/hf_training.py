@@ -8,6 +8,7 @@ import math
 import os
 import re
 import shutil
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from rlft.config import ModelConfig, option, require
 from rlft.distributed import is_main_process
 from rlft.errors import RlftError
 from rlft.models import torch_dtype
-from rlft.runs import read_json, unsafe_checkpoint, write_json
+from rlft.runs import read_json, reading, unsafe_checkpoint, write_json
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,7 @@ class TrainConfig:
         require(0 <= self.warmup_ratio < 1, "warmup_ratio", "must be in [0, 1)")
         require(self.warmup_steps >= 0, "warmup_steps", "must be >= 0 (0: use warmup_ratio)")
         require(self.max_grad_norm > 0, "max_grad_norm", "must be > 0")
+        require(self.weight_decay >= 0, "weight_decay", f"must be >= 0, got {self.weight_decay}")
         require(self.max_length > 0, "max_length", "must be > 0")
         require(self.logging_steps > 0, "logging_steps", "must be >= 1")
         require(self.save_steps > 0, "save_steps", "must be >= 1")
@@ -103,11 +105,14 @@ def training_kwargs(train: TrainConfig, model: ModelConfig, output_dir: Path, se
 RESUMABLE_CHANGES = ("output_dir", "resume", "num_samples", "merge", "train.epochs", "train.max_steps",
                      "train.logging_steps", "train.eval_steps", "train.save_steps")
 COMPLETE = "rlft-complete"  # written into a Trainer checkpoint once every file of it is on disk
+BEFORE = "eval_before.json"  # the untrained model's figures, measured once: a resumed run reads them back
+BEFORE_FIX = "set resume=false to start over (it holds the untrained model's figures, which cannot be measured again)"
 CHECKPOINT_DIR = re.compile(r"^checkpoint-(\d+)$")
 
 
 def last_checkpoint(output_dir: str | Path) -> str | None:
-    """The newest complete checkpoint in output_dir/checkpoints; torn ones (no marker) are deleted."""
+    """The newest complete checkpoint in output_dir/checkpoints, checked whole before the run touches anything
+    (`check_checkpoint`); torn ones (no marker) are deleted."""
     folder = Path(output_dir) / "checkpoints"
     if not folder.is_dir():
         return None
@@ -117,7 +122,16 @@ def last_checkpoint(output_dir: str | Path) -> str | None:
     for step, path in found:
         if step > newest and not (path / COMPLETE).is_file():
             shutil.rmtree(path, ignore_errors=True)  # half-written by a killed run: the Trainer would choke on it
-    return str(complete[-1][1]) if complete else None
+    if not complete:
+        return None
+    check_checkpoint(complete[-1][1])
+    before = Path(output_dir) / BEFORE
+    if before.is_file():
+        figures = read_json(before, BEFORE_FIX)
+        if not figures or not all(isinstance(value, (int, float)) for value in figures.values()):
+            raise RlftError(f"'{before}' is damaged (it must hold the untrained model's figures as numbers): "
+                            f"{BEFORE_FIX}")
+    return str(complete[-1][1])
 
 
 def check_optimizer(name: str, key: str) -> None:
@@ -131,6 +145,19 @@ def check_optimizer(name: str, key: str) -> None:
         close = difflib.get_close_matches(name, names, n=1)
         hint = f"did you mean '{close[0]}'?" if close else f"choose from {', '.join(names[:12])}, ..."
         raise RlftError(f"bad value for '{key}': unknown optimizer '{name}'; {hint}")
+
+
+def check_scheduler(name: str, key: str) -> None:
+    """Refuse a learning-rate scheduler name transformers does not know, before any model loads."""
+    import difflib
+
+    from transformers.trainer_utils import SchedulerType
+
+    names = [s.value for s in SchedulerType]
+    if name not in names:
+        close = difflib.get_close_matches(name, names, n=1)
+        hint = f"did you mean '{close[0]}'?" if close else f"choose from {', '.join(names)}"
+        raise RlftError(f"bad value for '{key}': unknown scheduler '{name}'; {hint}")
 
 
 def optimizer(parameters, name: str, learning_rate: float, eps: float = 1e-8, weight_decay: float = 0.0):
@@ -200,12 +227,15 @@ def measured_before(trainer, out: Path, checkpoint: str | None, name: str, measu
     Returns a dict that holds {name: value} once trainer.train has begun."""
     from transformers import TrainerCallback
 
-    path, figure = out / "eval_before.json", {}
+    path, figure = out / BEFORE, {}
 
     class MeasureFirst(TrainerCallback):
         def on_train_begin(self, args, state, control, **kwargs):
             if checkpoint and path.is_file():
-                figure[name] = read_json(path)[name]
+                saved = read_json(path, BEFORE_FIX)
+                if name not in saved:
+                    raise RlftError(f"'{path}' is damaged (no '{name}'): {BEFORE_FIX}")
+                figure[name] = saved[name]  # a number: last_checkpoint checked
                 return
             figure[name] = measure()  # every process: a collective under FSDP
             if is_main_process():
@@ -242,11 +272,47 @@ def train(trainer, checkpoint: str | None) -> None:
 
     trainer.add_callback(MarkComplete)
     if checkpoint:
+        check_checkpoint(Path(checkpoint))
         log.info("resuming from %s", checkpoint)
     try:
-        trainer.train(resume_from_checkpoint=checkpoint)
+        with reading(checkpoint, RESUME_FIX) if checkpoint else nullcontext():
+            trainer.train(resume_from_checkpoint=checkpoint)
     except pickle.UnpicklingError as e:  # the Trainer loads optimizer/RNG states with weights_only=True
         raise unsafe_checkpoint(checkpoint, e) from None
+
+
+RESUME_FIX = "delete it to resume from the one before, or set resume=false"
+# What a Trainer checkpoint must hold to continue exactly: weights (adapter or full model), optimizer,
+# scheduler, RNG (one file per process) and the trainer's state.
+CHECKPOINT_FILES = (("adapter_model.safetensors", "model.safetensors"), ("optimizer.pt",), ("scheduler.pt",),
+                    ("rng_state.pth", "rng_state_0.pth"), ("trainer_state.json",))
+
+
+def check_checkpoint(folder: Path) -> None:
+    """Refuse, in one line and before anything is written, a checkpoint marked complete that cannot continue the
+    run exactly: a file missing (without optimizer.pt the Trainer silently starts a fresh optimizer), or one that
+    does not parse (torn torch or safetensors files, edited JSON), or that holds code instead of tensors."""
+    import pickle
+
+    from safetensors import safe_open
+    from transformers.trainer_pt_utils import safe_globals  # the numpy types the Trainer's RNG file holds
+
+    for names in CHECKPOINT_FILES:
+        if not any((folder / name).is_file() for name in names):
+            raise RlftError(f"checkpoint '{folder}' has no {' or '.join(names)}, so it cannot continue the run "
+                            f"exactly: {RESUME_FIX}")
+    read_json(folder / "trainer_state.json", RESUME_FIX)
+    for path in sorted(folder.iterdir()):
+        try:
+            with reading(path, RESUME_FIX):
+                if path.suffix == ".safetensors":
+                    with safe_open(path, framework="pt") as weights:
+                        weights.keys()
+                elif path.suffix in (".pt", ".pth"):
+                    with safe_globals():  # what the Trainer allows when it loads them
+                        torch.load(path, weights_only=True, map_location="cpu")
+        except pickle.UnpicklingError as e:
+            raise unsafe_checkpoint(folder, e) from None
 
 
 def check_finite_losses(log_history: list[dict]) -> None:

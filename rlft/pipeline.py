@@ -8,16 +8,13 @@ stage sections say; everything else in each section is that stage's own config.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-import yaml
-
 from rlft import runs
-from rlft.config import ModelConfig, option, require, section
+from rlft.config import ModelConfig, option, require, require_seed, section
 from rlft.errors import RlftError
 from rlft.evaluate import EvalConfig
 from rlft.ppo.config import PPOConfig
@@ -42,6 +39,8 @@ class PipelineConfig:
     reuse_stages: list[str] = option(
         list(STAGES[:3]), "The stages taken from reuse_from: sft, then optionally preferences, then reward (each is "
         "trained on the ones before). Where that pipeline reused a stage itself, it comes from where it did.")
+    report_sft: bool = option(True, "The report also sets the SFT model against the base it started from (two more "
+                              "sampling passes over the held-out prompts); PPO against SFT is reported either way.")
     sft: SFTConfig = section(SFTConfig, "Stage 1 (rlft sft).")
     preferences: PreferenceConfig = section(PreferenceConfig, "Pairs sampled from the SFT policy, ranked by a judge.")
     reward: RewardConfig = section(RewardConfig, "Stage 2 (rlft reward) on those pairs.")
@@ -49,6 +48,7 @@ class PipelineConfig:
     eval: EvalConfig = section(EvalConfig, "The report: SFT and PPO policies, the reward model as proxy, the judge as gold.")
 
     def __post_init__(self):
+        require_seed(self.seed)
         unknown = [stage for stage in self.stages if stage not in STAGES]
         require(not unknown, "stages", f"unknown stage(s) {unknown}; choose from {list(STAGES)}")
         require(self.reuse_stages in [list(STAGES[:n]) for n in range(4)], "reuse_stages",
@@ -62,7 +62,7 @@ def stage_dir(root: Path, reuse_from: str, reuse_stages: list[str], stage: str) 
     while reuse_from and stage in reuse_stages and Path(reuse_from).resolve() not in seen:
         folder = Path(reuse_from)
         seen.add(folder.resolve())
-        saved = yaml.safe_load((folder / runs.CONFIG).read_text()) if (folder / runs.CONFIG).is_file() else {}
+        saved = runs.read_config(folder / runs.CONFIG)
         reuse_from, reuse_stages = saved.get("reuse_from", ""), saved.get("reuse_stages", list(STAGES[:3]))
     return folder / stage
 
@@ -97,7 +97,8 @@ def wire(config: PipelineConfig) -> dict:
         # PPO optimises the reward model this pipeline trains, from this pipeline's SFT model.
         "ppo": replace(config.ppo, output_dir=ppo_dir, sft_adapter=sft_dir, model=config.sft.model, reward=[proxy],
                        seed=seed),
-        "eval": replace(config.eval, output_dir=str(root / "eval"), policies=[sft_dir, ppo_dir],
+        "eval": replace(config.eval, output_dir=str(root / "eval"),
+                        policies=[sft_dir, ppo_dir] if config.report_sft else [ppo_dir],
                         checkpoints_of=ppo_dir, training_run=ppo_dir, scorers=[proxy, *gold],
                         gold=gold[0].name, seed=seed),
     }
@@ -124,7 +125,7 @@ REUSABLE_CHANGES = ("output_dir", "resume", "push_to_hub", "hub_model_id", "hub_
 def check_reusable(stage: str, stage_config) -> None:
     """A finished stage is reused only if it ran with this config: else a variant would silently report
     another experiment's model."""
-    changed = runs.saved_config_changes(stage_config.output_dir, stage_config, REUSABLE_CHANGES)
+    changed = runs.saved_config_changes(stage_config.output_dir, stage_config, REUSABLE_CHANGES, moved=True)
     if changed:
         raise RlftError(
             f"[{stage}] '{stage_config.output_dir}' holds a finished run of another config "
@@ -141,10 +142,12 @@ def run(config: PipelineConfig) -> dict:
     stage_runners = {"sft": sft.run, "preferences": preferences.run, "reward": reward.run, "ppo": ppo.run,
                      "eval": evaluate.run}
     stage_configs = wire(config)
-    runs.prepare(config.output_dir, config)  # one pipeline per folder; each stage checks its own resume
+    runs.prepare(config.output_dir, config, "pipeline")  # one pipeline per folder; each stage checks its resume
+    runs.begin(config.output_dir, config)
     record = Path(config.output_dir) / "pipeline.json"
     # each stage's time from the run that did it: a rerun that reuses a stage keeps its figure
-    timings = json.loads(record.read_text()).get("stage_wall_time_s", {}) if record.is_file() else {}
+    timings = (runs.read_json(record, "delete it (it only records the stages' wall times)").get("stage_wall_time_s", {})
+               if record.is_file() else {})
     for stage in config.stages:
         stage_config = stage_configs[stage]
         if runs.is_complete(stage_config.output_dir):

@@ -8,6 +8,8 @@ rebuild policy and reference from the folder alone.
 
 from __future__ import annotations
 
+import os
+import shutil
 from contextlib import contextmanager
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -18,6 +20,9 @@ from rlft.errors import RlftError
 from rlft.models import load_model, load_tokenizer
 
 ADAPTER_INFO = "rlft_adapter.json"
+# The base model fields an adapter's record is trusted for: which weights (and how quantized), and the template its
+# prompts were rendered with.
+RECORDED = ("name_or_path", "revision", "dtype", "quantization", "chat_template")
 
 
 def save_adapter(model, folder: str | Path, model_config: ModelConfig, reference_adapter: str | None,
@@ -27,8 +32,25 @@ def save_adapter(model, folder: str | Path, model_config: ModelConfig, reference
     weights gathered whole, where they are sharded (FSDP)."""
     folder = Path(folder)
     model.save_pretrained(folder, selected_adapters=[model.active_adapter], state_dict=state_dict)
-    info = {"base_model": asdict(model_config), "reference_adapter": reference_adapter}
+    write_adapter_info(folder, model_config, reference_adapter)
+
+
+def write_adapter_info(folder: Path, model_config: ModelConfig, reference_adapter: str | None) -> None:
+    """rlft_adapter.json: the base, and the reference adapter twice: its absolute path (an adapter folder copied
+    elsewhere alone still finds it) and its path relative to `folder` (a run folder moved whole, with its
+    reference inside, still finds it)."""
+    info = {"base_model": asdict(model_config), "reference_adapter": None}
+    if reference_adapter:
+        info["reference_adapter"] = str(Path(reference_adapter).resolve())
+        info["reference_adapter_from_here"] = os.path.relpath(Path(reference_adapter).resolve(), folder.resolve())
     runs.write_json(folder / ADAPTER_INFO, info)
+
+
+def copy_adapter(source: Path, destination: Path) -> None:
+    """An adapter folder copied elsewhere, its record's reference path rewritten for the new place."""
+    model_config, reference_adapter = adapter_info(source)
+    shutil.copytree(source, destination, dirs_exist_ok=True)
+    write_adapter_info(destination, model_config, reference_adapter)
 
 
 def adapter_state_dict(model) -> dict:
@@ -51,10 +73,12 @@ def load_reference(model_config: ModelConfig, reference_adapter: str | None, dev
         return base
     from peft import PeftConfig, PeftModel
 
-    config = PeftConfig.from_pretrained(reference_adapter)
+    with runs.reading(reference_adapter, "rerun the stage that saved this adapter"):
+        config = PeftConfig.from_pretrained(reference_adapter)
     config.task_type = None  # a plain PeftModel: the SFT adapter merges into a classifier of the same trunk too
     try:
-        merged = PeftModel.from_pretrained(base, reference_adapter, config=config).merge_and_unload()
+        with runs.reading(reference_adapter, "rerun the stage that saved this adapter"):
+            merged = PeftModel.from_pretrained(base, reference_adapter, config=config).merge_and_unload()
     except RuntimeError as e:  # size mismatch: an adapter for another architecture
         raise RlftError(f"adapter '{reference_adapter}' does not fit base model '{model_config.name_or_path}' "
                         f"({str(e).strip().splitlines()[-1].strip()[:160]}): use the base it was trained on") from None
@@ -92,10 +116,19 @@ def adapter_info(folder: str | Path, trust_remote_code: bool = False) -> tuple[M
         raise RlftError(f"'{folder}' is not an rlft adapter (no {ADAPTER_INFO}): pass an SFT output dir or PPO checkpoint")
     try:
         info = runs.read_json(folder / ADAPTER_INFO)
-        model_config = from_dict(ModelConfig, info["base_model"])
-    except (ConfigError, KeyError, TypeError, ValueError) as e:
-        raise RlftError(f"'{folder}/{ADAPTER_INFO}' is damaged: {e}") from None
-    return replace(model_config, trust_remote_code=trust_remote_code), info.get("reference_adapter")
+        # Only what names the weights and how prompts were rendered; the rest (attention kernel, checkpointing,
+        # remote code) is the user's to choose, never a downloaded file's.
+        recorded = {key: info["base_model"][key] for key in RECORDED if key in info["base_model"]}
+        model_config = from_dict(ModelConfig, recorded)
+        reference, from_here = info.get("reference_adapter"), info.get("reference_adapter_from_here")
+        if not all(path is None or isinstance(path, str) for path in (reference, from_here)):
+            raise TypeError("reference_adapter is not a path")
+    except (ConfigError, KeyError, TypeError, ValueError, RlftError) as e:
+        raise RlftError(f"'{folder}/{ADAPTER_INFO}' is damaged ({str(e).splitlines()[0][:160]}): rerun the stage that "
+                        "saved this adapter") from None
+    if from_here and (folder / from_here).is_dir():  # the run folder moved whole: the reference moved with it
+        reference = os.path.normpath(folder / from_here)
+    return replace(model_config, trust_remote_code=trust_remote_code), reference
 
 
 def load_policy(folder: str | Path, device=None, trainable: bool = False, trust_remote_code: bool = False):
@@ -104,7 +137,8 @@ def load_policy(folder: str | Path, device=None, trainable: bool = False, trust_
 
     model_config, reference_adapter = adapter_info(folder, trust_remote_code)
     reference = load_reference(model_config, reference_adapter, device)
-    model = PeftModel.from_pretrained(reference, str(folder), is_trainable=trainable)
+    with runs.reading(folder, "rerun the stage that saved this adapter"):
+        model = PeftModel.from_pretrained(reference, str(folder), is_trainable=trainable)
     return model, load_tokenizer(model_config), model_config
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import os
 import random
@@ -11,6 +12,7 @@ import socket
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -24,24 +26,34 @@ from rlft.errors import RlftError
 METRICS = "metrics.json"  # written last: its presence marks a finished stage
 CONFIG = "config.yaml"
 LOCK = ".rlft-lock"
+STAGE_FILE = ".rlft-stage"  # which stage's run a folder holds (sft, reward, preferences, ppo, eval, pipeline)
 _locks: dict[Path, int] = {}  # folder -> open, flock'ed lock file; the kernel releases it when the process dies
 
 
-def prepare(output_dir: str | Path, config, resuming: bool = False, may_change: tuple[str, ...] = ()) -> Path:
-    """Claim `output_dir` for this run: create it, lock it against a second run, save the resolved config.
+def prepare(output_dir: str | Path, config, stage: str, resuming: bool = False,
+            may_change: tuple[str, ...] = ()) -> Path:
+    """Claim `output_dir` for this run of `stage`: create it and lock it against a second run. Nothing in it
+    changes until the run calls `begin`.
 
-    When `resuming` a checkpoint there, the saved config must equal this one but for the `may_change`
-    keys (run length, logging cadence): a changed `lora.r` or learning rate would mix two experiments in
-    one folder, or crash on the checkpoint's shapes. The check comes before the saved config is replaced.
+    A folder belongs to the stage that first claimed it (STAGE_FILE): another stage's run there, or in a folder
+    inside another stage's run, is refused, so no command can overwrite another's results. When `resuming` a
+    checkpoint there, the saved config must equal this one but for the `may_change` keys (run length, logging
+    cadence): a changed `lora.r` or learning rate would mix two experiments in one folder, or crash on the
+    checkpoint's shapes. The checks come before anything in the folder is touched.
     """
+    if not str(output_dir).strip():
+        raise RlftError("output_dir is empty: name a folder for the run's files (e.g. output_dir=runs/my_run)")
     out = Path(output_dir)
     if not is_main_process():
         return out  # under `accelerate launch` the main process alone claims the folder and writes its files
     if out.exists() and not out.is_dir():
         raise RlftError(f"output_dir '{out}' is a file, not a folder: pick another output_dir")
+    check_claim(out, stage)
     try:
         out.mkdir(parents=True, exist_ok=True)
         lock(out)
+        if not (out / STAGE_FILE).is_file():
+            write_text(out / STAGE_FILE, stage + "\n")
     except OSError as e:
         raise RlftError(f"cannot write to output_dir '{out}' ({e.strerror or e}): pick a writable folder") from None
     if resuming:
@@ -51,8 +63,67 @@ def prepare(output_dir: str | Path, config, resuming: bool = False, may_change: 
                 f"output_dir '{out}' holds a checkpoint of a run with another config ({'; '.join(changed)}): "
                 "rerun with the saved values, set resume=false to start over there, or pick another output_dir"
             )
-    save_config(config, out / CONFIG)
     return out
+
+
+DATA_FILE = "data_fingerprint.json"  # what a run trained on, so a rerun cannot resume on other data
+
+
+def check_data(output_dir: str | Path, source: str, *splits, resuming: bool) -> dict:
+    """A hash of the rows a run uses (`begin` records it); a resumed run on other rows than its checkpoint's (the
+    file replaced, another hold-out) is refused in one line, before it mixes two datasets in one run."""
+    digest = hashlib.sha256()
+    rows = 0
+    for split in splits:
+        for row in split:
+            digest.update(json.dumps(row, sort_keys=True, default=str).encode())
+            rows += 1
+    found = {"source": source, "rows": rows, "sha256": digest.hexdigest()}
+    path = Path(output_dir) / DATA_FILE
+    if resuming and path.is_file():
+        saved = read_json(path, "delete it to resume on the data at hand anyway, or set resume=false")
+        if saved.get("sha256") != found["sha256"]:
+            raise RlftError(f"the data changed since this run started ('{saved.get('source')}': {saved.get('rows')} rows "
+                            f"then, '{source}': {rows} rows now, other contents): resume on the same data, set "
+                            "resume=false to start over, or pick another output_dir")
+    return found
+
+
+def begin(output_dir: str | Path, config, data: dict | None = None) -> None:
+    """The run starts writing in its folder: a finished run's completion mark there goes first (a kill or a full
+    disk mid-save then leaves a run to resume, never a finished-looking one beside torn files), then its resolved
+    config and its data's fingerprint (`check_data`) are saved. Until this call a run that fails, on bad input
+    found late, has changed nothing in the folder."""
+    if not is_main_process():
+        return
+    out = Path(output_dir)
+    (out / METRICS).unlink(missing_ok=True)
+    save_config(config, out / CONFIG)
+    if data is not None:
+        write_json(out / DATA_FILE, data)
+
+
+def check_claim(out: Path, stage: str) -> None:
+    """Refuse `out` when another stage's run holds it, or when it lies inside a stage's run (a pipeline's folder
+    holds its stages' runs, so only a pipeline may have others inside it)."""
+    claimed = claim_of(out)
+    if claimed is not None and claimed != stage:
+        raise RlftError(f"output_dir '{out}' holds an `rlft {claimed}` run, which `rlft {stage}` may not overwrite: "
+                        "pick another output_dir (a folder belongs to the stage that made it)")
+    for parent in out.resolve().parents:
+        holder = claim_of(parent)
+        if holder is not None and holder != "pipeline":
+            raise RlftError(f"output_dir '{out}' is inside the `rlft {holder}` run '{parent}': pick a folder outside "
+                            "it, so this run cannot overwrite that one's files")
+
+
+def claim_of(folder: Path) -> str | None:
+    """The stage whose run claimed `folder`, or None."""
+    marker = folder / STAGE_FILE
+    try:
+        return marker.read_text().strip() or None if marker.is_file() else None
+    except (OSError, UnicodeDecodeError):
+        return None
 
 
 def lock(out: Path) -> None:
@@ -81,16 +152,43 @@ def release_locks() -> None:
     _locks.clear()
 
 
-def saved_config_changes(folder: str | Path, config, may_change: tuple[str, ...] = ()) -> list[str]:
+def saved_config_changes(folder: str | Path, config, may_change: tuple[str, ...] = (), moved: bool = False) -> list[str]:
     """'key: saved -> current' for every leaf where `config` differs from the one saved in `folder`, outside
     `may_change` (dotted keys or sections). A key only one side has is an option added or removed between
-    rlft versions, not a change of the run: skipped. No saved config: no changes."""
-    saved = Path(folder) / CONFIG
-    old = flatten(yaml.safe_load(saved.read_text()) or {}) if saved.is_file() else {}
-    new = flatten(to_dict(config))
+    rlft versions, not a change of the run: skipped. No saved config: no changes. `moved`: the folder's parent
+    may have moved (a pipeline folder renamed or copied whole): paths the saved config has under its old parent
+    count as the same paths under the new one."""
+    saved = read_config(Path(folder) / CONFIG)
+    current = to_dict(config)
+    if moved and isinstance(saved.get("output_dir"), str):
+        saved = rebase(saved, str(Path(saved["output_dir"]).parent), str(Path(current["output_dir"]).parent))
+    old, new = flatten(saved), flatten(current)
     allowed = lambda key: any(key == k or key.startswith(k + ".") for k in may_change)  # noqa: E731
     return [f"{key}: {old[key]!r} -> {new[key]!r}" for key in sorted(old.keys() & new.keys())
             if old[key] != new[key] and not allowed(key)]
+
+
+def read_config(path: Path) -> dict:
+    """A run's saved config.yaml as a mapping ({} if there is none); a damaged one is one line."""
+    if not path.is_file():
+        return {}
+    fix = "restore it (it must be the run's own resolved config), or set resume=false or pick another output_dir"
+    with reading(path, fix):
+        data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise RlftError(f"'{path}' is damaged (a YAML {type(data).__name__}, not a mapping): {fix}")
+    return data
+
+
+def rebase(value, old_root: str, new_root: str):
+    """`value` (a config tree) with every string path under `old_root` moved under `new_root`."""
+    if isinstance(value, dict):
+        return {key: rebase(item, old_root, new_root) for key, item in value.items()}
+    if isinstance(value, list):
+        return [rebase(item, old_root, new_root) for item in value]
+    if isinstance(value, str) and (value == old_root or value.startswith(old_root.rstrip("/") + "/")):
+        return new_root + value[len(old_root):]
+    return value
 
 
 def flatten(tree: dict, prefix: str = "") -> dict:
@@ -130,8 +228,36 @@ def write_text(path: str | Path, text: str) -> None:
         raise
 
 
-def read_json(path: str | Path) -> dict:
-    return json.loads(Path(path).read_text())
+def read_json(path: str | Path, fix: str = "delete it and rerun the stage that wrote it") -> dict:
+    """A JSON object rlft wrote; a damaged one (cut short, edited, another format) is one line naming it."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise RlftError(f"'{path}' is damaged ({type(e).__name__}: {str(e)[:120]}): {fix}") from None
+    if not isinstance(data, dict):
+        raise RlftError(f"'{path}' is damaged (a JSON {type(data).__name__}, not an object): {fix}")
+    return data
+
+
+@contextmanager
+def reading(what: str | Path, fix: str):
+    """Errors from parsing files rlft wrote itself (weights cut short, JSON or YAML edited, a torn torch zip)
+    become one line naming `what` was being read and how to recover."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except (SafetensorError, json.JSONDecodeError, UnicodeDecodeError, yaml.YAMLError, EOFError) as e:
+        raise RlftError(f"'{what}' is damaged ({type(e).__name__}: {one_line(e, 120)}): {fix}") from None
+    except RuntimeError as e:  # torch.load of a torn file: "PytorchStreamReader failed reading zip archive ..."
+        if "PytorchStreamReader" not in str(e) and "zip archive" not in str(e):
+            raise
+        raise RlftError(f"'{what}' is damaged (a torch file cut short: {one_line(e, 100)}): {fix}") from None
+
+
+def one_line(error: Exception, limit: int) -> str:
+    """An exception's message on one line (a YAML parser's points at the column over several), cut at `limit`."""
+    return " ".join(str(error).split())[:limit]
 
 
 def unsafe_checkpoint(folder, error: Exception) -> RlftError:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rlft import runs
-from rlft.config import DataConfig, LoraConfig, ModelConfig, option, require, section
+from rlft.config import DataConfig, LoraConfig, ModelConfig, option, require, require_seed, section
 from rlft.data import load_splits, prompts_of, render_prompts, require_chat_template, to_prompt_completion
 from rlft.errors import RlftError
 from rlft.generation import SamplingConfig, complete
@@ -44,6 +44,7 @@ class SFTConfig(Publishing):
 
     def __post_init__(self):
         super().__post_init__()
+        require_seed(self.seed)
         require(self.num_samples >= 0, "num_samples", "must be >= 0")
 
 
@@ -54,16 +55,19 @@ def run(config: SFTConfig) -> dict:
     started = time.time()
     runs.seed_everything(config.seed)
     checkpoint = last_checkpoint(config.output_dir) if config.resume else None
-    out = runs.prepare(config.output_dir, config, resuming=checkpoint is not None, may_change=RESUMABLE_CHANGES)
+    out = runs.prepare(config.output_dir, config, "sft", resuming=checkpoint is not None,
+                       may_change=RESUMABLE_CHANGES)
     main = is_main_process()  # under `accelerate launch` the one process that writes the run's files
 
     # Data first: a wrong column should fail before minutes of model loading.
     train_data, eval_data, data_format = load_splits(
         config.data, ("conversational", "prompt_completion", "text"), config.seed, "SFT data"
     )
+    data = runs.check_data(out, config.data.path, train_data, eval_data, resuming=checkpoint is not None)
     if data_format == "conversational" and config.completion_only_loss:
         train_data, eval_data = to_prompt_completion(train_data), to_prompt_completion(eval_data)
     hf_training.check_optimizer(config.train.optim, "train.optim")
+    hf_training.check_scheduler(config.train.lr_scheduler, "train.lr_scheduler")
     tokenizer = load_tokenizer(config.model)
     if any(isinstance(value, list) for value in train_data[0].values()):  # message lists
         require_chat_template(tokenizer, config.model.name_or_path)
@@ -95,6 +99,7 @@ def run(config: SFTConfig) -> dict:
 
     before = hf_training.measured_before(trainer, out, checkpoint, "eval_loss", lambda: eval_loss(trainer, config))
     train_started = time.time()
+    runs.begin(out, config, data)  # from here on this run writes in its folder
     hf_training.train(trainer, checkpoint)
     train_time = time.time() - train_started
     eval_before = before["eval_loss"]

@@ -26,6 +26,15 @@ def boom(prompts, completions):
     raise ValueError("the judge service is down")
 
 
+def quits(prompts, completions):
+    sys.exit(3)
+
+
+def hangs(prompts, completions):
+    time.sleep(60)
+    return [0.0] * len(completions)
+
+
 def sft_args(lm, data, out, *extra):
     return ["sft", "--config", str(TINY / "sft.yaml"), f"output_dir={out}", f"model.name_or_path={lm}",
             f"data.path={data / 'sft.jsonl'}", *extra]
@@ -88,6 +97,13 @@ def write_bad_files(tmp_path):
     (tmp_path / "nulls.jsonl").write_text('{"prompt": "a", "completion": "b"}\n{"prompt": null, "completion": "b"}\n' * 2)
     (tmp_path / "blank.jsonl").write_text('{"prompt": ""}\n' * 4)
     (tmp_path / "no_messages.jsonl").write_text('{"messages": []}\n' * 4)
+    (tmp_path / "numbers.jsonl").write_text("".join(f'{{"prompt": {i}, "completion": "b"}}\n' for i in range(4)))
+    (tmp_path / "latin1.jsonl").write_bytes('{"prompt": "café", "completion": "olé"}\n'.encode("latin-1") * 4)
+    (tmp_path / "no_content.jsonl").write_text('{"prompt": [{"role": "user"}], "completion": "b"}\n' * 4)
+    (tmp_path / "long_prompts.jsonl").write_text(('{"prompt": "' + "hello " * 252 + '"}\n') * 4)
+    (tmp_path / "empty_model").mkdir()
+    (tmp_path / "failed_reward").mkdir()  # what a killed `rlft reward` leaves: its config, no weights
+    (tmp_path / "failed_reward" / "config.yaml").write_text("seed: 0\n")
 
 
 def bad_inputs(tmp_path, lm, rm, data):
@@ -118,6 +134,41 @@ def bad_inputs(tmp_path, lm, rm, data):
                           "scorer 'boom' raised ValueError: the judge service is down"),
         "diverging learning rate": (ppo_args(lm, data, out, "ppo.learning_rate=1e6", "ppo.max_kl=1e9"), "NaN/inf"),
         "missing reward data": (reward_args(rm, data, out, "data.path=nope.jsonl"), "data file 'nope.jsonl' not found"),
+        "empty output_dir": (sft_args(lm, data, ""), "output_dir is empty"),
+        "reward model folder empty": (ppo_args(lm, data, out, f"reward=[{{kind: model, path: {tmp_path / 'empty_model'}}}]"),
+                                      "holds no model weights"),
+        "reward run that never finished": (ppo_args(lm, data, out,
+                                                    f"reward=[{{kind: model, path: {tmp_path / 'failed_reward'}}}]"),
+                                           "holds no model weights"),
+        "prompts past the context": (ppo_args(lm, data, out, f"data.path={tmp_path / 'long_prompts.jsonl'}",
+                                              "sampling.max_prompt_length=300"),
+                                     "plus sampling.max_new_tokens=6 are longer than the model's context (256 tokens)"),
+        "prompts that are numbers": (sft_args(lm, data, out, f"data.path={tmp_path / 'numbers.jsonl'}"),
+                                     "row 0 has a int `prompt` (0), not text or a message list"),
+        "Latin-1 data file": (sft_args(lm, data, out, f"data.path={tmp_path / 'latin1.jsonl'}"),
+                              "is not UTF-8 text (byte 0xe9 at offset 15)"),
+        "message without content": (sft_args(lm, data, out, f"data.path={tmp_path / 'no_content.jsonl'}"),
+                                    "lacks a text `role` or `content`"),
+        "negative seed": (sft_args(lm, data, out, "seed=-1"), "bad value for 'seed': must be in [0, 2**32)"),
+        "LoRA rank past the layers": (sft_args(lm, data, out, f"lora.r={10**12}"), "is above the rank of every linear"),
+        "unknown scheduler": (sft_args(lm, data, out, "train.lr_scheduler=cosin"), "did you mean 'cosine'"),
+        "unknown attention": (sft_args(lm, data, out, "model.attn_implementation=bogus"),
+                              "bad value for 'model.attn_implementation'"),
+        "broken chat template": (sft_args(lm, data, out, "model.chat_template='{% for m in messages %}'"),
+                                 "bad value for 'model.chat_template': not a valid Jinja template"),
+        "negative max_grad_norm": (ppo_args(lm, data, out, "ppo.max_grad_norm=-1"), "bad value for 'ppo.max_grad_norm'"),
+        "zero max_grad_norm": (ppo_args(lm, data, out, "ppo.max_grad_norm=0"), "bad value for 'ppo.max_grad_norm'"),
+        "negative weight_decay": (ppo_args(lm, data, out, "ppo.weight_decay=-0.1"), "bad value for 'ppo.weight_decay'"),
+        "negative value_loss_coef": (ppo_args(lm, data, out, "ppo.value_loss_coef=-1"),
+                                     "bad value for 'ppo.value_loss_coef'"),
+        "negative entropy_coef": (ppo_args(lm, data, out, "ppo.entropy_coef=-0.1"), "bad value for 'ppo.entropy_coef'"),
+        "negative sft weight_decay": (sft_args(lm, data, out, "train.weight_decay=-1"),
+                                      "bad value for 'train.weight_decay'"),
+        "scorer calls sys.exit": (ppo_args(lm, data, out, "reward=[{kind: function, path: 'tests.test_faults:quits'}]"),
+                                  "scorer 'quits' raised SystemExit: 3"),
+        "scorer hangs": (ppo_args(lm, data, out,
+                                  "reward=[{kind: function, path: 'tests.test_faults:hangs', timeout: 1}]"),
+                         "scorer 'hangs' took longer than its timeout of 1 s"),
     }
 
 
@@ -138,6 +189,111 @@ def test_bad_input_is_one_line_exit_2_and_loses_nothing(case, tiny_lm_dir, tiny_
     assert {k: v for k, v in after.items() if k in before} == before  # nothing that was there changed
 
 
+# ---------------------------------------------------------------------------------------------------
+# rlft's own files, damaged: one line naming the file and the way out, and nothing written
+
+
+@pytest.fixture(scope="module")
+def finished(tiny_lm_dir, tiny_reward_dir, data, tmp_path_factory):
+    """Finished tiny runs to damage copies of: sft (checkpoints 1 and 2), a reward model, a PPO run on both."""
+    root = tmp_path_factory.mktemp("finished")
+    assert main(sft_args(tiny_lm_dir, data, root / "sft", "train.max_steps=2")) == 0
+    assert main(reward_args(tiny_reward_dir, data, root / "reward", "train.max_steps=2")) == 0
+    return root
+
+
+def truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2])
+
+
+def huge_header(path: Path) -> None:
+    """A safetensors file whose header claims 2^40 bytes: what a crafted or corrupted download looks like."""
+    path.write_bytes((2**40).to_bytes(8, "little") + b"{}")
+
+
+def write(text: str):
+    return lambda path: path.write_text(text)
+
+
+def pickled_marker(marker: Path):
+    import torch
+
+    return lambda path: torch.save({"state": WritesMarker(marker)}, path)
+
+
+def damaged_cases(tmp, lm, rm, data):
+    """name -> (folder copied from `finished`, file damaged in it, damage, CLI args, words of the one line)."""
+    eval_sft = ["eval", f"output_dir={tmp / 'eval'}", f"policies=[{tmp / 'sft'}]", f"data.path={data / 'prompts.jsonl'}",
+                "num_prompts=2", "sampling.max_new_tokens=2",
+                "scorers=[{name: proxy, kind: function, path: 'tests.test_ppo:share_of_target'}]"]
+    ppo_on_reward = ppo_args(lm, data, tmp / "ppo", "ppo.steps=1",
+                             f"reward=[{{kind: model, path: {tmp / 'reward'}, normalize: true}}]")
+    resume_sft = sft_args(lm, data, tmp / "sft", "train.max_steps=3")
+    checkpoint = "checkpoints/checkpoint-2"
+    return {
+        "adapter cut short": ("sft", "adapter_model.safetensors", truncate, eval_sft, "is damaged (SafetensorError"),
+        "adapter_config.json not JSON": ("sft", "adapter_config.json", write("{"), eval_sft, "is damaged (JSONDecodeError"),
+        "rlft_adapter.json not JSON": ("sft", "rlft_adapter.json", write("{"), eval_sft, "rlft_adapter.json' is damaged"),
+        "reward model header too large": ("reward", "model.safetensors", huge_header, ppo_on_reward,
+                                          "is damaged (SafetensorError"),
+        "normalization.json not JSON": ("reward", "normalization.json", write('{"mean": 0.1, "std"'), ppo_on_reward,
+                                        "normalization.json' is damaged (JSONDecodeError"),
+        "normalization.json empty object": ("reward", "normalization.json", write("{}"), ppo_on_reward,
+                                            "normalization.json' is damaged (mean None, std None"),
+        "normalization.json negative std": ("reward", "normalization.json", write('{"mean": 0.0, "std": -2.0}'),
+                                            ppo_on_reward, "needs a finite mean and a positive std"),
+        "eval_before.json not JSON": ("sft", "eval_before.json", write("{"), resume_sft, "eval_before.json' is damaged"),
+        "trainer_state.json not JSON": ("sft", f"{checkpoint}/trainer_state.json", write("{"), resume_sft,
+                                        "trainer_state.json' is damaged (JSONDecodeError"),
+        "scheduler.pt cut short": ("sft", f"{checkpoint}/scheduler.pt", truncate, resume_sft,
+                                   "scheduler.pt' is damaged (a torch file cut short"),
+        "optimizer.pt missing": ("sft", f"{checkpoint}/optimizer.pt", lambda path: path.unlink(), resume_sft,
+                                 "has no optimizer.pt, so it cannot continue the run exactly"),
+        "crafted rng_state.pth": ("sft", f"{checkpoint}/rng_state.pth", pickled_marker(tmp / "pwned"), resume_sft,
+                                  "holds objects other than tensors and numbers, refused unread"),
+        "config.yaml not YAML": ("sft", "config.yaml", write("lora: {r: 4\n"), resume_sft, "config.yaml' is damaged"),
+        "config.yaml a list": ("sft", "config.yaml", write("- 1\n- 2\n"), resume_sft, "is damaged (a YAML list"),
+        "pipeline.json not JSON": (None, "pipeline.json", write("{"),
+                                   ["pipeline", f"output_dir={tmp / 'pipe'}", "stages=[]"], "pipeline.json' is damaged"),
+    }
+
+
+DAMAGED = list(damaged_cases(Path("/x"), "lm", "rm", Path("/x")))
+
+
+@pytest.mark.parametrize("case", DAMAGED)
+def test_a_damaged_file_of_rlft_is_one_line_and_changes_nothing(case, finished, tiny_lm_dir, tiny_reward_dir, data,
+                                                                 tmp_path, capsys):
+    source, name, damage, args, words = damaged_cases(tmp_path, tiny_lm_dir, tiny_reward_dir, data)[case]
+    folder = tmp_path / (source or "pipe")
+    if source:
+        shutil.copytree(finished / source, folder)
+    else:
+        folder.mkdir()
+    damage(folder / name) if (folder / name).exists() or source is None else pytest.fail(f"{name} not in {source}")
+    before = snapshot(tmp_path)
+    assert main(args) == 2
+    line = error_line(capsys, args[0])
+    assert words in line, line
+    after = snapshot(tmp_path)
+    assert {k: v for k, v in after.items() if k in before} == before
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_a_downloaded_adapter_record_chooses_no_kernel(finished, data, tmp_path, capsys):
+    """An adapter's rlft_adapter.json names the weights and the chat template it was trained with; the attention
+    kernel (a hub kernel to fetch, here) and checkpointing are the user's to choose: eval ignores them."""
+    folder = tmp_path / "sft"
+    shutil.copytree(finished / "sft", folder)
+    info = json.loads((folder / "rlft_adapter.json").read_text())
+    info["base_model"].update(attn_implementation="kernels-community/flash-attn3", gradient_checkpointing=True)
+    (folder / "rlft_adapter.json").write_text(json.dumps(info))
+    assert main(["eval", f"output_dir={tmp_path / 'eval'}", f"policies=[{folder}]", f"data.path={data / 'prompts.jsonl'}",
+                 "num_prompts=2", "sampling.max_new_tokens=2",
+                 "scorers=[{name: proxy, kind: function, path: 'tests.test_ppo:share_of_target'}]"]) == 0, \
+        capsys.readouterr().err[-2000:]
+
+
 def test_resume_with_a_changed_config_is_refused_and_the_run_kept(tiny_lm_dir, data, tmp_path, capsys):
     out = tmp_path / "ppo"
     assert main(ppo_args(tiny_lm_dir, data, out, "ppo.steps=2")) == 0
@@ -148,6 +304,68 @@ def test_resume_with_a_changed_config_is_refused_and_the_run_kept(tiny_lm_dir, d
     assert snapshot(out) == before
     assert main(ppo_args(tiny_lm_dir, data, out, "ppo.steps=3")) == 0  # a longer run is the same experiment
     assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+
+
+def test_a_folder_belongs_to_the_stage_that_made_it(tiny_lm_dir, data, tmp_path, capsys):
+    """Another stage's run in a finished run's folder, or in a folder inside it, is refused and changes nothing:
+    eval into a PPO run, PPO into its own SFT adapter's folder, SFT into a PPO run's policy/."""
+    sft, ppo = tmp_path / "sft", tmp_path / "ppo"
+    assert main(sft_args(tiny_lm_dir, data, sft, "train.max_steps=1")) == 0
+    assert main(ppo_args(tiny_lm_dir, data, ppo, "ppo.steps=2", f"sft_adapter={sft}")) == 0
+    capsys.readouterr()
+    before = snapshot(tmp_path)
+    assert main(["eval", f"output_dir={ppo}", f"policies=[{ppo}]", f"data.path={data / 'prompts.jsonl'}",
+                 "scorers=[{name: proxy, kind: function, path: 'tests.test_ppo:share_of_target'}]"]) == 2
+    assert f"output_dir '{ppo}' holds an `rlft ppo` run, which `rlft eval` may not overwrite" in error_line(capsys, "eval")
+    assert main(ppo_args(tiny_lm_dir, data, sft, "ppo.steps=2", f"sft_adapter={sft}")) == 2
+    assert f"output_dir '{sft}' holds an `rlft sft` run, which `rlft ppo` may not overwrite" in error_line(capsys, "ppo")
+    assert main(sft_args(tiny_lm_dir, data, ppo / "policy", "train.max_steps=1")) == 2
+    assert f"is inside the `rlft ppo` run '{ppo.resolve()}'" in error_line(capsys, "sft")
+    assert snapshot(tmp_path) == before
+
+
+def test_a_rerun_over_a_finished_run_unmarks_it_before_rewriting(tiny_lm_dir, data, tmp_path, capsys, monkeypatch):
+    """A rerun that dies while re-saving a finished stage's files must not leave the old completion mark beside
+    half-written ones: the mark goes first, and the next rerun finishes the stage again."""
+    import errno
+
+    from rlft import sft
+
+    out = tmp_path / "sft"
+    assert main(sft_args(tiny_lm_dir, data, out, "train.max_steps=2")) == 0
+    assert (out / "metrics.json").is_file()
+
+    def torn(model, folder, *args, **kwargs):
+        (Path(folder) / "adapter_model.safetensors").write_bytes(b"half an adapter")
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(sft, "save_adapter", torn)
+    assert main(sft_args(tiny_lm_dir, data, out, "train.max_steps=2")) == 2
+    assert "No space left on device" in error_line(capsys, "sft")
+    assert not (out / "metrics.json").exists()  # no finished run is claimed beside the torn adapter
+    monkeypatch.undo()
+    assert main(sft_args(tiny_lm_dir, data, out, "train.max_steps=2")) == 0
+    assert (out / "metrics.json").is_file() and (out / "adapter_model.safetensors").stat().st_size > 100
+
+
+@pytest.mark.parametrize("stage", ["sft", "ppo"])
+def test_a_resume_on_other_data_is_refused(stage, tiny_lm_dir, data, tmp_path, capsys):
+    """The data file replaced between a run and its rerun: resuming would mix two datasets in one run."""
+    name = "sft.jsonl" if stage == "sft" else "prompts.jsonl"
+    mine = tmp_path / "data"
+    shutil.copytree(data, mine)
+    build = {"sft": lambda out, *extra: sft_args(tiny_lm_dir, mine, out, *extra),
+             "ppo": lambda out, *extra: ppo_args(tiny_lm_dir, mine, out, *extra)}[stage]
+    steps = "train.max_steps" if stage == "sft" else "ppo.steps"
+    out = tmp_path / "run"
+    assert main(build(out, f"{steps}=2")) == 0
+    lines = (mine / name).read_text().splitlines()
+    (mine / name).write_text("\n".join(lines[::-1][: len(lines) - 4]) + "\n")  # other rows, fewer of them
+    capsys.readouterr()
+    before = snapshot(out)
+    assert main(build(out, f"{steps}=3")) == 2
+    assert "the data changed since this run started" in error_line(capsys, stage)
+    assert snapshot(out) == before
+    assert main(build(out, f"{steps}=3", "resume=false")) == 0  # starting over on the new data is fine
 
 
 def test_sft_adapter_of_another_base_is_refused_before_loading(tiny_lm_dir, tiny_lm_dir_64, data, tmp_path, capsys):
@@ -272,17 +490,42 @@ def test_sigkill_mid_run_and_mid_save_then_rerun_equals_uninterrupted(stage, dat
             assert b[key] == pytest.approx(a[key], rel=1e-5), key
 
 
-def test_sigterm_says_the_checkpoint_is_intact(tiny_lm_dir, data, tmp_path):
-    out = tmp_path / "ppo"
-    log = tmp_path / "log"
-    process = start(ppo_args(tiny_lm_dir, data, out, "ppo.steps=200"), log)
-    deadline = time.time() + 120
-    while newest_step(out / "checkpoints", "step-*") < 3 and time.time() < deadline:
+def pipeline_args(lm, rm, data, out):
+    from tests.test_pipeline import tiny_overrides
+
+    overrides = [o for o in tiny_overrides(lm, rm, out.parent) if not o.startswith("ppo.ppo.steps")]
+    return ["pipeline", f"output_dir={out}", *overrides, "ppo.ppo.steps=400", "ppo.save_every=1"]
+
+
+SIGNALLED = {
+    # name: (args builder, the folder whose newest checkpoint says the run is under way, signal, exit code, reason)
+    "ppo SIGTERM": (lambda lm, rm, data, out: ppo_args(lm, data, out, "ppo.steps=400"), "checkpoints", "step-*",
+                    signal.SIGTERM, 143, "terminated (SIGTERM)"),
+    "sft SIGTERM": (lambda lm, rm, data, out: sft_args(lm, data, out, "train.max_steps=2000"), "checkpoints",
+                    "checkpoint-*", signal.SIGTERM, 143, "terminated (SIGTERM)"),
+    "reward Ctrl-C": (lambda lm, rm, data, out: reward_args(rm, data, out, "train.max_steps=2000"), "checkpoints",
+                      "checkpoint-*", signal.SIGINT, 130, "interrupted"),
+    "pipeline SIGTERM": (pipeline_args, "ppo/checkpoints", "step-*", signal.SIGTERM, 143, "terminated (SIGTERM)"),
+}
+
+
+@pytest.mark.parametrize("case", list(SIGNALLED))
+def test_a_signal_ends_with_the_line_that_the_checkpoints_are_intact(case, tiny_lm_dir, tiny_reward_dir, data,
+                                                                     tmp_path):
+    """SIGTERM (a scheduler's kill) or Ctrl-C mid-run: the run says where its intact checkpoints are, and that
+    line is the last one (no progress bar redrawn after it)."""
+    build, checkpoints, pattern, signum, code, reason = SIGNALLED[case]
+    out, log = tmp_path / "run", tmp_path / "log"
+    process = start(build(tiny_lm_dir, tiny_reward_dir, data, out), log)
+    deadline = time.time() + 180
+    while newest_step(out / checkpoints, pattern) < 3 and time.time() < deadline and process.poll() is None:
         time.sleep(0.05)
-    process.send_signal(signal.SIGTERM)
-    assert process.wait(timeout=60) == 143
-    last = log.read_text().strip().splitlines()[-1]
-    assert last == f"rlft ppo: terminated (SIGTERM); the checkpoints in {out} are intact: rerun the same command to resume"
+    process.send_signal(signum)
+    assert process.wait(timeout=60) == code, log.read_text()[-2000:]
+    time.sleep(0.5)  # anything a stray thread would still draw
+    last = log.read_text().rstrip().splitlines()[-1]
+    stage = case.split()[0]
+    assert last == f"rlft {stage}: {reason}; the checkpoints in {out} are intact: rerun the same command to resume"
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 import json
 import logging
+import shutil
 from pathlib import Path
 
 import pytest
@@ -35,7 +36,7 @@ def tiny_overrides(tiny_lm_dir, tiny_reward_dir, tmp_path) -> list[str]:
         f"reward.model.name_or_path={tiny_reward_dir}", "reward.data.eval_fraction=0.2", "reward.train.epochs=2",
         "reward.train.learning_rate=1e-3", "reward.data.eval_split=",
         f"ppo.data.path={data}", "ppo.ppo.steps=4", "ppo.ppo.rollout_batch_size=8", "ppo.ppo.mini_batch_size=8",
-        "ppo.sampling.max_new_tokens=8", "ppo.save_every=2", "ppo.lora.r=8",
+        "ppo.sampling.max_new_tokens=8", "ppo.save_every=2", "ppo.lora.r=8", "ppo.ppo.kl_budget=1e9",
         f"eval.data.path={data}", "eval.num_prompts=8", "eval.sampling.max_new_tokens=8",
     ]
 
@@ -86,7 +87,9 @@ def test_pipeline_runs_every_stage_then_reuses_them(tiny_lm_dir, tiny_reward_dir
                  f"reward.model.name_or_path={tiny_lm_dir}", "reward.lora_enabled=true", "reward.lora.r=4",
                  "ppo.ppo.critic=adapter"]) == 0, capsys.readouterr().err[-2000:]
     assert sorted(p.name for p in one_base.iterdir() if p.is_dir()) == ["eval", "ppo", "reward"]
-    assert json.loads((one_base / "reward" / "rlft_adapter.json").read_text())["reference_adapter"] == str(out / "sft")
+    from rlft.policy import adapter_info
+
+    assert adapter_info(one_base / "reward")[1] == str(out / "sft")
     assert "kind: adapter" in (one_base / "ppo" / "config.yaml").read_text()
     # a variant of that one reuses its reward model, and the SFT model and pairs from where it took them
     head = tmp_path / "one_base_head"
@@ -95,6 +98,18 @@ def test_pipeline_runs_every_stage_then_reuses_them(tiny_lm_dir, tiny_reward_dir
     assert sorted(p.name for p in head.iterdir() if p.is_dir()) == ["ppo"]
     ppo_config = (head / "ppo" / "config.yaml").read_text()
     assert f"sft_adapter: {out / 'sft'}" in ppo_config and f"path: {one_base / 'reward'}" in ppo_config
+
+    # the first pipeline's folder moved elsewhere whole: its finished stages are still its own, and its report
+    # still finds each policy's reference
+    moved = tmp_path / "elsewhere" / "quick"
+    moved.parent.mkdir()
+    shutil.move(out, moved)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="rlft.pipeline"):
+        assert main([*args, f"output_dir={moved}"]) == 0, capsys.readouterr().err[-2000:]
+    assert caplog.text.count("already complete") == 4
+    report = json.loads((moved / "eval" / "report.json").read_text())
+    assert report["policies"][1]["reference_adapter"] == str(moved / "sft")
 
 
 def test_one_seed_reaches_every_stage():
@@ -128,31 +143,34 @@ def test_seed_sweep_tables_seeds_and_repeats_a_seed_exactly(tiny_lm_dir, tiny_re
 
     overrides = tiny_overrides(tiny_lm_dir, tiny_reward_dir, tmp_path)
     readme = tmp_path / "README.md"
-    readme.write_text("before\n%s\nold table\n%s\nafter\n" % seed_sweep.MARKERS)
+    readme.write_text("before\n%s\nold table\n%s\nafter\n%s\nold headline\n%s\n" % (*seed_sweep.MARKERS,
+                                                                                 *seed_sweep.HEADLINE))
     sweep = seed_sweep.main(["--runs", "0:1", "1:1", "--out", str(tmp_path / "a"), "--table", str(tmp_path / "t"),
-                             "--readme", str(readme), "--", *overrides])
+                             "--readme", str(readme), "--headline", str(readme), "--", *overrides])
     assert [(r["seed"], r["threads"]) for r in sweep["runs"]] == [(0, 1), (1, 1)]
     table = (tmp_path / "t.md").read_text()
     assert json.loads((tmp_path / "t.json").read_text()) == sweep and "| mean ± std |" in table
     assert "seed 0 on 1 thread, seed 1 on 1 thread" in table and table in readme.read_text()
-    assert "old table" not in readme.read_text() and readme.read_text().endswith("after\n")
+    assert "old table" not in readme.read_text() and "old headline" not in readme.read_text()
+    assert "Over 2 quickstart runs (seeds 0, 1; 1 threads" in readme.read_text()
     win_rates = [r["proxy_win_rate"] for r in sweep["runs"]]
     assert sweep["summary"]["proxy_win_rate"]["mean"] == pytest.approx(sum(win_rates) / 2)
     assert all("on >= 200 held-out prompts" in r["bars_missed"] for r in sweep["runs"])  # 8 prompts here
 
     again = seed_sweep.main(["--runs", "0:1", "--out", str(tmp_path / "b"), "--table", str(tmp_path / "u"),
-                             "--readme", "", "--", *overrides])
+                             "--readme", "", "--headline", "", "--", *overrides])
     first, second = (json.loads((tmp_path / side / "seed0_threads1" / "eval" / "report.json").read_text())
                      for side in ("a", "b"))
     for policy, repeat in zip(first["policies"] + first["checkpoints"], second["policies"] + second["checkpoints"]):
         assert policy["per_prompt"] == repeat["per_prompt"] and policy["samples"] == repeat["samples"]
-    assert {k: v for k, v in again["runs"][0].items() if k not in ("folder", "wall_time_min")} == {
-        k: v for k, v in sweep["runs"][0].items() if k not in ("folder", "wall_time_min")}
+    timed = ("folder", "wall_time_min", "stage_minutes")
+    assert {k: v for k, v in again["runs"][0].items() if k not in timed} == {
+        k: v for k, v in sweep["runs"][0].items() if k not in timed}
 
     # A run that has its report is read back, not rerun.
     monkeypatch.setattr(seed_sweep.subprocess, "run", lambda *a, **k: pytest.fail("reran a finished run"))
     reread = seed_sweep.main(["--runs", "1:1", "--out", str(tmp_path / "a"), "--table", str(tmp_path / "r"),
-                              "--readme", "", "--", *overrides])
+                              "--readme", "", "--headline", "", "--", *overrides])
     assert reread["runs"] == sweep["runs"][1:]
 
 

@@ -111,6 +111,14 @@ def test_lora_reward_model_is_a_peft_adapter_that_plain_peft_loads(tiny_reward_d
     # explicit message prompt with plain-text replies
     ({"prompt": [{"role": "user", "content": "q"}], "chosen": "a", "rejected": "b"},
      [([{"role": "user", "content": "q"}], "a"), ([{"role": "user", "content": "q"}], "b")]),
+    # HuggingFaceH4/ultrafeedback_binarized: a text prompt, and sides that repeat it as their user turn
+    ({"prompt": "q", "chosen": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
+      "rejected": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "b"}]},
+     [([{"role": "user", "content": "q"}], "a"), ([{"role": "user", "content": "q"}], "b")]),
+    # a text prompt beside sides that hold the reply alone
+    ({"prompt": "q", "chosen": [{"role": "assistant", "content": "a"}],
+      "rejected": [{"role": "assistant", "content": "b"}]},
+     [([{"role": "user", "content": "q"}], "a"), ([{"role": "user", "content": "q"}], "b")]),
 ])
 def test_split_pair_handles_trl_preference_shapes(row, expected):
     assert split_pair(row) == expected
@@ -119,6 +127,24 @@ def test_split_pair_handles_trl_preference_shapes(row, expected):
 def test_split_pair_refuses_mixed_rows():
     with pytest.raises(RlftError, match="mixes text and message lists"):
         split_pair({"prompt": "q", "chosen": [{"role": "assistant", "content": "a"}], "rejected": "b"})
+
+
+def test_the_ultrafeedback_layout_trains(tiny_reward_dir, tmp_path):
+    """HuggingFaceH4/ultrafeedback_binarized's rows (a `prompt` string, `chosen`/`rejected` message lists that
+    repeat it, scores beside) through rlft reward."""
+    from tests.tiny import WORDS
+
+    rows = []
+    for i in range(24):
+        prompt = " ".join(WORDS[i % 9: i % 9 + 3])
+        rows.append({"prompt": prompt, "prompt_id": str(i), "score_chosen": 8.0, "score_rejected": 3.0,
+                     "chosen": [{"role": "user", "content": prompt}, {"role": "assistant", "content": "great good yes"}],
+                     "rejected": [{"role": "user", "content": prompt}, {"role": "assistant", "content": "bad no sad"}]})
+    path = tmp_path / "ultrafeedback.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    metrics = run(load_config(RewardConfig, Path(__file__).parents[1] / "configs" / "tiny" / "reward.yaml", [
+        f"model.name_or_path={tiny_reward_dir}", f"data.path={path}", f"output_dir={tmp_path / 'rm'}"]))
+    assert metrics["steps"] == 8
 
 
 def test_margin_column_reaches_the_trainer(tiny_reward_dir):
@@ -197,3 +223,31 @@ def test_score_margin_is_the_judges_gap_and_needs_its_scores():
         with_score_margin(with_score_margin(pairs, 1.0, "p.jsonl"), 1.0, "p.jsonl")
     with pytest.raises(ConfigError, match="score_margin"):
         load_config(RewardConfig, None, ["score_margin=-1"])
+
+
+def test_min_score_gap_trains_on_clear_pairs_and_keeps_every_held_out_pair(tiny_reward_dir, tmp_path):
+    """Pairs the judge barely separates leave the training side only: the held-out pairs, and so what accuracy
+    is measured on, are the same with or without the gap."""
+    import datasets
+
+    from reward_models.train import clear_pairs
+
+    # gaps 1.0, 0.125 and 0.25: at 0.2, the second pair is a near-tie and goes
+    pairs = datasets.Dataset.from_list([{"chosen": "a", "rejected": "b", "score_chosen": 0.75, "score_rejected": -0.25},
+                                        {"chosen": "c", "rejected": "d", "score_chosen": 0.5, "score_rejected": 0.375},
+                                        {"chosen": "e", "rejected": "f", "score_chosen": 0.25, "score_rejected": 0.0}])
+    assert clear_pairs(pairs, 0.2, "p.jsonl")["chosen"] == ["a", "e"]
+    with pytest.raises(RlftError, match="no score_chosen or score_rejected column"):
+        clear_pairs(pairs.remove_columns(["score_chosen", "score_rejected"]), 0.2, "p.jsonl")
+    with pytest.raises(RlftError, match="lower min_score_gap"):
+        clear_pairs(pairs, 2.0, "p.jsonl")
+
+    rows = [json.loads(line) for line in write_marker_pairs(tmp_path / "pairs.jsonl", 64, numbered=True).read_text()
+            .splitlines()]
+    for i, row in enumerate(rows):  # a judge's scores: every third pair a near-tie
+        row.update(score_chosen=0.5, score_rejected=0.45 if i % 3 == 0 else 0.0)
+    (tmp_path / "scored.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    every = run(tiny_config(tiny_reward_dir, tmp_path / "scored.jsonl", tmp_path / "every", "train.max_steps=2"))
+    clear = run(tiny_config(tiny_reward_dir, tmp_path / "scored.jsonl", tmp_path / "clear", "train.max_steps=2",
+                            "min_score_gap=0.2"))
+    assert clear["eval_rows"] == every["eval_rows"] and clear["train_rows"] < every["train_rows"]
