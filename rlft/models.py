@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import logging
 import os
 import re
 import shutil
@@ -22,6 +23,7 @@ import torch
 from rlft.config import LoraConfig, ModelConfig
 from rlft.errors import RlftError
 
+log = logging.getLogger(__name__)
 SMOLLM2 = "smollm2-135m-instruct"
 MINILM = "all-minilm-l6-v2"
 EMBEDDED = (SMOLLM2, MINILM)
@@ -85,6 +87,11 @@ def _from_pretrained(loader, name_or_path: str, **kwargs):
         hub.offline()  # one quick probe instead of a minute of retries
     try:
         return loader.from_pretrained(path, **{k: v for k, v in kwargs.items() if v not in (None, "")})
+    except ValueError as e:
+        if "attn_implementation" not in str(e):
+            raise
+        raise RlftError(f"bad value for 'model.attn_implementation': transformers says: {' '.join(str(e).split())[:240]}"
+                        ) from None
     except OSError as e:
         if Path(path).exists():
             raise RlftError(f"could not load '{name_or_path}': {str(e).splitlines()[0]}") from None
@@ -107,7 +114,20 @@ def load_tokenizer(config: ModelConfig):
         tokenizer.pad_token = tokenizer.eos_token
     if config.chat_template:
         tokenizer.chat_template = CHAT_TEMPLATES.get(config.chat_template, config.chat_template)
+        check_template(tokenizer.chat_template)
     return tokenizer
+
+
+def check_template(template: str) -> None:
+    """A model.chat_template that does not compile is one line now, not a Jinja traceback at the first prompt."""
+    import jinja2
+    from jinja2.sandbox import ImmutableSandboxedEnvironment  # what transformers renders templates in
+
+    try:
+        ImmutableSandboxedEnvironment(extensions=["jinja2.ext.loopcontrols"]).from_string(template)
+    except jinja2.TemplateError as e:
+        raise RlftError(f"bad value for 'model.chat_template': not a valid Jinja template ({type(e).__name__}: "
+                        f"{' '.join(str(e).split())[:160]}): fix it, or use 'chatml' or 'plain'") from None
 
 
 # Fallback templates for base models that ship none (model.chat_template). Each turn ends in EOS, so a
@@ -123,7 +143,22 @@ CHAT_TEMPLATES = {
 
 def context_length(model) -> int | None:
     """The longest sequence the model's positions cover, from its (text) config; None if it does not say."""
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    return positions_of(model.config)
+
+
+def configured_context_length(config: ModelConfig) -> int | None:
+    """context_length from the model's config file alone, before any weights load (None if it cannot say)."""
+    from transformers import AutoConfig
+
+    try:
+        return positions_of(_from_pretrained(AutoConfig, config.name_or_path, revision=config.revision,
+                                             trust_remote_code=config.trust_remote_code))
+    except (RlftError, ValueError, KeyError):  # no config to read here: the model's own load says what is wrong
+        return None
+
+
+def positions_of(model_config) -> int | None:
+    config = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
     for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx"):
         value = getattr(config, key, None)
         if isinstance(value, int) and value > 0:
@@ -215,14 +250,44 @@ def load_model(config: ModelConfig, loader=None, device: torch.device | str | No
         quantization_config=quantization,
         device_map={"": device} if quantization else None,
         trust_remote_code=config.trust_remote_code,
-        attn_implementation=config.attn_implementation,
+        attn_implementation=config.attn_implementation or default_attention(config),
         **kwargs,
     )
     if quantization is None:
         model.to(device)
+    else:
+        # On CPUs with AVX512-BF16, bitsandbytes repacks 4-bit weights into an inference-only layout at the
+        # first eval-mode no-grad forward (SFT's eval before training, PPO's rollouts, eval's sampling):
+        # gradients through repacked weights are wrong, and some layer shapes crash it ("N must be divisible
+        # by block_n", a Granite-4 hybrid). No 4-bit model rlft loads repacks, trained or not.
+        for module in model.modules():
+            if getattr(module, "support_avx512bf16_for_cpu", False):
+                module.support_avx512bf16_for_cpu = False
     model.requires_grad_(False)
     contiguous_output_head_input(model)
     return model
+
+
+# Families whose SDPA backward gives NaN gradients on left-padded rows (PPO's micro-batches), reproduced in plain
+# transformers; eager attention trains them.
+EAGER_BY_DEFAULT = {"gemma3n", "gemma3n_text"}
+
+
+def default_attention(config: ModelConfig) -> str:
+    """The attention kernel when model.attn_implementation is empty: transformers' own choice, but eager for the
+    families above (said in one log line)."""
+    from transformers import AutoConfig
+
+    try:
+        model_type = _from_pretrained(AutoConfig, config.name_or_path, revision=config.revision,
+                                      trust_remote_code=config.trust_remote_code).model_type
+    except (RlftError, ValueError, KeyError):
+        return ""  # the model's own load says what is wrong
+    if model_type not in EAGER_BY_DEFAULT:
+        return ""
+    log.info("model.attn_implementation=eager for %s: its SDPA backward gives NaN gradients on left-padded rows",
+             model_type)
+    return "eager"
 
 
 def contiguous_output_head_input(model) -> None:
@@ -248,32 +313,71 @@ def add_lora(model, model_config: ModelConfig, lora: LoraConfig, task_type: str 
     from peft import IA3Config, get_peft_model, prepare_model_for_kbit_training
     from peft import LoraConfig as PeftLoraConfig
 
-    if model_config.quantization == "4bit":
-        # On CPUs with AVX512-BF16, bitsandbytes repacks 4-bit weights into an inference-only layout at the
-        # first eval-mode no-grad forward (SFT's eval before training, PPO's rollouts); gradients through
-        # the repacked weights are wrong, or crash on layers with a bias. A model we train never repacks.
-        for module in model.modules():
-            if getattr(module, "support_avx512bf16_for_cpu", False):
-                module.support_avx512bf16_for_cpu = False
     if model_config.quantization != "none":
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=model_config.gradient_checkpointing)
     elif model_config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     all_linear = lora.target_modules == ["all-linear"]
+    widest = max((min(m.in_features, m.out_features) for m in model.modules() if isinstance(m, torch.nn.Linear)),
+                 default=0)
+    if lora.kind == "lora" and widest and lora.r > widest:  # before peft tries to allocate r x width matrices
+        raise RlftError(f"bad value for 'lora.r': {lora.r} is above the rank of every linear layer of this model "
+                        f"(at most {widest}), so it adds nothing but memory: try 8, 16 or 64")
     if lora.kind == "ia3":
         peft_config = IA3Config(target_modules=None if all_linear else lora.target_modules,
                                 feedforward_modules=lora.feedforward_modules or None, task_type=task_type)
     else:
+        dropout = lora.dropout
+        if all_linear and dropout and fused_experts(model):
+            log.info("lora.dropout=0 instead of %g: peft adapts this model's fused expert weights, which take no "
+                     "dropout", dropout)
+            dropout = 0.0
         peft_config = PeftLoraConfig(
-            r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, task_type=task_type, bias=lora.bias,
-            target_modules="all-linear" if all_linear else lora.target_modules, use_rslora=lora.use_rslora,
-            use_dora=lora.use_dora, init_lora_weights=True if lora.init == "default" else lora.init,
+            r=lora.r, lora_alpha=lora.alpha, lora_dropout=dropout, task_type=task_type, bias=lora.bias,
+            target_modules=linear_targets(model, task_type) if all_linear else lora.target_modules,
+            use_rslora=lora.use_rslora, use_dora=lora.use_dora,
+            init_lora_weights=True if lora.init == "default" else lora.init,
         )
     try:
         return get_peft_model(model, peft_config, adapter_name=adapter_name)
     except (ValueError, TypeError, NotImplementedError) as e:
         raise peft_error(e) from None
+
+
+# peft refuses LoRA on these layers of state-space (Mamba) blocks, whose kernels read their weights directly
+STATE_SPACE_MODEL_TYPES = {"mamba", "mamba2", "falcon_mamba", "falcon_h1", "nemotron_h", "granitemoehybrid",
+                           "bamba", "jamba", "zamba", "zamba2"}
+STATE_SPACE_UNADAPTABLE = {"out_proj", "conv1d"}
+
+
+def linear_targets(model, task_type: str) -> list[str]:
+    """What `all-linear` means, as layer names for peft: every linear layer but the output head (peft's own rule),
+    without the layers LoRA must not wrap: MoE routers (Llama-4's and Phi-3.5-MoE's are nn.Linear subclasses that
+    return (scores, logits), which a LoRA wrapper cannot add to; found by name) and the out_proj/conv1d of
+    state-space blocks. Said in one log line when something was left out."""
+    from peft import LoraConfig as PeftLoraConfig
+    from peft.tuners.tuners_utils import _maybe_include_all_linear_layers
+
+    names = _maybe_include_all_linear_layers(PeftLoraConfig(target_modules="all-linear", task_type=task_type),
+                                             model).target_modules
+    state_space = getattr(model.config, "model_type", None) in STATE_SPACE_MODEL_TYPES
+    kept, left_out = set(), set()
+    for name in names:
+        leaf = name.rsplit(".", 1)[-1]
+        router = "router" in leaf.lower() or "Router" in type(model.get_submodule(name)).__name__
+        (left_out if router or (state_space and leaf in STATE_SPACE_UNADAPTABLE) else kept).add(name)
+    if left_out:
+        log.info("lora.target_modules all-linear: %d layers, leaving out %s (routers and state-space projections "
+                 "LoRA cannot wrap)", len(kept), ", ".join(sorted({n.rsplit(".", 1)[-1] for n in left_out})))
+    return sorted(kept)
+
+
+def fused_experts(model) -> bool:
+    """Whether the model keeps MoE experts as 3-D weight tensors (transformers 5's fused experts), which peft
+    adapts as parameters under all-linear."""
+    return any(parameter.dim() == 3 and name.endswith(("gate_up_proj", "down_proj", "gate_proj", "up_proj"))
+               for name, parameter in model.named_parameters())
 
 
 def peft_error(error: Exception) -> RlftError:

@@ -44,6 +44,34 @@ FAMILIES = {
     "mixtral": ("MixtralConfig", dict(hidden_size=32, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
                                       num_key_value_heads=2, max_position_embeddings=128, num_local_experts=4,
                                       num_experts_per_tok=2, head_dim=8), ["q_proj", "v_proj"]),
+    # MoE routers that are nn.Linear subclasses returning (scores, logits): all-linear must leave them alone
+    "llama4_text": ("Llama4TextConfig", dict(hidden_size=32, intermediate_size=64, intermediate_size_mlp=64,
+                                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                             head_dim=8, num_local_experts=2, num_experts_per_tok=1,
+                                             max_position_embeddings=128, moe_layers=[0, 1]), ["q_proj", "v_proj"]),
+    "phimoe": ("PhimoeConfig", dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                    num_key_value_heads=2, num_local_experts=2, num_experts_per_tok=1,
+                                    max_position_embeddings=128), ["q_proj", "v_proj"]),
+    # fused experts (3-D weights), which peft adapts as parameters and which take no LoRA dropout
+    "qwen3_moe": ("Qwen3MoeConfig", dict(hidden_size=32, intermediate_size=64, moe_intermediate_size=32,
+                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                                         num_experts=4, num_experts_per_tok=2, max_position_embeddings=128),
+                  ["q_proj", "v_proj"]),
+    "gemma3n": ("Gemma3nTextConfig", dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                          num_key_value_heads=2, head_dim=8, max_position_embeddings=128,
+                                          hidden_size_per_layer_input=8, laurel_rank=4, altup_num_inputs=2,
+                                          num_kv_shared_layers=0, layer_types=["sliding_attention", "full_attention"],
+                                          sliding_window=4, activation_sparsity_pattern=[0.0, 0.0]),
+                ["q_proj", "v_proj"]),
+    # state-space blocks: peft refuses out_proj/conv1d there; Mamba-1 decodes with no mask past the prefill
+    "mamba": ("MambaConfig", dict(hidden_size=32, state_size=8, num_hidden_layers=2, expand=2, conv_kernel=4),
+              ["in_proj", "x_proj"]),
+    "mamba2": ("Mamba2Config", dict(hidden_size=32, state_size=8, num_hidden_layers=2, expand=2, conv_kernel=4,
+                                    num_heads=8, head_dim=8, n_groups=1), ["in_proj"]),
+    "falcon_h1": ("FalconH1Config", dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                         num_key_value_heads=2, head_dim=8, mamba_d_ssm=32, mamba_n_heads=4,
+                                         mamba_d_head=8, mamba_d_state=8, mamba_n_groups=1, max_position_embeddings=128),
+                  ["q_proj", "v_proj"]),
 }
 
 
@@ -97,10 +125,14 @@ def through_every_stage(model_dir: Path, files: Path, out: Path, targets: list[s
 
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_family_through_sft_ppo_and_eval(family, files, tmp_path):
+    """SFT with the family's own layer names, PPO (all-linear) from it, eval of both; and the rollouts were
+    sampled from the very distribution PPO recomputes (float32: the sampler's log-probs equal the trainer's)."""
     model_dir = save_family(tmp_path / "model", family)
     history, report = through_every_stage(model_dir, files, tmp_path, FAMILIES[family][2])
     assert history[0]["objective/kl"] == 0.0  # the reference is the SFT model: exactly, at step 1
     assert history[1]["objective/kl"] != 0.0  # and the policy did move
+    assert all(entry["sampler/logprob_gap_max"] < 1e-3 for entry in history), [e["sampler/logprob_gap_max"]
+                                                                                for e in history]
     assert [p["label"] for p in report["policies"]] == ["sft", "ppo"]
     assert all(torch.isfinite(torch.tensor(p["kl"]["exact"]["mean"])) for p in report["policies"])
 

@@ -114,3 +114,14 @@ def test_qlora_sft_learns_about_as_much_as_lora(tiny_lm_dir_64, tmp_path):
         drops[quantization] = metrics["eval_loss_before"] - metrics["eval_loss_after"]
     assert drops["none"] > 0.5, drops
     assert drops["4bit"] >= 0.8 * drops["none"], drops
+
+
+def test_no_4bit_model_repacks_its_weights_for_inference(tiny_lm_dir_64):
+    """bitsandbytes' CPU repack (AVX512-BF16) makes 4-bit weights inference-only and crashes on some layer
+    shapes; every 4-bit load switches it off, eval's (no adapter added) as well as training's."""
+    from rlft.config import ModelConfig
+    from rlft.models import load_model
+
+    model = load_model(ModelConfig(name_or_path=str(tiny_lm_dir_64), quantization="4bit"))
+    flags = [getattr(m, "support_avx512bf16_for_cpu", None) for m in model.modules()]
+    assert any(flag is False for flag in flags) and not any(flags)
