@@ -282,9 +282,11 @@ def train(trainer, checkpoint: str | None) -> None:
 
 
 RESUME_FIX = "delete it to resume from the one before, or set resume=false"
-# What a Trainer checkpoint must hold to continue exactly: weights (adapter or full model), optimizer,
-# scheduler, RNG (one file per process) and the trainer's state.
-CHECKPOINT_FILES = (("adapter_model.safetensors", "model.safetensors"), ("optimizer.pt",), ("scheduler.pt",),
+# What a Trainer checkpoint must hold to continue exactly: weights (adapter or full model), optimizer (under
+# FSDP accelerate writes optimizer.bin, or a folder of shards), scheduler, RNG (one file per process) and the
+# trainer's state.
+CHECKPOINT_FILES = (("adapter_model.safetensors", "model.safetensors"), ("optimizer.pt", "optimizer.bin", "optimizer_0"),
+                    ("scheduler.pt",),
                     ("rng_state.pth", "rng_state_0.pth"), ("trainer_state.json",))
 
 
@@ -298,7 +300,7 @@ def check_checkpoint(folder: Path) -> None:
     from transformers.trainer_pt_utils import safe_globals  # the numpy types the Trainer's RNG file holds
 
     for names in CHECKPOINT_FILES:
-        if not any((folder / name).is_file() for name in names):
+        if not any((folder / name).exists() for name in names):
             raise RlftError(f"checkpoint '{folder}' has no {' or '.join(names)}, so it cannot continue the run "
                             f"exactly: {RESUME_FIX}")
     read_json(folder / "trainer_state.json", RESUME_FIX)
@@ -308,7 +310,7 @@ def check_checkpoint(folder: Path) -> None:
                 if path.suffix == ".safetensors":
                     with safe_open(path, framework="pt") as weights:
                         weights.keys()
-                elif path.suffix in (".pt", ".pth"):
+                elif path.suffix in (".pt", ".pth") or path.name in ("optimizer.bin", "pytorch_model_fsdp.bin"):
                     with safe_globals():  # what the Trainer allows when it loads them
                         torch.load(path, weights_only=True, map_location="cpu")
         except pickle.UnpicklingError as e:

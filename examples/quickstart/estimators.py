@@ -1,21 +1,25 @@
-"""The quickstart's policy trained by each estimator, PPO (critic + GAE), GRPO and RLOO, in one report.
+"""Every shipped quickstart variant on the same SFT models and pairs, for several seeds, in one table.
 
-    python examples/quickstart/estimators.py
+    python examples/quickstart/estimators.py --seeds 0 1
 
-1. `rlft pipeline --config configs/quickstart.yaml`: SFT, preference pairs, reward model, PPO, report;
-2. `configs/quickstart_grpo.yaml` (Dr. GRPO), `quickstart_rloo.yaml` and `quickstart_grpo_std.yaml` (GRPO
-   divided by the group std): the PPO stage only, with another advantage estimator, on the quickstart's
-   own SFT and reward models (`reuse_from`);
-3. `rlft eval --config configs/eval_estimators.yaml`: the four policies on the same held-out prompts,
-   proxy and gold, in runs/estimators/report.html;
-4. the headline table from that report.json into examples/quickstart/estimators.{json,md}, and into the
-   README between its `<!-- estimators -->` markers.
-Each training stage skips what is already complete, so a rerun redoes the reports and the table;
-`--table-only` redoes the table alone.
+For each seed S:
+1. the quickstart itself, `rlft pipeline --config configs/quickstart.yaml seed=S` in
+   runs/seed_sweep/seedS_threads2 (examples/quickstart/seed_sweep.py's folder: a finished one is reused);
+2. each variant config (GRPO as Dr. GRPO, RLOO, std-scaled GRPO, and the one-base quickstart with its SmolLM2
+   reward adapter) as a pipeline reusing that folder's SFT model and pairs (and, but for one-base, its reward
+   model), in runs/estimators/seedS/<variant>;
+3. one `rlft eval` of all their PPO results on the seed's held-out prompts, scored by both reward models and
+   VADER (gold): runs/estimators/seedS/eval/report.json. Each variant's proxy is the reward model it trained on.
+Then the table (per seed and variant: win rates over the SFT model, exact KL over the target, length and
+distinct-1 over the SFT model's, collapse warnings, the PPO stage's minutes, the bars each misses) goes to
+examples/quickstart/estimators.{json,md} and into the results page (examples/quickstart/README.md) between its
+`<!-- estimators -->` markers.
+Finished stages are reused, so a rerun redoes only the reports and the table; `--table-only` redoes the table.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import re
@@ -27,38 +31,102 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
-COMMANDS = [
-    ["pipeline", "--config", "configs/quickstart.yaml"],
-    ["pipeline", "--config", "configs/quickstart_grpo.yaml", "stages=[sft,preferences,reward,ppo]"],
-    ["pipeline", "--config", "configs/quickstart_rloo.yaml", "stages=[sft,preferences,reward,ppo]"],
-    ["pipeline", "--config", "configs/quickstart_grpo_std.yaml", "stages=[sft,preferences,reward,ppo]"],
-    ["eval", "--config", "configs/eval_estimators.yaml"],
-]
-REPORT = ROOT / "runs" / "estimators" / "report.json"
-README = ROOT / "README.md"
+RESULTS = ROOT / "examples" / "quickstart" / "README.md"  # the results page
 MARKERS = ("<!-- estimators: written by examples/quickstart/estimators.py -->", "<!-- /estimators -->")
-RUNS = {"ppo": "runs/quickstart/ppo", "grpo (Dr. GRPO)": "runs/quickstart_grpo/ppo", "rloo": "runs/quickstart_rloo/ppo",
-        "grpo, std-scaled": "runs/quickstart_grpo_std/ppo"}
+# label: (config, the proxy scorer it trained against, pipeline stages it reuses from the seed's quickstart)
+VARIANTS = {
+    "PPO (critic, GAE)": ("configs/quickstart.yaml", "minilm", None),
+    "Dr. GRPO": ("configs/quickstart_grpo.yaml", "minilm", "[sft,preferences,reward]"),
+    "GRPO, std-scaled": ("configs/quickstart_grpo_std.yaml", "minilm", "[sft,preferences,reward]"),
+    "RLOO": ("configs/quickstart_rloo.yaml", "minilm", "[sft,preferences,reward]"),
+    "one base (SmolLM2 reward adapter, adapter critic)": ("configs/quickstart_one_base.yaml", "smollm2",
+                                                          "[sft,preferences]"),
+}
+BARS = [  # issue's bars for every shipped variant: (figure, test, wording)
+    ("proxy_win_rate", lambda v: v > 0.6, "proxy win > 60%"),
+    ("gold_win_rate", lambda v: v > 0.6, "gold win > 60%"),
+    ("length_ratio", lambda v: v >= 0.6, "length >= 0.6x SFT's"),
+    ("distinct_1_ratio", lambda v: v >= 0.75, "distinct-1 >= 0.75x SFT's"),
+    ("kl_over_target", lambda v: 0.5 <= v <= 1.5, "exact KL within 0.5x-1.5x of the target"),
+]
 
 
-def main() -> None:
-    if "--table-only" not in sys.argv[1:]:  # --table-only: rewrite the table from the existing report
-        run_all()
-    write_table()
+def pipeline_dir(label: str, seed: int) -> Path:
+    config = VARIANTS[label][0]
+    if config == "configs/quickstart.yaml":
+        return ROOT / "runs" / "seed_sweep" / f"seed{seed}_threads2"
+    return ROOT / "runs" / "estimators" / f"seed{seed}" / Path(config).stem
 
 
-def run_all() -> None:
-    for command in COMMANDS:
-        print("+ rlft", " ".join(command), flush=True)
-        subprocess.run([sys.executable, "-m", "rlft", *command], cwd=ROOT, check=True)
+def rlft(*args: str) -> None:
+    print("+ rlft", " ".join(args), flush=True)
+    subprocess.run([sys.executable, "-m", "rlft", *args], cwd=ROOT, check=True)
 
 
-def write_table() -> None:
-    table = headline(json.loads(REPORT.read_text()))
-    (HERE / "estimators.json").write_text(json.dumps(table, indent=2) + "\n")
-    (HERE / "estimators.md").write_text(markdown(table))
-    write_between_markers(README, MARKERS, markdown(table))
-    print(markdown(table))
+def run_seed(seed: int) -> Path:
+    quickstart = pipeline_dir("PPO (critic, GAE)", seed)
+    rlft("pipeline", "--config", "configs/quickstart.yaml", f"seed={seed}", f"output_dir={quickstart}")
+    for label, (config, _, reused) in VARIANTS.items():
+        if reused is None:
+            continue
+        rlft("pipeline", "--config", config, f"seed={seed}", f"output_dir={pipeline_dir(label, seed)}",
+             f"reuse_from={quickstart}", f"reuse_stages={reused}", "stages=[sft,preferences,reward,ppo]")
+    report = ROOT / "runs" / "estimators" / f"seed{seed}" / "eval"
+    one_base = pipeline_dir("one base (SmolLM2 reward adapter, adapter critic)", seed)
+    rlft("eval", "--config", "configs/eval.yaml", f"output_dir={report}", f"seed={seed}", "checkpoints_of=",
+         f"policies=[{', '.join(str(pipeline_dir(label, seed) / 'ppo') for label in VARIANTS)}]",
+         f"training_run={quickstart / 'ppo'}", "num_prompts=200", "batch_size=64", "num_samples_shown=4",
+         "data={path: chatterbot, eval_fraction: 0.2}",
+         f"scorers=[{{name: minilm, kind: model, path: {quickstart / 'reward'}, normalize: true}}, "
+         f"{{name: smollm2, kind: model, path: {one_base / 'reward'}, normalize: true}}, "
+         "{name: gold, kind: function, path: 'reward_models.judges:sentiment'}]")
+    return report / "report.json"
+
+
+def rows_of(seed: int) -> list[dict]:
+    report = json.loads((ROOT / "runs" / "estimators" / f"seed{seed}" / "eval" / "report.json").read_text())
+    rows = []
+    for label, (_, proxy, _) in VARIANTS.items():
+        folder = pipeline_dir(label, seed)
+        policy = next(p for p in report["policies"] if Path(p["path"]).resolve().parent == (folder / "ppo").resolve()
+                      or Path(p["path"]).resolve() == (folder / "ppo").resolve())
+        target = yaml.safe_load((folder / "ppo" / "config.yaml").read_text())["ppo"]["target_kl"]
+        response, diversity = policy["response"], policy["hacking"]["diversity"]
+        row = {
+            "seed": seed, "variant": label, "proxy": proxy,
+            "proxy_win_rate": policy["rewards"][proxy]["win_rate"]["mean"],
+            "proxy_win_rate_ci": policy["rewards"][proxy]["win_rate"]["ci95"],
+            "gold_win_rate": policy["rewards"]["gold"]["win_rate"]["mean"],
+            "gold_win_rate_ci": policy["rewards"]["gold"]["win_rate"]["ci95"],
+            "kl_exact": policy["kl"]["exact"]["mean"], "target_kl": target,
+            "kl_over_target": policy["kl"]["exact"]["mean"] / target,
+            "length_ratio": response["policy"]["length"]["mean"] / response["reference"]["length"]["mean"],
+            "distinct_1_ratio": diversity["policy"]["distinct_1"] / diversity["reference"]["distinct_1"],
+            "collapse": policy["hacking"]["collapse"]["warnings"],
+            "ppo_minutes": json.loads((folder / "pipeline.json").read_text())["stage_wall_time_s"].get("ppo", 0) / 60,
+            "prompts": report["prompts"]["count"],
+        }
+        row["bars_missed"] = [wording for key, test, wording in BARS if not test(row[key])]
+        rows.append(row)
+    return rows
+
+
+def markdown(table: dict) -> str:
+    lines = [f"Each shipped quickstart variant's PPO result against the SFT model it started from, on "
+             f"{table['rows'][0]['prompts']} held-out prompts per seed ({table['machine']}, {table['threads']} threads): "
+             "win rates (95% CI) under the reward model it trained on (proxy) and VADER (gold), exact KL over "
+             "`ppo.target_kl`, mean length and distinct-1 over the SFT model's, collapse warnings (rlft.hacking), "
+             "the PPO stage's minutes. Every variant of a seed shares its SFT model and pairs. Written by "
+             "examples/quickstart/estimators.py from runs/estimators/seed*/eval/report.json.", "",
+             "| seed | variant | proxy win | gold win | KL / target | length / SFT | distinct-1 / SFT | collapse | "
+             "PPO minutes | bars missed |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for row in table["rows"]:
+        win = lambda key: f"{row[key]:.0%} ({row[key + '_ci'][0]:.0%}-{row[key + '_ci'][1]:.0%})"  # noqa: E731
+        lines.append(f"| {row['seed']} | {row['variant']} | {win('proxy_win_rate')} | {win('gold_win_rate')} | "
+                     f"{row['kl_over_target']:.2f} | {row['length_ratio']:.2f} | {row['distinct_1_ratio']:.2f} | "
+                     f"{'; '.join(row['collapse']) or 'none'} | {row['ppo_minutes']:.1f} | "
+                     f"{'; '.join(row['bars_missed']) or 'none'} |")
+    return "\n".join(lines) + "\n"
 
 
 def write_between_markers(path: Path, markers: tuple[str, str], text: str) -> None:
@@ -76,44 +144,25 @@ def ci(stats: dict, percent: bool = False) -> str:
     return f"{stats['mean']:.0%} ± {half:.0%}" if percent else f"{stats['mean']:.2f} ± {half:.2f}"
 
 
-def headline(report: dict) -> dict:
-    """Per policy: win rates over its reference (proxy, gold), exact KL, length, and its run's cost."""
-    rows = []
-    for policy in report["policies"]:
-        run = next((name for name, path in RUNS.items() if policy["path"].startswith(path)), None)
-        if run is None:
-            continue  # the SFT policy: its reference is the base model, not the SFT model
-        rewards = policy["rewards"]
-        rows.append({
-            "estimator": run,
-            "proxy_win_rate": rewards[report["proxy"]]["win_rate"],
-            "gold_win_rate": rewards[report["gold"]]["win_rate"],
-            "kl_exact": policy["kl"]["exact"],
-            "target_kl": yaml.safe_load((ROOT / RUNS[run] / "config.yaml").read_text())["ppo"]["target_kl"],
-            "length": policy["response"]["policy"]["length"]["mean"],
-            "reference_length": policy["response"]["reference"]["length"]["mean"],
-        })
-    reward = json.loads((ROOT / "runs" / "quickstart" / "reward" / "metrics.json").read_text())
-    return {"prompts": report["prompts"]["count"], "seed": report["seed"],
-            "threads": int(os.environ.get("OMP_NUM_THREADS", "0")) or os.cpu_count(),
-            "reward_model": {"accuracy_before": reward["eval_accuracy_before"],
-                             "accuracy_after": reward["eval_accuracy_after"], "eval_pairs": reward["eval_rows"]},
-            "rows": rows}
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
+    parser.add_argument("--table-only", action="store_true", help="rewrite the table from the existing reports")
+    parser.add_argument("--readme", default=str(RESULTS))
+    args = parser.parse_args(argv)
+    if not args.table_only:
+        for seed in args.seeds:
+            run_seed(seed)
+    from seed_sweep import machine  # noqa: PLC0415 (this folder is on sys.path when run as a script)
 
-
-def markdown(table: dict) -> str:
-    rm = table["reward_model"]
-    lines = [f"Each policy against the SFT model it started from, on {table['prompts']} held-out prompts (win rates and "
-             f"means ± 95% CI half-widths); seed {table['seed']}, {table['threads']} threads. Reward model held-out "
-             f"accuracy {rm['accuracy_before']:.2f} before training, {rm['accuracy_after']:.2f} after "
-             f"({rm['eval_pairs']} pairs). Speed is measured in benchmarks/, not here. Written by "
-             "examples/quickstart/estimators.py from runs/estimators/report.json.", "",
-             "| Estimator | Proxy win rate | Gold win rate | Exact KL (target) | Length (policy / SFT) |",
-             "|---|---|---|---|---|"]
-    for row in table["rows"]:
-        lines.append(f"| {row['estimator']} | {ci(row['proxy_win_rate'], True)} | {ci(row['gold_win_rate'], True)} | "
-                     f"{ci(row['kl_exact'])} ({row['target_kl']:g}) | {row['length']:.1f} / {row['reference_length']:.1f} |")
-    return "\n".join(lines) + "\n"
+    table = {"seeds": args.seeds, "machine": machine(), "threads": os.environ.get("OMP_NUM_THREADS", "all"),
+             "rows": [row for seed in args.seeds for row in rows_of(seed)]}
+    (HERE / "estimators.json").write_text(json.dumps(table, indent=2) + "\n")
+    (HERE / "estimators.md").write_text(markdown(table))
+    if args.readme:
+        write_between_markers(Path(args.readme), MARKERS, markdown(table))
+    print(markdown(table))
+    return table
 
 
 if __name__ == "__main__":

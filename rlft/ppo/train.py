@@ -369,7 +369,10 @@ def ppo_update(model, accelerator, optimizer, rollout: Rollout, advantages, retu
                         loss = loss + kl_coef * kl_loss
                         stats["loss/kl"].append(kl_loss.item())
                     with torch.set_grad_enabled(hp.entropy_coef > 0):  # else logged only: keep it off the graph
-                        mean_entropy = masked_mean(entropy_from_logits(logits, temperature), mask[rows])
+                        # aggregated like the policy loss, so that the global mini-batch's bonus is the same
+                        # however its rows are split over processes and micro-batches
+                        mean_entropy = aggregate(entropy_from_logits(logits, temperature), mask[rows],
+                                                 hp.loss_aggregation)
                     loss = loss - hp.entropy_coef * mean_entropy
                     if not torch.isfinite(loss):
                         raise RlftError("PPO loss became NaN/inf: lower ppo.learning_rate or check the scorer's scores "
