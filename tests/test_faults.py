@@ -248,7 +248,7 @@ def damaged_cases(tmp, lm, rm, data):
         "scheduler.pt cut short": ("sft", f"{checkpoint}/scheduler.pt", truncate, resume_sft,
                                    "scheduler.pt' is damaged (a torch file cut short"),
         "optimizer.pt missing": ("sft", f"{checkpoint}/optimizer.pt", lambda path: path.unlink(), resume_sft,
-                                 "has no optimizer.pt, so it cannot continue the run exactly"),
+                                 "has no optimizer.pt or optimizer.bin or optimizer_0, so it cannot continue the run exactly"),
         "crafted rng_state.pth": ("sft", f"{checkpoint}/rng_state.pth", pickled_marker(tmp / "pwned"), resume_sft,
                                   "holds objects other than tensors and numbers, refused unread"),
         "config.yaml not YAML": ("sft", "config.yaml", write("lora: {r: 4\n"), resume_sft, "config.yaml' is damaged"),
