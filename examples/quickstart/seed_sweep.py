@@ -147,12 +147,20 @@ def figures(folder: Path) -> dict:
         "wall_time_min": sum(timings.values()) / 60,
         "stage_minutes": {stage: seconds / 60 for stage, seconds in timings.items()},
         "result_step": json.loads((folder / "ppo" / "metrics.json").read_text()).get("result_step"),
+        # the sampler's log-probs against PPO's recomputed ones, per token, averaged over the steps (bf16 vs float32)
+        **sampler_gap(folder / "ppo" / "metrics.jsonl"),
         "stages_timed": len(timings),  # fewer than five: a stopped run's finished stages, reused without their times
     }
     found["length_ratio"] = found["length"] / found["reference_length"]
     found["distinct_1_ratio"] = found["distinct_1"] / found["reference_distinct_1"]
     found["bars_missed"] = [wording for key, test, wording in BARS if not test(found[key])]
     return found
+
+
+def sampler_gap(metrics_jsonl: Path) -> dict:
+    steps = [json.loads(line) for line in metrics_jsonl.read_text().splitlines()]
+    return {key: statistics.fmean(step[f"sampler/logprob_gap_{part}"] for step in steps)
+            for key, part in (("sampler_gap_mean", "mean"), ("sampler_gap_kl", "kl"))}
 
 
 def summarise(runs: list[dict]) -> dict:
@@ -189,7 +197,7 @@ def markdown(sweep: dict) -> str:
                ("gold_win_rate", "gold win", "{:.0%}"), ("gold_win_rate_ci_low", "gold CI low", "{:.0%}"),
                ("kl_exact", "exact KL", "{:.2f}"), ("kl_over_target", "KL / target", "{:.2f}"),
                ("length_ratio", "length / SFT", "{:.2f}"), ("distinct_1_ratio", "distinct-1 / SFT", "{:.2f}"),
-               ("wall_time_min", "minutes", "{:.1f}")]
+               ("sampler_gap_mean", "sampler gap", "{:.1e}"), ("wall_time_min", "minutes", "{:.1f}")]
     runs = sweep["runs"]
     described = ", ".join(f"seed {r['seed']} on {r['threads']} thread{'s' if r['threads'] > 1 else ''}"
                           + (f" in {r['dtype']}" if r.get("dtype", "auto") != "auto" else "") for r in runs)
@@ -197,8 +205,8 @@ def markdown(sweep: dict) -> str:
              f"the SFT model it started from on {runs[0]['eval_prompts']:.0f} held-out prompts (proxy: the run's reward "
              "model; gold: VADER; CI low: the 95% interval's lower end); reward model accuracy on its held-out pairs "
              "(RM pairs, prompts it never saw); exact KL summed over the response, and over ppo.target_kl; mean length "
-             "in tokens and distinct-1 (distinct words / words, over all replies) of PPO's replies over SFT's; minutes: "
-             "all five stages. Written by examples/quickstart/seed_sweep.py from examples/quickstart/seed_sweep.json.",
+             "in tokens and distinct-1 (distinct words / words, over all replies) of PPO's replies over SFT's; sampler gap: "
+             "mean |sampler log-prob - PPO's recomputed log-prob| per token over PPO's steps; minutes: all five stages. Written by examples/quickstart/seed_sweep.py from examples/quickstart/seed_sweep.json.",
              "",
              "| seed | threads | dtype | " + " | ".join(title for _, title, _ in columns) + " | bars missed |",
              "|---|---|---|" + "---|" * len(columns) + "---|"]
