@@ -536,3 +536,19 @@ def test_the_result_is_the_last_checkpoint_within_the_kl_budget(tiny_lm_dir, pro
     with pytest.raises(RlftError, match=r"no checkpoint's KL is within ppo.kl_budget=.* raise ppo.kl_coef"):
         run(ppo_config(tiny_lm_dir, prompts_file, out, "ppo.learning_rate=0.05", "save_every=2",
                        f"ppo.kl_budget={min(kl[2], kl[4]) / 2}"))
+
+
+def test_a_collapsed_final_policy_is_not_the_result(tiny_lm_dir, prompts_file, tmp_path):
+    """When the final policy answers (nearly) everything with one reply, PPO goes back through the checkpoints
+    within the budget and ships the last one whose replies did not collapse, measured on the same prompts."""
+    from rlft.ppo.train import run
+
+    out = tmp_path / "run"
+    # share_of_target, learned fast: every reply becomes the target word over and over, one reply for all
+    summary = run(ppo_config(tiny_lm_dir, prompts_file, out, "ppo.steps=30", "save_every=5", "ppo.learning_rate=1e-2"))
+    assert summary["final_collapse"]["collapsed"], summary["final_collapse"]
+    assert summary["result_step"] < 30 and not summary["result_collapse"]["collapsed"], summary["result_collapse"]
+    checkpoint = out / "checkpoints" / f"step-{summary['result_step']:06d}" / "policy" / "adapter_model.safetensors"
+    assert (out / "policy" / "adapter_model.safetensors").read_bytes() == checkpoint.read_bytes()
+
+

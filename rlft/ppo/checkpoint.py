@@ -162,6 +162,16 @@ def copy_result(run_dir: Path, step: int, folder: Path) -> None:
         shutil.copytree(source / CRITIC, folder / CRITIC, dirs_exist_ok=True)
 
 
+def load_policy(run_dir: Path, step: int, policy) -> None:
+    """Checkpoint `step`'s policy adapter into the live (unsharded) policy, to sample from it again."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    folder = run_dir / "checkpoints" / f"step-{step:06d}" / "policy"
+    with reading(folder, "delete the run's checkpoints folder and rerun"):
+        set_peft_model_state_dict(policy, load_file(folder / "adapter_model.safetensors"))
+
+
 def trained_weights(actor_critic) -> tuple[dict, dict | None]:
     """(adapter weights of the peft policy by its state_dict names, value head weights or None), whole tensors
     on the CPU. Under FSDP every process must call it: the shards are gathered."""

@@ -13,6 +13,7 @@ import math
 import time
 from collections import defaultdict
 from contextlib import nullcontext
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -190,30 +191,30 @@ def run(config: PPOConfig) -> dict:
     # The last update's policy has no rollout after it: more prompts measure its KL, and its replies to them
     # against the reference's tell whether it collapsed.
     final_rows = [i for later in range(hp.steps, hp.steps + MEASURED_BATCHES) for i in rows_of(later)]
-    checkpoint_kl[hp.steps], collapsed = measure_result(actor_critic, tokenizer, [prompts[i] for i in final_rows],
-                                                        [prompt_texts[i] for i in final_rows], scorer, config,
-                                                        accelerator)
-    if collapsed["warnings"] and accelerator.is_main_process:
+    measure = partial(measure_result, actor_critic, tokenizer, [prompts[i] for i in final_rows],
+                      [prompt_texts[i] for i in final_rows], scorer, config, accelerator)
+    checkpoint_kl[hp.steps], collapsed = measure()
+    if collapsed["collapsed"] and accelerator.is_main_process:
         log.warning("the final policy's replies collapsed: %s", "; ".join(collapsed["warnings"]))
-    # The result is the last checkpoint within the KL budget, whatever the last steps did.
     saved = {s: checkpoint_kl[s] for s in range(1, hp.steps + 1)
              if (s % config.save_every == 0 or s == hp.steps) and s in checkpoint_kl}
-    shipped = checkpoint.last_within_budget(saved, hp.kl_budget)
-    if shipped is None:
-        raise RlftError(
-            f"no checkpoint's KL is within ppo.kl_budget={hp.kl_budget:g} (by step: "
-            f"{', '.join(f'{s}: {kl:.1f}' for s, kl in saved.items())}): raise ppo.kl_coef or lower "
-            f"ppo.learning_rate, or raise the budget (checkpoints kept in {out / 'checkpoints'})")
+    weights = checkpoint.trained_weights(actor_critic)  # every process (a gather under FSDP); before another loads
+    load = None if distributed.is_sharded(model) else partial(checkpoint.load_policy, out, policy=actor_critic.policy)
+    collapse_by_step = {hp.steps: collapsed}
+    shipped = choose_result(saved, hp.kl_budget, collapse_by_step, measure, load, out)
     if shipped != hp.steps and accelerator.is_main_process:
-        log.warning("the final policy's KL %.2f is past ppo.kl_budget=%g: the result is step %d's policy (KL %.2f)",
-                    saved[hp.steps], hp.kl_budget, shipped, saved[shipped])
+        why = (f"the final policy's KL {saved[hp.steps]:.2f} is past ppo.kl_budget={hp.kl_budget:g}"
+               if saved[hp.steps] > hp.kl_budget else "the final policy's replies collapsed")
+        log.warning("%s: the result is step %d's policy (KL %.2f%s)", why, shipped, saved[shipped],
+                    ", replies not collapsed" if shipped in collapse_by_step and not collapse_by_step[shipped]["collapsed"]
+                    else "")
 
     summary = {}
-    weights = checkpoint.trained_weights(actor_critic)  # every process: a gather under FSDP
     if accelerator.is_main_process:
         summary = logger.summary()
         summary.update({"kl_budget": hp.kl_budget, "result_step": shipped, "result_kl": saved[shipped],
-                        "checkpoint_kl": saved, "final_collapse": collapsed})
+                        "checkpoint_kl": saved, "final_collapse": collapsed,
+                        "result_collapse": collapse_by_step.get(shipped)})
         summary["peak_rss_mb"] = runs.peak_rss_mb()
         summary["parameters_mb"] = parameters_mb
         lineage = [config.model.name_or_path, *([f"sft ({config.sft_adapter})"] if config.sft_adapter else []),
@@ -272,6 +273,30 @@ def estimate_advantages(rewards: torch.Tensor, rollout: Rollout, hp: PPOHyperpar
     return torch.where(mask, per_sequence[:, None], 0), torch.zeros_like(rewards)
 
 
+def choose_result(kl_by_step: dict[int, float], budget: float, collapse_by_step: dict[int, dict], measure, load,
+                  out: Path) -> int:
+    """The checkpoint PPO ships: the last within the KL budget whose replies did not collapse. Going back from
+    the last one within the budget, each is loaded and measured (`measure`, on the final measurement's prompts)
+    only when the one after it collapsed; if all did, the last within the budget. kl_by_step: {step: KL};
+    collapse_by_step: {step: rlft.hacking.collapse signals} measured so far, filled in here; load(step) puts
+    that checkpoint's policy in place (None under FSDP: an earlier checkpoint is then taken unmeasured)."""
+    within = sorted((step for step, kl in kl_by_step.items() if kl <= budget), reverse=True)
+    if not within:
+        raise RlftError(
+            f"no checkpoint's KL is within ppo.kl_budget={budget:g} (by step: "
+            f"{', '.join(f'{s}: {kl:.1f}' for s, kl in kl_by_step.items())}): raise ppo.kl_coef or lower "
+            f"ppo.learning_rate, or raise the budget (checkpoints kept in {out / 'checkpoints'})")
+    for step in within:
+        if step not in collapse_by_step:
+            if load is None:
+                return step
+            load(step)
+            collapse_by_step[step] = measure()[1]
+        if not collapse_by_step[step]["collapsed"]:
+            return step
+    return within[0]
+
+
 def measure_result(actor_critic, tokenizer, prompts: list, prompt_texts: list[str], scorer, config: PPOConfig,
                    accelerator) -> tuple[float, dict]:
     """The final policy's exact KL per response on fresh samples (mean over processes), and its collapse signals
@@ -287,6 +312,9 @@ def measure_result(actor_critic, tokenizer, prompts: list, prompt_texts: list[st
     reference_mask, _ = response_mask_from_eos(reference.ids, tokenizer.eos_token_id, tokenizer.pad_token_id)
     signals = collapse({"policy": measured.completions, "reference": decode_responses(tokenizer, reference.ids)},
                        {"policy": measured.response_mask.sum(-1).tolist(), "reference": reference_mask.sum(-1).tolist()})
+    # one verdict for all processes (collapsed on any), so that they all choose the same result
+    signals["collapsed"] = accelerator.reduce(torch.tensor(float(bool(signals["warnings"])),
+                                                           device=measured.scores.device), "max").item() > 0
     return accelerator.reduce(measured.exact_kl.sum(-1).mean(), "mean").item(), signals
 
 
