@@ -154,7 +154,7 @@ def replaced(folder: Path):
 
 def copy_result(run_dir: Path, step: int, folder: Path) -> None:
     """Checkpoint `step`'s policy adapter (and critic, if any) into `folder`, as write_policy lays them out."""
-    source = run_dir / "checkpoints" / f"step-{step:06d}"
+    source = folder_of(run_dir, step)
     copy_adapter(source / "policy", folder)
     if (source / "value_head.pt").is_file():
         shutil.copy2(source / "value_head.pt", folder / "value_head.pt")
@@ -162,14 +162,17 @@ def copy_result(run_dir: Path, step: int, folder: Path) -> None:
         shutil.copytree(source / CRITIC, folder / CRITIC, dirs_exist_ok=True)
 
 
-def load_policy(run_dir: Path, step: int, policy) -> None:
-    """Checkpoint `step`'s policy adapter into the live (unsharded) policy, to sample from it again."""
+def folder_of(run_dir: Path, step: int) -> Path:
+    """The checkpoint folder of `step` in a PPO run."""
+    return run_dir / "checkpoints" / f"step-{step:06d}"
+
+
+def load_policy(folder: Path, policy) -> None:
+    """A checkpoint folder's policy adapter into the live (unsharded) policy."""
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
-    folder = run_dir / "checkpoints" / f"step-{step:06d}" / "policy"
-    with reading(folder, "delete the run's checkpoints folder and rerun"):
-        set_peft_model_state_dict(policy, load_file(folder / "adapter_model.safetensors"))
+    set_peft_model_state_dict(policy, load_file(folder / "policy" / "adapter_model.safetensors"))
 
 
 def trained_weights(actor_critic) -> tuple[dict, dict | None]:
@@ -222,7 +225,7 @@ def load(folder: Path, process_index: int, policy, value_head) -> dict:
     fix = "delete it to resume from the one before, or set resume=false"
     try:
         with reading(folder, fix):
-            set_peft_model_state_dict(policy, load_file(folder / "policy" / "adapter_model.safetensors"))
+            load_policy(folder, policy)
             if value_head is not None:
                 value_head.load_state_dict(torch.load(folder / "value_head.pt", weights_only=True))
             if CRITIC in policy.peft_config:

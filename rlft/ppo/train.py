@@ -199,7 +199,8 @@ def run(config: PPOConfig) -> dict:
     saved = {s: checkpoint_kl[s] for s in range(1, hp.steps + 1)
              if (s % config.save_every == 0 or s == hp.steps) and s in checkpoint_kl}
     weights = checkpoint.trained_weights(actor_critic)  # every process (a gather under FSDP); before another loads
-    load = None if distributed.is_sharded(model) else partial(checkpoint.load_policy, out, policy=actor_critic.policy)
+    load = None if distributed.is_sharded(model) else (
+        lambda step: checkpoint.load_policy(checkpoint.folder_of(out, step), actor_critic.policy))
     collapse_by_step = {hp.steps: collapsed}
     shipped = choose_result(saved, hp.kl_budget, collapse_by_step, measure, load, out)
     if shipped != hp.steps and accelerator.is_main_process:
