@@ -64,7 +64,10 @@ class PPOHyperparameters:
     whiten_advantages: bool = option(True, "Normalise advantages per rollout.")
     whiten_rewards: bool = option(False, "Normalise per-token rewards per rollout (keeps their mean).")
     score_clip: float = option(0.0, "Clip scores to [-score_clip, score_clip] (0: off).")
-    missing_eos_penalty: float = option(1.0, "Subtract this from the score of a completion without EOS (0: off).")
+    missing_eos_penalty: float = option(
+        0.5, "Subtract this from the score of a completion without EOS (0: off). 1.0, a whole std of the normalised "
+        "reward, taught the quickstart 'end early' until replies shrank to a quarter of SFT's; 0 let them ramble "
+        "unended (chosen on validation prompts: examples/quickstart/kl_control.md).")
     kl_estimator: Literal["k1", "k3", "abs", "mse"] = option(
         "k1", "Per-token KL estimator of the penalty (k1: its return has the gradient of the sequence KL, unbiased); "
         "objective/kl_sampled logs its sum per response. The controller steers, and objective/kl logs, the exact KL "
