@@ -14,7 +14,7 @@ and `--calls` more calls average over more batches' longest responses, which dec
 
 - `rlft`: rlft.generation.sample, what PPO, preferences and eval call (the adapter merged while sampling);
   `rlft_unmerged` the same with `sampling.merge_adapter=false`; `rlft_full_batch` the same with ended rows
-  kept in the batch (`decode(drop_ended=False)`);
+  kept in the batch (`sampling_loop(drop_ended=False)`);
 - `hf_generate`: plain `model.generate(do_sample=True)` on the same PEFT model (the HF baseline);
 - `hf_merged`: the same on a merged copy of the weights (no LoRA matmuls);
 - `hf_static`: generate with `cache_implementation="static"` on the merged copy;
@@ -38,8 +38,8 @@ import torch
 
 from rlft.config import LoraConfig, ModelConfig
 from rlft.data import chatterbot_pairs, render_prompts
-from rlft.generation import (SamplingConfig, cache_argument, decode, encode_prompts, position_ids_for,
-                             response_mask_from_eos, sample)
+from rlft.generation import (SamplingConfig, cache_argument, encode_prompts, position_ids_for,
+                             response_mask_from_eos, sampling_loop)
 from rlft.models import add_lora, load_model, load_tokenizer
 from rlft.policy import load_policy
 
@@ -98,9 +98,9 @@ def main() -> None:
           "top_k": 0, "pad_token_id": tokenizer.pad_token_id}
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     variants = {
-        "rlft": lambda prompt: sample(policy, prompt, sampling, tokenizer).ids,
-        "rlft_unmerged": lambda prompt: sample(policy, prompt, unmerged, tokenizer).ids,
-        "rlft_full_batch": lambda prompt: decode(policy, prompt, sampling, eos, pad, drop_ended=False).ids,
+        "rlft": lambda prompt: sampling_loop(policy, prompt, sampling, eos, pad).ids,
+        "rlft_unmerged": lambda prompt: sampling_loop(policy, prompt, unmerged, eos, pad).ids,
+        "rlft_full_batch": lambda prompt: sampling_loop(policy, prompt, sampling, eos, pad, drop_ended=False).ids,
         "hf_generate": lambda prompt: policy.generate(**prompt, **hf),
         "hf_merged": lambda prompt: merged.generate(**prompt, **hf),
         "hf_static": lambda prompt: merged.generate(**prompt, **hf, cache_implementation="static"),

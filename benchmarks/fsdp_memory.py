@@ -25,9 +25,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+from rlft.results import write_between_markers
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "examples" / "quickstart"))
-from estimators import write_between_markers  # noqa: E402
 
 MARKERS = ("<!-- fsdp_memory -->", "<!-- /fsdp_memory -->")
 GOLD = "{name: gold, kind: function, path: 'reward_models.judges:sentiment'}"

@@ -33,6 +33,7 @@ from rlft.data import load_splits, prompts_of
 from rlft.pipeline import PipelineConfig, wire
 from rlft.ppo.config import PPOConfig
 from rlft.ppo.train import MEASURED_BATCHES, prompt_batch
+from rlft.results import machine
 
 ROOT = Path(__file__).resolve().parents[1]
 BAND = (0.75, 1.25)  # the final exact KL over the target that counts as held
@@ -71,7 +72,7 @@ def validation_file(run_dir: Path, count: int = 200) -> Path:
     train, _, _ = load_splits(config.data, ("prompt_only", "conversational"), config.seed, "prompt data")
     prompts = prompts_of(train)
     drawn = {i for step in range(hp.steps + MEASURED_BATCHES)
-             for i in prompt_batch(step, 0, 1, hp.rollout_batch_size // hp.num_generations, len(prompts), config.seed)}
+             for i in prompt_batch(step, 0, 1, hp.prompts_per_rollout, len(prompts), config.seed)}
     unseen = [prompts[i] for i in range(len(prompts)) if i not in drawn][:count]
     path = run_dir.with_name(run_dir.name + "_validation.jsonl")
     path.write_text("".join(json.dumps({"prompt": prompt}) + "\n" for prompt in unseen))
@@ -194,9 +195,6 @@ def main() -> None:
     parser.add_argument("--json", help="write the results here (and the table beside it as .md)")
     parser.add_argument("--plot", help="write the exact-KL and beta curves here (png)")
     args = parser.parse_args()
-    sys.path.insert(0, str(ROOT / "examples" / "quickstart"))
-    from seed_sweep import machine
-
     runs = [(Path(folder), int(seed) if seed else None) for folder, _, seed in (r.partition(":") for r in args.runs)]
     out = Path(args.out)
     results = {"pipelines": [str(p) for p, _ in runs], "config": args.config, "argv": sys.argv[1:],

@@ -17,7 +17,8 @@ import time
 from pathlib import Path
 
 import torch
-from ppo_step import machine  # this folder is on sys.path when run as a script
+
+from rlft.results import cpu
 
 # SmolLM2-135M: hidden 576, MLP 1536, 9 query heads and 3 key/value heads of 64
 LAYER = [(576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576), (576, 1536)]  # (out, in)
@@ -42,7 +43,7 @@ def main() -> None:
     parser.add_argument("--json", default="")
     args = parser.parse_args()
     torch.manual_seed(0)
-    results = {"threads": torch.get_num_threads(), "torch": torch.__version__, "machine": machine(), "runs": []}
+    results = {"threads": torch.get_num_threads(), "torch": torch.__version__, "machine": cpu(), "runs": []}
     for dtype in (torch.float32, torch.bfloat16):
         weights = [torch.randn(out, inp).to(dtype) for out, inp in LAYER * LAYERS]
         weight_bytes = sum(w.numel() * w.element_size() for w in weights)

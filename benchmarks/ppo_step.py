@@ -131,7 +131,9 @@ def main(argv: list[str] | None = None) -> int:
     if trl_by_dtype:  # the peer at its fastest setting
         results["trl"] = max(trl_by_dtype.values(), key=lambda summary: summary["completions_per_s"])
 
-    report = {"settings": asdict(settings), "command": reproduce_command(args), "machine": machine(),
+    from rlft.results import cpu  # here, not at the top: the children measure their RSS after their own imports
+
+    report = {"settings": asdict(settings), "command": reproduce_command(args), "machine": cpu(),
               "results": results, "ratios": ratios(results),
               "trl_by_dtype": {dtype: summary["completions_per_s"] for dtype, summary in trl_by_dtype.items()}}
     print_table(report)
@@ -147,17 +149,6 @@ def child_env() -> dict:
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error")
     env.setdefault("PYTHONWARNINGS", "ignore")
     return env
-
-
-def machine() -> dict:
-    """What the figures ran on: bf16 matmuls are only fast with AVX512-BF16 or AMX (or a GPU)."""
-    import platform
-
-    cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
-    model = next((line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")),
-                 platform.processor())
-    flags = set(next((line.split(":", 1)[1].split() for line in cpuinfo.splitlines() if line.startswith("flags")), []))
-    return {"cpu": model, "cores": os.cpu_count(), "bf16_instructions": sorted(flags & {"avx512_bf16", "amx_bf16"})}
 
 
 def write_prompts(settings: Settings, workdir: Path) -> None:

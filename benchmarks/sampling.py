@@ -18,16 +18,17 @@ from pathlib import Path
 import torch
 
 from rlft.data import chatterbot_pairs, render_prompts
-from rlft.generation import SamplingConfig, encode_prompts, sample
+from rlft.generation import SamplingConfig, encode_prompts, sampling_loop
 from rlft.policy import load_policy
 
 
 def tokens_per_second(model, tokenizer, texts: list[str], sampling: SamplingConfig, calls: int = 3) -> float:
     prompt = encode_prompts(tokenizer, texts, sampling.max_prompt_length, model.device)
-    sample(model, prompt, sampling, tokenizer)  # warm-up
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    sampling_loop(model, prompt, sampling, eos, pad)  # warm-up
     started = time.perf_counter()
     for _ in range(calls):
-        sample(model, prompt, sampling, tokenizer)
+        sampling_loop(model, prompt, sampling, eos, pad)
     return calls * len(texts) * sampling.max_new_tokens / (time.perf_counter() - started)
 
 

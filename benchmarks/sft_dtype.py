@@ -14,21 +14,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
 
+from rlft.results import cpu
+
 ROOT = Path(__file__).parents[1]
 DTYPES = ("float32", "bfloat16")
-
-
-def cpu_flags() -> list[str]:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return []
-    return sorted(set(re.findall(r"\b(avx2|avx512f|avx512_bf16|amx_bf16|amx_tile)\b", text)))
 
 
 def main() -> None:
@@ -37,7 +30,7 @@ def main() -> None:
     parser.add_argument("--json", default="", help="also write the results here")
     args = parser.parse_args()
     out = Path(args.out)
-    results = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "cpu_flags": cpu_flags(),
+    results = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "cpu_flags": cpu()["flags"],
                "threads": int(os.environ.get("OMP_NUM_THREADS", os.cpu_count()))}
     for dtype in DTYPES:
         folder = out / dtype

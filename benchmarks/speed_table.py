@@ -1,22 +1,21 @@
-"""Write the README's speed table from the benchmark results in benchmarks/results/ (no benchmark is run here).
+"""Write the speed table of benchmarks/README.md from the results in benchmarks/results/ (no benchmark runs here).
 
     python benchmarks/speed_table.py           # after ppo_step.py, decode.py and sft_dtype.py wrote their JSON
 
-Reads ppo_step_gae.json (16 completions x 32 tokens), ppo_step_64x64.json, decode.json, decode_natural.json
-and sft_dtype.json
-and writes one table between the README's `<!-- speed -->` markers, each row naming the file it comes from.
+Reads ppo_step_gae.json (16 completions x 32 tokens), ppo_step_64x64.json when there is one, decode.json,
+decode_natural.json and sft_dtype.json, and writes one table between the `<!-- speed -->` markers of
+benchmarks/README.md, each row naming the file it comes from.
 """
 
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
+
+from rlft.results import write_between_markers
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
-sys.path.insert(0, str(ROOT / "examples" / "quickstart"))
-from estimators import write_between_markers  # noqa: E402
 
 MARKERS = ("<!-- speed: figures from benchmarks/results/*.json -->", "<!-- /speed -->")
 
@@ -79,7 +78,7 @@ def main() -> None:
         f"{', '.join(machine['bf16_instructions']) or 'none'}), one benchmark at a time; each file in "
         "`benchmarks/results/` holds its command, settings and versions. Written by benchmarks/speed_table.py.",
         "", "| What | rlft | Peer | Ratio |", "|---|---|---|---|", *rows]) + "\n"
-    write_between_markers(ROOT / "README.md", MARKERS, text)
+    write_between_markers(ROOT / "benchmarks" / "README.md", MARKERS, text)
     print(text)
 
 

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 from functools import lru_cache
 
+from rlft.errors import RlftError
+
 
 @lru_cache(maxsize=1)
 def _vader():
     try:
         from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
     except ImportError:
-        from rlft.errors import RlftError
 
         raise RlftError("the sentiment judge needs the package: pip install vaderSentiment") from None
     return SentimentIntensityAnalyzer()

@@ -23,7 +23,9 @@ from rlft import runs
 from rlft.config import DataConfig, ModelConfig, option, require, require_seed, section
 from rlft.data import load_splits, prompt_key, prompts_of, render_prompts
 from rlft.errors import RlftError
-from rlft.generation import SamplingConfig, complete
+from rlft.generation import SamplingConfig, sample
+from rlft.models import load_model, load_tokenizer
+from rlft.policy import load_policy
 
 log = logging.getLogger(__name__)
 PAIRS = "pairs.jsonl"
@@ -62,9 +64,6 @@ class PreferenceConfig:
 
 
 def run(config: PreferenceConfig) -> dict:
-    from rlft.models import load_model, load_tokenizer
-    from rlft.policy import load_policy
-
     started = time.time()
     runs.seed_everything(config.seed)
     out = runs.prepare(config.output_dir, config, "preferences")
@@ -76,9 +75,12 @@ def run(config: PreferenceConfig) -> dict:
     else:
         model, tokenizer = load_model(config.model), load_tokenizer(config.model)
 
-    samples = complete(model, tokenizer, render_prompts(tokenizer, prompts), config.sampling,
-                       config.batch_size, num_samples=config.num_samples)
+    prompt_texts = render_prompts(tokenizer, prompts)
     k = config.num_samples
+    # k passes over all prompts: sample i of every prompt, then sample i + 1
+    passes = [[text for batch in sample(model, tokenizer, prompt_texts, config.sampling, config.batch_size)
+               for text in batch.texts] for _ in range(k)]
+    samples = [list(replies) for replies in zip(*passes)]
     scores = judge([p for p in prompts for _ in range(k)], [c for row in samples for c in row]).view(-1, k)
     pairing = every_pair if config.pairs == "all" else lambda *args: [row] if (row := pick_pair(*args)) else []
     rows = [row for p, s, sc in zip(prompts, samples, scores) for row in pairing(p, s, sc.tolist(), config.min_gap)]
@@ -88,16 +90,14 @@ def run(config: PreferenceConfig) -> dict:
     runs.begin(out, config)
     runs.write_text(out / PAIRS, "".join(json.dumps(row) + "\n" for row in rows))  # whole, or the old file stays
     gaps = [row["score_chosen"] - row["score_rejected"] for row in rows]
-    metrics = {
+    metrics = runs.stage_metrics({
         "pairs": len(rows),
         "prompts": len(prompts),
         "prompts_with_pairs": len({prompt_key(row["prompt"]) for row in rows}),
         "mean_gap": sum(gaps) / len(gaps),
         "judge/mean_score": scores.mean().item(),
         "judge": judge.name,
-        "wall_time_s": time.time() - started,
-        "peak_rss_mb": runs.peak_rss_mb(),
-    }
+    }, started)
     log.info("%d pairs from %d prompts, mean judge gap %.3f", len(rows), len(prompts), metrics["mean_gap"])
     runs.write_json(out / runs.METRICS, metrics)
     return metrics

@@ -9,6 +9,7 @@ tokens training saw. Every result is checked (shape, finite) and a bad one names
 
 from __future__ import annotations
 
+import copy
 import importlib
 import importlib.util
 import math
@@ -25,7 +26,9 @@ import torch
 
 from rlft.config import ModelConfig, option, require
 from rlft.errors import RlftError
-from rlft.runs import reading
+from rlft.models import context_length, load_model, load_tokenizer, resolve
+from rlft.policy import active_adapter, adapter_info, load_reference
+from rlft.runs import read_json, reading
 
 NORMALIZATION = "normalization.json"  # {"mean", "std"} of the trained model's scores; see reward_models.train
 
@@ -135,8 +138,6 @@ def encode(tokenizer, prompt, completion: str, max_length: int) -> list[int]:
 def length_limit(model, tokenizer, max_length: int) -> int:
     """max_length, capped at the model's position embeddings (BERT's 512) and the tokenizer's
     model_max_length, which `rlft reward` sets to its train.max_length: a scorer truncates as training did."""
-    from rlft.models import context_length
-
     return min(max_length, context_length(model) or max_length, tokenizer.model_max_length or max_length)
 
 
@@ -174,8 +175,6 @@ class ModelScorer:
     def __init__(self, config: ScorerConfig, device=None):
         from transformers import AutoModelForSequenceClassification
 
-        from rlft.models import load_model, load_tokenizer, resolve
-
         self.name, self.batch_size = config.name, config.batch_size
         model_config = ModelConfig(name_or_path=config.path, dtype=config.dtype)
         folder = Path(resolve(config.path))
@@ -186,8 +185,6 @@ class ModelScorer:
             self.tokenizer = load_tokenizer(model_config)
             if (folder / "adapter_config.json").is_file():  # a LoRA reward model: base + adapter
                 from peft import PeftModel
-
-                from rlft.policy import adapter_info, load_reference
 
                 base_config, reference_adapter = adapter_info(config.path)
                 base = load_reference(base_config, reference_adapter, device,
@@ -210,9 +207,6 @@ class ModelScorer:
 
 def normalization(config: ScorerConfig) -> tuple[float, float]:
     """(mean, std) to standardise a learned scorer's output: its normalization.json, or (0, 1)."""
-    from rlft.models import resolve
-    from rlft.runs import read_json
-
     if not config.normalize:
         return 0.0, 1.0
     stats_file = Path(resolve(config.path)) / NORMALIZATION
@@ -236,11 +230,7 @@ class AdapterScorer:
 
     Built before the policy (its files are checked first); `attach` then loads it onto the policy.
     """
-
     def __init__(self, config: ScorerConfig):
-        from rlft.models import load_tokenizer
-        from rlft.policy import adapter_info
-
         self.name, self.batch_size, self.path = config.name, config.batch_size, config.path
         # one adapter per scorer (a weighted sum may hold several); peft's module keys may not contain dots
         self.adapter = "reward_" + re.sub(r"\W", "_", config.name)
@@ -287,8 +277,6 @@ class AdapterScorer:
         return head.weight.detach() / self.std, (bias.detach() - self.mean) / self.std
 
     def __call__(self, prompts: list, completions: list[str]) -> torch.Tensor:
-        from rlft.policy import active_adapter
-
         assert self.policy is not None, "AdapterScorer.attach(policy) first"
         ids = [encode(self.tokenizer, p, c, self.max_length) for p, c in zip(prompts, completions, strict=True)]
         with active_adapter(self.policy, self.adapter):
@@ -305,8 +293,6 @@ def classifier_on(causal_lm, adapter_weights: dict, pad_token_id: int, name: str
     """A *ForSequenceClassification model whose trunk IS `causal_lm`'s (the same modules, no copy) and whose
     score head comes from a peft SEQ_CLS adapter's weights: HF's own forward then pools the last real token,
     exactly as the standalone reward model does."""
-    import copy
-
     from transformers import AutoModelForSequenceClassification
 
     config = copy.deepcopy(causal_lm.config)
@@ -394,7 +380,6 @@ def adapter_scorers(scorer: Scorer) -> list[AdapterScorer]:
 
 class WeightedSum:
     """sum_i weight_i * scorer_i(prompts, completions); `parts` lets a report show each term."""
-
     def __init__(self, parts: list[tuple[Scorer, float]]):
         self.parts = parts
         self.name = " + ".join(f"{weight:g}*{scorer.name}" for scorer, weight in parts)

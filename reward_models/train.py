@@ -24,7 +24,7 @@ from rlft.data import load_splits
 from rlft.distributed import full_state_dict, is_main_process
 from rlft.errors import RlftError
 from rlft import hf_training
-from rlft.hf_training import RESUMABLE_CHANGES, TrainConfig, check_finite_losses, last_checkpoint, training_kwargs
+from rlft.hf_training import RESUMABLE_CHANGES, TrainConfig, last_checkpoint, training_kwargs
 from rlft.publish import Publishing, push, write_model_card
 from rlft.models import MINILM, add_lora, count_parameters, load_tokenizer
 from rlft.policy import adapter_state_dict, load_reference, save_adapter
@@ -116,21 +116,11 @@ def run(config: RewardConfig) -> dict:
 
     # Batches of similar length: with short replies, padding is most of the compute on a CPU. The trainer
     # keeps our `length` column for its sampler only if it keeps unused columns; TRL's collator ignores them.
-    args = TrlRewardConfig(**training_kwargs(config.train, config.model, out, config.seed),
+    args = TrlRewardConfig(**training_kwargs(config.train, model, out, config.seed),
                            train_sampling_strategy="group_by_length", remove_unused_columns=False)
-    trainer = hf_training.with_seeded_length_groups(RewardTrainer)(
-        model=model, args=args, train_dataset=train_data, eval_dataset=eval_data, processing_class=tokenizer
-    )
-    hf_training.keep_trainable_float32(model)
-    hf_training.shard_on_cpu(trainer)
-    before = hf_training.measured_before(trainer, out, checkpoint, "eval_accuracy", lambda: pairwise_accuracy(
+    trainer = hf_training.build_trainer(RewardTrainer, model, args, train_data, eval_data, tokenizer)
+    fitted = hf_training.fit(trainer, out, config, data, checkpoint, "eval_accuracy", lambda: pairwise_accuracy(
         model, eval_data, tokenizer.pad_token_id, config.train.batch_size))
-    runs.begin(out, config, data)  # from here on this run writes in its folder
-    hf_training.train(trainer, checkpoint)
-    accuracy_before = before["eval_accuracy"]
-    check_finite_losses(trainer.state.log_history)
-    accuracy_after = pairwise_accuracy(model, eval_data, tokenizer.pad_token_id, config.train.batch_size)
-    log.info("held-out pairwise accuracy after training: %.3f (before %.3f)", accuracy_after, accuracy_before)
 
     # Every process: the weights are gathered from the shards, the scores computed on them, under FSDP.
     weights = adapter_state_dict(model) if config.lora_enabled else full_state_dict(model)
@@ -148,17 +138,14 @@ def run(config: RewardConfig) -> dict:
     tokenizer.save_pretrained(out)
     normalization = {"mean": scores.mean().item(), "std": max(scores.std().item(), 1e-6), "count": len(scores)}
     runs.write_json(out / NORMALIZATION, normalization)
-    metrics = {
-        "eval_accuracy_before": accuracy_before,
-        "eval_accuracy_after": accuracy_after,
+    metrics = runs.stage_metrics({
+        **fitted,
         "train_rows": len(train_data),
         "eval_rows": len(eval_data),
         "steps": trainer.state.global_step,
         "trainable_parameters": trainable,
         "normalization": normalization,
-        "wall_time_s": time.time() - started,
-        "peak_rss_mb": runs.peak_rss_mb(),
-    }
+    }, started)
     write_model_card(out, title=f"Reward model on {config.model.name_or_path}", base_model=config.model.name_or_path,
                      lineage=[config.model.name_or_path, *([f"sft ({config.sft_adapter})"] if config.sft_adapter else []),
                               f"reward ({config.data.path})"], config=config,

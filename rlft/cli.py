@@ -17,7 +17,9 @@ import sys
 import warnings
 from pathlib import Path
 
-from rlft.config import describe, load_config
+import yaml
+
+from rlft.config import describe, load_config, to_dict
 from rlft.errors import RlftError
 
 # stage -> (module with run(config), config class, what it does)
@@ -46,7 +48,6 @@ def build_parser() -> argparse.ArgumentParser:
 class PrintedAlready(logging.Filter):
     """Drop records that a library's own handler printed already (huggingface_hub and datasets keep one
     and still propagate to ours): every warning once."""
-
     def filter(self, record: logging.LogRecord) -> bool:
         logger = logging.getLogger(record.name)
         while logger.parent is not None:  # up to, not including, the root logger
@@ -86,8 +87,6 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         config = load_config(config_class, args.config, args.overrides)
         if args.show_config:
-            from rlft.config import to_dict
-            import yaml
 
             print(yaml.safe_dump(to_dict(config), sort_keys=False), end="")
             return 0

@@ -11,10 +11,15 @@ from __future__ import annotations
 
 import codecs
 import glob
+import importlib.util
 import json
 import random
 from pathlib import Path
 
+import yaml
+
+from reward_models.judges import pick_pair, sentiment
+from rlft import hub
 from rlft.config import DataConfig
 from rlft.errors import RlftError
 
@@ -31,10 +36,6 @@ FORMATS = {
 
 def chatterbot_pairs() -> list[dict]:
     """English dialog pairs from the `chatterbot-corpus` package: each statement and its reply."""
-    import importlib.util
-
-    import yaml
-
     spec = importlib.util.find_spec("chatterbot_corpus")
     if spec is None:
         raise RlftError("the built-in 'chatterbot' dataset needs the package: pip install chatterbot-corpus")
@@ -65,8 +66,6 @@ def chatterbot_sentiment_pairs(split: str = "train", alternatives: int = 3, min_
     its words. 20% of the prompts form `test`; its alternatives come from test replies that never occur
     in train, so held-out accuracy measures unseen text, not memorised replies.
     """
-    from reward_models.judges import pick_pair, sentiment
-
     if split not in ("train", "test"):
         raise RlftError(f"the built-in 'chatterbot-sentiment' dataset has splits train and test, not '{split}'")
     groups: dict[str, list[str]] = {}
@@ -104,14 +103,12 @@ def load_any(path: str, subset: str = "", split: str = "train"):
         if local.is_dir():
             return datasets.load_from_disk(path) if (local / "dataset_info.json").exists() else \
                 datasets.load_dataset(path, split=split)
-        from rlft import hub
 
         hub.offline()  # one quick probe instead of a minute of retries
         return datasets.load_dataset(path, subset or None, split=split)
     except Exception as e:
         if local.exists():
             raise RlftError(f"could not read dataset '{path}': {first_line(e)}") from None
-        from rlft import hub
 
         where = "and the hub is unreachable (offline)" if hub.offline() else f"and not on the hub ({first_line(e)})"
         raise RlftError(
@@ -164,8 +161,6 @@ def not_utf8(path: Path) -> None:
 
 def bad_jsonl_line(path: Path) -> None:
     """Refuse a JSON Lines file whose line is not a JSON object, naming the line (datasets names none)."""
-    import json
-
     with open(path, encoding="utf-8", errors="replace") as f:
         for number, line in enumerate(f, 1):
             if not line.strip():
@@ -275,7 +270,6 @@ def hold_out(dataset, fraction: float, seed: int):
 
 def to_prompt_completion(dataset):
     """Split `messages` rows at the last assistant turn, so loss falls on the final reply only."""
-
     def split(row):
         messages = row["messages"]
         last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)

@@ -15,7 +15,6 @@ import json
 import logging
 import math
 import time
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -28,11 +27,12 @@ from rlft import hacking, runs
 from rlft.config import DataConfig, ModelConfig, option, require, require_seed, section
 from rlft.data import load_splits, prompt_key, prompts_of, render_prompts
 from rlft.errors import RlftError
-from rlft.metrics import METRICS_JSONL, read_metrics
-from rlft.generation import SamplingConfig, decode_responses, encode_prompts, response_mask_from_eos, sample
+from rlft.generation import Responses, SamplingConfig, sample
+from rlft.metrics import METRICS_JSONL, read_metrics, timed
 from rlft.models import default_device, half_compute
 from rlft.policy import ADAPTER_INFO, adapter_info, load_policy
 from rlft.ppo import checkpoint
+from rlft.report import write_report
 from rlft.ppo.core import (
     exact_kl_from_logits,
     kl_penalty,
@@ -192,37 +192,25 @@ def default_training_run(config: EvalConfig) -> str:
 # Sampling and KL
 
 
-class SampleBatch(NamedTuple):
-    prompt: dict[str, torch.Tensor]  # left-padded input_ids, attention_mask: (B, P)
-    response_ids: torch.Tensor  # (B, T)
-    response_mask: torch.Tensor  # (B, T) bool: tokens up to and including the first EOS
-
-
 @dataclass
 class SamplePass:
-    """One sampling pass over the prompts, kept in generation batches (their prompt widths differ)."""
+    """One seeded sampling pass over the prompts, kept in generation batches (their prompt widths differ)."""
 
-    batches: list[SampleBatch]
-    completions: list[str]
-    lengths: torch.Tensor  # (N,) response tokens, counting the EOS
-    ended_with_eos: torch.Tensor  # (N,) bool
+    batches: list[Responses]
 
+    @property
+    def completions(self) -> list[str]:
+        return [text for batch in self.batches for text in batch.texts]
 
-@torch.no_grad()
-def sample_pass(model, tokenizer, prompt_texts: list[str], sampling: SamplingConfig, batch_size: int, seed: int):
-    """Sample one response per templated prompt; seeded, so the same model gives the same SamplePass."""
-    torch.manual_seed(seed)
-    batches, completions, ended_with_eos = [], [], []
-    for start in range(0, len(prompt_texts), batch_size):
-        texts = prompt_texts[start : start + batch_size]
-        prompt = encode_prompts(tokenizer, texts, sampling.max_prompt_length, model.device)
-        response_ids = sample(model, prompt, sampling, tokenizer).ids
-        response_mask, ended = response_mask_from_eos(response_ids, tokenizer.eos_token_id, tokenizer.pad_token_id)
-        batches.append(SampleBatch(prompt, response_ids, response_mask))
-        completions += decode_responses(tokenizer, response_ids)
-        ended_with_eos.append(ended.cpu())
-    lengths = torch.cat([b.response_mask.sum(-1).cpu() for b in batches])
-    return SamplePass(batches, completions, lengths, torch.cat(ended_with_eos))
+    @property
+    def lengths(self) -> torch.Tensor:
+        """(N,) response tokens, counting the EOS."""
+        return torch.cat([batch.mask.sum(-1).cpu() for batch in self.batches])
+
+    @property
+    def ended_with_eos(self) -> torch.Tensor:
+        """(N,) bool."""
+        return torch.cat([batch.ended_with_eos.cpu() for batch in self.batches])
 
 
 def sequence_kl(logits, ref_logits, tokens, lengths: list[int], temperature: float = 1.0):
@@ -287,7 +275,7 @@ def kl_drift(model, rollout: SamplePass, temperature: float, batch_size: int) ->
         (prompt[attention.bool()], response[mask])
         for batch in rollout.batches
         for prompt, attention, response, mask in zip(
-            batch.prompt["input_ids"], batch.prompt["attention_mask"], batch.response_ids, batch.response_mask
+            batch.query["input_ids"], batch.query["attention_mask"], batch.ids, batch.mask
         )
     ]
     order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]) + len(rows[i][1]))
@@ -352,14 +340,6 @@ def show_prompt(prompt) -> str:
 # The stage
 
 
-@contextmanager
-def timed(times: dict[str, float], name: str):
-    """Add the seconds the block takes to times["time/<name>"]."""
-    started = time.time()
-    yield
-    times[f"time/{name}"] = times.get(f"time/{name}", 0.0) + time.time() - started
-
-
 def evaluate_adapter(adapter: Adapter, prompts: list, scorers: dict, config: EvalConfig, reference_cache: dict) -> dict:
     """Every number the report shows for one policy. References shared by several policies are sampled once."""
     times: dict[str, float] = {}
@@ -368,13 +348,15 @@ def evaluate_adapter(adapter: Adapter, prompts: list, scorers: dict, config: Eva
         model.eval()
         prompt_texts = render_prompts(tokenizer, prompts)
     with timed(times, "generate"):
-        policy = sample_pass(model, tokenizer, prompt_texts, config.sampling, config.batch_size, config.seed)
+        torch.manual_seed(config.seed)  # the same draws for every policy and its reference
+        policy = SamplePass(sample(model, tokenizer, prompt_texts, config.sampling, config.batch_size))
     with timed(times, "kl"):
         kl = kl_drift(model, policy, config.sampling.temperature, config.batch_size)
     lineage = (json.dumps(asdict(adapter.model_config), sort_keys=True), adapter.reference_adapter)
     if lineage not in reference_cache:
         with timed(times, "reference"), model.disable_adapter():
-            reference = sample_pass(model, tokenizer, prompt_texts, config.sampling, config.batch_size, config.seed)
+            torch.manual_seed(config.seed)
+            reference = SamplePass(sample(model, tokenizer, prompt_texts, config.sampling, config.batch_size))
         with timed(times, "score"):
             reference_cache[lineage] = (reference, {n: s(prompts, reference.completions) for n, s in scorers.items()})
     reference, reference_scores = reference_cache[lineage]
@@ -433,8 +415,6 @@ def evaluate_adapter(adapter: Adapter, prompts: list, scorers: dict, config: Eva
 
 
 def run(config: EvalConfig) -> dict:
-    from rlft.report import write_report
-
     started = time.time()
     # 1. check every input before loading a model: adapters, one base model, prompts, training metrics
     policies = [find_adapter(path) for path in config.policies]
@@ -486,7 +466,7 @@ def run(config: EvalConfig) -> dict:
     runs.begin(out, config)
     runs.write_json(out / "report.json", report)
     report["files"] = write_report(report, out)
-    report["wall_time_s"] = time.time() - started
+    report = runs.stage_metrics(report, started)  # wall time and peak RSS, as every stage's metrics.json
     runs.write_json(out / "report.json", report)
     log.info("report in %s (%.0fs)", out / "report.html", report["wall_time_s"])
     return report

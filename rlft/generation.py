@@ -11,9 +11,17 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
+import torch.distributed as dist
+from peft.tuners import lora
+from peft.tuners.tuners_utils import BaseTunerLayer
+from tqdm.auto import tqdm
+from transformers import DynamicCache
 
 from rlft.config import option, require
+from rlft.distributed import is_sharded
 from rlft.errors import RlftError
+from rlft.models import context_length, half_compute
+from rlft.policy import active_adapter
 
 
 @dataclass
@@ -66,36 +74,61 @@ class Sampled(NamedTuple):
     logprobs: torch.Tensor  # (B, T) float32: log-prob of each drawn token under the distribution it was drawn from
 
 
-@torch.no_grad()
-def sample(model, prompt: dict[str, torch.Tensor], sampling: SamplingConfig, tokenizer,
-           greedy: bool = False) -> Sampled:
-    """Response token ids and the sampler's own log-probs of them (`Sampled`).
+class Responses(NamedTuple):
+    """Sampled responses to one batch of B prompts, as every stage that generates gets them. T <= max_new_tokens."""
 
+    query: dict[str, torch.Tensor]  # the prompts, left-padded: input_ids and attention_mask (B, P)
+    ids: torch.Tensor  # (B, T) response token ids, padding after the first EOS
+    mask: torch.Tensor  # (B, T) bool: tokens up to and including the first EOS
+    ended_with_eos: torch.Tensor  # (B,) bool: False where the reply was cut at max_new_tokens
+    logprobs: torch.Tensor  # (B, T) float32: the sampler's own log-prob of each token, 0 at padding
+    texts: list[str]  # each response's text, up to its first EOS
+
+
+@torch.no_grad()
+def sample(model, tokenizer, prompt_texts: list[str], sampling: SamplingConfig, batch_size: int | None = None,
+           greedy: bool = False) -> list[Responses]:
+    """Sample one response to each templated prompt, in batches of `batch_size` (None: one batch), in eval mode.
+
+    The one way rlft generates: PPO's rollouts, eval, preference pairs and SFT's sample replies all call it.
     Samples from softmax(logits / temperature) (with top_p / top_k when set) and nothing else: the sampling
     defaults a model ships in generation_config.json (repetition_penalty, no_repeat_ngram_size, its own top_k,
     ...) are never read, so PPO's recomputed log-probs describe exactly what was sampled. A model with its own
-    `sample_responses` (rlft.ppo.model.PolicyWithValueHead: under FSDP2 a registered forward method) decodes
-    through it; anything else through `decode`.
+    `sampling_loop` (rlft.ppo.model.PolicyWithValueHead: under FSDP2 a registered forward method) decodes
+    through it; anything else through `sampling_loop` here.
     """
-    from rlft.distributed import is_sharded
-    from rlft.models import context_length
-
-    context, width = context_length(model), prompt["input_ids"].shape[1]
-    if context and width + sampling.max_new_tokens > context:
-        raise RlftError(
-            f"a prompt of {width} tokens plus sampling.max_new_tokens={sampling.max_new_tokens} is longer than the "
-            f"model's context ({context} tokens): lower sampling.max_prompt_length or max_new_tokens"
-        )
-    own = getattr(model, "sample_responses", None)
-    if own is not None:
-        return own(prompt, sampling, tokenizer.eos_token_id, tokenizer.pad_token_id, greedy)
-    return decode(model, prompt, sampling, tokenizer.eos_token_id, tokenizer.pad_token_id, greedy,
-                  synced=is_sharded(model))
+    size = batch_size or len(prompt_texts)
+    starts = range(0, len(prompt_texts), size)
+    was_training = model.training
+    model.eval()  # no dropout: a sampled token's log-prob is the one the trainer recomputes
+    device = model.get_input_embeddings().weight.device  # where the inputs go
+    loop = getattr(model, "sampling_loop", None)
+    batches = []
+    for start in tqdm(starts, desc="generate", disable=len(starts) < 2):
+        query = encode_prompts(tokenizer, prompt_texts[start : start + size], sampling.max_prompt_length, device)
+        context, width = context_length(model), query["input_ids"].shape[1]
+        if context and width + sampling.max_new_tokens > context:
+            raise RlftError(
+                f"a prompt of {width} tokens plus sampling.max_new_tokens={sampling.max_new_tokens} is longer than "
+                f"the model's context ({context} tokens): lower sampling.max_prompt_length or max_new_tokens"
+            )
+        eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+        if loop is not None:
+            drawn = loop(query, sampling, eos, pad, greedy)
+        else:
+            drawn = sampling_loop(model, query, sampling, eos, pad, greedy, synced=is_sharded(model))
+        mask, ended = response_mask_from_eos(drawn.ids, eos, pad)
+        # Tokens after the reply's end are padding for every later pass, whatever the sampler filled them with.
+        ids = torch.where(mask, drawn.ids, pad)
+        batches.append(Responses(query, ids, mask, ended, torch.where(mask, drawn.logprobs, 0),
+                                 response_texts(tokenizer, ids)))
+    model.train(was_training)
+    return batches
 
 
 @torch.no_grad()
-def decode(model, prompt: dict[str, torch.Tensor], sampling: SamplingConfig, eos_token_id: int, pad_token_id: int,
-           greedy: bool = False, synced: bool = False, drop_ended: bool = True) -> Sampled:
+def sampling_loop(model, prompt: dict[str, torch.Tensor], sampling: SamplingConfig, eos_token_id: int,
+                  pad_token_id: int, greedy: bool = False, synced: bool = False, drop_ended: bool = True) -> Sampled:
     """The sampling loop: one cached forward per token, then `next_tokens`; ids and log-probs (B, <= max_new_tokens).
 
     model: a HF causal LM or a peft model of one; with `sampling.merge_adapter` its LoRA adapter is merged for
@@ -107,10 +140,6 @@ def decode(model, prompt: dict[str, torch.Tensor], sampling: SamplingConfig, eos
     stepping until every process is done (FSDP2 gathers each layer from all of them at every step), with every
     row in. The log-probs are the sampler's own, kept so that PPO can check them against its recomputed ones.
     """
-    from transformers import DynamicCache
-
-    from rlft.models import half_compute
-
     mask = prompt["attention_mask"]
     positions = position_ids_for(mask)
     batch = len(mask)
@@ -157,11 +186,12 @@ def cache_argument(model) -> str:
 
 
 def next_tokens(logits: torch.Tensor, step: int, sampling: SamplingConfig, eos_token_id: int, greedy: bool = False,
-                scores: list | None = None, uniform: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                processed_logits: list | None = None,
+                uniform: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """One token per row from logits (B, V): EOS banned before min_new_tokens, then logits / temperature, top_k,
     top_p (HF's order), softmax and a draw by `uniform` (B, 1) float64 in [0, 1), else one from the global torch
     generator; argmax when greedy. -> (tokens (B,) long, their log-probs (B,) float32 under the distribution
-    drawn from). scores: if given, the processed (B, V) logits are appended to it."""
+    drawn from). processed_logits: if given, the (B, V) logits drawn from are appended to it."""
     logits = logits.float()
     if step < sampling.min_new_tokens:
         logits = logits.clone()  # the caller's tensor stays as it was
@@ -176,8 +206,8 @@ def next_tokens(logits: torch.Tensor, step: int, sampling: SamplingConfig, eos_t
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if sampling.top_p < 1:
         logits = logits.masked_fill(~nucleus(logits, sampling.top_p), float("-inf"))
-    if scores is not None:
-        scores.append(logits)
+    if processed_logits is not None:
+        processed_logits.append(logits)
     # Inverse-CDF draw, one uniform per row: torch.multinomial draws an exponential per vocabulary entry (73 ms
     # a step at 64 x 49152 here, against 2). The CDF is float64 so tokens of tiny probability keep their mass.
     cdf = logits.softmax(-1).cumsum(-1, dtype=torch.float64)
@@ -212,8 +242,6 @@ def all_done(done: torch.Tensor, synced: bool) -> bool:
     """Whether every row has ended, on every process when `synced` (a collective: all must call it)."""
     if not synced:
         return bool(done.all())
-    import torch.distributed as dist
-
     pending = (~done).any().to(torch.int32).reshape(1)
     dist.all_reduce(pending, op=dist.ReduceOp.MAX)
     return not pending.item()
@@ -230,9 +258,6 @@ def merged_adapter(model):
     step). A no-op, sampling through the adapter, for what cannot merge exactly this way: no adapter active,
     quantized base weights, MoE expert parameters, DoRA, or adapters other than LoRA.
     """
-    from peft.tuners import lora
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
     layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
     mergeable = layers and all(
         # plain weight matrices only: not bitsandbytes' layers, nor MoE experts' stacked parameters
@@ -245,8 +270,6 @@ def merged_adapter(model):
     if not mergeable:
         yield
         return
-    from rlft.policy import active_adapter
-
     swapped = []
     try:
         with torch.no_grad():
@@ -274,7 +297,7 @@ def position_ids_for(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-def decode_responses(tokenizer, response_ids: torch.Tensor) -> list[str]:
+def response_texts(tokenizer, response_ids: torch.Tensor) -> list[str]:
     """Text of each response up to (not including) its first EOS."""
     texts = []
     for row in response_ids.tolist():
@@ -282,25 +305,6 @@ def decode_responses(tokenizer, response_ids: torch.Tensor) -> list[str]:
             row = row[: row.index(tokenizer.eos_token_id)]
         texts.append(tokenizer.decode(row, skip_special_tokens=True).strip())
     return texts
-
-
-def complete(model, tokenizer, prompt_texts: list[str], sampling: SamplingConfig, batch_size: int = 16,
-             greedy: bool = False, num_samples: int = 1) -> list[list[str]]:
-    """`num_samples` completions for each templated prompt, in batches: [[completion, ...], ...]."""
-    from tqdm.auto import tqdm
-
-    was_training = model.training
-    model.eval()
-    results: list[list[str]] = [[] for _ in prompt_texts]
-    starts = [start for _ in range(num_samples) for start in range(0, len(prompt_texts), batch_size)]
-    for start in tqdm(starts, desc="generate", disable=len(starts) < 2):
-        batch = prompt_texts[start : start + batch_size]
-        prompt = encode_prompts(tokenizer, batch, sampling.max_prompt_length, model.device)
-        texts = decode_responses(tokenizer, sample(model, prompt, sampling, tokenizer, greedy).ids)
-        for offset, text in enumerate(texts):
-            results[start + offset].append(text)
-    model.train(was_training)
-    return results
 
 
 def first_true_index(bools: torch.Tensor) -> torch.Tensor:

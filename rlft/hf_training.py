@@ -3,21 +3,26 @@ that count only when complete, resuming, and the figures measured before trainin
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import logging
 import math
 import os
+import pickle
 import re
 import shutil
+import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
-from rlft.config import ModelConfig, option, require
-from rlft.distributed import is_main_process
+from rlft import runs
+from rlft.config import option, require
+from rlft.distributed import fsdp_on_cpu, is_main_process
 from rlft.errors import RlftError
-from rlft.models import torch_dtype
 from rlft.runs import read_json, reading, unsafe_checkpoint, write_json
 
 log = logging.getLogger(__name__)
@@ -26,7 +31,6 @@ log = logging.getLogger(__name__)
 @dataclass
 class TrainConfig:
     """Optimisation settings for the stages that run on TRL's trainers (sft, reward)."""
-
     epochs: float = option(1.0, "Passes over the training data (ignored when max_steps > 0).")
     max_steps: int = option(0, "Stop after this many optimiser steps (0: use epochs).")
     batch_size: int = option(8, "Rows per device per forward pass.")
@@ -60,11 +64,13 @@ class TrainConfig:
         require(self.save_steps > 0, "save_steps", "must be >= 1")
 
 
-def training_kwargs(train: TrainConfig, model: ModelConfig, output_dir: Path, seed: int) -> dict:
-    """Keyword arguments for trl's SFTConfig / RewardConfig. TensorBoard goes to output_dir/tensorboard."""
+def training_kwargs(train: TrainConfig, model, output_dir: Path, seed: int) -> dict:
+    """Keyword arguments for trl's SFTConfig / RewardConfig. TensorBoard goes to output_dir/tensorboard. Mixed
+    precision follows the loaded model's weights (never quantized: its input embeddings): rlft.models.load_model
+    decided their dtype once."""
     # transformers 5 takes the TensorBoard folder from the environment only.
     os.environ["TENSORBOARD_LOGGING_DIR"] = str(output_dir / "tensorboard")
-    dtype = torch_dtype(model, "cuda" if torch.cuda.is_available() else "cpu")
+    dtype = model.get_input_embeddings().weight.dtype
     return dict(
         output_dir=str(output_dir / "checkpoints"),
         report_to=["tensorboard"],
@@ -136,8 +142,6 @@ def last_checkpoint(output_dir: str | Path) -> str | None:
 
 def check_optimizer(name: str, key: str) -> None:
     """Refuse an optimizer name the HF Trainer does not know, with the nearest one, before any model loads."""
-    import difflib
-
     from transformers.training_args import OptimizerNames
 
     names = [o.value for o in OptimizerNames]
@@ -149,8 +153,6 @@ def check_optimizer(name: str, key: str) -> None:
 
 def check_scheduler(name: str, key: str) -> None:
     """Refuse a learning-rate scheduler name transformers does not know, before any model loads."""
-    import difflib
-
     from transformers.trainer_utils import SchedulerType
 
     names = [s.value for s in SchedulerType]
@@ -164,9 +166,6 @@ def optimizer(parameters, name: str, learning_rate: float, eps: float = 1e-8, we
     """The optimizer the HF Trainer would build for `name` (one mapping for every stage, PPO's included).
 
     `parameters`: a list of tensors, or of param-group dicts (e.g. {"params": [...], "lr": ...})."""
-    import dataclasses
-    from types import SimpleNamespace
-
     from transformers import Trainer, TrainingArguments
 
     # TrainingArguments' defaults without building one: its __post_init__ resets accelerate's process state.
@@ -212,10 +211,33 @@ def with_seeded_length_groups(trainer_class):
     return Seeded
 
 
+def build_trainer(trainer_class, model, args, train_data, eval_data, tokenizer):
+    """The stage's TRL trainer, as sft and reward build it: length-grouped batches drawn from the data seed,
+    trainable weights in float32, FSDP on CPU processes too."""
+    trainer = with_seeded_length_groups(trainer_class)(
+        model=model, args=args, train_dataset=train_data, eval_dataset=eval_data, processing_class=tokenizer)
+    keep_trainable_float32(model)
+    shard_on_cpu(trainer)
+    return trainer
+
+
+def fit(trainer, out: Path, config, data: dict, checkpoint: str | None, name: str, measure) -> dict:
+    """Train (resuming from `checkpoint`), with `measure()` (the figure `name`: eval loss, pairwise accuracy) taken
+    before training starts (once: a resumed run reads it back) and after it ends -> {name}_before, {name}_after
+    and train_time_s (the optimiser steps alone, this process's if it resumed)."""
+    before = measured_before(trainer, out, checkpoint, name, measure)
+    started = time.time()
+    runs.begin(out, config, data)  # from here on this run writes in its folder
+    train(trainer, checkpoint)
+    train_time = time.time() - started
+    check_finite_losses(trainer.state.log_history)
+    after = measure()
+    log.info("%s after training: %.4f (before %.4f)", name, after, before[name])
+    return {f"{name}_before": before[name], f"{name}_after": after, "train_time_s": train_time}
+
+
 def shard_on_cpu(trainer) -> None:
     """Right after the trainer is built: FSDP on CPU processes as well (rlft.distributed.fsdp_on_cpu)."""
-    from rlft.distributed import fsdp_on_cpu
-
     fsdp_on_cpu(trainer.accelerator)
     trainer.is_fsdp_enabled = getattr(trainer.accelerator.state, "fsdp_plugin", None) is not None
 
@@ -257,14 +279,11 @@ def keep_trainable_float32(model) -> None:
 
 def train(trainer, checkpoint: str | None) -> None:
     """trainer.train, resuming from `checkpoint`; a checkpoint holding code instead of tensors is refused."""
-    import pickle
-
     from transformers import TrainerCallback
 
     class MarkComplete(TrainerCallback):
         """The Trainer writes checkpoint-N in place; this marker, written after its last file, makes it count.
         A kill or a full disk mid-save leaves a folder without it, which `last_checkpoint` skips and removes."""
-
         def on_save(self, args, state, control, **kwargs):
             folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             if state.is_world_process_zero and folder.is_dir():
@@ -294,8 +313,6 @@ def check_checkpoint(folder: Path) -> None:
     """Refuse, in one line and before anything is written, a checkpoint marked complete that cannot continue the
     run exactly: a file missing (without optimizer.pt the Trainer silently starts a fresh optimizer), or one that
     does not parse (torn torch or safetensors files, edited JSON), or that holds code instead of tensors."""
-    import pickle
-
     from safetensors import safe_open
     from transformers.trainer_pt_utils import safe_globals  # the numpy types the Trainer's RNG file holds
 

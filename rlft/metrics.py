@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import logging
+import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -35,6 +37,14 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
         if isinstance(row, dict) and "step" in row:
             rows[row["step"]] = row
     return [rows[step] for step in sorted(rows)]
+
+
+@contextmanager
+def timed(times: dict[str, float], name: str):
+    """Add the wall seconds the block takes to times["time/<name>"]."""
+    started = time.perf_counter()
+    yield
+    times[f"time/{name}"] = times.get(f"time/{name}", 0.0) + time.perf_counter() - started
 
 
 def _cell(text: str, width: int) -> str:

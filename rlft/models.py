@@ -15,11 +15,12 @@ import os
 import re
 import shutil
 import tempfile
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
+from rlft import hub
 from rlft.config import LoraConfig, ModelConfig
 from rlft.errors import RlftError
 
@@ -82,7 +83,6 @@ def _from_pretrained(loader, name_or_path: str, **kwargs):
     """Call a from_pretrained and turn 'not found anywhere' into one clear line."""
     path = resolve(name_or_path)
     if not Path(path).exists():
-        from rlft import hub
 
         hub.offline()  # one quick probe instead of a minute of retries
     try:
@@ -95,7 +95,6 @@ def _from_pretrained(loader, name_or_path: str, **kwargs):
     except OSError as e:
         if Path(path).exists():
             raise RlftError(f"could not load '{name_or_path}': {str(e).splitlines()[0]}") from None
-        from rlft import hub
 
         where = "and the hub is unreachable (offline) with no cached copy" if hub.offline() else "and not on the hub"
         raise RlftError(

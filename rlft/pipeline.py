@@ -13,10 +13,13 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from rlft import runs
+from reward_models import preferences
+from reward_models import train as reward
+from rlft import evaluate, runs, sft
 from rlft.config import ModelConfig, option, require, require_seed, section
 from rlft.errors import RlftError
 from rlft.evaluate import EvalConfig
+from rlft.ppo import train as ppo
 from rlft.ppo.config import PPOConfig
 from rlft.sft import SFTConfig
 from reward_models.preferences import PAIRS, PreferenceConfig
@@ -135,10 +138,6 @@ def check_reusable(stage: str, stage_config) -> None:
 
 
 def run(config: PipelineConfig) -> dict:
-    from rlft import evaluate, sft
-    from rlft.ppo import train as ppo
-    from reward_models import preferences, train as reward
-
     stage_runners = {"sft": sft.run, "preferences": preferences.run, "reward": reward.run, "ppo": ppo.run,
                      "eval": evaluate.run}
     stage_configs = wire(config)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from rlft import runs
 from rlft.config import ConfigError, ModelConfig, from_dict
+from rlft.distributed import full_state_dict
 from rlft.errors import RlftError
 from rlft.models import load_model, load_tokenizer
 
@@ -56,7 +57,6 @@ def copy_adapter(source: Path, destination: Path) -> None:
 def adapter_state_dict(model) -> dict:
     """The peft model's adapter weights (LoRA and modules_to_save, e.g. a score head) by state_dict name, whole
     tensors on the CPU: gathered from the shards under FSDP, so every process must call it."""
-    from rlft.distributed import full_state_dict
 
     return full_state_dict(model, keep=lambda name: "lora_" in name or "modules_to_save" in name)
 

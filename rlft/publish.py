@@ -12,8 +12,10 @@ from pathlib import Path
 
 import yaml
 
-from rlft.config import option, to_dict
+from rlft import hub
+from rlft.config import option, require, to_dict
 from rlft.errors import RlftError
+from rlft.models import HUB_IDS
 
 # Not part of a published model: training state, logs, and our own bookkeeping.
 NOT_PUBLISHED = ["checkpoints/**", "tensorboard/**", "merged/**", ".*", "eval_before.json"]
@@ -28,8 +30,6 @@ class Publishing:
     hub_private: bool = option(True, "Create the hub repo private.")
 
     def __post_init__(self):
-        from rlft.config import require
-
         require(not self.push_to_hub or bool(self.hub_model_id), "hub_model_id",
                 "push_to_hub needs a repo name, e.g. hub_model_id=you/my-model")
 
@@ -38,8 +38,6 @@ def write_model_card(folder: str | Path, *, title: str, base_model: str, lineage
                      metrics: dict, tags: list[str], library: str = "peft", pipeline_tag: str = "text-generation"):
     """README.md in `folder`: metadata HF reads (base model, library, tags), then lineage, metrics, config."""
     from huggingface_hub import ModelCard, ModelCardData
-
-    from rlft.models import HUB_IDS
 
     base_model = HUB_IDS.get(base_model, base_model)
     data = ModelCardData(base_model=base_model, library_name=library, tags=["rlft", *tags], pipeline_tag=pipeline_tag)
@@ -63,7 +61,6 @@ def push(folder: str | Path, options: Publishing) -> None:
     """Upload `folder` to options.hub_model_id when push_to_hub is on; one line if it cannot."""
     if not options.push_to_hub:
         return
-    from rlft import hub
 
     later = f"the model is saved in '{folder}': push it later with `hf upload {options.hub_model_id} {folder}`"
     if hub.offline():

@@ -268,6 +268,11 @@ def unsafe_checkpoint(folder, error: Exception) -> RlftError:
     )
 
 
+def stage_metrics(metrics: dict, started: float) -> dict:
+    """A stage's metrics.json: its own figures, its wall time since `started` (time.time()) and peak RSS."""
+    return {**metrics, "wall_time_s": time.time() - started, "peak_rss_mb": peak_rss_mb()}
+
+
 def peak_rss_mb() -> float:
     """Peak resident memory of this process so far, in MiB (ru_maxrss is KiB on Linux, bytes on macOS)."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

@@ -9,16 +9,16 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from rlft import runs
 from rlft.config import DataConfig, LoraConfig, ModelConfig, option, require, require_seed, section
 from rlft.data import load_splits, prompts_of, render_prompts, require_chat_template, to_prompt_completion
 from rlft.errors import RlftError
-from rlft.generation import SamplingConfig, complete
+from rlft.generation import SamplingConfig, sample
 from rlft import hf_training
-from rlft.hf_training import RESUMABLE_CHANGES, TrainConfig, check_finite_losses, last_checkpoint, training_kwargs
+from rlft.hf_training import RESUMABLE_CHANGES, TrainConfig, last_checkpoint, training_kwargs
 from rlft.models import add_lora, context_length, count_parameters, load_model, load_tokenizer
 from rlft.distributed import is_main_process
 from rlft.policy import adapter_state_dict, save_adapter
@@ -82,30 +82,17 @@ def run(config: SFTConfig) -> dict:
                  config.train.max_length, max_length)
 
     args = TrlSFTConfig(
-        **{**training_kwargs(config.train, config.model, out, config.seed), "max_length": max_length},
+        **{**training_kwargs(config.train, model, out, config.seed), "max_length": max_length},
         completion_only_loss=config.completion_only_loss if data_format != "text" else None,
         dataset_num_proc=1,
         # Batches of similar length: on the quickstart's dialog pairs half of a random batch was padding.
         train_sampling_strategy="group_by_length",
     )
     trainer_class = with_model_loss(SFTTrainer) if model.device.type == "cpu" else SFTTrainer
-    trainer = hf_training.with_seeded_length_groups(trainer_class)(
-        model=model, args=args, train_dataset=train_data, eval_dataset=eval_data, processing_class=tokenizer
-    )
-    hf_training.keep_trainable_float32(model)
-    hf_training.shard_on_cpu(trainer)
+    trainer = hf_training.build_trainer(trainer_class, model, args, train_data, eval_data, tokenizer)
     if len(trainer.train_dataset) == 0:  # TRL drops the rows it has nothing left of to train on
         raise RlftError(no_completion_within(config, "training"))
-
-    before = hf_training.measured_before(trainer, out, checkpoint, "eval_loss", lambda: eval_loss(trainer, config))
-    train_started = time.time()
-    runs.begin(out, config, data)  # from here on this run writes in its folder
-    hf_training.train(trainer, checkpoint)
-    train_time = time.time() - train_started
-    eval_before = before["eval_loss"]
-    check_finite_losses(trainer.state.log_history)
-    eval_after = eval_loss(trainer, config)
-    log.info("eval loss after training: %.4f (before %.4f)", eval_after, eval_before)
+    fitted = hf_training.fit(trainer, out, config, data, checkpoint, "eval_loss", lambda: eval_loss(trainer, config))
 
     weights = adapter_state_dict(model)  # every process: gathered from the shards under FSDP
     samples = sample_completions(model, tokenizer, eval_data, config.num_samples)
@@ -115,18 +102,14 @@ def run(config: SFTConfig) -> dict:
     tokenizer.save_pretrained(out)
     if config.merge:
         save_merged(config.model, out)
-    metrics = {
-        "eval_loss_before": eval_before,
-        "eval_loss_after": eval_after,
+    metrics = runs.stage_metrics({
+        **fitted,
         "train_rows": len(train_data),
         "eval_rows": len(eval_data),
         "steps": trainer.state.global_step,
         "trainable_parameters": trainable,
-        "wall_time_s": time.time() - started,
-        "train_time_s": train_time,  # the optimiser steps alone (this process's, if it resumed)
-        "peak_rss_mb": runs.peak_rss_mb(),
         "samples": samples,
-    }
+    }, started)
     write_model_card(out, title=f"SFT adapter for {config.model.name_or_path}", base_model=config.model.name_or_path,
                      lineage=[config.model.name_or_path, "sft"], config=config, metrics=metrics, tags=["sft", "lora"])
     runs.write_json(out / runs.METRICS, metrics)
@@ -149,8 +132,6 @@ def no_completion_within(config: SFTConfig, split: str) -> str:
 
 def save_merged(model_config: ModelConfig, out: Path) -> None:
     """Merge into a freshly loaded full-precision base: merging into 4-bit weights would lose precision."""
-    from dataclasses import replace
-
     from peft import PeftModel
 
     base = load_model(replace(model_config, quantization="none"), device="cpu")
@@ -182,5 +163,5 @@ def sample_completions(model, tokenizer, eval_data, count: int) -> list[dict]:
     if count == 0 or "prompt" not in eval_data.column_names:
         return []
     prompts = prompts_of(eval_data.select(range(min(count, len(eval_data)))))
-    completions = complete(model, tokenizer, render_prompts(tokenizer, prompts), SamplingConfig(), greedy=True)
-    return [{"prompt": p, "completion": c[0]} for p, c in zip(prompts, completions)]
+    batches = sample(model, tokenizer, render_prompts(tokenizer, prompts), SamplingConfig(), 16, greedy=True)
+    return [{"prompt": p, "completion": c} for p, c in zip(prompts, (t for b in batches for t in b.texts))]

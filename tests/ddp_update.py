@@ -15,27 +15,37 @@ import sys
 import torch
 
 from rlft import distributed
-from rlft.config import LoraConfig, ModelConfig
+from rlft.config import ModelConfig
 from rlft.generation import SamplingConfig
-from rlft.models import add_lora, load_model, load_tokenizer
-from rlft.ppo.config import PPOHyperparameters
+from rlft.models import load_tokenizer
+from rlft.ppo.config import PPOConfig, PPOHyperparameters, PPOLoraConfig
 from rlft.ppo.model import PolicyWithValueHead
-from rlft.ppo.rollout import Rollout, collect
-from rlft.ppo.train import estimate_advantages, ppo_update
+from rlft.ppo.rollout import Rollout, forward_passes, generate, score
+from rlft.ppo.train import build_actor_critic, estimate_advantages, ppo_update
 
 WORDS = "hello how are you tell me about the cat dog sun rain".split()
 
 
 def moved_policy(config: ModelConfig, hp: PPOHyperparameters) -> PolicyWithValueHead:
-    """The tiny policy with its LoRA B set off zero (seeded), so the adapter already differs from the reference."""
+    """The tiny policy as `rlft ppo` builds it, with its LoRA B set off zero (seeded), so the adapter already
+    differs from the reference."""
     torch.manual_seed(0)
-    model = PolicyWithValueHead(add_lora(load_model(config), config, LoraConfig(r=4, dropout=0.0)),
-                                critic=hp.critic if hp.uses_critic else None).eval()
+    ppo = PPOConfig(sft_adapter="", model=config, lora=PPOLoraConfig(r=4, alpha=32), ppo=hp)
+    model = build_actor_critic(ppo, load_tokenizer(config), lambda prompts, completions: None, "cpu")
     with torch.no_grad():
         for name, parameter in model.named_parameters():
             if "lora_B" in name:
                 parameter.normal_(0, 0.1)
     return model
+
+
+def collect_rollout(actor_critic, tokenizer, prompts: list, texts: list[str], scorer, sampling: SamplingConfig,
+                    forward_batch_size: int) -> Rollout:
+    """Steps 1-3 of a PPO step, as rlft.ppo.train.ppo_step runs them (no missing-EOS penalty, no clip)."""
+    rollout = generate(actor_critic, tokenizer, prompts, texts, sampling)
+    score(rollout, scorer, 0.0, 0.0)
+    forward_passes(actor_critic, rollout, forward_batch_size)
+    return rollout
 
 
 def main(model_dir: str, out: str, estimator: dict) -> None:
@@ -51,22 +61,22 @@ def main(model_dir: str, out: str, estimator: dict) -> None:
     texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
              for p in prompts]
     torch.manual_seed(1)
-    rollout = collect(model, tokenizer, prompts, texts, lambda p, c: torch.linspace(-1, 1, len(c)),
-                      SamplingConfig(max_new_tokens=6), 8, 0.0, 0.0)
+    rollout = collect_rollout(model, tokenizer, prompts, texts, lambda p, c: torch.linspace(-1, 1, len(c)),
+                              SamplingConfig(max_new_tokens=6), 8)
     for row in range(8):  # responses of 6, 5, 4 and 3 tokens: the two halves hold different token counts
         rollout.response_mask[row, 6 - row % 4 - (row >= 4):] = False
     rollout.response_ids.masked_fill_(~rollout.response_mask, tokenizer.pad_token_id)
     rewards = torch.where(rollout.response_mask, -0.1 * (rollout.logprobs - rollout.ref_logprobs), 0)
     rewards[:, -1] += rollout.scores
-    advantages, returns = estimate_advantages(rewards, rollout, dataclasses.replace(hp, rollout_batch_size=8,
-                                                                                    mini_batch_size=8))
+    rollout.advantages, rollout.returns = estimate_advantages(
+        rewards, rollout, dataclasses.replace(hp, rollout_batch_size=8, mini_batch_size=8))
     rows = slice(rank * 8 // world, (rank + 1) * 8 // world)
-    mine = Rollout(**{f.name: (getattr(rollout, f.name)[rows] if f.name != "timings" else {})
-                      for f in dataclasses.fields(Rollout)})
+    mine = Rollout(**{f.name: (value[rows] if isinstance(value := getattr(rollout, f.name), (list, torch.Tensor))
+                               else value) for f in dataclasses.fields(Rollout)})
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     wrapped, optimizer = accelerator.prepare(model, optimizer)
     assert distributed.is_sharded(wrapped) == (accelerator.distributed_type == "FSDP")  # the launcher's choice held
-    ppo_update(wrapped, accelerator, optimizer, mine, advantages[rows], returns[rows], hp, 1.0, kl_coef=0.5)
+    ppo_update(wrapped, accelerator, optimizer, mine, hp, kl_coef=0.5)
     trained = {n: distributed.full_tensor(p).detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     if accelerator.is_main_process:
         torch.save(trained, out)

@@ -5,7 +5,9 @@ from pathlib import Path
 import pytest
 
 from rlft.cli import STAGES, main
-from rlft.config import ConfigError, load_config
+import yaml
+
+from rlft.config import ConfigError, from_dict, load_config, merged, read_yaml
 from rlft.sft import SFTConfig
 
 ROOT = Path(__file__).parents[1]
@@ -76,6 +78,50 @@ def test_every_shipped_config_loads(path):
     module_name, class_name, _ = STAGES[stage]
     config_class = getattr(importlib.import_module(module_name), class_name)
     load_config(config_class, path)
+
+
+def stated_keys(data: dict, prefix: tuple = ()) -> list[tuple]:
+    """Every leaf key a YAML mapping states, as a path of keys (a list or an empty mapping is one leaf)."""
+    keys = []
+    for key, value in data.items():
+        if isinstance(value, dict) and value:
+            keys += stated_keys(value, (*prefix, key))
+        else:
+            keys.append((*prefix, key))
+    return keys
+
+
+def without(data: dict, path: tuple) -> dict:
+    head, *rest = path
+    if not rest:
+        return {k: v for k, v in data.items() if k != head}
+    return {**data, head: without(data[head], tuple(rest))}
+
+
+def needed(config_class, base: dict, own: dict, key: tuple, resolved) -> bool:
+    """Whether the config resolves otherwise (or not at all) when `own` does not state `key`."""
+    try:
+        return from_dict(config_class, merged(base, without(own, key))) != resolved
+    except ConfigError:
+        return True
+
+
+@pytest.mark.parametrize("path", [p for p in SHIPPED if p.is_relative_to(CONFIGS)], ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_shipped_config_states_only_what_differs(path):
+    """One source of defaults: a key a YAML under configs/ states that its dataclass (or the file it extends)
+    already holds is a second copy of that default, free to drift from it. (examples/ holds templates for
+    users' own models and data, which name the keys to edit.)"""
+    import importlib
+
+    stage = STAGE_OF.get(path.stem.split("_")[0], path.stem.split("_")[0])
+    module_name, class_name, _ = STAGES[stage]
+    config_class = getattr(importlib.import_module(module_name), class_name)
+    own = yaml.safe_load(path.read_text()) or {}
+    base = read_yaml(path.parent / own.pop("extends")) if "extends" in own else {}
+    resolved = from_dict(config_class, merged(base, own))
+    restated = [".".join(key) for key in stated_keys(own)
+                if not needed(config_class, base, own, key, resolved)]
+    assert not restated, f"{path.relative_to(ROOT)} restates what it would be anyway: {restated}"
 
 
 def test_show_config_prints_the_resolved_values(capsys):

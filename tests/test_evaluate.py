@@ -15,12 +15,12 @@ from rlft.evaluate import (
     kl_drift,
     load_prompts,
     run,
-    sample_pass,
+    SamplePass,
     sequence_kl,
     summary,
     win_rate,
 )
-from rlft.generation import SamplingConfig
+from rlft.generation import SamplingConfig, sample
 from rlft.models import add_lora, load_model
 from rlft.policy import load_policy, save_adapter
 
@@ -95,13 +95,15 @@ def test_fresh_adapter_has_zero_kl_and_reference_samples(tiny_lm_dir, tmp_path):
     texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
                                            add_generation_prompt=True) for p in PROMPTS]
     sampling = SamplingConfig(max_new_tokens=8)
-    policy = sample_pass(model, tokenizer, texts, sampling, batch_size=3, seed=0)
+    torch.manual_seed(0)
+    policy = SamplePass(sample(model, tokenizer, texts, sampling, batch_size=3))
     kl = kl_drift(model, policy, sampling.temperature, batch_size=3)
     assert torch.equal(kl["sampled"], torch.zeros(len(PROMPTS)))
     assert torch.equal(kl["exact"], torch.zeros(len(PROMPTS)))
     assert len(kl["per_token"]) == len(PROMPTS) and all(v == 0 for row in kl["per_token"] for v in row)
     with model.disable_adapter():
-        reference = sample_pass(model, tokenizer, texts, sampling, batch_size=3, seed=0)
+        torch.manual_seed(0)
+        reference = SamplePass(sample(model, tokenizer, texts, sampling, batch_size=3))
     assert reference.completions == policy.completions
 
 
@@ -113,7 +115,8 @@ def test_sampled_kl_agrees_with_exact_in_expectation(tiny_lm_dir, tmp_path):
     texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
                                            add_generation_prompt=True) for p in PROMPTS] * 50
     sampling = SamplingConfig(max_new_tokens=6, temperature=0.8)  # logprobs must use the sampler's temperature
-    rollout = sample_pass(model, tokenizer, texts, sampling, 100, seed=0)
+    torch.manual_seed(0)
+    rollout = SamplePass(sample(model, tokenizer, texts, sampling, batch_size=100))
     kl = kl_drift(model, rollout, sampling.temperature, batch_size=200)
     difference = kl["sampled"] - kl["exact"]
     standard_error = difference.std() / math.sqrt(len(difference))

@@ -128,17 +128,17 @@ def test_groups_stay_whole(tiny_lm_dir, prompts_file, tmp_path):
     from rlft.ppo import train
 
     seen = []
-    generate_and_score = train.generate_and_score
+    generate = train.generate
 
     def recording(actor_critic, tokenizer, prompts, *args):
         seen.append([p[0]["content"] for p in prompts])
-        return generate_and_score(actor_critic, tokenizer, prompts, *args)
+        return generate(actor_critic, tokenizer, prompts, *args)
 
-    train.generate_and_score = recording
+    train.generate = recording
     try:
         train.run(ppo_config(tiny_lm_dir, prompts_file, tmp_path, "ppo.steps=2", *GROUPED["rloo"]))
     finally:
-        train.generate_and_score = generate_and_score
+        train.generate = generate
     for rows in seen[:2]:  # the two steps' rollouts (the final measurement samples fresh prompts after them)
         assert len(rows) == 16 and all(len(set(rows[i:i + 4])) == 1 for i in range(0, 16, 4)), rows
 
@@ -163,10 +163,10 @@ def test_first_step_kl_is_exactly_zero_and_reference_is_the_sft_model(tiny_lm_di
 
     from rlft.config import LoraConfig, ModelConfig
     from rlft.models import add_lora, load_model, load_tokenizer
-    from rlft.policy import load_reference, save_adapter
-    from rlft.ppo.model import PolicyWithValueHead
-    from rlft.ppo.rollout import collect
+    from rlft.policy import save_adapter
+    from rlft.ppo.train import build_actor_critic
     from reward_models.scorers import build_scorer
+    from tests.ddp_update import collect_rollout
 
     model_config = ModelConfig(name_or_path=str(tiny_lm_dir))
     sft = add_lora(load_model(model_config), model_config, LoraConfig(r=4, alpha=8, dropout=0.0))
@@ -178,12 +178,11 @@ def test_first_step_kl_is_exactly_zero_and_reference_is_the_sft_model(tiny_lm_di
 
     config = ppo_config(tiny_lm_dir, prompts_file, tmp_path / "ppo", f"sft_adapter={tmp_path / 'sft'}")
     tokenizer = load_tokenizer(model_config)
-    base = load_reference(model_config, str(tmp_path / "sft"), "cpu")
-    actor_critic = PolicyWithValueHead(add_lora(base, model_config, config.lora)).eval()
+    scorer = build_scorer(config.reward)
+    actor_critic = build_actor_critic(config, tokenizer, scorer, "cpu")  # what `rlft ppo` builds
     texts = [tokenizer.apply_chat_template([{"role": "user", "content": w}], tokenize=False,
                                            add_generation_prompt=True) for w in WORDS[:6]]
-    rollout = collect(actor_critic, tokenizer, WORDS[:6], texts,
-                      build_scorer(config.reward), config.sampling, 4, 0.0, 0.0)
+    rollout = collect_rollout(actor_critic, tokenizer, WORDS[:6], texts, scorer, config.sampling, 4)
     assert torch.equal(rollout.logprobs, rollout.ref_logprobs)  # KL exactly 0, not just small
     assert torch.equal(rollout.exact_kl, torch.zeros_like(rollout.exact_kl))  # over the whole vocabulary too
 
@@ -212,12 +211,10 @@ def test_kl_is_exactly_zero_at_step_zero_and_the_first_update_replays_the_rollou
 
     from rlft.config import ModelConfig
     from rlft.generation import SamplingConfig
-    from rlft.models import add_lora, load_model, load_tokenizer
-    from rlft.ppo.config import PPOHyperparameters, PPOLoraConfig
-    from rlft.ppo.model import PolicyWithValueHead
-    from rlft.ppo.rollout import collect
-    from rlft.ppo.train import ppo_update
-    from tests.ddp_update import moved_policy
+    from rlft.models import load_tokenizer
+    from rlft.ppo.config import PPOConfig, PPOHyperparameters, PPOLoraConfig
+    from rlft.ppo.train import build_actor_critic, ppo_update
+    from tests.ddp_update import collect_rollout, moved_policy
 
     model_config = ModelConfig(name_or_path=str(tiny_lm_dir), dtype=dtype)
     tokenizer = load_tokenizer(model_config)
@@ -225,17 +222,18 @@ def test_kl_is_exactly_zero_at_step_zero_and_the_first_update_replays_the_rollou
                                            add_generation_prompt=True) for w in WORDS[:8]]
     sampling = SamplingConfig(max_new_tokens=6)
     torch.manual_seed(0)
-    fresh = PolicyWithValueHead(add_lora(load_model(model_config), model_config, PPOLoraConfig(r=4, alpha=8))).eval()
+    fresh = build_actor_critic(PPOConfig(sft_adapter="", model=model_config, lora=PPOLoraConfig(r=4, alpha=8)),
+                               tokenizer, lambda prompts, completions: None, "cpu")
     base_weight = fresh.lm_head.weight
     assert base_weight.dtype == getattr(torch, dtype)
     # only the frozen base is bf16: the adapter and the value head train in float32
     assert {p.dtype for p in fresh.parameters() if p.requires_grad} == {torch.float32}
-    rollout = collect(fresh, tokenizer, WORDS[:8], texts, lambda p, c: torch.zeros(len(c)), sampling, 4, 0.0, 0.0)
+    rollout = collect_rollout(fresh, tokenizer, WORDS[:8], texts, lambda p, c: torch.zeros(len(c)), sampling, 4)
     assert torch.equal(rollout.logprobs, rollout.ref_logprobs)
 
     hp = PPOHyperparameters(rollout_batch_size=8, mini_batch_size=8, forward_batch_size=8, ppo_epochs=1)
     moved = moved_policy(model_config, hp)  # an adapter away from the reference, so equality is not trivial
-    rollout = collect(moved, tokenizer, WORDS[:8], texts, lambda p, c: torch.zeros(len(c)), sampling, 8, 0.0, 0.0)
+    rollout = collect_rollout(moved, tokenizer, WORDS[:8], texts, lambda p, c: torch.zeros(len(c)), sampling, 8)
     assert not torch.equal(rollout.logprobs, rollout.ref_logprobs)
     seen = {}
 
@@ -243,9 +241,10 @@ def test_kl_is_exactly_zero_at_step_zero_and_the_first_update_replays_the_rollou
         seen.setdefault("first", (args[0], output))
     hook = moved.register_forward_hook(record)
     try:
-        advantages = torch.where(rollout.response_mask, torch.randn_like(rollout.values), 0)
+        rollout.advantages = torch.where(rollout.response_mask, torch.randn_like(rollout.values), 0)
+        rollout.returns = rollout.values
         optimizer = torch.optim.SGD([p for p in moved.parameters() if p.requires_grad], lr=1e-3)
-        stats = ppo_update(moved, Accelerator(cpu=True), optimizer, rollout, advantages, rollout.values, hp, 1.0, 0.0)
+        stats = ppo_update(moved, Accelerator(cpu=True), optimizer, rollout, hp, 0.0)
     finally:
         hook.remove()
     input_ids, (logprobs, values, _) = seen["first"]
@@ -268,7 +267,7 @@ def test_folding_the_first_forward_into_the_update_changes_nothing(critic, tiny_
     from rlft.generation import SamplingConfig
     from rlft.models import load_tokenizer
     from rlft.ppo.config import PPOHyperparameters
-    from rlft.ppo.rollout import forward_passes, generate_and_score
+    from rlft.ppo.rollout import FirstMiniBatch, forward_passes, generate, score
     from rlft.ppo.train import epoch_order, estimate_advantages, ppo_update
     from tests.ddp_update import moved_policy
 
@@ -285,16 +284,15 @@ def test_folding_the_first_forward_into_the_update_changes_nothing(critic, tiny_
         rows_seen = []  # rows through the policy's forward (generate() calls the peft model, not this)
         model.register_forward_pre_hook(lambda module, args: rows_seen.append(len(args[0])))
         torch.manual_seed(1)
-        rollout = generate_and_score(model, tokenizer, WORDS[:8], texts, lambda p, c: torch.linspace(-1, 1, len(c)),
-                                     SamplingConfig(max_new_tokens=6), 0.0, 0.0)
+        rollout = generate(model, tokenizer, WORDS[:8], texts, SamplingConfig(max_new_tokens=6))
+        score(rollout, lambda p, c: torch.linspace(-1, 1, len(c)), 0.0, 0.0)
         order = epoch_order(8, 1)
-        live = forward_passes(model, rollout, hp.forward_batch_size, 1.0, model, order[:4] if fold else None)
+        live = forward_passes(model, rollout, hp.forward_batch_size, model, order[:4] if fold else None)
         rewards = torch.where(rollout.response_mask, -0.1 * (rollout.logprobs - rollout.ref_logprobs), 0)
         rewards[:, -1] += rollout.scores
-        advantages, returns = estimate_advantages(rewards, rollout, hp)
+        rollout.advantages, rollout.returns = estimate_advantages(rewards, rollout, hp)
         optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-        stats = ppo_update(model, Accelerator(cpu=True), optimizer, rollout, advantages, returns, hp, 1.0, 0.5,
-                           order, live)
+        stats = ppo_update(model, Accelerator(cpu=True), optimizer, rollout, hp, 0.5, FirstMiniBatch(order, live))
         weights = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
         assert all(not torch.equal(weights[n], untrained[n]) for n in weights if "lora_B.default" in n)  # it trained
         return rollout, stats, weights, sum(rows_seen)
@@ -355,9 +353,8 @@ def test_gradient_accumulation_equals_one_big_batch(tiny_lm_dir, estimator):
     from rlft.generation import SamplingConfig
     from rlft.models import load_tokenizer
     from rlft.ppo.config import PPOHyperparameters
-    from rlft.ppo.rollout import collect
     from rlft.ppo.train import ppo_update
-    from tests.ddp_update import moved_policy
+    from tests.ddp_update import collect_rollout, moved_policy
 
     model_config = ModelConfig(name_or_path=str(tiny_lm_dir))
     tokenizer = load_tokenizer(model_config)
@@ -368,13 +365,13 @@ def test_gradient_accumulation_equals_one_big_batch(tiny_lm_dir, estimator):
         hp = PPOHyperparameters(rollout_batch_size=8, mini_batch_size=8, gradient_accumulation_steps=accumulation,
                                 ppo_epochs=1, learning_rate=1e-2, **estimator)
         model = moved_policy(model_config, hp)
-        rollout = collect(model, tokenizer, WORDS[:8], texts,
-                          lambda p, c: torch.linspace(-1, 1, len(c)), SamplingConfig(max_new_tokens=6), 8, 0.0, 0.0)
-        advantages = torch.randn_like(rollout.values) * rollout.response_mask
-        returns = torch.randn_like(rollout.values)
+        rollout = collect_rollout(model, tokenizer, WORDS[:8], texts, lambda p, c: torch.linspace(-1, 1, len(c)),
+                                  SamplingConfig(max_new_tokens=6), 8)
+        rollout.advantages = torch.randn_like(rollout.values) * rollout.response_mask
+        rollout.returns = torch.randn_like(rollout.values)
         optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-2)
         torch.manual_seed(1)
-        ppo_update(model, Accelerator(cpu=True), optimizer, rollout, advantages, returns, hp, 1.0, kl_coef=0.5)
+        ppo_update(model, Accelerator(cpu=True), optimizer, rollout, hp, kl_coef=0.5)
         return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
     one, four = updated_adapter(1), updated_adapter(4)
@@ -457,9 +454,8 @@ def test_the_update_stops_at_its_trust_region(tiny_lm_dir):
     from rlft.generation import SamplingConfig
     from rlft.models import load_tokenizer
     from rlft.ppo.config import PPOHyperparameters
-    from rlft.ppo.rollout import collect
     from rlft.ppo.train import ppo_update
-    from tests.ddp_update import moved_policy
+    from tests.ddp_update import collect_rollout, moved_policy
 
     model_config = ModelConfig(name_or_path=str(tiny_lm_dir))
     tokenizer = load_tokenizer(model_config)
@@ -469,12 +465,13 @@ def test_the_update_stops_at_its_trust_region(tiny_lm_dir):
     def update(max_update_kl):
         hp = PPOHyperparameters(rollout_batch_size=8, mini_batch_size=4, ppo_epochs=3, max_update_kl=max_update_kl)
         model = moved_policy(model_config, hp)
-        rollout = collect(model, tokenizer, WORDS[:8], texts, lambda p, c: torch.linspace(-1, 1, len(c)),
-                          SamplingConfig(max_new_tokens=6), 8, 0.0, 0.0)
-        advantages = torch.randn_like(rollout.values) * rollout.response_mask
+        rollout = collect_rollout(model, tokenizer, WORDS[:8], texts, lambda p, c: torch.linspace(-1, 1, len(c)),
+                                  SamplingConfig(max_new_tokens=6), 8)
+        rollout.advantages = torch.randn_like(rollout.values) * rollout.response_mask
+        rollout.returns = rollout.values
         optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
         torch.manual_seed(1)
-        return ppo_update(model, Accelerator(cpu=True), optimizer, rollout, advantages, rollout.values, hp, 1.0, 0.0)
+        return ppo_update(model, Accelerator(cpu=True), optimizer, rollout, hp, 0.0)
 
     free = update(0.0)
     assert free["policy/optimizer_steps"] == 6 and free["policy/update_stopped"] == 0.0  # 3 epochs x 2 mini-batches

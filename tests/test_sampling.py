@@ -10,12 +10,12 @@ from rlft.config import LoraConfig, ModelConfig, load_config
 from rlft.errors import RlftError
 from rlft.generation import (
     SamplingConfig,
-    decode,
     encode_prompts,
     next_tokens,
     position_ids_for,
     response_mask_from_eos,
     sample,
+    sampling_loop,
 )
 from rlft.models import add_lora, load_model, load_tokenizer
 from rlft.ppo.config import PPOConfig
@@ -46,9 +46,12 @@ def randomised_policy(model_dir, min_new_tokens: int = 0):
         for name, parameter in policy.policy.named_parameters():
             if "lora_B" in name:
                 parameter.normal_(0, 0.3)
-    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
-                                             add_generation_prompt=True) for text in ("hello how are", "tell me a", "the cat")]
-    return policy, tokenizer, encode_prompts(tokenizer, prompts, 64, "cpu")
+    return policy, tokenizer, encode_prompts(tokenizer, templated(tokenizer), 64, "cpu")
+
+
+def templated(tokenizer) -> list[str]:
+    return [tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
+            for text in ("hello how are", "tell me a", "the cat")]
 
 
 @pytest.mark.parametrize("min_new_tokens", [0, 5])
@@ -58,7 +61,8 @@ def test_sampler_log_probs_equal_the_recomputed_ones(opinionated_model, min_new_
     sampling = SamplingConfig(max_new_tokens=12, temperature=1.3, min_new_tokens=min_new_tokens,
                               merge_adapter=merge_adapter)
     # the sampler's own log-probs of what it drew, as it drew them
-    response, sampler_logprobs = decode(policy.policy, query, sampling, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    response, sampler_logprobs = sampling_loop(policy.policy, query, sampling, eos, pad)
     mask, _ = response_mask_from_eos(response, tokenizer.eos_token_id, tokenizer.pad_token_id)
 
     input_ids = torch.cat([query["input_ids"], response], 1)
@@ -76,7 +80,7 @@ def test_sampler_log_probs_equal_the_recomputed_ones(opinionated_model, min_new_
 def test_merged_sampling_leaves_every_weight_exact_and_the_adapter_on(tiny_lm_dir):
     policy, tokenizer, query = randomised_policy(tiny_lm_dir)
     before = {name: tensor.clone() for name, tensor in policy.state_dict().items()}
-    sample(policy, query, SamplingConfig(max_new_tokens=6), tokenizer)
+    sample(policy, tokenizer, templated(tokenizer), SamplingConfig(max_new_tokens=6))
     after = policy.state_dict()
     assert all(torch.equal(before[name], after[name]) for name in before)  # bit for bit, base and adapter
     # the adapter is switched on again: the policy still differs from its reference
@@ -92,7 +96,8 @@ def test_greedy_decode_equals_hf_generate(tiny_lm_dir):
     """The loop's cache, positions and left padding do what HF generate does: the same greedy tokens."""
     policy, tokenizer, query = randomised_policy(tiny_lm_dir)
     sampling = SamplingConfig(max_new_tokens=10, merge_adapter=False)
-    ours = decode(policy.policy, query, sampling, tokenizer.eos_token_id, tokenizer.pad_token_id, greedy=True).ids
+    ours = sampling_loop(policy.policy, query, sampling, tokenizer.eos_token_id, tokenizer.pad_token_id,
+                         greedy=True).ids
     from transformers import GenerationConfig
 
     base = policy.policy.get_base_model()
@@ -118,7 +123,7 @@ def test_ended_rows_leave_the_batch_without_changing_what_the_others_sample(tiny
     query = encode_prompts(tokenizer, texts, 64, "cpu")
     sampling = SamplingConfig(max_new_tokens=16, temperature=1.5, merge_adapter=False)
     torch.manual_seed(3)
-    ours = decode(model, query, sampling, tokenizer.eos_token_id, tokenizer.pad_token_id).ids
+    ours = sampling_loop(model, query, sampling, tokenizer.eos_token_id, tokenizer.pad_token_id).ids
 
     torch.manual_seed(3)
     ids, mask = query["input_ids"], query["attention_mask"]
@@ -144,10 +149,10 @@ def test_top_p_and_top_k_keep_the_likeliest_tokens():
     logits = probs.log()
     kept = []
     # top_p 0.7: 0.5 alone is short of 0.7, 0.5 + 0.3 reaches it, so tokens 1 and 3 stay
-    next_tokens(logits, 0, SamplingConfig(top_p=0.7), eos_token_id=0, scores=kept)
+    next_tokens(logits, 0, SamplingConfig(top_p=0.7), eos_token_id=0, processed_logits=kept)
     assert torch.isfinite(kept[-1]).tolist() == [[False, True, False, True]]
     # top_k 3 drops the least likely token; temperature 2 halves the kept logits
-    next_tokens(logits, 0, SamplingConfig(top_k=3, temperature=2.0), eos_token_id=1, scores=kept)
+    next_tokens(logits, 0, SamplingConfig(top_k=3, temperature=2.0), eos_token_id=1, processed_logits=kept)
     assert torch.isfinite(kept[-1]).tolist() == [[False, True, True, True]]
     torch.testing.assert_close(kept[-1][0, 1:], logits[0, 1:] / 2)
     # EOS (token 1) banned before min_new_tokens, whatever its probability
@@ -164,10 +169,9 @@ def test_ppo_refuses_truncated_sampling():
 def test_prompts_past_the_context_are_refused(tiny_lm_dir):
     config = ModelConfig(name_or_path=str(tiny_lm_dir))  # max_position_embeddings=256
     tokenizer, model = load_tokenizer(config), load_model(config)
-    query = encode_prompts(tokenizer, ["hello " * 250], 300, "cpu")
     with pytest.raises(RlftError, match=r"a prompt of 250 tokens plus sampling.max_new_tokens=8 is longer than the "
                                         r"model's context \(256 tokens\)"):
-        sample(model, query, SamplingConfig(max_new_tokens=8), tokenizer)
+        sample(model, tokenizer, ["hello " * 250], SamplingConfig(max_new_tokens=8, max_prompt_length=300))
 
 
 def test_output_head_input_is_contiguous_and_kept_logits_are_the_full_ones(tiny_lm_dir):

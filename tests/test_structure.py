@@ -1,6 +1,7 @@
-"""The house: no import cycles, and no stage module leaning on another stage module's helpers."""
+"""The house: no import cycles, no stage module leaning on another stage module's helpers, imports at the top."""
 
 import ast
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).parents[1]
@@ -77,3 +78,35 @@ def test_the_graph_sees_imports_at_any_depth(tmp_path):
     edges = graph(tmp_path)
     assert edges == {"rlft.a": {"rlft.b"}, "rlft.b": {"rlft.a"}}
     assert cycles_in(edges) == [["rlft.a", "rlft.b", "rlft.a"]]
+
+
+def local_imports(path: Path, root: Path = ROOT) -> list[str]:
+    """`module:line name` of each import inside a function of rlft's own modules or of the standard library
+    (heavy or optional third-party libraries may load late: transformers, peft, trl, ...)."""
+    tree = ast.parse(path.read_text())
+    found = []
+    for function in ast.walk(tree):
+        if not isinstance(function, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            continue
+        for node in ast.walk(function):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            else:
+                continue
+            found += [f"{path.relative_to(root)}:{node.lineno} {name}" for name in names
+                      if name.split(".")[0] in (*PACKAGES, *sys.stdlib_module_names)]
+    return found
+
+
+def test_imports_of_our_modules_and_the_standard_library_are_at_the_top():
+    late = [line for path in modules(ROOT).values() for line in local_imports(path)]
+    assert not late, "import these at the top of the module:\n" + "\n".join(late)
+
+
+def test_a_late_import_is_found(tmp_path):
+    (tmp_path / "rlft").mkdir()
+    path = tmp_path / "rlft" / "a.py"
+    path.write_text("import torch\n\ndef f():\n    import json\n    from rlft import b\n    import peft\n")
+    assert [line.split(" ")[1] for line in local_imports(path, tmp_path)] == ["json", "rlft"]

@@ -5,14 +5,14 @@
 For each seed S:
 1. the quickstart itself, `rlft pipeline --config configs/quickstart.yaml seed=S` in
    runs/seed_sweep/seedS_threads2 (examples/quickstart/seed_sweep.py's folder: a finished one is reused);
-2. each variant config (GRPO as Dr. GRPO, RLOO, std-scaled GRPO, and the one-base quickstart with its SmolLM2
-   reward adapter) as a pipeline reusing that folder's SFT model and pairs (and, but for one-base, its reward
+2. each variant config (GRPO as Dr. GRPO, RLOO, the one-base quickstart with its SmolLM2 reward adapter, and
+   std-scaled GRPO, not shipped, to compare) as a pipeline reusing that folder's SFT model and pairs (and, but for one-base, its reward
    model), in runs/estimators/seedS/<variant>;
 3. one `rlft eval` of all their PPO results on the seed's held-out prompts, scored by both reward models and
    VADER (gold): runs/estimators/seedS/eval/report.json. Each variant's proxy is the reward model it trained on.
 Then the table (per seed and variant: win rates over the SFT model, exact KL over the target, length and
 distinct-1 over the SFT model's, collapse warnings, the PPO stage's minutes, the bars each misses) goes to
-examples/quickstart/estimators.{json,md} and into the results page (examples/quickstart/README.md) between its
+examples/quickstart/results/estimators.{json,md} and into the results page (examples/quickstart/README.md) between its
 `<!-- estimators -->` markers.
 Finished stages are reused, so a rerun redoes only the reports and the table; `--table-only` redoes the table.
 """
@@ -22,25 +22,39 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 import yaml
+
+from rlft.results import machine, write_between_markers
 
 ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
 RESULTS = ROOT / "examples" / "quickstart" / "README.md"  # the results page
 MARKERS = ("<!-- estimators: written by examples/quickstart/estimators.py -->", "<!-- /estimators -->")
-# label: (config, the proxy scorer it trained against, pipeline stages it reuses from the seed's quickstart)
+
+
+class Variant(NamedTuple):
+    config: str
+    proxy: str  # the scorer it trained against
+    reused: str | None  # pipeline stages it reuses from the seed's quickstart (None: it is the quickstart)
+    folder: str  # under runs/estimators/seed<S>/
+    overrides: tuple[str, ...] = ()
+    shipped: bool = True  # a config users get, held to the bars; else a row to compare with
+
+
 VARIANTS = {
-    "PPO (critic, GAE)": ("configs/quickstart.yaml", "minilm", None),
-    "Dr. GRPO": ("configs/quickstart_grpo.yaml", "minilm", "[sft,preferences,reward]"),
-    "GRPO, std-scaled": ("configs/quickstart_grpo_std.yaml", "minilm", "[sft,preferences,reward]"),
-    "RLOO": ("configs/quickstart_rloo.yaml", "minilm", "[sft,preferences,reward]"),
-    "one base (SmolLM2 reward adapter, adapter critic)": ("configs/quickstart_one_base.yaml", "smollm2",
-                                                          "[sft,preferences]"),
+    "PPO (critic, GAE)": Variant("configs/quickstart.yaml", "minilm", None, ""),
+    "Dr. GRPO": Variant("configs/quickstart_grpo.yaml", "minilm", "[sft,preferences,reward]", "quickstart_grpo"),
+    # DeepSeekMath's GRPO divides by the group's score std: not shipped, it scores below Dr. GRPO here
+    "GRPO, std-scaled (not shipped)": Variant("configs/quickstart_grpo.yaml", "minilm", "[sft,preferences,reward]",
+                                              "quickstart_grpo_std", ("ppo.ppo.scale_by_std=true",), shipped=False),
+    "RLOO": Variant("configs/quickstart_rloo.yaml", "minilm", "[sft,preferences,reward]", "quickstart_rloo"),
+    "one base (SmolLM2 reward adapter, adapter critic)": Variant("configs/quickstart_one_base.yaml", "smollm2",
+                                                                 "[sft,preferences]", "quickstart_one_base"),
 }
 BARS = [  # issue's bars for every shipped variant: (figure, test, wording)
     ("proxy_win_rate", lambda v: v > 0.6, "proxy win > 60%"),
@@ -52,10 +66,9 @@ BARS = [  # issue's bars for every shipped variant: (figure, test, wording)
 
 
 def pipeline_dir(label: str, seed: int) -> Path:
-    config = VARIANTS[label][0]
-    if config == "configs/quickstart.yaml":
+    if VARIANTS[label].reused is None:
         return ROOT / "runs" / "seed_sweep" / f"seed{seed}_threads2"
-    return ROOT / "runs" / "estimators" / f"seed{seed}" / Path(config).stem
+    return ROOT / "runs" / "estimators" / f"seed{seed}" / VARIANTS[label].folder
 
 
 def rlft(*args: str) -> None:
@@ -66,11 +79,12 @@ def rlft(*args: str) -> None:
 def run_seed(seed: int) -> Path:
     quickstart = pipeline_dir("PPO (critic, GAE)", seed)
     rlft("pipeline", "--config", "configs/quickstart.yaml", f"seed={seed}", f"output_dir={quickstart}")
-    for label, (config, _, reused) in VARIANTS.items():
-        if reused is None:
+    for label, variant in VARIANTS.items():
+        if variant.reused is None:
             continue
-        rlft("pipeline", "--config", config, f"seed={seed}", f"output_dir={pipeline_dir(label, seed)}",
-             f"reuse_from={quickstart}", f"reuse_stages={reused}", "stages=[sft,preferences,reward,ppo]")
+        rlft("pipeline", "--config", variant.config, f"seed={seed}", f"output_dir={pipeline_dir(label, seed)}",
+             f"reuse_from={quickstart}", f"reuse_stages={variant.reused}", "stages=[sft,preferences,reward,ppo]",
+             *variant.overrides)
     report = ROOT / "runs" / "estimators" / f"seed{seed}" / "eval"
     one_base = pipeline_dir("one base (SmolLM2 reward adapter, adapter critic)", seed)
     rlft("eval", "--config", "configs/eval.yaml", f"output_dir={report}", f"seed={seed}", "checkpoints_of=",
@@ -86,8 +100,8 @@ def run_seed(seed: int) -> Path:
 def rows_of(seed: int) -> list[dict]:
     report = json.loads((ROOT / "runs" / "estimators" / f"seed{seed}" / "eval" / "report.json").read_text())
     rows = []
-    for label, (_, proxy, _) in VARIANTS.items():
-        folder = pipeline_dir(label, seed)
+    for label, variant in VARIANTS.items():
+        folder, proxy = pipeline_dir(label, seed), variant.proxy
         policy = next(p for p in report["policies"] if Path(p["path"]).resolve().parent == (folder / "ppo").resolve()
                       or Path(p["path"]).resolve() == (folder / "ppo").resolve())
         target = yaml.safe_load((folder / "ppo" / "config.yaml").read_text())["ppo"]["target_kl"]
@@ -106,13 +120,16 @@ def rows_of(seed: int) -> list[dict]:
             "ppo_minutes": json.loads((folder / "pipeline.json").read_text())["stage_wall_time_s"].get("ppo", 0) / 60,
             "prompts": report["prompts"]["count"],
         }
-        row["bars_missed"] = [wording for key, test, wording in BARS if not test(row[key])]
+        row["shipped"] = variant.shipped
+        row["bars_missed"] = [wording for key, test, wording in BARS if not test(row[key])] if variant.shipped \
+            else ["(not shipped: compared only)"]
         rows.append(row)
     return rows
 
 
 def markdown(table: dict) -> str:
-    lines = [f"Each shipped quickstart variant's PPO result against the SFT model it started from, on "
+    lines = [f"Each shipped quickstart variant's PPO result (and std-scaled GRPO's, not shipped, to compare) against "
+             f"the SFT model it started from, on "
              f"{table['rows'][0]['prompts']} held-out prompts per seed ({table['machine']}, {table['threads']} threads): "
              "win rates (95% CI) under the reward model it trained on (proxy) and VADER (gold), exact KL over "
              "`ppo.target_kl`, mean length and distinct-1 over the SFT model's, collapse warnings (rlft.hacking), "
@@ -127,15 +144,6 @@ def markdown(table: dict) -> str:
                      f"{'; '.join(row['collapse']) or 'none'} | {row['ppo_minutes']:.1f} | "
                      f"{'; '.join(row['bars_missed']) or 'none'} |")
     return "\n".join(lines) + "\n"
-
-
-def write_between_markers(path: Path, markers: tuple[str, str], text: str) -> None:
-    """Replace what stands between the two marker lines of `path` (left alone if they are missing)."""
-    content = path.read_text()
-    start, end = markers
-    if start in content and end in content:
-        path.write_text(re.sub(re.escape(start) + ".*?" + re.escape(end), lambda _: f"{start}\n{text}{end}", content,
-                               flags=re.S))
 
 
 def ci(stats: dict, percent: bool = False) -> str:
@@ -153,12 +161,10 @@ def main(argv: list[str] | None = None) -> dict:
     if not args.table_only:
         for seed in args.seeds:
             run_seed(seed)
-    from seed_sweep import machine  # noqa: PLC0415 (this folder is on sys.path when run as a script)
-
     table = {"seeds": args.seeds, "machine": machine(), "threads": os.environ.get("OMP_NUM_THREADS", "all"),
              "rows": [row for seed in args.seeds for row in rows_of(seed)]}
-    (HERE / "estimators.json").write_text(json.dumps(table, indent=2) + "\n")
-    (HERE / "estimators.md").write_text(markdown(table))
+    (HERE / "results" / "estimators.json").write_text(json.dumps(table, indent=2) + "\n")
+    (HERE / "results" / "estimators.md").write_text(markdown(table))
     if args.readme:
         write_between_markers(Path(args.readme), MARKERS, markdown(table))
     print(markdown(table))

@@ -11,7 +11,7 @@ A variant may also hold `min_gap=G`: the same split, with only the pairs the jud
 both sides, which is exactly what `preferences.min_gap=G` would have paired (with `pairs: all`, from the same
 samples); its validation accuracy is then on those pairs, as the reward stage would measure it, and beside it
 on every validation pair of the split, so a variant cannot look better only because its test is easier. The
-table (mean and spread over folders) goes to examples/quickstart/reward_validation.{json,md}.
+table (mean and spread over folders) goes to examples/quickstart/results/reward_validation.{json,md}.
 """
 
 from __future__ import annotations
@@ -19,19 +19,16 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 from dataclasses import replace
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
+from reward_models import train as reward
+from rlft.config import load_config
+from rlft.data import load_splits
+from rlft.pipeline import PipelineConfig, wire
+from rlft.runs import CONFIG, METRICS, is_complete, read_json, save_config, saved_config_changes
 
-from reward_models import train as reward  # noqa: E402
-from rlft.config import load_config  # noqa: E402
-from rlft.data import load_splits  # noqa: E402
-from rlft.pipeline import PipelineConfig, wire  # noqa: E402
-from rlft.runs import (CONFIG, METRICS, is_complete, read_json, save_config,  # noqa: E402
-                       saved_config_changes)
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def validation_pairs(folder: Path) -> tuple[Path, int]:
@@ -80,7 +77,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("folders", nargs="+", type=Path)
     parser.add_argument("--variants", nargs="+", default=[""], help="space-free override lists, comma-joined")
-    parser.add_argument("--table", default=str(ROOT / "examples" / "quickstart" / "reward_validation"))
+    parser.add_argument("--table", default=str(ROOT / "examples" / "quickstart" / "results" / "reward_validation"))
     args = parser.parse_args(argv)
     results = {variant: [] for variant in args.variants}
     for folder in args.folders:

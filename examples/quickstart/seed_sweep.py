@@ -6,7 +6,7 @@ Each run is `rlft pipeline --config configs/quickstart.yaml seed=S output_dir=<o
 under OMP_NUM_THREADS=T (and every stage's model.dtype=<dtype> when a run names one: SEED:THREADS:DTYPE); a
 run whose folder already holds its report is read, not rerun (`--redo` reruns
 it: the pipeline then skips its finished training stages and redoes the report). The figures of each run, their mean, std, min
-and max, and whether each run meets the quickstart's bars, go to examples/quickstart/seed_sweep.json and
+and max, and whether each run meets the quickstart's bars, go to examples/quickstart/results/seed_sweep.json and
 seed_sweep.md, and the table into README.md between its `<!-- seed_sweep -->` markers (the README's
 quickstart figures). `--table-only` rewrites the .md and the README from the .json. Arguments after `--`
 go to every pipeline run (the tests use that for tiny models).
@@ -25,13 +25,16 @@ from pathlib import Path
 
 import yaml
 
+from rlft.results import machine, write_between_markers
+
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(Path(__file__).parent))
-from estimators import write_between_markers  # noqa: E402
+RESULTS = Path(__file__).resolve().parent / "results"
 
 MARKERS = ("<!-- seed_sweep: written by examples/quickstart/seed_sweep.py -->", "<!-- /seed_sweep -->")
 HEADLINE = ("<!-- headline: written by examples/quickstart/seed_sweep.py -->", "<!-- /headline -->")
-# The quickstart's bars: (figure, test, wording)
+# The quickstart's bars: (figure, test, wording); every run must meet them, but the time bar, which is the
+# README's command as it ships (model.dtype auto) on a 2-core machine's 2 threads: float32 and 1 thread are
+# there to show the KL and the outcome hold on other arithmetic, not to be as fast.
 BARS = [
     ("reward_model_accuracy", lambda v: v >= 0.75, "reward model held-out accuracy >= 75%"),
     ("reward_model_eval_pairs", lambda v: v >= 300, "on >= 300 pairs"),
@@ -43,8 +46,14 @@ BARS = [
     ("kl_over_target", lambda v: 0.75 <= v <= 1.25, "exact KL within 0.75x-1.25x of the target"),
     ("length_ratio", lambda v: v >= 0.6, "no collapse: length >= 0.6x SFT's"),
     ("distinct_1_ratio", lambda v: v >= 0.75, "... and distinct-1 >= 0.75x SFT's"),
-    ("wall_time_min", lambda v: v <= 13, "all five stages in <= 13 minutes"),
 ]
+TIME_BAR = ("wall_time_min", lambda v: v <= 13, "all five stages in <= 13 minutes on 2 threads")
+
+
+def bars_missed(run: dict) -> list[str]:
+    bars = BARS + ([TIME_BAR] if (run["threads"], run.get("dtype", "auto")) == (2, "auto") else [])
+    return [wording for key, test, wording in bars if not test(run[key])]
+
 DEFAULT_RUNS = ["0:2", "1:2", "2:2", "3:2", "4:2", "0:2:float32", "0:1"]
 
 
@@ -66,7 +75,7 @@ def main(argv: list[str] | None = None) -> dict:
                         metavar="SEED:THREADS[:DTYPE]", help=f"runs (default {' '.join(DEFAULT_RUNS)})")
     parser.add_argument("--config", default="configs/quickstart.yaml")
     parser.add_argument("--out", default="runs/seed_sweep", help="one pipeline folder per run here")
-    parser.add_argument("--table", default=str(ROOT / "examples" / "quickstart" / "seed_sweep"),
+    parser.add_argument("--table", default=str(RESULTS / "seed_sweep"),
                         help="write <table>.json and <table>.md")
     parser.add_argument("--redo", action="store_true", help="rerun the pipeline of runs that have a report")
     parser.add_argument("--readme", default=str(ROOT / "examples" / "quickstart" / "README.md"),
@@ -90,6 +99,7 @@ def main(argv: list[str] | None = None) -> dict:
             subprocess.run(command, check=True, env={**os.environ, "OMP_NUM_THREADS": str(threads)})
         runs.append({"seed": seed, "threads": threads, "dtype": dtype or "auto", "folder": str(folder),
                      **figures(folder)})
+        runs[-1]["bars_missed"] = bars_missed(runs[-1])
     sweep = {"config": args.config, "overrides": extra, "machine": machine(), "runs": runs, "summary": summarise(runs)}
     if not extra:  # the README shows the first run's own plots
         for plot in ("training.png", "overoptimization.png"):
@@ -99,6 +109,8 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def write(sweep: dict, args) -> dict:
+    for run in sweep["runs"]:  # from the figures, so that the bars a table shows are today's
+        run["bars_missed"] = bars_missed(run)
     Path(args.table).with_suffix(".md").write_text(markdown(sweep))
     if args.readme and Path(args.readme).is_file():
         write_between_markers(Path(args.readme), MARKERS, markdown(sweep))
@@ -106,22 +118,6 @@ def write(sweep: dict, args) -> dict:
         write_between_markers(Path(args.headline), HEADLINE, headline(sweep))
     print(markdown(sweep))
     return sweep
-
-
-def machine() -> str:
-    """The CPU model and torch build the figures come from: another machine's floating point differs."""
-    import torch
-
-    names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-             if line.startswith("model name")] if Path("/proc/cpuinfo").is_file() else []
-    # the vector ISA torch dispatches to (AVX2, AVX512): one CPU model name covers machines that differ there
-    from rlft.config import ModelConfig
-    from rlft.models import torch_dtype
-
-    # what model.dtype: auto resolves to here (bfloat16 where the CPU multiplies it natively)
-    auto = str(torch_dtype(ModelConfig(), "cpu")).removeprefix("torch.")
-    return (f"{names[0] if names else 'unknown CPU'} ({len(names)} cores, {torch.backends.cpu.get_cpu_capability()}), "
-            f"torch {torch.__version__}, model.dtype auto = {auto}")
 
 
 def figures(folder: Path) -> dict:
@@ -153,7 +149,6 @@ def figures(folder: Path) -> dict:
     }
     found["length_ratio"] = found["length"] / found["reference_length"]
     found["distinct_1_ratio"] = found["distinct_1"] / found["reference_distinct_1"]
-    found["bars_missed"] = [wording for key, test, wording in BARS if not test(found[key])]
     return found
 
 
@@ -206,7 +201,7 @@ def markdown(sweep: dict) -> str:
              "model; gold: VADER; CI low: the 95% interval's lower end); reward model accuracy on its held-out pairs "
              "(RM pairs, prompts it never saw); exact KL summed over the response, and over ppo.target_kl; mean length "
              "in tokens and distinct-1 (distinct words / words, over all replies) of PPO's replies over SFT's; sampler gap: "
-             "mean |sampler log-prob - PPO's recomputed log-prob| per token over PPO's steps; minutes: all five stages. Written by examples/quickstart/seed_sweep.py from examples/quickstart/seed_sweep.json.",
+             "mean |sampler log-prob - PPO's recomputed log-prob| per token over PPO's steps; minutes: all five stages. Written by examples/quickstart/seed_sweep.py from examples/quickstart/results/seed_sweep.json.",
              "",
              "| seed | threads | dtype | " + " | ".join(title for _, title, _ in columns) + " | bars missed |",
              "|---|---|---|" + "---|" * len(columns) + "---|"]

@@ -16,6 +16,7 @@ state; older ones keep their adapter for rlft eval's reward-vs-KL view across ch
 from __future__ import annotations
 
 import os
+import pickle
 import random
 import re
 import shutil
@@ -58,8 +59,6 @@ def latest(run_dir: Path) -> Path | None:
 def check(folder: Path) -> None:
     """Refuse, in one line and before the run writes anything, a checkpoint whose files do not parse (torn,
     edited, crafted to hold code): every file is read the way `load` will read it."""
-    import pickle
-
     from safetensors import safe_open
 
     fix = "delete it to resume from the one before, or set resume=false"
@@ -217,8 +216,6 @@ def load_optimizer(model, optimizer, state: dict) -> None:
 def load(folder: Path, process_index: int, policy, value_head) -> dict:
     """Restore adapter and head weights and this process's RNG; return the trainer state. A damaged or
     incomplete checkpoint is one line: it says to delete it (resuming from the one before) or start over."""
-    import pickle
-
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 

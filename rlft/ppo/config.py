@@ -67,7 +67,7 @@ class PPOHyperparameters:
     missing_eos_penalty: float = option(
         0.5, "Subtract this from the score of a completion without EOS (0: off). 1.0, a whole std of the normalised "
         "reward, taught the quickstart 'end early' until replies shrank to a quarter of SFT's; 0 let them ramble "
-        "unended (chosen on validation prompts: examples/quickstart/kl_control.md).")
+        "unended (chosen on validation prompts: examples/quickstart/results/kl_control.md).")
     kl_estimator: Literal["k1", "k3", "abs", "mse"] = option(
         "k1", "Per-token KL estimator of the penalty (k1: its return has the gradient of the sequence KL, unbiased); "
         "objective/kl_sampled logs its sum per response. The controller steers, and objective/kl logs, the exact KL "
@@ -102,6 +102,16 @@ class PPOHyperparameters:
         False, "Under FSDP (configs/accelerate/fsdp.yaml): gather the whole policy for generate() and free it after "
         "(no collective per decoding step: faster, but every process holds the whole base while it samples); "
         "false: one decoder layer at a time.")
+
+    @property
+    def prompts_per_rollout(self) -> int:
+        """Distinct prompts a process draws per step: each is sampled num_generations times."""
+        return self.rollout_batch_size // self.num_generations
+
+    @property
+    def micro_batch_size(self) -> int:
+        """Rows per forward/backward of the update: a mini-batch over gradient_accumulation_steps."""
+        return self.mini_batch_size // self.gradient_accumulation_steps
 
     @property
     def uses_critic(self) -> bool:

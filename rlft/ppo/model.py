@@ -23,8 +23,9 @@ from contextlib import nullcontext
 import torch
 from torch import nn
 
-from rlft.distributed import gathered
-from rlft.generation import decode, position_ids_for
+from rlft import generation
+from rlft.distributed import gathered, is_sharded
+from rlft.generation import position_ids_for
 from rlft.models import half_compute
 from rlft.policy import active_adapter
 from rlft.ppo.core import logprobs_from_logits
@@ -95,14 +96,12 @@ class PolicyWithValueHead(nn.Module):
     def get_output_embeddings(self):
         return self.lm_head
 
-    def sample_responses(self, prompt, sampling, eos_token_id: int, pad_token_id: int, greedy: bool = False):
-        """The policy's sampling loop (rlft.generation.decode): a method of the root module, so FSDP2 can gather
-        around it (train.py)."""
-        from rlft.distributed import is_sharded
-
+    def sampling_loop(self, prompt, sampling, eos_token_id: int, pad_token_id: int, greedy: bool = False):
+        """The policy's sampling loop (rlft.generation.sampling_loop): a method of the root module, so FSDP2 can
+        gather around it (train.py)."""
         with gathered(self) if self.gather_for_generation else nullcontext():
-            return decode(self.policy, prompt, sampling, eos_token_id, pad_token_id, greedy,
-                          synced=is_sharded(self))
+            return generation.sampling_loop(self.policy, prompt, sampling, eos_token_id, pad_token_id, greedy,
+                                            synced=is_sharded(self))
 
     def parameter_groups(self) -> list[list[nn.Parameter]]:
         """Trainable parameters by optimiser group: [policy adapter (+ the head critic)], [critic adapter + head]."""

@@ -1,13 +1,13 @@
-"""One PPO rollout as a typed record, and how it is collected: generate, score, forward passes."""
+"""One PPO rollout as a typed record, and how it is collected: 1. generate, 2. score, 3. forward passes."""
 
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
-from rlft.generation import SamplingConfig, decode_responses, encode_prompts, response_mask_from_eos, sample
+from rlft.generation import SamplingConfig, sample
 from rlft.ppo.core import exact_kl_from_logits
 
 
@@ -22,14 +22,17 @@ class Rollout:
     response_ids: torch.Tensor  # (B, T)
     response_mask: torch.Tensor  # (B, T) bool: tokens up to and including the first EOS
     ended_with_eos: torch.Tensor  # (B,) bool
-    scores: torch.Tensor  # (B,) scorer output (after the missing-EOS penalty and clipping)
     sampler_logprobs: torch.Tensor  # (B, T) the sampling loop's own log-probs of its tokens (0 at padding)
+    temperature: float  # the sampling temperature: every log-prob here is at it
+    scores: torch.Tensor | None = None  # (B,) step 2: scorer output (after the missing-EOS penalty and clipping)
     # step 3 (forward_passes) fills these
-    logprobs: torch.Tensor | None = None  # (B, T) policy log-probs of the sampled tokens, at the sampling temperature
+    logprobs: torch.Tensor | None = None  # (B, T) policy log-probs of the sampled tokens
     ref_logprobs: torch.Tensor | None = None  # (B, T) reference log-probs of the same tokens
     values: torch.Tensor | None = None  # (B, T) critic values of the states before each token
     exact_kl: torch.Tensor | None = None  # (B, T) KL(pi || pi_ref) over the whole vocabulary at each position
-    timings: dict = field(default_factory=dict)
+    # step 5 (rlft.ppo.train.estimate_advantages) fills these
+    advantages: torch.Tensor | None = None  # (B, T)
+    returns: torch.Tensor | None = None  # (B, T) the critic's targets (gae only)
 
     @property
     def input_ids(self) -> torch.Tensor:
@@ -40,52 +43,35 @@ class Rollout:
         return torch.cat([self.query_mask, self.response_mask.long()], dim=1)
 
 
-def collect(actor_critic, tokenizer, prompts: list, prompt_texts: list[str], scorer,
-            sampling: SamplingConfig, forward_batch_size: int, missing_eos_penalty: float,
-            score_clip: float) -> Rollout:
-    """Steps 1-3 of a PPO step: generate, score, and compute log-probs, reference log-probs and values.
+class FirstMiniBatch(NamedTuple):
+    """The update's first epoch order, and step 3's live forward of its first micro-batch when that is one whole
+    mini-batch: the update backpropagates through it instead of running that forward again."""
 
-    `actor_critic` is the unwrapped PolicyWithValueHead (under DDP; under FSDP2 it is the sharded model itself).
-    """
-    rollout = generate_and_score(actor_critic, tokenizer, prompts, prompt_texts, scorer, sampling,
-                                 missing_eos_penalty, score_clip)
-    forward_passes(actor_critic, rollout, forward_batch_size, sampling.temperature)
-    return rollout
+    order: torch.Tensor  # (B,) the first epoch's row order
+    output: tuple | None  # (logprobs, values, logits) of order[:mini_batch_size] with autograd on; or None
+
+
+def generate(actor_critic, tokenizer, prompts: list, prompt_texts: list[str], sampling: SamplingConfig) -> Rollout:
+    """Step 1: a response to each prompt, sampled from the policy (`actor_critic` unwrapped: under DDP the
+    PolicyWithValueHead, under FSDP2 the sharded model itself)."""
+    responses, = sample(actor_critic, tokenizer, prompt_texts, sampling)
+    return Rollout(prompts=list(prompts), completions=responses.texts, query_ids=responses.query["input_ids"],
+                   query_mask=responses.query["attention_mask"], response_ids=responses.ids,
+                   response_mask=responses.mask, ended_with_eos=responses.ended_with_eos,
+                   sampler_logprobs=responses.logprobs, temperature=sampling.temperature)
 
 
 @torch.no_grad()
-def generate_and_score(actor_critic, tokenizer, prompts: list, prompt_texts: list[str], scorer,
-                       sampling: SamplingConfig, missing_eos_penalty: float, score_clip: float) -> Rollout:
-    """Steps 1-2: sample a response to each prompt and score it. The log-probs and values are step 3's."""
-    device = actor_critic.lm_head.weight.device
-    timings = {}
-
-    # 1. generate
-    started = time.perf_counter()
-    query = encode_prompts(tokenizer, prompt_texts, sampling.max_prompt_length, device)
-    sampled = sample(actor_critic, query, sampling, tokenizer)
-    response_mask, ended = response_mask_from_eos(sampled.ids, tokenizer.eos_token_id, tokenizer.pad_token_id)
-    # Tokens after EOS are padding for every later pass, whatever the sampler filled them with.
-    response_ids = torch.where(response_mask, sampled.ids, tokenizer.pad_token_id)
-    timings["time/generate"] = time.perf_counter() - started
-
-    # 2. score
-    started = time.perf_counter()
-    completions = decode_responses(tokenizer, response_ids)
-    scores = scorer(prompts, completions).to(device=device, dtype=torch.float32)
-    scores = scores - missing_eos_penalty * (~ended).float()
-    if score_clip > 0:
-        scores = scores.clamp(-score_clip, score_clip)
-    timings["time/score"] = time.perf_counter() - started
-
-    return Rollout(prompts=list(prompts), completions=completions, query_ids=query["input_ids"],
-                   query_mask=query["attention_mask"], response_ids=response_ids, response_mask=response_mask,
-                   ended_with_eos=ended, scores=scores, sampler_logprobs=torch.where(response_mask, sampled.logprobs, 0),
-                   timings=timings)
+def score(rollout: Rollout, scorer, missing_eos_penalty: float, score_clip: float) -> None:
+    """Step 2: the scorer's score of each response, less `missing_eos_penalty` where it was cut at the length
+    limit, clipped to [-score_clip, score_clip] when score_clip > 0, into rollout.scores (B,)."""
+    scores = scorer(rollout.prompts, rollout.completions).to(device=rollout.response_ids.device, dtype=torch.float32)
+    scores = scores - missing_eos_penalty * (~rollout.ended_with_eos).float()
+    rollout.scores = scores.clamp(-score_clip, score_clip) if score_clip > 0 else scores
 
 
-def forward_passes(actor_critic, rollout: Rollout, forward_batch_size: int, temperature: float,
-                   graph_model=None, graph_rows: torch.Tensor | None = None):
+def forward_passes(actor_critic, rollout: Rollout, forward_batch_size: int, graph_model=None,
+                   graph_rows: torch.Tensor | None = None):
     """Step 3: the policy's log-probs and values, the reference's log-probs, and the exact per-token KL between
     the two (from the same logits, over the whole vocabulary) of every row, into `rollout`.
 
@@ -95,9 +81,8 @@ def forward_passes(actor_critic, rollout: Rollout, forward_batch_size: int, temp
     through. That is the same forward on the same weights the update would run before its first optimiser step,
     so it runs once, and the ratio of those rows is 1 by construction. Returns None without graph_rows.
     """
-    started = time.perf_counter()
     input_ids, attention_mask = rollout.input_ids, rollout.attention_mask
-    length = rollout.response_ids.shape[1]
+    length, temperature = rollout.response_ids.shape[1], rollout.temperature
     batch = len(input_ids)
     logprobs = torch.zeros(rollout.response_ids.shape, device=input_ids.device)
     values, ref_logprobs, exact_kl = torch.zeros_like(logprobs), torch.zeros_like(logprobs), torch.zeros_like(logprobs)
@@ -124,5 +109,4 @@ def forward_passes(actor_critic, rollout: Rollout, forward_batch_size: int, temp
     mask = rollout.response_mask
     rollout.logprobs, rollout.values, rollout.ref_logprobs = logprobs, values, ref_logprobs
     rollout.exact_kl = torch.where(mask, exact_kl, 0)
-    rollout.timings["time/forward"] = time.perf_counter() - started
     return live

@@ -13,18 +13,22 @@ import math
 import time
 from collections import defaultdict
 from contextlib import nullcontext
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
 import torch
+from accelerate import Accelerator
 from torch.distributed.fsdp import register_fsdp_forward_method
+from tqdm.auto import tqdm
+from transformers import PreTrainedTokenizerBase
 
 from rlft import distributed, hf_training, runs
 from rlft.data import load_splits, prompts_of, render_prompts
 from rlft.errors import RlftError
-from rlft.generation import decode_responses, response_mask_from_eos, sample
+from rlft.generation import sample
 from rlft.hacking import collapse
-from rlft.metrics import MetricsLogger
+from rlft.metrics import MetricsLogger, timed
 from rlft.models import add_lora, configured_context_length, load_tokenizer
 from rlft.policy import active_adapter, load_reference
 from rlft.publish import push, write_model_card
@@ -35,26 +39,71 @@ from rlft.ppo.core import (AdaptiveKLController, FixedKLController, PIKLControll
                            per_token_rewards, policy_loss, reinforce_pp_advantages, rloo_advantages,
                            truncated_importance_weights, value_loss)
 from rlft.ppo.model import PolicyWithValueHead
-from rlft.ppo.rollout import Rollout, forward_passes, generate_and_score
+from rlft.ppo.rollout import FirstMiniBatch, Rollout, forward_passes, generate, score
 from reward_models.scorers import adapter_scorers, build_scorer
 
 log = logging.getLogger(__name__)
 __all__ = ["PPOConfig", "run"]
 MEASURED_BATCHES = 2  # rollout batches of fresh prompts that measure the final policy (32 replies by default)
+KLController = FixedKLController | AdaptiveKLController | PIKLController
 
 
 def run(config: PPOConfig) -> dict:
+    ppo = setup(config)
+    runs.begin(ppo.out, config, ppo.data)  # from here on this run writes in its folder
+    progress = tqdm(range(ppo.start_step, config.ppo.steps), desc="ppo", initial=ppo.start_step,
+                    total=config.ppo.steps, disable=not ppo.accelerator.is_main_process)
+    for step in progress:
+        metrics = ppo_step(ppo, step)
+        progress.set_postfix(score=f"{metrics['objective/scores']:.3f}", kl=f"{metrics['objective/kl']:.2f}",
+                             beta=f"{metrics['objective/kl_coef']:.3f}")
+    return finish(ppo)
+
+
+@dataclass
+class PPORun:
+    """What every step of a run shares, built once by `setup`."""
+
+    config: PPOConfig
+    accelerator: Accelerator
+    out: Path
+    data: dict  # the prompt rows' hash (rlft.runs.check_data)
+    tokenizer: PreTrainedTokenizerBase
+    prompts: list
+    prompt_texts: list[str]  # the prompts through the chat template
+    scorer: object
+    actor_critic: PolicyWithValueHead  # unwrapped: sampling and step 3's no-grad passes
+    model: torch.nn.Module  # prepared by accelerate: the update
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    kl_controller: KLController
+    logger: MetricsLogger
+    start_step: int
+    checkpoint_kl: dict[int, float]  # the exact KL of the policy after s updates (checkpoint step-s), by s
+    parameters_mb: float  # this process's share of the weights, the largest of all processes
+    started: float  # time.time() as the run began
+
+    def rows_of(self, step: int) -> list[int]:
+        """This process's prompts at `step`, each num_generations times in a row: a group, whole on one process."""
+        hp = self.config.ppo
+        return [i for i in prompt_batch(step, self.accelerator.process_index, self.accelerator.num_processes,
+                                        hp.prompts_per_rollout, len(self.prompts), self.config.seed)
+                for _ in range(hp.num_generations)]
+
+
+def setup(config: PPOConfig) -> PPORun:
+    """Prompts, scorer and optimizer name first, so bad input fails before the policy loads; then the four roles
+    on one base, the optimizer, schedule and KL controller, and a checkpoint's state when resuming."""
+    started = time.time()
     if not config.reward:
         raise RlftError("ppo needs a reward: set reward=[{kind: model, path: runs/reward}] or a module:function scorer")
     accelerator = distributed.accelerator()
-    hp = config.ppo
     out = Path(config.output_dir)
     last = checkpoint.latest(out) if config.resume else None
     runs.prepare(out, config, "ppo", resuming=last is not None, may_change=RESUMABLE_CHANGES)
     runs.seed_everything(config.seed)  # same on every process: identical adapter and head init
 
-    # Setup: prompts, scorer and optimizer name first, so bad input fails before the policy loads.
-    hf_training.check_optimizer(hp.optim, "ppo.optim")
+    hf_training.check_optimizer(config.ppo.optim, "ppo.optim")
     tokenizer = load_tokenizer(config.model)
     train_data, _, _ = load_splits(config.data, ("prompt_only", "conversational"), config.seed, "prompt data")
     prompts = prompts_of(train_data)
@@ -62,174 +111,162 @@ def run(config: PPOConfig) -> dict:
     prompt_texts = render_prompts(tokenizer, prompts)
     check_prompt_lengths(tokenizer, prompt_texts, config.sampling, config.model)
     scorer = build_scorer(config.reward, accelerator.device, shared_base=True)
-    reference_adapter = config.sft_adapter or None
     actor_critic = build_actor_critic(config, tokenizer, scorer, accelerator.device)
-    # Parameter groups: the policy (with the head critic), then the adapter critic at its own learning rate.
-    groups = [{"params": group, "lr": hp.learning_rate if i == 0 else hp.critic_learning_rate or hp.learning_rate}
-              for i, group in enumerate(actor_critic.parameter_groups())]
-    optimizer = hf_training.optimizer(groups, hp.optim, hp.learning_rate, eps=1e-5, weight_decay=hp.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, (lambda step: 1 - step / hp.steps) if hp.lr_schedule == "linear" else (lambda step: 1.0)
-    )
-    if hp.kl_control == "fixed":
-        kl_controller = FixedKLController(hp.kl_coef)
-    else:
-        controller = PIKLController if hp.kl_control == "pi" else AdaptiveKLController
-        kl_controller = controller(hp.kl_coef, hp.target_kl, hp.kl_horizon)
+    optimizer = build_optimizer(actor_critic, config.ppo)
+    scheduler = build_scheduler(optimizer, config.ppo)
+    kl_controller = build_kl_controller(config.ppo)
 
-    start_step = 0
+    start_step, checkpoint_kl = 0, {}
     if last is not None:
         state = checkpoint.load(last, accelerator.process_index, actor_critic.policy, actor_critic.value_head)
         scheduler.load_state_dict(state["scheduler"])
         kl_controller.load_state_dict(state["kl_controller"])
-        start_step = state["step"]
+        start_step, checkpoint_kl = state["step"], dict(state.get("checkpoint_kl", {}))
         log.info("resumed from %s (step %d)", last, start_step)
     else:
         torch.manual_seed(config.seed + 1000 * accelerator.process_index)  # distinct samples per process
     model, optimizer = accelerator.prepare(actor_critic, optimizer)
     if last is not None:  # after prepare: under FSDP the optimizer's state is sharded like its parameters
         checkpoint.load_optimizer(model, optimizer, state["optimizer"])
-    for method in ("sample_responses", "reference_logprobs"):  # FSDP2 gathers around these as around forward
+    for method in ("sampling_loop", "reference_logprobs"):  # FSDP2 gathers around these as around forward
         register_fsdp_forward_method(model, method)
-    trainable = [p for group in optimizer.param_groups for p in group["params"]]  # FSDP2 swapped in DTensors
-    # this process's share of the weights (1/N of the base under FSDP), the largest of all processes
     parameters_mb = accelerator.gather(torch.tensor([distributed.parameter_bytes(model) / 2**20])).max().item()
-    logger = MetricsLogger(out, start_step, accelerator.is_main_process)
+    return PPORun(config, accelerator, out, data, tokenizer, prompts, prompt_texts, scorer, actor_critic, model,
+                  optimizer, scheduler, kl_controller, MetricsLogger(out, start_step, accelerator.is_main_process),
+                  start_step, checkpoint_kl, parameters_mb, started)
 
-    from tqdm.auto import tqdm
 
-    def rows_of(step: int) -> list[int]:
-        """This process's prompts at `step`, each num_generations times in a row: a group, whole on one process."""
-        return [i for i in prompt_batch(step, accelerator.process_index, accelerator.num_processes,
-                                        hp.rollout_batch_size // hp.num_generations, len(prompts), config.seed)
-                for _ in range(hp.num_generations)]
+def ppo_step(ppo: PPORun, step: int) -> dict:
+    """One PPO step, steps 1-7, then its metrics and checkpoint. Returns the metrics it logged."""
+    config, hp, accelerator = ppo.config, ppo.config.ppo, ppo.accelerator
+    started, cpu_started = time.perf_counter(), time.process_time()
+    times: dict[str, float] = {}
+    rows = ppo.rows_of(step)
 
-    # exact KL of the policy after s updates (checkpoint step-s), read by the rollout of the next step
-    checkpoint_kl = dict(state.get("checkpoint_kl", {})) if last is not None else {}
-    runs.begin(out, config, data)  # from here on this run writes in its folder
-    progress = tqdm(range(start_step, hp.steps), desc="ppo", disable=not accelerator.is_main_process,
-                    initial=start_step, total=hp.steps)
-    for step in progress:
-        started, cpu_started = time.perf_counter(), time.process_time()
-        rows = rows_of(step)
+    # 1. generate
+    with timed(times, "generate"):
+        rollout = generate(ppo.actor_critic, ppo.tokenizer, [ppo.prompts[i] for i in rows],
+                           [ppo.prompt_texts[i] for i in rows], config.sampling)
+    # 2. score
+    with timed(times, "score"):
+        score(rollout, ppo.scorer, hp.missing_eos_penalty, hp.score_clip)
+    # The update's first mini-batch, drawn now (nothing between here and the update draws random numbers, so the
+    # stream is what it would be there): its forward is step 3's for those rows, done once.
+    order = epoch_order(len(rows), hp.num_generations)
+    fold = order[:hp.mini_batch_size] if hp.gradient_accumulation_steps == 1 else None
 
-        # 1.-2. generate and score
-        rollout = generate_and_score(actor_critic, tokenizer, [prompts[i] for i in rows],
-                                     [prompt_texts[i] for i in rows], scorer, config.sampling,
-                                     hp.missing_eos_penalty, hp.score_clip)
-        # The update's first mini-batch, drawn now (nothing between here and the update draws random numbers,
-        # so the stream is what it would be there): its forward is step 3's for those rows, done once.
-        first_order = epoch_order(len(rows), hp.num_generations)
-        fold = first_order[:hp.mini_batch_size] if hp.gradient_accumulation_steps == 1 else None
+    # 3. policy log-probs and values (the first mini-batch's with autograd on), reference log-probs, exact KL
+    with timed(times, "forward"):
+        first = FirstMiniBatch(order, forward_passes(ppo.actor_critic, rollout, hp.forward_batch_size, ppo.model, fold))
+    gap = check_sampler(rollout, accelerator, hp.max_sampler_gap, config.model.name_or_path, step + 1)
+    sampler_stats = {f"sampler/logprob_gap_{key}": value for key, value in gap.items()}
+    # the exact KL of the policy the rollout sampled from: what the controller steers and the budget reads
+    mean_kl = accelerator.reduce(rollout.exact_kl.sum(-1).mean(), "mean").item()
+    ppo.checkpoint_kl[step] = mean_kl  # the policy saved at the end of the previous step
 
-        # 3. policy log-probs and values (the first mini-batch's with autograd on), reference log-probs, exact KL
-        first_output = forward_passes(actor_critic, rollout, hp.forward_batch_size, config.sampling.temperature,
-                                      graph_model=model, graph_rows=fold)
-        mask = rollout.response_mask
-        gap = check_sampler(rollout, accelerator, hp.max_sampler_gap, config.model.name_or_path, step + 1)
-        sampler_stats = {f"sampler/logprob_gap_{key}": value for key, value in gap.items()}
-        # the exact KL of the policy the rollout sampled from: what the controller steers and the budget reads
-        mean_kl = accelerator.reduce(rollout.exact_kl.sum(-1).mean(), "mean").item()
-        checkpoint_kl[step] = mean_kl  # the policy saved at the end of the previous step
+    # 4. per-token rewards: -beta * KL on every token (unless the KL goes in the loss), the score on the last
+    beta = ppo.kl_controller.value
+    kl_coef_in_reward = beta if hp.kl_in == "reward" else 0.0
+    kl = kl_penalty(rollout.logprobs, rollout.ref_logprobs, hp.kl_estimator)
+    rewards, sampled_kl = per_token_rewards(rollout.scores, kl, kl_coef_in_reward, rollout.response_mask)
+    if hp.whiten_rewards:
+        rewards = masked_whiten(rewards, rollout.response_mask, shift_mean=False)
 
-        # 4. per-token rewards: -beta * KL on every token (unless the KL goes in the loss), the score on the last
-        beta = kl_controller.value
-        kl = kl_penalty(rollout.logprobs, rollout.ref_logprobs, hp.kl_estimator)
-        rewards, sampled_kl = per_token_rewards(rollout.scores, kl, beta if hp.kl_in == "reward" else 0.0, mask)
-        if hp.whiten_rewards:
-            rewards = masked_whiten(rewards, mask, shift_mean=False)
+    # 5. advantages and returns (returns train the critic: gae only)
+    rollout.advantages, rollout.returns = estimate_advantages(rewards, rollout, hp)
+    if hp.sampler_correction_cap:  # the tokens came from the sampler's distribution: reweight to PPO's
+        weights = truncated_importance_weights(rollout.logprobs, rollout.sampler_logprobs, rollout.response_mask,
+                                               hp.sampler_correction_cap)
+        rollout.advantages = rollout.advantages * weights
+        sampler_stats["sampler/correction_capped"] = accelerator.reduce(
+            masked_mean((weights >= hp.sampler_correction_cap).float(), rollout.response_mask), "mean").item()
 
-        # 5. advantages and returns (returns train the critic: gae only)
-        advantages, returns = estimate_advantages(rewards, rollout, hp)
-        if hp.sampler_correction_cap:  # the tokens came from the sampler's distribution: reweight to PPO's
-            weights = truncated_importance_weights(rollout.logprobs, rollout.sampler_logprobs, mask,
-                                                   hp.sampler_correction_cap)
-            advantages = advantages * weights
-            sampler_stats["sampler/correction_capped"] = accelerator.reduce(
-                masked_mean((weights >= hp.sampler_correction_cap).float(), mask), "mean").item()
+    # 6. update: several epochs of clipped policy and value losses over mini-batches
+    with timed(times, "update"):
+        update_stats = ppo_update(ppo.model, accelerator, ppo.optimizer, rollout, hp, beta, first)
+        del first  # its graph was freed by backward; the tensors go too
+        ppo.scheduler.step()
+    check_finite_weights(ppo.optimizer, accelerator, step + 1, ppo.out)  # before NaN weights reach a checkpoint
 
-        # 6. update: several epochs of clipped policy and value losses over mini-batches
-        update_started = time.perf_counter()
-        update_stats = ppo_update(model, accelerator, optimizer, rollout, advantages, returns, hp,
-                                  config.sampling.temperature, beta, first_order, first_output)
-        del first_output  # its graph was freed by backward; the tensors go too
-        scheduler.step()
-        rollout.timings["time/update"] = time.perf_counter() - update_started
-        check_finite_weights(trainable, accelerator, step + 1, out)  # before NaN weights reach a checkpoint or generate()
+    # 7. KL controller, on step 3's exact KL of all processes' samples so beta stays identical everywhere
+    ppo.kl_controller.update(mean_kl, hp.rollout_batch_size * accelerator.num_processes)
 
-        # 7. KL controller, on step 3's exact KL of all processes' samples so beta stays identical everywhere
-        kl_controller.update(mean_kl, hp.rollout_batch_size * accelerator.num_processes)
+    penalty = kl_coef_in_reward * sampled_kl if hp.kl_in == "reward" else None
+    metrics = step_metrics(accelerator, rollout, sampled_kl, penalty, beta, mean_kl, update_stats, hp.uses_critic)
+    metrics.update(sampler_stats)
+    metrics.update(times)
+    metrics["time/step"] = time.perf_counter() - started
+    # CPU seconds of this process (all threads): far steadier than wall time on a shared machine
+    metrics["time/cpu_step"] = time.process_time() - cpu_started
+    metrics["perf/samples_per_s"] = len(rows) * accelerator.num_processes / metrics["time/step"]
+    metrics["perf/tokens_per_s"] = metrics["response/length"] * metrics["perf/samples_per_s"]
+    metrics["lr"] = ppo.scheduler.get_last_lr()[0]
+    ppo.logger.log(step + 1, metrics)
+    if (step + 1) % config.sample_every == 0 or step == ppo.start_step:
+        ppo.logger.samples(step + 1, rollout)
 
-        metrics = step_metrics(accelerator, rollout, sampled_kl, beta, hp.kl_in == "reward", mean_kl, returns,
-                               update_stats, critic=hp.uses_critic)
-        metrics.update(sampler_stats)
-        metrics.update(rollout.timings)
-        metrics["time/step"] = time.perf_counter() - started
-        # CPU seconds of this process (all threads): far steadier than wall time on a shared machine
-        metrics["time/cpu_step"] = time.process_time() - cpu_started
-        metrics["perf/samples_per_s"] = len(rows) * accelerator.num_processes / metrics["time/step"]
-        metrics["perf/tokens_per_s"] = metrics["response/length"] * metrics["perf/samples_per_s"]
-        metrics["lr"] = scheduler.get_last_lr()[0]
-        logger.log(step + 1, metrics)
-        progress.set_postfix(score=f"{metrics['objective/scores']:.3f}", kl=f"{mean_kl:.2f}", beta=f"{beta:.3f}")
-        if (step + 1) % config.sample_every == 0 or step == start_step:
-            logger.samples(step + 1, rollout)
+    if not math.isfinite(mean_kl) or mean_kl > hp.max_kl:
+        raise RlftError(
+            f"mean KL per sequence reached {mean_kl:.1f} > ppo.max_kl={hp.max_kl} at step {step + 1}: the policy ran "
+            f"away from its reference; lower ppo.learning_rate or raise ppo.kl_coef (last checkpoint kept in "
+            f"{ppo.out / 'checkpoints'})"
+        )
+    if (step + 1) % config.save_every == 0 or step + 1 == hp.steps:
+        trainer_state = {"optimizer": checkpoint.optimizer_state(ppo.model, ppo.optimizer),
+                         "scheduler": ppo.scheduler.state_dict(), "kl_controller": ppo.kl_controller.state_dict(),
+                         "checkpoint_kl": ppo.checkpoint_kl, "step": step + 1}
+        checkpoint.save(accelerator, ppo.out, step + 1, ppo.actor_critic, trainer_state, config.model,
+                        config.sft_adapter or None)
+    return metrics
 
-        if not math.isfinite(mean_kl) or mean_kl > hp.max_kl:
-            raise RlftError(
-                f"mean KL per sequence reached {mean_kl:.1f} > ppo.max_kl={hp.max_kl} at step {step + 1}: the "
-                "policy ran away from its reference; lower ppo.learning_rate or raise ppo.kl_coef "
-                f"(last checkpoint kept in {out / 'checkpoints'})"
-            )
-        if (step + 1) % config.save_every == 0 or step + 1 == hp.steps:
-            trainer_state = {"optimizer": checkpoint.optimizer_state(model, optimizer),
-                             "scheduler": scheduler.state_dict(),
-                             "kl_controller": kl_controller.state_dict(), "checkpoint_kl": checkpoint_kl,
-                             "step": step + 1}
-            checkpoint.save(accelerator, out, step + 1, actor_critic, trainer_state, config.model, reference_adapter)
 
+def finish(ppo: PPORun) -> dict:
+    """The result: the final policy, or the last checkpoint within the KL budget whose replies did not collapse
+    (`choose_result`), saved as policy/ with its model card and metrics.json."""
+    config, hp, accelerator, out = ppo.config, ppo.config.ppo, ppo.accelerator, ppo.out
     # The last update's policy has no rollout after it: more prompts measure its KL, and its replies to them
     # against the reference's tell whether it collapsed.
-    final_rows = [i for later in range(hp.steps, hp.steps + MEASURED_BATCHES) for i in rows_of(later)]
-    measure = partial(measure_result, actor_critic, tokenizer, [prompts[i] for i in final_rows],
-                      [prompt_texts[i] for i in final_rows], scorer, config, accelerator)
-    checkpoint_kl[hp.steps], collapsed = measure()
+    final_rows = [i for later in range(hp.steps, hp.steps + MEASURED_BATCHES) for i in ppo.rows_of(later)]
+    measure = partial(measure_result, ppo.actor_critic, ppo.tokenizer, [ppo.prompts[i] for i in final_rows],
+                      [ppo.prompt_texts[i] for i in final_rows], ppo.scorer, config, accelerator)
+    ppo.checkpoint_kl[hp.steps], collapsed = measure()
     if collapsed["collapsed"] and accelerator.is_main_process:
         log.warning("the final policy's replies collapsed: %s", "; ".join(collapsed["warnings"]))
-    saved = {s: checkpoint_kl[s] for s in range(1, hp.steps + 1)
-             if (s % config.save_every == 0 or s == hp.steps) and s in checkpoint_kl}
-    weights = checkpoint.trained_weights(actor_critic)  # every process (a gather under FSDP); before another loads
-    load = None if distributed.is_sharded(model) else (
-        lambda step: checkpoint.load_policy(checkpoint.folder_of(out, step), actor_critic.policy))
+    saved = {s: ppo.checkpoint_kl[s] for s in range(1, hp.steps + 1)
+             if (s % config.save_every == 0 or s == hp.steps) and s in ppo.checkpoint_kl}
+    weights = checkpoint.trained_weights(ppo.actor_critic)  # every process (a gather under FSDP); before another loads
+    load = None if distributed.is_sharded(ppo.model) else (
+        lambda step: checkpoint.load_policy(checkpoint.folder_of(out, step), ppo.actor_critic.policy))
     collapse_by_step = {hp.steps: collapsed}
     shipped = choose_result(saved, hp.kl_budget, collapse_by_step, measure, load, out)
     if shipped != hp.steps and accelerator.is_main_process:
         why = (f"the final policy's KL {saved[hp.steps]:.2f} is past ppo.kl_budget={hp.kl_budget:g}"
                if saved[hp.steps] > hp.kl_budget else "the final policy's replies collapsed")
+        healthy = shipped in collapse_by_step and not collapse_by_step[shipped]["collapsed"]
         log.warning("%s: the result is step %d's policy (KL %.2f%s)", why, shipped, saved[shipped],
-                    ", replies not collapsed" if shipped in collapse_by_step and not collapse_by_step[shipped]["collapsed"]
-                    else "")
+                    ", replies not collapsed" if healthy else "")
 
     summary = {}
     if accelerator.is_main_process:
-        summary = logger.summary()
+        summary = ppo.logger.summary()
         summary.update({"kl_budget": hp.kl_budget, "result_step": shipped, "result_kl": saved[shipped],
                         "checkpoint_kl": saved, "final_collapse": collapsed,
                         "result_collapse": collapse_by_step.get(shipped)})
-        summary["peak_rss_mb"] = runs.peak_rss_mb()
-        summary["parameters_mb"] = parameters_mb
+        summary["parameters_mb"] = ppo.parameters_mb
+        summary = runs.stage_metrics(summary, ppo.started)
         lineage = [config.model.name_or_path, *([f"sft ({config.sft_adapter})"] if config.sft_adapter else []),
                    f"reward ({', '.join(s.path for s in config.reward)})", "ppo"]
         with checkpoint.replaced(out / "policy") as staging:
             if shipped == hp.steps:
-                checkpoint.write_policy(staging, actor_critic.policy, weights, config.model, reference_adapter)
+                checkpoint.write_policy(staging, ppo.actor_critic.policy, weights, config.model,
+                                        config.sft_adapter or None)
             else:
                 checkpoint.copy_result(out, shipped, staging)
             write_model_card(staging, title=f"PPO policy on {config.model.name_or_path}", lineage=lineage,
                              base_model=config.model.name_or_path, config=config, metrics=summary,
                              tags=["ppo", "rlhf"])
         runs.write_json(out / runs.METRICS, summary)
-    logger.close()
+    ppo.logger.close()
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         push(out / "policy", config)
@@ -252,6 +289,25 @@ def build_actor_critic(config: PPOConfig, tokenizer, scorer, device) -> PolicyWi
                                eos_token_id=tokenizer.eos_token_id, min_new_tokens=config.sampling.min_new_tokens,
                                critic_from=reward_adapters[0] if reward_adapters else None,
                                gather_for_generation=hp.gather_for_generation).eval()
+
+
+def build_optimizer(actor_critic: PolicyWithValueHead, hp: PPOHyperparameters) -> torch.optim.Optimizer:
+    """Parameter groups: the policy (with the head critic), then the adapter critic at its own learning rate."""
+    groups = [{"params": group, "lr": hp.learning_rate if i == 0 else hp.critic_learning_rate or hp.learning_rate}
+              for i, group in enumerate(actor_critic.parameter_groups())]
+    return hf_training.optimizer(groups, hp.optim, hp.learning_rate, eps=1e-5, weight_decay=hp.weight_decay)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, hp: PPOHyperparameters) -> torch.optim.lr_scheduler.LambdaLR:
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, (lambda step: 1 - step / hp.steps) if hp.lr_schedule == "linear" else (lambda step: 1.0))
+
+
+def build_kl_controller(hp: PPOHyperparameters) -> KLController:
+    if hp.kl_control == "fixed":
+        return FixedKLController(hp.kl_coef)
+    controller = PIKLController if hp.kl_control == "pi" else AdaptiveKLController
+    return controller(hp.kl_coef, hp.target_kl, hp.kl_horizon)
 
 
 def estimate_advantages(rewards: torch.Tensor, rollout: Rollout, hp: PPOHyperparameters):
@@ -303,16 +359,14 @@ def measure_result(actor_critic, tokenizer, prompts: list, prompt_texts: list[st
     """The final policy's exact KL per response on fresh samples (mean over processes), and its collapse signals
     against the reference's samples on the same prompts (rlft.hacking.collapse, this process's rows)."""
     hp = config.ppo
-    measured = generate_and_score(actor_critic, tokenizer, prompts, prompt_texts, scorer, config.sampling,
-                                  hp.missing_eos_penalty, hp.score_clip)
-    forward_passes(actor_critic, measured, hp.forward_batch_size, config.sampling.temperature)
+    measured = generate(actor_critic, tokenizer, prompts, prompt_texts, config.sampling)
+    score(measured, scorer, hp.missing_eos_penalty, hp.score_clip)
+    forward_passes(actor_critic, measured, hp.forward_batch_size)
     check_sampler(measured, accelerator, hp.max_sampler_gap, config.model.name_or_path, hp.steps + 1)
     with active_adapter(actor_critic.policy, None):  # the reference: every adapter off
-        reference = sample(actor_critic, {"input_ids": measured.query_ids, "attention_mask": measured.query_mask},
-                           config.sampling, tokenizer)
-    reference_mask, _ = response_mask_from_eos(reference.ids, tokenizer.eos_token_id, tokenizer.pad_token_id)
-    signals = collapse({"policy": measured.completions, "reference": decode_responses(tokenizer, reference.ids)},
-                       {"policy": measured.response_mask.sum(-1).tolist(), "reference": reference_mask.sum(-1).tolist()})
+        reference, = sample(actor_critic, tokenizer, prompt_texts, config.sampling)
+    lengths = {"policy": measured.response_mask.sum(-1).tolist(), "reference": reference.mask.sum(-1).tolist()}
+    signals = collapse({"policy": measured.completions, "reference": reference.texts}, lengths)
     # one verdict for all processes (collapsed on any), so that they all choose the same result
     signals["collapsed"] = accelerator.reduce(torch.tensor(float(bool(signals["warnings"])),
                                                            device=measured.scores.device), "max").item() > 0
@@ -333,8 +387,9 @@ def check_sampler(rollout: Rollout, accelerator, max_gap: float, model_name: str
     return gap
 
 
-def check_finite_weights(parameters: list[torch.Tensor], accelerator, step: int, out: Path) -> None:
-    if not distributed.all_finite(parameters, accelerator):
+def check_finite_weights(optimizer: torch.optim.Optimizer, accelerator, step: int, out: Path) -> None:
+    # the optimizer's parameters: under FSDP2 the DTensors prepare swapped in
+    if not distributed.all_finite([p for group in optimizer.param_groups for p in group["params"]], accelerator):
         raise RlftError(
             f"the policy's weights became NaN/inf in the update of step {step}: the run diverged; lower "
             f"ppo.learning_rate or ppo.max_grad_norm (checkpoints before it are kept in {out / 'checkpoints'})"
@@ -347,26 +402,26 @@ def epoch_order(batch: int, num_generations: int) -> torch.Tensor:
     return (groups[:, None] * num_generations + torch.arange(num_generations)).flatten()
 
 
-def ppo_update(model, accelerator, optimizer, rollout: Rollout, advantages, returns,
-               hp: PPOHyperparameters, temperature: float, kl_coef: float, first_order: torch.Tensor | None = None,
-               first_output: tuple | None = None) -> dict:
+def ppo_update(model, accelerator, optimizer, rollout: Rollout, hp: PPOHyperparameters, kl_coef: float,
+               first: FirstMiniBatch | None = None) -> dict:
     """Step 6: `ppo_epochs` passes of shuffled mini-batches of whole groups; accumulation over micro-batches.
 
     Each micro-batch's loss is weighted by its share of the mini-batch of all processes (of tokens for
     token_mean, of sequences for sequence_mean), so the gradient equals that of one pass over the whole
     global mini-batch (accumulation 4x1 == 1x4, 2 processes == 1). With kl_in=loss the loss adds
     kl_coef * k3(pi || pi_ref) per token. With max_update_kl the update stops at the first mini-batch whose
-    forward finds the policy that far from the rollout's (before stepping on it). first_order: the first
-    epoch's row order (else drawn here); first_output: the live forward output of its first micro-batch
-    (rlft.ppo.rollout.forward_passes), used instead of running that forward again.
+    forward finds the policy that far from the rollout's (before stepping on it). first: the first epoch's row
+    order and the live forward of its first micro-batch (step 3's), used instead of running it again; else the
+    order is drawn here. rollout: with step 5's advantages and returns.
     """
     input_ids, attention_mask, mask = rollout.input_ids, rollout.attention_mask, rollout.response_mask
+    advantages, returns, temperature = rollout.advantages, rollout.returns, rollout.temperature
     length = rollout.response_ids.shape[1]
-    micro_size = hp.mini_batch_size // hp.gradient_accumulation_steps
+    micro_size = hp.micro_batch_size
     stats = defaultdict(list)
     optimizer_steps = 0
     for epoch in range(hp.ppo_epochs):
-        order = first_order if epoch == 0 and first_order is not None else epoch_order(len(mask), hp.num_generations)
+        order = first.order if epoch == 0 and first is not None else epoch_order(len(mask), hp.num_generations)
         for start in range(0, len(order), hp.mini_batch_size):
             mini_batch = order[start : start + hp.mini_batch_size]
             # The mini-batch of all processes: DDP averages gradients over processes, so each one scales its
@@ -378,9 +433,9 @@ def ppo_update(model, accelerator, optimizer, rollout: Rollout, advantages, retu
                 rows = mini_batch[micro_start : micro_start + micro_size]
                 is_last = micro_start + micro_size >= len(mini_batch)
                 with accelerator.no_sync(model) if not is_last else nullcontext():
-                    if first_output is not None and epoch == 0 and start == 0 and micro_start == 0:
-                        assert len(rows) == len(first_output[0]), "the folded forward must be one whole micro-batch"
-                        logprobs, values, logits = first_output
+                    if first is not None and first.output is not None and epoch == 0 and start == micro_start == 0:
+                        assert len(rows) == len(first.output[0]), "the folded forward must be one whole micro-batch"
+                        logprobs, values, logits = first.output
                     else:
                         logprobs, values, logits = model(input_ids[rows], attention_mask[rows], length, temperature)
                     pg_loss, pg_stats = policy_loss(logprobs, rollout.logprobs[rows], advantages[rows], mask[rows],
@@ -442,13 +497,13 @@ def share_of(response_mask: torch.Tensor, aggregation: str) -> torch.Tensor:
     return response_mask.any(-1).sum()
 
 
-def step_metrics(accelerator, rollout: Rollout, sampled_kl, beta: float, kl_in_reward: bool, mean_kl: float,
-                 returns, update_stats: dict, critic: bool) -> dict:
+def step_metrics(accelerator, rollout: Rollout, sampled_kl: torch.Tensor, penalty: torch.Tensor | None, beta: float,
+                 mean_kl: float, update_stats: dict, critic: bool) -> dict:
     """Namespaced per-step metrics, averaged over processes (the same names in JSONL, TensorBoard, reports).
 
-    sampled_kl: (B,) step 4's per-response sum of the penalty's estimator; beta: its weight (in the reward when
-    kl_in_reward, else in the loss); mean_kl: the exact KL per response, averaged over processes (what the
-    controller saw).
+    sampled_kl: (B,) step 4's per-response sum of the penalty's estimator; penalty: (B,) what of it the reward
+    carried (None when the KL is in the loss); beta: the KL coefficient; mean_kl: the exact KL per response,
+    averaged over processes (what the controller saw).
     """
     mask = rollout.response_mask
     scores = accelerator.gather(rollout.scores)
@@ -457,10 +512,11 @@ def step_metrics(accelerator, rollout: Rollout, sampled_kl, beta: float, kl_in_r
         "response/length": mask.sum(1).float().mean(),
         "response/eos_rate": rollout.ended_with_eos.float().mean(),
     }
-    if kl_in_reward:  # the penalty the reward carried
-        local["objective/non_score_reward"] = -beta * sampled_kl.mean()
-        local["objective/rlhf_reward"] = (rollout.scores - beta * sampled_kl).mean()
+    if penalty is not None:
+        local["objective/non_score_reward"] = -penalty.mean()
+        local["objective/rlhf_reward"] = (rollout.scores - penalty).mean()
     if critic:
+        returns = rollout.returns
         local["val/explained_variance"] = 1 - masked_var(returns - rollout.values, mask) / masked_var(
             returns, mask).clamp(min=1e-8)
         local["val/mean"] = masked_mean(rollout.values, mask)
