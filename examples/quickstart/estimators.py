@@ -49,7 +49,7 @@ class Variant(NamedTuple):
 VARIANTS = {
     "PPO (critic, GAE)": Variant("configs/quickstart.yaml", "minilm", None, ""),
     "Dr. GRPO": Variant("configs/quickstart_grpo.yaml", "minilm", "[sft,preferences,reward]", "quickstart_grpo"),
-    # DeepSeekMath's GRPO divides by the group's score std: not shipped, it scores below Dr. GRPO here
+    # DeepSeekMath's GRPO divides by the group's score std: not shipped, it does no better than Dr. GRPO here
     "GRPO, std-scaled (not shipped)": Variant("configs/quickstart_grpo.yaml", "minilm", "[sft,preferences,reward]",
                                               "quickstart_grpo_std", ("ppo.ppo.scale_by_std=true",), shipped=False),
     "RLOO": Variant("configs/quickstart_rloo.yaml", "minilm", "[sft,preferences,reward]", "quickstart_rloo"),
