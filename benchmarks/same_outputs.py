@@ -17,11 +17,13 @@ from pathlib import Path
 
 from safetensors.torch import load_file
 
-IGNORED = ("time", "wall_time_s", "train_time_s", "peak_rss_mb", "perf/", "path", "run", "files", "folder")
+# what differs between two runs of the same computation: times, memory, and where each run's folders are
+IGNORED_KEYS = ("wall_time_s", "train_time_s", "peak_rss_mb", "path", "run", "files", "folder", "reference_adapter")
+IGNORED_PARTS = ("time/", "perf/")  # per-step timings, also as summaries ("mean/time/step")
 
 
 def ignored(key: str) -> bool:
-    return any(key == name or key.startswith(name) for name in IGNORED)
+    return key in IGNORED_KEYS or key == "time" or any(part in key for part in IGNORED_PARTS)
 
 
 def differences(a, b, where: str) -> list[str]:
