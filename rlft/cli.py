@@ -87,7 +87,6 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         config = load_config(config_class, args.config, args.overrides)
         if args.show_config:
-
             print(yaml.safe_dump(to_dict(config), sort_keys=False), end="")
             return 0
         module.run(config)
