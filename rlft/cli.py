@@ -76,6 +76,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging()
     signal.signal(signal.SIGTERM, interrupt)  # a scheduler's kill is an interruption like Ctrl-C
+    # Ctrl-C interrupts whatever the parent process left: a launcher may pass SIGINT on ignored or blocked (and
+    # Python then leaves it so), and the run would never hear it.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
     module_name, class_name, _ = STAGES[args.stage]
     config = None
     try:
