@@ -528,6 +528,26 @@ def test_a_signal_ends_with_the_line_that_the_checkpoints_are_intact(case, tiny_
     assert last == f"rlft {stage}: {reason}; the checkpoints in {out} are intact: rerun the same command to resume"
 
 
+def test_ctrl_c_reaches_a_run_whose_parent_ignored_and_blocked_it(tiny_reward_dir, data, tmp_path):
+    """A launcher may start rlft with SIGINT ignored or blocked (both survive exec, and Python keeps them): Ctrl-C
+    must still end the run with its one line."""
+    out, log = tmp_path / "run", tmp_path / "log"
+
+    def deaf_to_ctrl_c():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+
+    process = subprocess.Popen([sys.executable, "-m", "rlft", *reward_args(tiny_reward_dir, data, out,
+                                                                          "train.max_steps=2000")],
+                               env=ENV, stdout=subprocess.DEVNULL, stderr=open(log, "a"), cwd=ROOT,
+                               preexec_fn=deaf_to_ctrl_c)
+    deadline = time.time() + 180
+    while newest_step(out / "checkpoints", "checkpoint-*") < 2 and time.time() < deadline and process.poll() is None:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    assert process.wait(timeout=60) == 130, log.read_text()[-2000:]
+
+
 # ---------------------------------------------------------------------------------------------------
 # Files crafted to run code
 
