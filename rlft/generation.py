@@ -99,30 +99,31 @@ def sample(model, tokenizer, prompt_texts: list[str], sampling: SamplingConfig, 
     """
     size = batch_size or len(prompt_texts)
     starts = range(0, len(prompt_texts), size)
+    device = model.get_input_embeddings().weight.device  # where the inputs go
+    context, eos, pad = context_length(model), tokenizer.eos_token_id, tokenizer.pad_token_id
+    own = getattr(model, "sampling_loop", None)
+    loop = (lambda query: own(query, sampling, eos, pad, greedy)) if own is not None else (
+        lambda query: sampling_loop(model, query, sampling, eos, pad, greedy, synced=is_sharded(model)))
     was_training = model.training
     model.eval()  # no dropout: a sampled token's log-prob is the one the trainer recomputes
-    device = model.get_input_embeddings().weight.device  # where the inputs go
-    loop = getattr(model, "sampling_loop", None)
     batches = []
-    for start in tqdm(starts, desc="generate", disable=len(starts) < 2):
-        query = encode_prompts(tokenizer, prompt_texts[start : start + size], sampling.max_prompt_length, device)
-        context, width = context_length(model), query["input_ids"].shape[1]
-        if context and width + sampling.max_new_tokens > context:
-            raise RlftError(
-                f"a prompt of {width} tokens plus sampling.max_new_tokens={sampling.max_new_tokens} is longer than "
-                f"the model's context ({context} tokens): lower sampling.max_prompt_length or max_new_tokens"
-            )
-        eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
-        if loop is not None:
-            drawn = loop(query, sampling, eos, pad, greedy)
-        else:
-            drawn = sampling_loop(model, query, sampling, eos, pad, greedy, synced=is_sharded(model))
-        mask, ended = response_mask_from_eos(drawn.ids, eos, pad)
-        # Tokens after the reply's end are padding for every later pass, whatever the sampler filled them with.
-        ids = torch.where(mask, drawn.ids, pad)
-        batches.append(Responses(query, ids, mask, ended, torch.where(mask, drawn.logprobs, 0),
-                                 response_texts(tokenizer, ids)))
-    model.train(was_training)
+    try:
+        for start in tqdm(starts, desc="generate", disable=len(starts) < 2):
+            query = encode_prompts(tokenizer, prompt_texts[start : start + size], sampling.max_prompt_length, device)
+            width = query["input_ids"].shape[1]
+            if context and width + sampling.max_new_tokens > context:
+                raise RlftError(
+                    f"a prompt of {width} tokens plus sampling.max_new_tokens={sampling.max_new_tokens} is longer "
+                    f"than the model's context ({context} tokens): lower sampling.max_prompt_length or max_new_tokens"
+                )
+            drawn = loop(query)
+            mask, ended = response_mask_from_eos(drawn.ids, eos, pad)
+            # Tokens after the reply's end are padding for every later pass, whatever the sampler filled them with.
+            ids = torch.where(mask, drawn.ids, pad)
+            batches.append(Responses(query, ids, mask, ended, torch.where(mask, drawn.logprobs, 0),
+                                     response_texts(tokenizer, ids)))
+    finally:
+        model.train(was_training)
     return batches
 
 
