@@ -327,15 +327,19 @@ def add_lora(model, model_config: ModelConfig, lora: LoraConfig, task_type: str 
         peft_config = IA3Config(target_modules=None if all_linear else lora.target_modules,
                                 feedforward_modules=lora.feedforward_modules or None, task_type=task_type)
     else:
-        dropout = lora.dropout
-        if all_linear and dropout and fused_experts(model):
-            log.info("lora.dropout=0 instead of %g: peft adapts this model's fused expert weights, which take no "
-                     "dropout", dropout)
+        dropout, experts = lora.dropout, expert_parameters(model) if all_linear else []
+        if experts and lora.use_dora:
+            log.info("lora.target_modules all-linear leaves this model's fused expert weights frozen: peft has no "
+                     "DoRA for them (lora.use_dora=false adapts them too)")
+            experts = []
+        if experts and dropout:
+            log.info("lora.dropout=0 instead of %g: all-linear adapts this model's fused expert weights (%s), which "
+                     "peft can only adapt without dropout", dropout, ", ".join(experts))
             dropout = 0.0
         peft_config = PeftLoraConfig(
             r=lora.r, lora_alpha=lora.alpha, lora_dropout=dropout, task_type=task_type, bias=lora.bias,
             target_modules=linear_targets(model, task_type) if all_linear else lora.target_modules,
-            use_rslora=lora.use_rslora, use_dora=lora.use_dora,
+            target_parameters=experts or None, use_rslora=lora.use_rslora, use_dora=lora.use_dora,
             init_lora_weights=True if lora.init == "default" else lora.init,
         )
     try:
@@ -372,11 +376,12 @@ def linear_targets(model, task_type: str) -> list[str]:
     return sorted(kept)
 
 
-def fused_experts(model) -> bool:
-    """Whether the model keeps MoE experts as 3-D weight tensors (transformers 5's fused experts), which peft
-    adapts as parameters under all-linear."""
-    return any(parameter.dim() == 3 and name.endswith(("gate_up_proj", "down_proj", "gate_proj", "up_proj"))
-               for name, parameter in model.named_parameters())
+def expert_parameters(model) -> list[str]:
+    """The MoE experts a model keeps as 3-D weight tensors (transformers 5's fused experts: most of an MoE's
+    weights, and no nn.Linear, so peft's all-linear alone never sees them), as peft target_parameters suffixes
+    such as `experts.gate_up_proj`."""
+    return sorted({".".join(name.split(".")[-2:]) for name, parameter in model.named_parameters()
+                   if parameter.dim() == 3 and name.endswith(("gate_up_proj", "down_proj", "gate_proj", "up_proj"))})
 
 
 def peft_error(error: Exception) -> RlftError:

@@ -52,7 +52,7 @@ FAMILIES = {
     "phimoe": ("PhimoeConfig", dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                                     num_key_value_heads=2, num_local_experts=2, num_experts_per_tok=1,
                                     max_position_embeddings=128), ["q_proj", "v_proj"]),
-    # fused experts (3-D weights), which peft adapts as parameters and which take no LoRA dropout
+    # fused experts (3-D weights): all-linear adapts them as parameters, which take no LoRA dropout
     "qwen3_moe": ("Qwen3MoeConfig", dict(hidden_size=32, intermediate_size=64, moe_intermediate_size=32,
                                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
                                          num_experts=4, num_experts_per_tok=2, max_position_embeddings=128),
@@ -73,6 +73,17 @@ FAMILIES = {
                                          mamba_d_head=8, mamba_d_state=8, mamba_n_groups=1, max_position_embeddings=128),
                   ["q_proj", "v_proj"]),
 }
+
+
+# MoE families whose experts are 3-D tensors, not nn.Linear: all-linear adapts them as parameters (dropout 0)
+FUSED_EXPERTS = {"mixtral", "llama4_text", "phimoe", "qwen3_moe"}
+
+
+def adapted(adapter: Path) -> set[str]:
+    """The saved adapter's weight names, e.g. model.layers.0.mlp.experts.lora_A.weight."""
+    from safetensors.torch import load_file
+
+    return set(load_file(adapter / "adapter_model.safetensors"))
 
 
 def save_family(folder: Path, family: str, chat_template: bool = True) -> Path:
@@ -135,6 +146,21 @@ def test_family_through_sft_ppo_and_eval(family, files, tmp_path):
                                                                                 for e in history]
     assert [p["label"] for p in report["policies"]] == ["sft", "ppo"]
     assert all(torch.isfinite(torch.tensor(p["kl"]["exact"]["mean"])) for p in report["policies"])
+    # PPO's all-linear trained the experts too, where they are fused tensors
+    assert any(".experts." in name for name in adapted(tmp_path / "ppo" / "policy")) == (family in FUSED_EXPERTS)
+
+
+@pytest.mark.parametrize("family", ["llama4_text", "phimoe", "qwen3_moe"])
+def test_sft_defaults_adapt_an_moe_but_its_router(family, files, tmp_path):
+    """rlft sft with its default lora section (all-linear, dropout 0.05) on MoE families: routers that are
+    nn.Linear subclasses returning (scores, logits) stay unwrapped, and the fused experts are trained."""
+    model_dir = save_family(tmp_path / "model", family)
+    metrics = run_sft(load_config(SFTConfig, None, [
+        f"output_dir={tmp_path / 'sft'}", f"model.name_or_path={model_dir}", f"data.path={files / 'sft.jsonl'}",
+        "lora.r=4", "train.max_steps=1", "train.batch_size=4", "num_samples=0"]))
+    names = adapted(tmp_path / "sft")
+    assert metrics["steps"] == 1 and metrics["eval_loss_after"] == metrics["eval_loss_after"]  # finite
+    assert any(".experts." in name for name in names) and not any("router" in name for name in names)
 
 
 def test_a_base_model_without_a_chat_template(files, tmp_path, capsys):
