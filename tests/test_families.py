@@ -163,6 +163,25 @@ def test_sft_defaults_adapt_an_moe_but_its_router(family, files, tmp_path):
     assert any(".experts." in name for name in names) and not any("router" in name for name in names)
 
 
+def test_gemma3n_trains_on_left_padded_prompts(tmp_path, capsys):
+    """Prompts of 1 to 6 words, so rollouts are left-padded (the matrix's all have 3): Gemma-3n's SDPA backward
+    gives NaN on such rows, so rlft picks eager attention for it; forced to SDPA, the run stops in one line
+    that names the attention kernel."""
+    from rlft.cli import main
+
+    model_dir = save_family(tmp_path / "model", "gemma3n")
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": [{"role": "user", "content": " ".join(WORDS[: 1 + i % 6])}]})
+                               + "\n" for i in range(8)))
+    args = ["ppo", f"model.name_or_path={model_dir}", f"data.path={prompts}", f"reward={SCORER}", "sft_adapter=",
+            "lora.r=4", "lora.dropout=0", "sampling.max_new_tokens=6", "ppo.rollout_batch_size=4",
+            "ppo.mini_batch_size=4", "ppo.steps=2", "ppo.learning_rate=1e-2"]
+    assert main([*args, f"output_dir={tmp_path / 'default'}"]) == 0
+    assert main([*args, f"output_dir={tmp_path / 'sdpa'}", "model.attn_implementation=sdpa"]) == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "the prompts were left-padded and attention is SDPA" in line and "model.attn_implementation=eager" in line
+
+
 def test_a_base_model_without_a_chat_template(files, tmp_path, capsys):
     """Message-list data on a tokenizer with no template: one line naming the fix, before the model loads;
     with model.chat_template=plain every stage renders through that template."""

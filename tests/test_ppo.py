@@ -435,6 +435,32 @@ def test_bad_input_fails_with_one_clear_line(tiny_lm_dir, prompts_file, tmp_path
     assert "ppo.mini_batch_size" in one_error_line(capsys)
 
 
+def test_nan_weights_name_sdpa_where_prompts_were_left_padded(tmp_path):
+    """The NaN-weights line leads with the attention kernel where the prompts were left-padded under SDPA (some
+    families' SDPA backward gives NaN on such rows), and with the step size otherwise."""
+    from types import SimpleNamespace
+
+    from accelerate import Accelerator
+
+    from rlft.errors import RlftError
+    from rlft.ppo.train import check_finite_weights
+
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.tensor([float("nan")]))], lr=1.0)
+
+    def line(attention: str, query_mask: torch.Tensor) -> str:
+        model = SimpleNamespace(config=SimpleNamespace(_attn_implementation=attention))
+        with pytest.raises(RlftError) as error:
+            check_finite_weights(optimizer, Accelerator(cpu=True), 3, tmp_path, model, query_mask)
+        return str(error.value)
+
+    padded, whole = torch.tensor([[0, 1], [1, 1]]), torch.ones(2, 2, dtype=torch.long)
+    assert "left-padded and attention is SDPA" in line("sdpa", padded)
+    assert "model.attn_implementation=eager" in line("sdpa", padded)
+    for attention, mask in (("eager", padded), ("sdpa", whole)):
+        assert line(attention, mask).startswith("the policy's weights became NaN/inf in the update of step 3: the "
+                                                "run diverged; lower ppo.learning_rate")
+
+
 def test_kl_explosion_stops_the_run_and_keeps_the_last_checkpoint(tiny_lm_dir, prompts_file, tmp_path, capsys):
     # Step 1 saves a checkpoint; a huge learning rate then drives KL far past the limit.
     args = cli_args(tiny_lm_dir, prompts_file, tmp_path, "ppo.steps=6", "save_every=1", "ppo.learning_rate=3.0",

@@ -186,7 +186,8 @@ def ppo_step(ppo: PPORun, step: int) -> dict:
         update_stats = ppo_update(ppo.model, accelerator, ppo.optimizer, rollout, hp, beta, first)
         del first  # its graph was freed by backward; the tensors go too
         ppo.scheduler.step()
-    check_finite_weights(ppo.optimizer, accelerator, step + 1, ppo.out)  # before NaN weights reach a checkpoint
+    # before NaN weights reach a checkpoint
+    check_finite_weights(ppo.optimizer, accelerator, step + 1, ppo.out, ppo.actor_critic, rollout.query_mask)
 
     # 7. KL controller, on step 3's exact KL of all processes' samples so beta stays identical everywhere
     ppo.kl_controller.update(mean_kl, hp.rollout_batch_size * accelerator.num_processes)
@@ -387,13 +388,23 @@ def check_sampler(rollout: Rollout, accelerator, max_gap: float, model_name: str
     return gap
 
 
-def check_finite_weights(optimizer: torch.optim.Optimizer, accelerator, step: int, out: Path) -> None:
+def check_finite_weights(optimizer: torch.optim.Optimizer, accelerator, step: int, out: Path, model,
+                         query_mask: torch.Tensor) -> None:
     # the optimizer's parameters: under FSDP2 the DTensors prepare swapped in
     if not distributed.all_finite([p for group in optimizer.param_groups for p in group["params"]], accelerator):
-        raise RlftError(
-            f"the policy's weights became NaN/inf in the update of step {step}: the run diverged; lower "
-            f"ppo.learning_rate or ppo.max_grad_norm (checkpoints before it are kept in {out / 'checkpoints'})"
-        )
+        advice = nan_advice(model, query_mask, "the run diverged; lower ppo.learning_rate or ppo.max_grad_norm")
+        raise RlftError(f"the policy's weights became NaN/inf in the update of step {step}: {advice} (checkpoints "
+                        f"before it are kept in {out / 'checkpoints'})")
+
+
+def nan_advice(model, query_mask: torch.Tensor, otherwise: str) -> str:
+    """What to change after NaN/inf in an update: the attention kernel where prompts were left-padded under SDPA,
+    whose backward gives NaN on such rows for some families (Gemma-3n, rlft.models.EAGER_BY_DEFAULT), else
+    `otherwise`. query_mask: (B, P), the rollout's left-padded prompts."""
+    if getattr(model.config, "_attn_implementation", None) == "sdpa" and not bool(query_mask.all()):
+        return (f"the prompts were left-padded and attention is SDPA, whose backward gives NaN on left-padded rows "
+                f"for some families: set model.attn_implementation=eager (else {otherwise})")
+    return otherwise
 
 
 def epoch_order(batch: int, num_generations: int) -> torch.Tensor:
@@ -459,9 +470,9 @@ def ppo_update(model, accelerator, optimizer, rollout: Rollout, hp: PPOHyperpara
                                                  hp.loss_aggregation)
                     loss = loss - hp.entropy_coef * mean_entropy
                     if not torch.isfinite(loss):
-                        raise RlftError("PPO loss became NaN/inf: lower ppo.learning_rate or check the scorer's scores "
-                                        "(if the first steps already fail, try model.attn_implementation=eager: some "
-                                        "families' SDPA backward gives NaN on left-padded rows)")
+                        raise RlftError("PPO loss became NaN/inf: " + nan_advice(
+                            accelerator.unwrap_model(model), rollout.query_mask,
+                            "lower ppo.learning_rate or check the scorer's scores"))
                     accelerator.backward(loss * share_of(mask[rows], hp.loss_aggregation) / mini_share)
                 stats["loss/policy"].append(pg_loss.item())
                 stats["policy/entropy"].append(mean_entropy.item())
