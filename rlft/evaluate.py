@@ -4,7 +4,8 @@ For every policy (and, with `checkpoints_of`, every checkpoint of a PPO run), on
 1. sample from the policy and from its reference (the same weights with the adapter disabled), same seed;
 2. score both with every scorer: mean, std, 95% CI, and the policy's win rate over the reference;
 3. measure KL drift on the policy's own samples: the sampled k1 estimate and the exact full-vocabulary
-   KL(pi || pi_ref), both summed over the response; per-token KL, response length, EOS rate.
+   KL(pi || pi_ref), both summed over the response; per-token KL, response length, EOS rate; and the
+   sampler's own log-probs against the recomputed ones (a model that decodes wrongly stops the run).
 Then report.json (every number), and report.md / report.html with plots (rendering lives in rlft.report).
 """
 
@@ -36,6 +37,7 @@ from rlft.report import write_report
 from rlft.ppo.core import (
     exact_kl_from_logits,
     kl_penalty,
+    logprob_gap,
     logprobs_from_logits,
 )
 
@@ -82,6 +84,10 @@ class EvalConfig:
         DataConfig, "Prompts: the eval split (or held-out share) of a dataset. data.eval_split=train uses every row."
     )
     sampling: SamplingConfig = section(SamplingConfig, "How policy and reference sample (keep PPO's temperature).")
+    max_sampler_gap: float = option(
+        0.2, "Stop when the sampler's log-probs of its own tokens differ from the recomputed ones by more than this "
+        "(mean |difference| per token, nats; as ppo.max_sampler_gap): the samples do not come from the policy "
+        "measured. Checked where sampling.top_p=1 and top_k=0 (else the sampler's distribution is truncated).")
 
     def __post_init__(self):
         require_seed(self.seed)
@@ -92,6 +98,7 @@ class EvalConfig:
         require(self.num_samples_shown >= 0, "num_samples_shown", "must be >= 0")
         require(self.batch_size > 0, "batch_size", "must be >= 1")
         require(self.kl_budget >= 0, "kl_budget", "must be >= 0 (0: no budget)")
+        require(self.max_sampler_gap > 0, "max_sampler_gap", "must be > 0")
         require(len(self.scorers) > 0, "scorers", "name at least one scorer (the first is the proxy reward)")
         names = [s.name for s in self.scorers]  # ScorerConfig derives a missing name from its path
         require(len(names) == len(set(names)), "scorers", f"names must differ, got {names}: give each a `name`")
@@ -217,18 +224,19 @@ def sequence_kl(logits, ref_logits, tokens, lengths: list[int], temperature: flo
     """KL(pi || pi_ref) of each response, two ways, from policy and reference logits on the policy's samples.
 
     logits, ref_logits: (N, V) at the N response tokens of B responses laid end to end; tokens: (N,) the
-    sampled tokens; lengths: B response lengths summing to N -> (sampled (B,), exact (B,), token_exact (N,)).
+    sampled tokens; lengths: B response lengths summing to N -> (sampled (B,), exact (B,), token_exact (N,),
+    logprobs (N,): the policy's log-prob of each token).
     sampled = sum_t log pi(y_t) - log pi_ref(y_t) (k1: unbiased, noisy, can be negative); exact =
     sum_t KL(pi(.|y_<t) || pi_ref(.|y_<t)) over the full vocabulary. By the chain rule both have expectation
     KL(pi || pi_ref) of whole responses under y ~ pi (Schulman 2020, "Approximating KL divergence").
     """
-    log_ratio = kl_penalty(
-        logprobs_from_logits(logits, tokens, temperature), logprobs_from_logits(ref_logits, tokens, temperature), "k1"
-    )
+    logprobs = logprobs_from_logits(logits, tokens, temperature)
+    log_ratio = kl_penalty(logprobs, logprobs_from_logits(ref_logits, tokens, temperature), "k1")
     token_exact = exact_kl_from_logits(logits, ref_logits, temperature)
     row = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths)).to(tokens.device)
     per_response = torch.zeros(len(lengths), dtype=torch.float32, device=tokens.device)
-    return per_response.index_add(0, row, log_ratio), per_response.index_add(0, row, token_exact), token_exact
+    return (per_response.index_add(0, row, log_ratio), per_response.index_add(0, row, token_exact), token_exact,
+            logprobs)
 
 
 class Packed(NamedTuple):
@@ -266,7 +274,8 @@ def response_logits(model, packed: Packed) -> torch.Tensor:
 
 @torch.no_grad()
 def kl_drift(model, rollout: SamplePass, temperature: float, batch_size: int) -> dict:
-    """Sampled and exact KL of each of the policy's responses; the reference is `model.disable_adapter()`.
+    """Sampled and exact KL of each of the policy's responses; the reference is `model.disable_adapter()`. And
+    the gap between the sampler's own log-probs and the ones recomputed here (rlft.ppo.core.logprob_gap).
 
     Teacher-forced on each row's real tokens only (prompt without its left padding, response through its
     EOS), right-padded in batches of similar length, so rows that stopped early cost no padding.
@@ -278,8 +287,10 @@ def kl_drift(model, rollout: SamplePass, temperature: float, batch_size: int) ->
             batch.query["input_ids"], batch.query["attention_mask"], batch.ids, batch.mask
         )
     ]
+    sampler_logprobs = [row[mask] for batch in rollout.batches for row, mask in zip(batch.logprobs, batch.mask)]
     order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]) + len(rows[i][1]))
     sampled, exact, per_token = torch.zeros(len(rows)), torch.zeros(len(rows)), [[] for _ in rows]
+    drawn, recomputed = [], []  # the sampler's and kl_drift's log-probs of the same tokens
     for start in range(0, len(rows), batch_size):
         chunk = order[start : start + batch_size]
         packed = pack([rows[i] for i in chunk])
@@ -287,13 +298,18 @@ def kl_drift(model, rollout: SamplePass, temperature: float, batch_size: int) ->
             logits = response_logits(model, packed)
             with model.disable_adapter():
                 ref_logits = response_logits(model, packed)
-        chunk_sampled, chunk_exact, token_exact = sequence_kl(
+        chunk_sampled, chunk_exact, token_exact, logprobs = sequence_kl(
             logits, ref_logits, packed.tokens, packed.lengths, temperature
         )
         sampled[chunk], exact[chunk] = chunk_sampled.cpu(), chunk_exact.cpu()
         for i, values in zip(chunk, token_exact.cpu().split(packed.lengths)):
             per_token[i] = values.tolist()
-    return {"sampled": sampled, "exact": exact, "per_token": per_token}
+        drawn += [sampler_logprobs[i] for i in chunk]
+        recomputed.append(logprobs)
+    drawn, recomputed = torch.cat(drawn), torch.cat(recomputed)
+    gap = logprob_gap(drawn, recomputed, torch.ones_like(drawn, dtype=torch.bool))
+    return {"sampled": sampled, "exact": exact, "per_token": per_token,
+            "sampler_gap": {key: value.item() for key, value in gap.items()}}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -352,6 +368,7 @@ def evaluate_adapter(adapter: Adapter, prompts: list, scorers: dict, config: Eva
         policy = SamplePass(sample(model, tokenizer, prompt_texts, config.sampling, config.batch_size))
     with timed(times, "kl"):
         kl = kl_drift(model, policy, config.sampling.temperature, config.batch_size)
+    sampler = check_sampler(kl["sampler_gap"], config, adapter)
     lineage = (json.dumps(asdict(adapter.model_config), sort_keys=True), adapter.reference_adapter)
     if lineage not in reference_cache:
         with timed(times, "reference"), model.disable_adapter():
@@ -381,6 +398,7 @@ def evaluate_adapter(adapter: Adapter, prompts: list, scorers: dict, config: Eva
         "kl": {"sampled": summary(kl["sampled"]), "exact": summary(kl["exact"]),
                "per_token_exact": token_kl_quantiles(kl["per_token"])},
         "response": {"policy": response_stats(policy), "reference": response_stats(reference)},
+        "sampler": sampler,
         "samples": [
             {
                 "prompt": show_prompt(prompts[i]),
@@ -412,6 +430,22 @@ def evaluate_adapter(adapter: Adapter, prompts: list, scorers: dict, config: Eva
         ", ".join(f"{name} {seconds:.0f}s" for name, seconds in times.items()),
     )
     return result
+
+
+def check_sampler(gap: dict[str, float], config: EvalConfig, adapter: Adapter) -> dict[str, float] | None:
+    """The sampler/trainer log-prob gap as the report keeps it (PPO's metric names, under "sampler"); stops the
+    run past `max_sampler_gap`. None under top_p < 1 or top_k > 0: the sampler drew from a truncated
+    distribution, kl_drift recomputes the whole one, so the two differ by design."""
+    if config.sampling.top_p < 1 or config.sampling.top_k:
+        return None
+    if not gap["mean"] <= config.max_sampler_gap:
+        raise RlftError(
+            f"{adapter.label}: the sampler's log-probs of its own tokens differ from the recomputed ones by "
+            f"{gap['mean']:.2f} nats per token on average (max_sampler_gap={config.max_sampler_gap:g}): "
+            f"'{adapter.model_config.name_or_path}' does not decode in rlft's sampling loop as it scores whole "
+            "sequences (a model that ignores the KV cache argument?); report it with the model's name, or raise "
+            "max_sampler_gap if the gap is expected")
+    return {f"logprob_gap_{key}": value for key, value in gap.items()}
 
 
 def run(config: EvalConfig) -> dict:

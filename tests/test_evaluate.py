@@ -68,10 +68,11 @@ def test_sequence_kl_by_hand():
     half, skewed = [0.0, 0.0], [0.0, math.log(3)]
     logits = torch.tensor([half, half, half])
     ref_logits = torch.tensor([skewed, skewed, half])
-    sampled, exact, per_token = sequence_kl(logits, ref_logits, torch.tensor([0, 0, 1]), [1, 2])
+    sampled, exact, per_token, logprobs = sequence_kl(logits, ref_logits, torch.tensor([0, 0, 1]), [1, 2])
     torch.testing.assert_close(sampled, torch.tensor([math.log(2)] * 2))
     torch.testing.assert_close(exact, torch.tensor([0.5 * math.log(4 / 3)] * 2))
     torch.testing.assert_close(per_token, torch.tensor([0.5 * math.log(4 / 3)] * 2 + [0.0]))
+    torch.testing.assert_close(logprobs, torch.tensor([math.log(0.5)] * 3))  # pi's, of each token
 
 
 def test_summary_and_win_rate_by_hand():
@@ -177,6 +178,8 @@ def test_cli_writes_report(runs_dir):
     assert report["training"]["run"] == str(runs_dir / "ppo")  # the PPO run among the policies
     sft, ppo = report["policies"]
     assert sft["kl"]["exact"]["mean"] > 0 and ppo["kl"]["exact"]["mean"] > 0
+    # sampled from the very policy measured (float32): the sampler's log-probs are the recomputed ones
+    assert all(p["sampler"]["logprob_gap_max"] < 1e-4 for p in report["policies"] + report["checkpoints"])
     assert set(sft["rewards"]) == {"words", "happy"}
     assert len(sft["samples"]) == 2 and len(sft["per_prompt"]["kl_exact"]) == 4
     # the final policy is checkpoint 20's weights with the same reference: same samples, same numbers
@@ -226,6 +229,21 @@ def test_collapse_leads_the_report_and_the_recommendation_says_how_it_stands_to_
     assert sections[0] == "## Warnings" and "one reply is 90% of the samples" in markdown
     assert "The PPO run kept step 20 as its result (KL 1.50 by its own measurement, budget 9); this report differs " \
            "because its replies collapsed." in markdown
+
+
+def test_a_model_that_ignores_the_cache_stops_eval(runs_dir, tmp_path, capsys, monkeypatch):
+    """Samples from a model that ignores the KV cache argument are not the policy's: their log-probs disagree
+    with kl_drift's recomputed ones, and eval stops in one line naming the policy and the model."""
+    from tests.test_ppo import ignore_the_cache
+
+    ignore_the_cache(monkeypatch)
+    config = eval_yaml(runs_dir, "forgetful.yaml", output_dir=str(tmp_path / "eval"), checkpoints_of="",
+                       policies=[str(runs_dir / "sft")])
+    assert cli.main(["eval", "--config", config]) == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "sft: the sampler's log-probs of its own tokens differ from the recomputed ones" in line
+    assert str(json.loads((runs_dir / "sft" / "rlft_adapter.json").read_text())["base_model"]["name_or_path"]) in line
+    assert "max_sampler_gap" in line
 
 
 def test_same_seed_same_numbers(runs_dir):

@@ -507,11 +507,10 @@ def test_the_update_stops_at_its_trust_region(tiny_lm_dir):
     assert stopped["policy/epochs"] == 1
 
 
-def test_sampling_that_ignores_the_cache_stops_the_run(tiny_lm_dir, prompts_file, tmp_path, capsys, monkeypatch):
-    """A model that ignores the KV cache argument (as Mamba did with `past_key_values` under transformers 5.25)
-    sees only its last token at each decoding step: every stage would run, but the rollout would not come from
-    the policy PPO trains. The sampler's own log-probs disagree with the recomputed ones, and PPO stops. (Its
-    signature names no `cache`, so the loop passes `past_key_values`, which it drops.)"""
+def ignore_the_cache(monkeypatch) -> None:
+    """Make the tiny Llama ignore the KV cache argument, as Mamba did with `past_key_values` under transformers
+    5.25: at each decoding step it sees only its last token. (Its signature names no `cache`, so the sampling
+    loop passes `past_key_values`, which it drops.)"""
     from transformers import LlamaForCausalLM
 
     forward = LlamaForCausalLM.forward
@@ -524,6 +523,12 @@ def test_sampling_that_ignores_the_cache_stops_the_run(tiny_lm_dir, prompts_file
                        position_ids=None if position_ids is None else position_ids[:, -input_ids.shape[1]:], **kwargs)
 
     monkeypatch.setattr(LlamaForCausalLM, "forward", forgetful)
+
+
+def test_sampling_that_ignores_the_cache_stops_the_run(tiny_lm_dir, prompts_file, tmp_path, capsys, monkeypatch):
+    """A model that ignores the KV cache argument: every stage would run, but the rollout would not come from
+    the policy PPO trains. The sampler's own log-probs disagree with the recomputed ones, and PPO stops."""
+    ignore_the_cache(monkeypatch)
     args = cli_args(tiny_lm_dir, prompts_file, tmp_path, "sampling.merge_adapter=false")
     assert main(args) == 2
     line = one_error_line(capsys)
