@@ -23,9 +23,9 @@ from rlft import runs
 from rlft.config import DataConfig, ModelConfig, option, require, require_seed, section
 from rlft.data import load_splits, prompt_key, prompts_of, render_prompts
 from rlft.errors import RlftError
-from rlft.generation import SamplingConfig, sample
+from rlft.generation import SamplingConfig, check_prompt_lengths, sample
 from rlft.models import load_model, load_tokenizer
-from rlft.policy import load_policy
+from rlft.policy import adapter_info, load_policy
 
 log = logging.getLogger(__name__)
 PAIRS = "pairs.jsonl"
@@ -70,12 +70,13 @@ def run(config: PreferenceConfig) -> dict:
     train_data, _, _ = load_splits(config.data, ("prompt_only", "conversational"), config.seed, "prompt data")
     prompts = prompts_of(train_data)
     judge = build_scorer(config.judge)  # before the policy: a judge that doesn't import fails in seconds
-    if config.policy:
-        model, tokenizer, _ = load_policy(config.policy, trust_remote_code=config.model.trust_remote_code)
-    else:
-        model, tokenizer = load_model(config.model), load_tokenizer(config.model)
-
+    trust = config.model.trust_remote_code
+    model_config = adapter_info(config.policy, trust)[0] if config.policy else config.model
+    tokenizer = load_tokenizer(model_config)
     prompt_texts = render_prompts(tokenizer, prompts)
+    check_prompt_lengths(tokenizer, prompt_texts, config.sampling, model_config)  # before the weights load
+    model = load_policy(config.policy, trust_remote_code=trust)[0] if config.policy else load_model(config.model)
+
     k = config.num_samples
     # k passes over all prompts: sample i of every prompt, then sample i + 1
     passes = [[text for batch in sample(model, tokenizer, prompt_texts, config.sampling, config.batch_size)

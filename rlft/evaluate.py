@@ -16,7 +16,7 @@ import json
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import NamedTuple
 
@@ -28,9 +28,9 @@ from rlft import hacking, runs
 from rlft.config import DataConfig, ModelConfig, option, require, require_seed, section
 from rlft.data import load_splits, prompt_key, prompts_of, render_prompts
 from rlft.errors import RlftError
-from rlft.generation import Responses, SamplingConfig, sample
+from rlft.generation import Responses, SamplingConfig, check_prompt_lengths, sample
 from rlft.metrics import METRICS_JSONL, read_metrics, timed
-from rlft.models import default_device, half_compute
+from rlft.models import default_device, half_compute, load_tokenizer
 from rlft.policy import ADAPTER_INFO, adapter_info, load_policy
 from rlft.ppo import checkpoint
 from rlft.report import write_report
@@ -457,6 +457,11 @@ def run(config: EvalConfig) -> dict:
     checkpoints = find_checkpoints(config.checkpoints_of) if config.checkpoints_of else []
     check_same_base(policies + checkpoints)
     prompts = load_prompts(config)
+    bases = {json.dumps(asdict(a.model_config), sort_keys=True): a.model_config for a in policies + checkpoints}
+    for model_config in bases.values():  # each base's tokenizer and config file: no weights yet
+        model_config = replace(model_config, trust_remote_code=config.trust_remote_code)
+        tokenizer = load_tokenizer(model_config)
+        check_prompt_lengths(tokenizer, render_prompts(tokenizer, prompts), config.sampling, model_config)
     training_run = config.training_run or default_training_run(config)
     if training_run and not (Path(training_run) / METRICS_JSONL).is_file():
         raise RlftError(f"training_run: '{Path(training_run) / METRICS_JSONL}' not found: point it at a PPO run dir")

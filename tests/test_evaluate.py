@@ -246,6 +246,19 @@ def test_a_model_that_ignores_the_cache_stops_eval(runs_dir, tmp_path, capsys, m
     assert "max_sampler_gap" in line
 
 
+def test_prompts_past_the_context_are_one_line_before_any_weights_load(runs_dir, tmp_path, capsys, monkeypatch):
+    from rlft import evaluate
+
+    monkeypatch.setattr(evaluate, "load_policy", lambda *args, **kwargs: pytest.fail("eval loaded weights"))
+    long = write_prompts(tmp_path / "long.jsonl", ["hello " * 252])  # 256 positions in the tiny model
+    config = eval_yaml(runs_dir, "long.yaml", output_dir=str(tmp_path / "eval"), checkpoints_of="",
+                       data={"path": str(long), "eval_split": "train"},
+                       sampling={"max_new_tokens": 6, "max_prompt_length": 300})
+    assert cli.main(["eval", "--config", config]) == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith("rlft eval: error: 1 of 1 prompts (longest") and "model's context (256 tokens)" in line
+
+
 def test_same_seed_same_numbers(runs_dir):
     config = load_config(EvalConfig, eval_yaml(runs_dir, "again.yaml", output_dir=str(runs_dir / "again")))
     config.checkpoints_of, config.policies = "", config.policies[1:]
