@@ -402,7 +402,7 @@ def nan_advice(model, query_mask: torch.Tensor, otherwise: str) -> str:
     whose backward gives NaN on such rows for some families (Gemma-3n, rlft.models.EAGER_BY_DEFAULT), else
     `otherwise`. query_mask: (B, P), the rollout's left-padded prompts."""
     if getattr(model.config, "_attn_implementation", None) == "sdpa" and not bool(query_mask.all()):
-        return (f"the prompts were left-padded and attention is SDPA, whose backward gives NaN on left-padded rows "
+        return ("the prompts were left-padded and attention is SDPA, whose backward gives NaN on left-padded rows "
                 f"for some families: set model.attn_implementation=eager (else {otherwise})")
     return otherwise
 
