@@ -1,6 +1,8 @@
 """Faults a user meets: bad input (one line, exit 2, nothing lost), kills mid-run and mid-save, full disks,
 a second run in the same folder, and files crafted to run code."""
 
+import errno
+import importlib
 import json
 import os
 import pickle
@@ -324,27 +326,62 @@ def test_a_folder_belongs_to_the_stage_that_made_it(tiny_lm_dir, data, tmp_path,
     assert snapshot(tmp_path) == before
 
 
-def test_a_rerun_over_a_finished_run_unmarks_it_before_rewriting(tiny_lm_dir, data, tmp_path, capsys, monkeypatch):
-    """A rerun that dies while re-saving a finished stage's files must not leave the old completion mark beside
-    half-written ones: the mark goes first, and the next rerun finishes the stage again."""
-    import errno
+RESAVED = {
+    # stage: (args builder, the module whose final save writes the model card, a short run, the folder that is
+    # replaced whole, never rewritten in place)
+    "sft": (sft_args, "rlft.sft", "train.max_steps=2", None),
+    "reward": (reward_args, "reward_models.train", "train.max_steps=2", None),
+    "ppo": (ppo_args, "rlft.ppo.train", "ppo.steps=2", "policy"),
+}
 
-    from rlft import sft
 
-    out = tmp_path / "sft"
-    assert main(sft_args(tiny_lm_dir, data, out, "train.max_steps=2")) == 0
+@pytest.mark.parametrize("stage", list(RESAVED))
+def test_a_rerun_over_a_finished_run_unmarks_it_before_rewriting(stage, tiny_lm_dir, tiny_reward_dir, data, tmp_path,
+                                                                 capsys, monkeypatch):
+    """A rerun that dies (the disk full) while re-saving a finished stage's files must not leave the old completion
+    mark beside half-written ones: the mark goes first, and the next rerun finishes the stage again. PPO's policy/
+    is replaced whole: the old one stays until the new one is complete."""
+    build, module, short, whole = RESAVED[stage]
+    out = tmp_path / stage
+    args = build(tiny_reward_dir if stage == "reward" else tiny_lm_dir, data, out, short)
+    assert main(args) == 0
     assert (out / "metrics.json").is_file()
+    kept = snapshot(out / whole) if whole else None
 
-    def torn(model, folder, *args, **kwargs):
-        (Path(folder) / "adapter_model.safetensors").write_bytes(b"half an adapter")
+    def torn(folder, **card):  # the last file of every stage's final save
+        (Path(folder) / "README.md").write_text("half a model ca")
         raise OSError(errno.ENOSPC, "No space left on device")
-    monkeypatch.setattr(sft, "save_adapter", torn)
-    assert main(sft_args(tiny_lm_dir, data, out, "train.max_steps=2")) == 2
-    assert "No space left on device" in error_line(capsys, "sft")
-    assert not (out / "metrics.json").exists()  # no finished run is claimed beside the torn adapter
+    monkeypatch.setattr(importlib.import_module(module), "write_model_card", torn)
+    assert main(args) == 2
+    assert "No space left on device" in error_line(capsys, stage)
+    assert not (out / "metrics.json").exists()  # no finished run is claimed beside the torn card
+    if whole:
+        assert snapshot(out / whole) == kept
     monkeypatch.undo()
-    assert main(sft_args(tiny_lm_dir, data, out, "train.max_steps=2")) == 0
-    assert (out / "metrics.json").is_file() and (out / "adapter_model.safetensors").stat().st_size > 100
+    assert main(args) == 0
+    assert (out / "metrics.json").is_file() and "half a model ca" not in (out / (whole or ".") / "README.md").read_text()
+
+
+def test_a_rerun_over_finished_preferences_keeps_the_old_pairs_whole(tiny_lm_dir, data, mount_tmpfs, capsys):
+    """A rerun that writes more pairs than the disk has room for: the old pairs.jsonl stays whole (it is replaced,
+    never rewritten in place), the stage is no longer marked complete, and with room freed the rerun finishes."""
+    disk = mount_tmpfs("disk", "size=1m")
+    out = disk / "preferences"
+    args = ["preferences", f"output_dir={out}", f"model.name_or_path={tiny_lm_dir}", f"data.path={data / 'prompts.jsonl'}",
+            "num_samples=4", "sampling.max_new_tokens=6", "judge=[{kind: function, path: 'tests.test_pipeline:positivity'}]"]
+    assert main(args) == 0
+    pairs = (out / "pairs.jsonl").read_bytes()
+    filler = disk / "filler"
+    # 16 KiB left: room for the config, not for every pair of the rerun (about 44 KiB; the first run's are 12)
+    filler.write_bytes(bytes(shutil.disk_usage(disk).free - 16 * 1024))
+    capsys.readouterr()
+    assert main([*args, "pairs=all"]) == 2
+    assert "No space left on device" in error_line(capsys, "preferences")
+    assert not (out / "metrics.json").exists()
+    assert (out / "pairs.jsonl").read_bytes() == pairs
+    filler.unlink()
+    assert main([*args, "pairs=all"]) == 0
+    assert (out / "metrics.json").is_file() and len((out / "pairs.jsonl").read_bytes()) > 2 * len(pairs)
 
 
 @pytest.mark.parametrize("stage", ["sft", "ppo"])
