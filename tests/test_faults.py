@@ -695,3 +695,21 @@ def test_saved_config_changes_skip_options_newer_than_the_run(tmp_path):
     (tmp_path / CONFIG).write_text(yaml.safe_dump(saved))
     assert saved_config_changes(tmp_path, SFTConfig(), may_change=("output_dir",)) == ["lora.r: 8 -> 16"]
     assert saved_config_changes(tmp_path / "never_ran", SFTConfig()) == []
+
+    # Scorers in a list likewise: an option they gained is skipped, a scorer's timeout (it only ends a hang) may
+    # change on resume, another scorer may not.
+    from reward_models.scorers import ScorerConfig
+    from rlft.ppo.config import RESUMABLE_CHANGES, PPOConfig
+
+    ppo = PPOConfig(reward=[ScorerConfig(kind="function", path="tests.test_ppo:share_of_target")])
+    saved = to_dict(ppo)
+    del saved["reward"][0]["timeout"]
+    (tmp_path / CONFIG).write_text(yaml.safe_dump(saved))
+    assert saved_config_changes(tmp_path, ppo) == []
+    saved["reward"][0]["timeout"] = 0.0
+    (tmp_path / CONFIG).write_text(yaml.safe_dump(saved))
+    assert saved_config_changes(tmp_path, ppo) == ["reward.0.timeout: 0.0 -> 300.0"]
+    assert saved_config_changes(tmp_path, ppo, RESUMABLE_CHANGES) == []
+    saved["reward"].append({**saved["reward"][0], "name": "other"})
+    (tmp_path / CONFIG).write_text(yaml.safe_dump(saved))
+    assert saved_config_changes(tmp_path, ppo, RESUMABLE_CHANGES) == ["reward: 2 -> 1"]
