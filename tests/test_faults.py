@@ -4,6 +4,7 @@ a second run in the same folder, and files crafted to run code."""
 import errno
 import importlib
 import json
+import logging
 import os
 import pickle
 import shutil
@@ -197,10 +198,11 @@ def test_bad_input_is_one_line_exit_2_and_loses_nothing(case, tiny_lm_dir, tiny_
 
 @pytest.fixture(scope="module")
 def finished(tiny_lm_dir, tiny_reward_dir, data, tmp_path_factory):
-    """Finished tiny runs to damage copies of: sft (checkpoints 1 and 2), a reward model, a PPO run on both."""
+    """Finished tiny runs to damage copies of: sft (checkpoints 1 and 2), a reward model, PPO (steps 1 and 2)."""
     root = tmp_path_factory.mktemp("finished")
     assert main(sft_args(tiny_lm_dir, data, root / "sft", "train.max_steps=2")) == 0
     assert main(reward_args(tiny_reward_dir, data, root / "reward", "train.max_steps=2")) == 0
+    assert main(ppo_args(tiny_lm_dir, data, root / "ppo", "ppo.steps=2")) == 0
     return root
 
 
@@ -223,6 +225,13 @@ def pickled_marker(marker: Path):
     return lambda path: torch.save({"state": WritesMarker(marker)}, path)
 
 
+def saved_by_two_processes(path: Path) -> None:
+    """trainer_state.pt as a two-process run saves it: beside it only rank 0's RNG (rank 1's lost)."""
+    import torch
+
+    torch.save({**torch.load(path, weights_only=True), "processes": 2}, path)
+
+
 def damaged_cases(tmp, lm, rm, data):
     """name -> (folder copied from `finished`, file damaged in it, damage, CLI args, words of the one line)."""
     eval_sft = ["eval", f"output_dir={tmp / 'eval'}", f"policies=[{tmp / 'sft'}]", f"data.path={data / 'prompts.jsonl'}",
@@ -231,7 +240,10 @@ def damaged_cases(tmp, lm, rm, data):
     ppo_on_reward = ppo_args(lm, data, tmp / "ppo", "ppo.steps=1",
                              f"reward=[{{kind: model, path: {tmp / 'reward'}, normalize: true}}]")
     resume_sft = sft_args(lm, data, tmp / "sft", "train.max_steps=3")
-    checkpoint = "checkpoints/checkpoint-2"
+    resume_ppo = ppo_args(lm, data, tmp / "ppo", "ppo.steps=3")
+    checkpoint, step = "checkpoints/checkpoint-2", "checkpoints/step-000002"
+    unlink = lambda path: path.unlink()  # noqa: E731
+    cannot = "so it cannot continue the run exactly: delete it to resume from the one before, or set resume=false"
     return {
         "adapter cut short": ("sft", "adapter_model.safetensors", truncate, eval_sft, "is damaged (SafetensorError"),
         "adapter_config.json not JSON": ("sft", "adapter_config.json", write("{"), eval_sft, "is damaged (JSONDecodeError"),
@@ -249,8 +261,16 @@ def damaged_cases(tmp, lm, rm, data):
                                         "trainer_state.json' is damaged (JSONDecodeError"),
         "scheduler.pt cut short": ("sft", f"{checkpoint}/scheduler.pt", truncate, resume_sft,
                                    "scheduler.pt' is damaged (a torch file cut short"),
-        "optimizer.pt missing": ("sft", f"{checkpoint}/optimizer.pt", lambda path: path.unlink(), resume_sft,
+        "optimizer.pt missing": ("sft", f"{checkpoint}/optimizer.pt", unlink, resume_sft,
                                  "has no optimizer.pt or optimizer.bin or optimizer_0, so it cannot continue the run exactly"),
+        "PPO trainer_state.pt missing": ("ppo", f"{step}/trainer_state.pt", unlink, resume_ppo,
+                                         f"step-000002' has no trainer_state.pt, {cannot}"),
+        "PPO rng_state_0.json missing": ("ppo", f"{step}/rng_state_0.json", unlink, resume_ppo,
+                                         f"step-000002' has no rng_state_0.json, {cannot}"),
+        "PPO rng_state of rank 1 missing": ("ppo", f"{step}/trainer_state.pt", saved_by_two_processes, resume_ppo,
+                                            f"step-000002' has no rng_state_1.json, {cannot}"),
+        "PPO value_head.pt missing": ("ppo", f"{step}/value_head.pt", unlink, resume_ppo,
+                                      f"step-000002' has no value_head.pt, {cannot}"),
         "crafted rng_state.pth": ("sft", f"{checkpoint}/rng_state.pth", pickled_marker(tmp / "pwned"), resume_sft,
                                   "holds objects other than tensors and numbers, refused unread"),
         "config.yaml not YAML": ("sft", "config.yaml", write("lora: {r: 4\n"), resume_sft, "config.yaml' is damaged"),
@@ -280,6 +300,18 @@ def test_a_damaged_file_of_rlft_is_one_line_and_changes_nothing(case, finished, 
     after = snapshot(tmp_path)
     assert {k: v for k, v in after.items() if k in before} == before
     assert not (tmp_path / "pwned").exists()
+
+
+def test_a_ppo_checkpoint_cut_short_by_a_kill_is_skipped(finished, tiny_lm_dir, data, tmp_path, caplog):
+    """A kill mid-save leaves a hidden staging folder (a checkpoint is renamed into place whole): not a checkpoint
+    to refuse, the rerun resumes from the newest step folder beside it."""
+    shutil.copytree(finished / "ppo", tmp_path / "ppo")
+    staging = tmp_path / "ppo" / "checkpoints" / ".staging-step-000003"
+    staging.mkdir()
+    (staging / "rng_state_0.json").write_text('{"torch": [')
+    with caplog.at_level(logging.INFO, logger="rlft.ppo.train"):
+        assert main(ppo_args(tiny_lm_dir, data, tmp_path / "ppo", "ppo.steps=3")) == 0
+    assert "step-000002 (step 2)" in caplog.text
 
 
 def test_a_downloaded_adapter_record_chooses_no_kernel(finished, data, tmp_path, capsys):
