@@ -570,6 +570,8 @@ SIGNALLED = {
     # name: (args builder, the folder whose newest checkpoint says the run is under way, signal, exit code, reason)
     "ppo SIGTERM": (lambda lm, rm, data, out: ppo_args(lm, data, out, "ppo.steps=400"), "checkpoints", "step-*",
                     signal.SIGTERM, 143, "terminated (SIGTERM)"),
+    "ppo Ctrl-C": (lambda lm, rm, data, out: ppo_args(lm, data, out, "ppo.steps=400"), "checkpoints", "step-*",
+                   signal.SIGINT, 130, "interrupted"),
     "sft SIGTERM": (lambda lm, rm, data, out: sft_args(lm, data, out, "train.max_steps=2000"), "checkpoints",
                     "checkpoint-*", signal.SIGTERM, 143, "terminated (SIGTERM)"),
     "reward Ctrl-C": (lambda lm, rm, data, out: reward_args(rm, data, out, "train.max_steps=2000"), "checkpoints",
@@ -582,7 +584,7 @@ SIGNALLED = {
 def test_a_signal_ends_with_the_line_that_the_checkpoints_are_intact(case, tiny_lm_dir, tiny_reward_dir, data,
                                                                      tmp_path):
     """SIGTERM (a scheduler's kill) or Ctrl-C mid-run: the run says where its intact checkpoints are, and that
-    line is the last one (no progress bar redrawn after it)."""
+    line is the last one (no progress bar redrawn after it), with no traceback before it."""
     build, checkpoints, pattern, signum, code, reason = SIGNALLED[case]
     out, log = tmp_path / "run", tmp_path / "log"
     process = start(build(tiny_lm_dir, tiny_reward_dir, data, out), log)
@@ -592,9 +594,10 @@ def test_a_signal_ends_with_the_line_that_the_checkpoints_are_intact(case, tiny_
     process.send_signal(signum)
     assert process.wait(timeout=60) == code, log.read_text()[-2000:]
     time.sleep(0.5)  # anything a stray thread would still draw
-    last = log.read_text().rstrip().splitlines()[-1]
+    lines = log.read_text().rstrip().splitlines()
     stage = case.split()[0]
-    assert last == f"rlft {stage}: {reason}; the checkpoints in {out} are intact: rerun the same command to resume"
+    assert lines[-1] == f"rlft {stage}: {reason}; the checkpoints in {out} are intact: rerun the same command to resume"
+    assert not any("Traceback" in line for line in lines), "\n".join(lines[-30:])
 
 
 def test_ctrl_c_reaches_a_run_whose_parent_ignored_and_blocked_it(tiny_reward_dir, data, tmp_path):
