@@ -58,7 +58,8 @@ def prepare(output_dir: str | Path, config, stage: str, resuming: bool = False,
     except OSError as e:
         raise RlftError(f"cannot write to output_dir '{out}' ({e.strerror or e}): pick a writable folder") from None
     if resuming:
-        changed = saved_config_changes(out, config, may_change)
+        # a stage of a pipeline folder that moved whole: its saved paths to the other stages moved with it
+        changed = saved_config_changes(out, config, may_change, moved=claim_of(out.parent) == "pipeline")
         if changed:
             raise RlftError(
                 f"output_dir '{out}' holds a checkpoint of a run with another config ({'; '.join(changed)}): "
