@@ -347,8 +347,8 @@ class FunctionScorer:
 
     def __call__(self, prompts: list, completions: list[str]) -> torch.Tensor:
         try:
-            with time_limit(self.timeout, f"scorer '{self.name}' took longer than its timeout of {self.timeout:g} s "
-                                          f"on {len(completions)} completions: fix it, or raise its `timeout` (0: none)"):
+            with time_limit(self.timeout, f"scorer '{self.name}' took longer than its timeout of {self.timeout:g} s on "
+                                          f"{len(completions)} completions: fix it, or raise its `timeout` (0: none)"):
                 scores = self.function(list(prompts), list(completions))
         except RlftError:
             raise

@@ -391,7 +391,8 @@ def test_a_rerun_over_a_finished_run_unmarks_it_before_rewriting(stage, tiny_lm_
         assert snapshot(out / whole) == kept
     monkeypatch.undo()
     assert main(args) == 0
-    assert (out / "metrics.json").is_file() and "half a model ca" not in (out / (whole or ".") / "README.md").read_text()
+    assert (out / "metrics.json").is_file()
+    assert "half a model ca" not in (out / (whole or ".") / "README.md").read_text()
 
 
 def test_a_rerun_over_finished_preferences_keeps_the_old_pairs_whole(tiny_lm_dir, data, mount_tmpfs, capsys):
@@ -399,8 +400,9 @@ def test_a_rerun_over_finished_preferences_keeps_the_old_pairs_whole(tiny_lm_dir
     never rewritten in place), the stage is no longer marked complete, and with room freed the rerun finishes."""
     disk = mount_tmpfs("disk", "size=1m")
     out = disk / "preferences"
-    args = ["preferences", f"output_dir={out}", f"model.name_or_path={tiny_lm_dir}", f"data.path={data / 'prompts.jsonl'}",
-            "num_samples=4", "sampling.max_new_tokens=6", "judge=[{kind: function, path: 'tests.test_pipeline:positivity'}]"]
+    args = ["preferences", f"output_dir={out}", f"model.name_or_path={tiny_lm_dir}",
+            f"data.path={data / 'prompts.jsonl'}", "num_samples=4", "sampling.max_new_tokens=6",
+            "judge=[{kind: function, path: 'tests.test_pipeline:positivity'}]"]
     assert main(args) == 0
     pairs = (out / "pairs.jsonl").read_bytes()
     filler = disk / "filler"
