@@ -54,7 +54,11 @@ class ScorerConfig:
     )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = option(
         "auto", "model: weights dtype, as model.dtype (a LoRA reward model takes its base's, as trained).")
-    timeout: float = option(0.0, "function: seconds one call may take before the run stops with one line (0: none).")
+    timeout: float = option(
+        300.0, "function: seconds one call may take before the run stops with one line (0: none). A hung scorer (a "
+        "request that never returns) then ends the run in minutes, not never; the shipped judges take well under a "
+        "second. PPO calls it once per rollout batch, preferences and eval once over all their completions: raise it "
+        "for a slow judge (an LLM behind an API). Enforced in the main thread only.")
 
     def __post_init__(self):
         require(bool(self.path), "path", "must name a reward model dir, 'module:function' or 'file.py:function'")
@@ -343,8 +347,8 @@ class FunctionScorer:
 
     def __call__(self, prompts: list, completions: list[str]) -> torch.Tensor:
         try:
-            with time_limit(self.timeout, f"scorer '{self.name}' took longer than its timeout of {self.timeout:g} s "
-                                          "for one batch: fix it, or raise its `timeout`"):
+            with time_limit(self.timeout, f"scorer '{self.name}' took longer than its timeout of {self.timeout:g} s on "
+                                          f"{len(completions)} completions: fix it, or raise its `timeout` (0: none)"):
                 scores = self.function(list(prompts), list(completions))
         except RlftError:
             raise
@@ -356,7 +360,8 @@ class FunctionScorer:
 
 @contextmanager
 def time_limit(seconds: float, message: str):
-    """Raise RlftError(message) in this (main) thread if the block runs longer than `seconds` (0: no limit)."""
+    """Raise RlftError(message) in this (main) thread if the block runs longer than `seconds` (0: no limit).
+    SIGALRM is delivered to the main thread only: a block run in another thread has no limit."""
     if not seconds or threading.current_thread() is not threading.main_thread():
         yield
         return

@@ -122,7 +122,9 @@ def check_one_hold_out(config: PipelineConfig) -> None:
 
 
 # Keys a finished stage may differ in and still be reused: they change nothing it computed.
-REUSABLE_CHANGES = ("output_dir", "resume", "push_to_hub", "hub_model_id", "hub_private")
+# a scorer's timeout only ends a hang: a finished stage ran whole under any
+REUSABLE_CHANGES = ("output_dir", "resume", "push_to_hub", "hub_model_id", "hub_private", "reward.*.timeout",
+                    "judge.*.timeout")
 
 
 def check_reusable(stage: str, stage_config) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fcntl
+import fnmatch
 import hashlib
 import json
 import os
@@ -57,7 +58,8 @@ def prepare(output_dir: str | Path, config, stage: str, resuming: bool = False,
     except OSError as e:
         raise RlftError(f"cannot write to output_dir '{out}' ({e.strerror or e}): pick a writable folder") from None
     if resuming:
-        changed = saved_config_changes(out, config, may_change)
+        # a stage of a pipeline folder that moved whole: its saved paths to the other stages moved with it
+        changed = saved_config_changes(out, config, may_change, moved=claim_of(out.parent) == "pipeline")
         if changed:
             raise RlftError(
                 f"output_dir '{out}' holds a checkpoint of a run with another config ({'; '.join(changed)}): "
@@ -154,16 +156,16 @@ def release_locks() -> None:
 
 def saved_config_changes(folder: str | Path, config, may_change: tuple[str, ...] = (), moved: bool = False) -> list[str]:
     """'key: saved -> current' for every leaf where `config` differs from the one saved in `folder`, outside
-    `may_change` (dotted keys or sections). A key only one side has is an option added or removed between
-    rlft versions, not a change of the run: skipped. No saved config: no changes. `moved`: the folder's parent
-    may have moved (a pipeline folder renamed or copied whole): paths the saved config has under its old parent
-    count as the same paths under the new one."""
+    `may_change` (dotted keys or sections; `*` stands for a list index, as in reward.*.timeout). A key only one
+    side has is an option added or removed between rlft versions, not a change of the run: skipped. No saved
+    config: no changes. `moved`: the folder's parent may have moved (a pipeline folder renamed or copied whole):
+    paths the saved config has under its old parent count as the same paths under the new one."""
     saved = read_config(Path(folder) / CONFIG)
     current = to_dict(config)
     if moved and isinstance(saved.get("output_dir"), str):
         saved = rebase(saved, str(Path(saved["output_dir"]).parent), str(Path(current["output_dir"]).parent))
     old, new = flatten(saved), flatten(current)
-    allowed = lambda key: any(key == k or key.startswith(k + ".") for k in may_change)  # noqa: E731
+    allowed = lambda key: any(fnmatch.fnmatchcase(key, k) or key.startswith(k + ".") for k in may_change)  # noqa: E731
     return [f"{key}: {old[key]!r} -> {new[key]!r}" for key in sorted(old.keys() & new.keys())
             if old[key] != new[key] and not allowed(key)]
 
@@ -196,6 +198,11 @@ def flatten(tree: dict, prefix: str = "") -> dict:
     for key, value in tree.items():
         if isinstance(value, dict):
             flat.update(flatten(value, f"{prefix}{key}."))
+        elif value and isinstance(value, list) and all(isinstance(item, dict) for item in value):
+            # a list of sections (scorers) item by item, so an option added to them is skipped like any other
+            flat[f"{prefix}{key}"] = len(value)
+            for index, item in enumerate(value):
+                flat.update(flatten(item, f"{prefix}{key}.{index}."))
         else:
             flat[f"{prefix}{key}"] = value
     return flat

@@ -1,7 +1,10 @@
 """Faults a user meets: bad input (one line, exit 2, nothing lost), kills mid-run and mid-save, full disks,
 a second run in the same folder, and files crafted to run code."""
 
+import errno
+import importlib
 import json
+import logging
 import os
 import pickle
 import shutil
@@ -199,10 +202,11 @@ def test_bad_input_is_one_line_exit_2_and_loses_nothing(case, tiny_lm_dir, tiny_
 
 @pytest.fixture(scope="module")
 def finished(tiny_lm_dir, tiny_reward_dir, data, tmp_path_factory):
-    """Finished tiny runs to damage copies of: sft (checkpoints 1 and 2), a reward model, a PPO run on both."""
+    """Finished tiny runs to damage copies of: sft (checkpoints 1 and 2), a reward model, PPO (steps 1 and 2)."""
     root = tmp_path_factory.mktemp("finished")
     assert main(sft_args(tiny_lm_dir, data, root / "sft", "train.max_steps=2")) == 0
     assert main(reward_args(tiny_reward_dir, data, root / "reward", "train.max_steps=2")) == 0
+    assert main(ppo_args(tiny_lm_dir, data, root / "ppo", "ppo.steps=2")) == 0
     return root
 
 
@@ -225,6 +229,13 @@ def pickled_marker(marker: Path):
     return lambda path: torch.save({"state": WritesMarker(marker)}, path)
 
 
+def saved_by_two_processes(path: Path) -> None:
+    """trainer_state.pt as a two-process run saves it: beside it only rank 0's RNG (rank 1's lost)."""
+    import torch
+
+    torch.save({**torch.load(path, weights_only=True), "processes": 2}, path)
+
+
 def damaged_cases(tmp, lm, rm, data):
     """name -> (folder copied from `finished`, file damaged in it, damage, CLI args, words of the one line)."""
     eval_sft = ["eval", f"output_dir={tmp / 'eval'}", f"policies=[{tmp / 'sft'}]", f"data.path={data / 'prompts.jsonl'}",
@@ -233,7 +244,10 @@ def damaged_cases(tmp, lm, rm, data):
     ppo_on_reward = ppo_args(lm, data, tmp / "ppo", "ppo.steps=1",
                              f"reward=[{{kind: model, path: {tmp / 'reward'}, normalize: true}}]")
     resume_sft = sft_args(lm, data, tmp / "sft", "train.max_steps=3")
-    checkpoint = "checkpoints/checkpoint-2"
+    resume_ppo = ppo_args(lm, data, tmp / "ppo", "ppo.steps=3")
+    checkpoint, step = "checkpoints/checkpoint-2", "checkpoints/step-000002"
+    unlink = lambda path: path.unlink()  # noqa: E731
+    cannot = "so it cannot continue the run exactly: delete it to resume from the one before, or set resume=false"
     return {
         "adapter cut short": ("sft", "adapter_model.safetensors", truncate, eval_sft, "is damaged (SafetensorError"),
         "adapter_config.json not JSON": ("sft", "adapter_config.json", write("{"), eval_sft, "is damaged (JSONDecodeError"),
@@ -251,8 +265,16 @@ def damaged_cases(tmp, lm, rm, data):
                                         "trainer_state.json' is damaged (JSONDecodeError"),
         "scheduler.pt cut short": ("sft", f"{checkpoint}/scheduler.pt", truncate, resume_sft,
                                    "scheduler.pt' is damaged (a torch file cut short"),
-        "optimizer.pt missing": ("sft", f"{checkpoint}/optimizer.pt", lambda path: path.unlink(), resume_sft,
+        "optimizer.pt missing": ("sft", f"{checkpoint}/optimizer.pt", unlink, resume_sft,
                                  "has no optimizer.pt or optimizer.bin or optimizer_0, so it cannot continue the run exactly"),
+        "PPO trainer_state.pt missing": ("ppo", f"{step}/trainer_state.pt", unlink, resume_ppo,
+                                         f"step-000002' has no trainer_state.pt, {cannot}"),
+        "PPO rng_state_0.json missing": ("ppo", f"{step}/rng_state_0.json", unlink, resume_ppo,
+                                         f"step-000002' has no rng_state_0.json, {cannot}"),
+        "PPO rng_state of rank 1 missing": ("ppo", f"{step}/trainer_state.pt", saved_by_two_processes, resume_ppo,
+                                            f"step-000002' has no rng_state_1.json, {cannot}"),
+        "PPO value_head.pt missing": ("ppo", f"{step}/value_head.pt", unlink, resume_ppo,
+                                      f"step-000002' has no value_head.pt, {cannot}"),
         "crafted rng_state.pth": ("sft", f"{checkpoint}/rng_state.pth", pickled_marker(tmp / "pwned"), resume_sft,
                                   "holds objects other than tensors and numbers, refused unread"),
         "config.yaml not YAML": ("sft", "config.yaml", write("lora: {r: 4\n"), resume_sft, "config.yaml' is damaged"),
@@ -282,6 +304,18 @@ def test_a_damaged_file_of_rlft_is_one_line_and_changes_nothing(case, finished, 
     after = snapshot(tmp_path)
     assert {k: v for k, v in after.items() if k in before} == before
     assert not (tmp_path / "pwned").exists()
+
+
+def test_a_ppo_checkpoint_cut_short_by_a_kill_is_skipped(finished, tiny_lm_dir, data, tmp_path, caplog):
+    """A kill mid-save leaves a hidden staging folder (a checkpoint is renamed into place whole): not a checkpoint
+    to refuse, the rerun resumes from the newest step folder beside it."""
+    shutil.copytree(finished / "ppo", tmp_path / "ppo")
+    staging = tmp_path / "ppo" / "checkpoints" / ".staging-step-000003"
+    staging.mkdir()
+    (staging / "rng_state_0.json").write_text('{"torch": [')
+    with caplog.at_level(logging.INFO, logger="rlft.ppo.train"):
+        assert main(ppo_args(tiny_lm_dir, data, tmp_path / "ppo", "ppo.steps=3")) == 0
+    assert "step-000002 (step 2)" in caplog.text
 
 
 def test_a_downloaded_adapter_record_chooses_no_kernel(finished, data, tmp_path, capsys):
@@ -328,27 +362,64 @@ def test_a_folder_belongs_to_the_stage_that_made_it(tiny_lm_dir, data, tmp_path,
     assert snapshot(tmp_path) == before
 
 
-def test_a_rerun_over_a_finished_run_unmarks_it_before_rewriting(tiny_lm_dir, data, tmp_path, capsys, monkeypatch):
-    """A rerun that dies while re-saving a finished stage's files must not leave the old completion mark beside
-    half-written ones: the mark goes first, and the next rerun finishes the stage again."""
-    import errno
+RESAVED = {
+    # stage: (args builder, the module whose final save writes the model card, a short run, the folder that is
+    # replaced whole, never rewritten in place)
+    "sft": (sft_args, "rlft.sft", "train.max_steps=2", None),
+    "reward": (reward_args, "reward_models.train", "train.max_steps=2", None),
+    "ppo": (ppo_args, "rlft.ppo.train", "ppo.steps=2", "policy"),
+}
 
-    from rlft import sft
 
-    out = tmp_path / "sft"
-    assert main(sft_args(tiny_lm_dir, data, out, "train.max_steps=2")) == 0
+@pytest.mark.parametrize("stage", list(RESAVED))
+def test_a_rerun_over_a_finished_run_unmarks_it_before_rewriting(stage, tiny_lm_dir, tiny_reward_dir, data, tmp_path,
+                                                                 capsys, monkeypatch):
+    """A rerun that dies (the disk full) while re-saving a finished stage's files must not leave the old completion
+    mark beside half-written ones: the mark goes first, and the next rerun finishes the stage again. PPO's policy/
+    is replaced whole: the old one stays until the new one is complete."""
+    build, module, short, whole = RESAVED[stage]
+    out = tmp_path / stage
+    args = build(tiny_reward_dir if stage == "reward" else tiny_lm_dir, data, out, short)
+    assert main(args) == 0
     assert (out / "metrics.json").is_file()
+    kept = snapshot(out / whole) if whole else None
 
-    def torn(model, folder, *args, **kwargs):
-        (Path(folder) / "adapter_model.safetensors").write_bytes(b"half an adapter")
+    def torn(folder, **card):  # the last file of every stage's final save
+        (Path(folder) / "README.md").write_text("half a model ca")
         raise OSError(errno.ENOSPC, "No space left on device")
-    monkeypatch.setattr(sft, "save_adapter", torn)
-    assert main(sft_args(tiny_lm_dir, data, out, "train.max_steps=2")) == 2
-    assert "No space left on device" in error_line(capsys, "sft")
-    assert not (out / "metrics.json").exists()  # no finished run is claimed beside the torn adapter
+    monkeypatch.setattr(importlib.import_module(module), "write_model_card", torn)
+    assert main(args) == 2
+    assert "No space left on device" in error_line(capsys, stage)
+    assert not (out / "metrics.json").exists()  # no finished run is claimed beside the torn card
+    if whole:
+        assert snapshot(out / whole) == kept
     monkeypatch.undo()
-    assert main(sft_args(tiny_lm_dir, data, out, "train.max_steps=2")) == 0
-    assert (out / "metrics.json").is_file() and (out / "adapter_model.safetensors").stat().st_size > 100
+    assert main(args) == 0
+    assert (out / "metrics.json").is_file()
+    assert "half a model ca" not in (out / (whole or ".") / "README.md").read_text()
+
+
+def test_a_rerun_over_finished_preferences_keeps_the_old_pairs_whole(tiny_lm_dir, data, mount_tmpfs, capsys):
+    """A rerun that writes more pairs than the disk has room for: the old pairs.jsonl stays whole (it is replaced,
+    never rewritten in place), the stage is no longer marked complete, and with room freed the rerun finishes."""
+    disk = mount_tmpfs("disk", "size=1m")
+    out = disk / "preferences"
+    args = ["preferences", f"output_dir={out}", f"model.name_or_path={tiny_lm_dir}",
+            f"data.path={data / 'prompts.jsonl'}", "num_samples=4", "sampling.max_new_tokens=6",
+            "judge=[{kind: function, path: 'tests.test_pipeline:positivity'}]"]
+    assert main(args) == 0
+    pairs = (out / "pairs.jsonl").read_bytes()
+    filler = disk / "filler"
+    # 16 KiB left: room for the config, not for every pair of the rerun (about 44 KiB; the first run's are 12)
+    filler.write_bytes(bytes(shutil.disk_usage(disk).free - 16 * 1024))
+    capsys.readouterr()
+    assert main([*args, "pairs=all"]) == 2
+    assert "No space left on device" in error_line(capsys, "preferences")
+    assert not (out / "metrics.json").exists()
+    assert (out / "pairs.jsonl").read_bytes() == pairs
+    filler.unlink()
+    assert main([*args, "pairs=all"]) == 0
+    assert (out / "metrics.json").is_file() and len((out / "pairs.jsonl").read_bytes()) > 2 * len(pairs)
 
 
 @pytest.mark.parametrize("stage", ["sft", "ppo"])
@@ -505,6 +576,8 @@ SIGNALLED = {
     # name: (args builder, the folder whose newest checkpoint says the run is under way, signal, exit code, reason)
     "ppo SIGTERM": (lambda lm, rm, data, out: ppo_args(lm, data, out, "ppo.steps=400"), "checkpoints", "step-*",
                     signal.SIGTERM, 143, "terminated (SIGTERM)"),
+    "ppo Ctrl-C": (lambda lm, rm, data, out: ppo_args(lm, data, out, "ppo.steps=400"), "checkpoints", "step-*",
+                   signal.SIGINT, 130, "interrupted"),
     "sft SIGTERM": (lambda lm, rm, data, out: sft_args(lm, data, out, "train.max_steps=2000"), "checkpoints",
                     "checkpoint-*", signal.SIGTERM, 143, "terminated (SIGTERM)"),
     "reward Ctrl-C": (lambda lm, rm, data, out: reward_args(rm, data, out, "train.max_steps=2000"), "checkpoints",
@@ -517,7 +590,7 @@ SIGNALLED = {
 def test_a_signal_ends_with_the_line_that_the_checkpoints_are_intact(case, tiny_lm_dir, tiny_reward_dir, data,
                                                                      tmp_path):
     """SIGTERM (a scheduler's kill) or Ctrl-C mid-run: the run says where its intact checkpoints are, and that
-    line is the last one (no progress bar redrawn after it)."""
+    line is the last one (no progress bar redrawn after it), with no traceback before it."""
     build, checkpoints, pattern, signum, code, reason = SIGNALLED[case]
     out, log = tmp_path / "run", tmp_path / "log"
     process = start(build(tiny_lm_dir, tiny_reward_dir, data, out), log)
@@ -527,9 +600,10 @@ def test_a_signal_ends_with_the_line_that_the_checkpoints_are_intact(case, tiny_
     process.send_signal(signum)
     assert process.wait(timeout=60) == code, log.read_text()[-2000:]
     time.sleep(0.5)  # anything a stray thread would still draw
-    last = log.read_text().rstrip().splitlines()[-1]
+    lines = log.read_text().rstrip().splitlines()
     stage = case.split()[0]
-    assert last == f"rlft {stage}: {reason}; the checkpoints in {out} are intact: rerun the same command to resume"
+    assert lines[-1] == f"rlft {stage}: {reason}; the checkpoints in {out} are intact: rerun the same command to resume"
+    assert not any("Traceback" in line for line in lines), "\n".join(lines[-30:])
 
 
 def test_ctrl_c_reaches_a_run_whose_parent_ignored_and_blocked_it(tiny_reward_dir, data, tmp_path):
@@ -662,3 +736,21 @@ def test_saved_config_changes_skip_options_newer_than_the_run(tmp_path):
     (tmp_path / CONFIG).write_text(yaml.safe_dump(saved))
     assert saved_config_changes(tmp_path, SFTConfig(), may_change=("output_dir",)) == ["lora.r: 8 -> 16"]
     assert saved_config_changes(tmp_path / "never_ran", SFTConfig()) == []
+
+    # Scorers in a list likewise: an option they gained is skipped, a scorer's timeout (it only ends a hang) may
+    # change on resume, another scorer may not.
+    from reward_models.scorers import ScorerConfig
+    from rlft.ppo.config import RESUMABLE_CHANGES, PPOConfig
+
+    ppo = PPOConfig(reward=[ScorerConfig(kind="function", path="tests.test_ppo:share_of_target")])
+    saved = to_dict(ppo)
+    del saved["reward"][0]["timeout"]
+    (tmp_path / CONFIG).write_text(yaml.safe_dump(saved))
+    assert saved_config_changes(tmp_path, ppo) == []
+    saved["reward"][0]["timeout"] = 0.0
+    (tmp_path / CONFIG).write_text(yaml.safe_dump(saved))
+    assert saved_config_changes(tmp_path, ppo) == ["reward.0.timeout: 0.0 -> 300.0"]
+    assert saved_config_changes(tmp_path, ppo, RESUMABLE_CHANGES) == []
+    saved["reward"].append({**saved["reward"][0], "name": "other"})
+    (tmp_path / CONFIG).write_text(yaml.safe_dump(saved))
+    assert saved_config_changes(tmp_path, ppo, RESUMABLE_CHANGES) == ["reward: 2 -> 1"]

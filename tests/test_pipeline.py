@@ -112,6 +112,32 @@ def test_pipeline_runs_every_stage_then_reuses_them(tiny_lm_dir, tiny_reward_dir
     assert report["policies"][1]["reference_adapter"] == str(moved / "sft")
 
 
+def test_a_moved_pipeline_resumes_its_unfinished_stage(tiny_lm_dir, tiny_reward_dir, tmp_path, monkeypatch, caplog):
+    """Ctrl-C mid-PPO, then the pipeline folder moved whole: the rerun there reuses the finished stages and resumes
+    PPO's checkpoint, whose saved SFT adapter and reward model paths moved with it."""
+    from rlft.ppo import train
+
+    out = tmp_path / "quick"
+    args = ["pipeline", *tiny_overrides(tiny_lm_dir, tiny_reward_dir, tmp_path), "ppo.save_every=1"]
+    step = train.ppo_step
+
+    def stopped(ppo, index):  # Ctrl-C during the third step, its second checkpoint saved
+        if index == 2:
+            raise KeyboardInterrupt
+        return step(ppo, index)
+    monkeypatch.setattr(train, "ppo_step", stopped)
+    assert main([*args, f"output_dir={out}"]) == 130
+    monkeypatch.undo()
+    moved = tmp_path / "elsewhere" / "quick"
+    moved.parent.mkdir()
+    shutil.move(out, moved)
+    with caplog.at_level(logging.INFO):
+        assert main([*args, f"output_dir={moved}"]) == 0
+    assert caplog.text.count("already complete") == 3  # sft, preferences, reward
+    assert f"resumed from {moved / 'ppo' / 'checkpoints' / 'step-000002'} (step 2)" in caplog.text
+    assert (moved / "ppo" / "metrics.json").is_file()
+
+
 def test_one_seed_reaches_every_stage():
     from rlft.config import load_config
     from rlft.pipeline import PipelineConfig, wire

@@ -1,6 +1,7 @@
 """Scorers: the one interface PPO and eval score completions through (reward_models.scorers)."""
 
 import shutil
+import signal
 
 import pytest
 import torch
@@ -44,6 +45,19 @@ def test_function_scorer_by_module_and_by_file(judges_file):
 
     words = build_scorer([function(judges_file, "words")])  # returns a numpy int array
     assert torch.equal(words(PROMPTS, COMPLETIONS), torch.tensor([3.0, 4.0, 1.0]))
+
+
+def seconds_left(prompts, completions):
+    """Each completion scores the seconds the call's alarm had left: what a hang would have before it ends."""
+    return [signal.getitimer(signal.ITIMER_REAL)[0]] * len(completions)
+
+
+def test_a_function_scorer_has_a_timeout_unless_told_none():
+    """A hung scorer (a request that never returns) ends the run by default; timeout: 0 means no limit."""
+    path = "tests.test_scorers:seconds_left"
+    assert 290 < build_scorer([ScorerConfig(kind="function", path=path)])(PROMPTS, COMPLETIONS)[0] <= 300
+    assert build_scorer([ScorerConfig(kind="function", path=path, timeout=0)])(PROMPTS, COMPLETIONS)[0] == 0
+    assert signal.getitimer(signal.ITIMER_REAL)[0] == 0  # and no alarm is left behind
 
 
 def test_weighted_sum_equals_weighted_parts(judges_file, tiny_reward_dir):

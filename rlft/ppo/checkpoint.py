@@ -4,13 +4,14 @@ checkpoints/step-000010/
     policy/            the PPO adapter (PeftModel.save_pretrained + rlft_adapter.json): loadable on its own
     value_head.pt      critic head weights (gae only: the other estimators train no critic)
     critic/            the critic's LoRA adapter (ppo.critic=adapter only)
-    trainer_state.pt   optimiser, scheduler, KL controller, step (tensors and numbers only)
+    trainer_state.pt   optimiser, scheduler, KL controller, step, process count (tensors and numbers only)
     rng_state_<rank>.json  torch / numpy / python RNG of each process
 Nothing is unpickled on load: tensors go through torch.load(weights_only=True), the RNG states are JSON,
 so a crafted checkpoint (they are shared and downloaded) cannot run code.
 A checkpoint is built in a hidden staging folder and renamed into place, so a crash never leaves a
-half-written one; resuming picks the newest complete folder. Only the newest `keep` hold the resumable
-state; older ones keep their adapter for rlft eval's reward-vs-KL view across checkpoints.
+half-written one: every step-N folder is complete, and resuming continues the newest, which must still hold
+every file above (one lost since is refused in one line, never skipped). Only the newest `keep` hold the
+resumable state; older ones keep their adapter for rlft eval's reward-vs-KL view across checkpoints.
 """
 
 from __future__ import annotations
@@ -43,12 +44,9 @@ def step_of(folder: Path) -> int | None:
 
 
 def latest(run_dir: Path) -> Path | None:
-    """The newest complete (resumable) checkpoint of a PPO run, or None."""
+    """The newest checkpoint of a PPO run (checked whole: `check`), or None."""
     folder = run_dir / "checkpoints"
-    if not folder.is_dir():
-        return None
-    found = [(step, p) for p in folder.iterdir()
-             if (step := step_of(p)) is not None and (p / "trainer_state.pt").is_file()]
+    found = [(step, p) for p in folder.iterdir() if (step := step_of(p)) is not None] if folder.is_dir() else []
     if not found:
         return None
     newest = max(found)[1]
@@ -56,26 +54,39 @@ def latest(run_dir: Path) -> Path | None:
     return newest
 
 
+FIX = "delete it to resume from the one before, or set resume=false"
+
+
 def check(folder: Path) -> None:
-    """Refuse, in one line and before the run writes anything, a checkpoint whose files do not parse (torn,
-    edited, crafted to hold code): every file is read the way `load` will read it."""
+    """Refuse, in one line and before the run writes anything, a checkpoint that cannot continue the run exactly:
+    a file missing (without its RNG a process would resume on fresh random numbers), or one that does not parse
+    (torn, edited, crafted to hold code): every file is read the way `load` will read it."""
     from safetensors import safe_open
 
-    fix = "delete it to resume from the one before, or set resume=false"
-    if not (folder / "policy" / "adapter_model.safetensors").is_file():
-        raise RlftError(f"checkpoint '{folder}' has no policy/adapter_model.safetensors: {fix}")
+    for name in ("policy/adapter_model.safetensors", "trainer_state.pt"):
+        require(folder, name)
+    processes = 1  # that saved it (checkpoints written before this was recorded: rank 0's RNG at least)
     for path in sorted(folder.rglob("*")):
         try:
-            with reading(path, fix):
+            with reading(path, FIX):
                 if path.suffix == ".safetensors":
                     with safe_open(path, framework="pt") as weights:
                         weights.keys()
                 elif path.suffix == ".pt":
-                    torch.load(path, weights_only=True, map_location="cpu")
+                    state = torch.load(path, weights_only=True, map_location="cpu")
+                    if path.name == "trainer_state.pt" and isinstance(state, dict):
+                        processes = state.get("processes", 1)
                 elif path.suffix == ".json":
-                    read_json(path, fix)
+                    read_json(path, FIX)
         except pickle.UnpicklingError as e:
             raise unsafe_checkpoint(folder, e) from None
+    for rank in range(processes):  # each process saves its own RNG
+        require(folder, f"rng_state_{rank}.json")
+
+
+def require(folder: Path, name: str) -> None:
+    if not (folder / name).is_file():
+        raise RlftError(f"checkpoint '{folder}' has no {name}, so it cannot continue the run exactly: {FIX}")
 
 
 def rng_state() -> dict:
@@ -219,20 +230,22 @@ def load(folder: Path, process_index: int, policy, value_head) -> dict:
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
-    fix = "delete it to resume from the one before, or set resume=false"
     try:
-        with reading(folder, fix):
+        with reading(folder, FIX):
             load_policy(folder, policy)
             if value_head is not None:
                 value_head.load_state_dict(torch.load(folder / "value_head.pt", weights_only=True))
             if CRITIC in policy.peft_config:
                 set_peft_model_state_dict(policy, load_file(folder / CRITIC / "adapter_model.safetensors"), CRITIC)
             rng_file = folder / f"rng_state_{process_index}.json"
-            if rng_file.is_file():  # resuming with a different process count: fresh RNG for new ranks
-                set_rng_state(read_json(rng_file, fix))
+            if rng_file.is_file():  # resuming on more processes than saved it (`check`): fresh RNG for new ranks
+                set_rng_state(read_json(rng_file, FIX))
             return torch.load(folder / "trainer_state.pt", weights_only=True)
     except pickle.UnpicklingError as e:
         raise unsafe_checkpoint(folder, e) from None
+    except FileNotFoundError as e:  # the estimator's critic: value_head.pt or critic/
+        raise RlftError(f"checkpoint '{folder}' has no {Path(e.filename).relative_to(folder)}, so it cannot continue "
+                        f"the run exactly: {FIX}") from None
     except (OSError, RuntimeError, ValueError, KeyError, TypeError) as e:
         raise RlftError(f"checkpoint '{folder}' is damaged ({type(e).__name__}: {str(e).splitlines()[0][:120]}): "
-                        f"{fix}") from None
+                        f"{FIX}") from None

@@ -215,7 +215,7 @@ def ppo_step(ppo: PPORun, step: int) -> dict:
     if (step + 1) % config.save_every == 0 or step + 1 == hp.steps:
         trainer_state = {"optimizer": checkpoint.optimizer_state(ppo.model, ppo.optimizer),
                          "scheduler": ppo.scheduler.state_dict(), "kl_controller": ppo.kl_controller.state_dict(),
-                         "checkpoint_kl": ppo.checkpoint_kl, "step": step + 1}
+                         "checkpoint_kl": ppo.checkpoint_kl, "step": step + 1, "processes": accelerator.num_processes}
         checkpoint.save(accelerator, ppo.out, step + 1, ppo.actor_critic, trainer_state, config.model,
                         config.sft_adapter or None)
     return metrics
