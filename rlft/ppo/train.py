@@ -26,10 +26,10 @@ from transformers import PreTrainedTokenizerBase
 from rlft import distributed, hf_training, runs
 from rlft.data import load_splits, prompts_of, render_prompts
 from rlft.errors import RlftError
-from rlft.generation import sample
+from rlft.generation import check_prompt_lengths, sample
 from rlft.hacking import collapse
 from rlft.metrics import MetricsLogger, timed
-from rlft.models import add_lora, configured_context_length, load_tokenizer
+from rlft.models import add_lora, load_tokenizer
 from rlft.policy import active_adapter, load_reference
 from rlft.publish import push, write_model_card
 from rlft.ppo import checkpoint
@@ -542,22 +542,3 @@ def prompt_batch(step: int, rank: int, world: int, batch_size: int, num_prompts:
         order = torch.randperm(num_prompts, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
         indices.append(int(order[offset]))
     return indices
-
-
-def check_prompt_lengths(tokenizer, prompt_texts: list[str], sampling, model_config) -> None:
-    """Every prompt within sampling.max_prompt_length, and with max_new_tokens within the model's context (read
-    from its config alone): said before the weights load, not at the step that draws the prompt."""
-    lengths = [len(ids) for ids in tokenizer(prompt_texts, add_special_tokens=False)["input_ids"]]
-    too_long = sum(length > sampling.max_prompt_length for length in lengths)
-    if too_long:
-        raise RlftError(
-            f"{too_long} of {len(lengths)} prompts are longer than sampling.max_prompt_length="
-            f"{sampling.max_prompt_length} tokens (longest {max(lengths)}): raise the limit or filter the prompts"
-        )
-    context = configured_context_length(model_config)
-    if context and max(lengths) + sampling.max_new_tokens > context:
-        past = sum(length + sampling.max_new_tokens > context for length in lengths)
-        raise RlftError(
-            f"{past} of {len(lengths)} prompts (longest {max(lengths)} tokens) plus sampling.max_new_tokens="
-            f"{sampling.max_new_tokens} are longer than the model's context ({context} tokens): filter the prompts, "
-            "or lower sampling.max_new_tokens")
