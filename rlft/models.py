@@ -173,8 +173,10 @@ def empty_model(config: ModelConfig, loader=None, **config_changes):
         setattr(model_config, key, value)
     try:
         with init_empty_weights():
-            return (loader or AutoModelForCausalLM).from_config(model_config,
-                                                                trust_remote_code=config.trust_remote_code)
+            model = (loader or AutoModelForCausalLM).from_config(model_config,
+                                                                 trust_remote_code=config.trust_remote_code)
+        model.tie_weights()  # from_pretrained ties a tied head to the embedding; from_config leaves two on meta
+        return model
     except (ValueError, KeyError) as e:  # a config transformers has no class of this kind for
         raise RlftError(f"could not build '{config.name_or_path}' from its config: {' '.join(str(e).split())[:200]}"
                         ) from None
