@@ -26,7 +26,7 @@ import torch
 
 from rlft.config import ModelConfig, option, require
 from rlft.errors import RlftError
-from rlft.models import context_length, load_model, load_tokenizer, resolve
+from rlft.models import auto_config, context_length, load_model, load_tokenizer, resolve
 from rlft.policy import active_adapter, adapter_info, load_reference
 from rlft.runs import read_json, reading
 
@@ -118,6 +118,14 @@ def check_scorer(config: ScorerConfig, shared_base: bool = False) -> ModelConfig
         require_weights(config, folder)
         base = adapter_info(config.path)[0] if (folder / "adapter_config.json").is_file() else \
             ModelConfig(name_or_path=config.path, dtype=config.dtype)
+    try:
+        auto_config(base)  # the model's config file is there (or on the hub): its weights will be too
+    except RlftError as e:
+        if Path(config.path).exists():
+            raise RlftError(f"scorer '{config.name}': {e}") from None
+        raise RlftError(f"scorer '{config.name}': '{config.path}' not found: not a folder here, not an embedded model, "
+                        "not on the hub (or the hub is unreachable): train it with rlft reward first, or fix its path"
+                        ) from None
     normalization(config)
     return base
 
