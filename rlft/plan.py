@@ -120,10 +120,11 @@ def run(stage: str, config, device: str | None = None, processes: int = 1, strat
     plans = plan_pipeline(config, setting) if stage == "pipeline" else [PLANNERS[stage](config, setting)]
     print("\n\n".join(render(plan, setting) for plan in plans if plan.stage != "pipeline" or plan.notes))
     if stage == "pipeline" and len(plans) > 2:
-        busiest = max((p for p in plans if p.workload), key=lambda p: memory.peak(memory.parts(p.workload)), default=None)
-        if busiest is not None:
-            print(f"\npipeline: its stages run one after another in one process: its peak is {busiest.stage}'s, "
-                  f"{memory.peak(memory.parts(busiest.workload)) / memory.MIB:,.0f} MiB")
+        peaks = {plan.stage: memory.peak(memory.parts(plan.workload)) for plan in plans if plan.workload}
+        if peaks:
+            busiest = max(peaks, key=peaks.get)
+            print(f"\npipeline: its stages run one after another in one process: its peak is {busiest}'s, "
+                  f"{peaks[busiest] / memory.MIB:,.0f} MiB")
     problems = [line if stage != "pipeline" or line.startswith("[") else f"[{plan.stage}] {line}"
                 for plan in plans for line in plan.problems]
     if problems:
@@ -482,9 +483,8 @@ def size_scorer(scorer: ScorerConfig, setting: Setting, shared_base: bool = Fals
                 f"{memory.amount(adapter_parameters)} float32", adapter_parameters * memory.FLOAT32)
     size = memory.weight_bytes(shape.parameters, shape.quantizable, dtype_bytes(base, setting.device),
                                base.quantization) + adapter_parameters * memory.FLOAT32
-    return (f"reward:{scorer.name}", f"scorer '{scorer.name}': its own model, {memory.amount(shape.parameters)} "
-            f"{dtype_name(base, setting.device)}" + (f" + {memory.amount(adapter_parameters)} adapter" if adapter else ""),
-            size)
+    label = f"scorer '{scorer.name}': its own model, {memory.amount(shape.parameters)} {dtype_name(base, setting.device)}"
+    return f"reward:{scorer.name}", label + (f" + {memory.amount(adapter_parameters)} adapter" if adapter else ""), size
 
 
 def mergeable(model_config: ModelConfig, sampling, setting: Setting, adapter) -> bool:
@@ -528,7 +528,8 @@ def describe_model(model_config: ModelConfig, shape: memory.ModelShape, setting:
 # Verdict
 
 
-def knobs(w: memory.Workload, accumulation: int, rows_change, rows_per_item: int = 1) -> list[tuple[str, memory.Workload]]:
+def knobs(w: memory.Workload, accumulation: int, rows_change,
+          rows_per_item: int = 1) -> list[tuple[str, memory.Workload]]:
     """What to change, in the order to try it, each with the workload it gives: fewer rows per micro-batch (halved,
     with as much more gradient accumulation: the same batch; `rows_change(items, steps)` names the keys), gradient
     checkpointing, a 4-bit base, FSDP over the processes. A training stage's micro-batch rows also set the rows

@@ -87,11 +87,12 @@ def test_a_plan_that_does_not_fit_names_the_first_knob_that_makes_it_fit(llama_7
     shape, adapter, _, _ = size_policy(llama_7b, LoraConfig(r=16))
     w = memory.Workload(shape, 2, adapter=adapter, trains=True, rows=8, tokens=2048, logit_rows=8, logit_tokens=2048,
                         device="cuda")
-    plan = StagePlan("sft", workload=w, knobs=knobs(w, 1, lambda rows, steps: f"train.batch_size={rows} "
-                                                                            f"train.gradient_accumulation_steps={steps}"))
+    change = lambda rows, steps: f"train.batch_size={rows} train.gradient_accumulation_steps={steps}"  # noqa: E731
+    plan = StagePlan("sft", workload=w, knobs=knobs(w, 1, change))
     # 12.6 GiB of bf16 weights + 72 GiB of activations at 8 rows x 2048 tokens: at 2 rows (18 GiB) it fits 40 GiB
     said = verdict(plan, Setting(Device("cuda", 40 * GIB, "a GPU of 40 GiB")))
-    assert said.startswith("does not fit") and "first set train.batch_size=2 train.gradient_accumulation_steps=4" in said
+    assert said.startswith("does not fit")
+    assert "first set train.batch_size=2 train.gradient_accumulation_steps=4" in said
     assert verdict(plan, Setting(Device("cuda", 141 * GIB, "a GPU of 141 GiB"))).startswith("fits")
     said = verdict(plan, Setting(Device("cuda", 8 * GIB, "a GPU of 8 GiB")))  # only 4-bit comes close
     assert "no one knob is enough" in said
