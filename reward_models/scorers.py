@@ -26,7 +26,7 @@ import torch
 
 from rlft.config import ModelConfig, option, require
 from rlft.errors import RlftError
-from rlft.models import context_length, load_model, load_tokenizer, resolve
+from rlft.models import auto_config, context_length, load_model, load_tokenizer, resolve
 from rlft.policy import active_adapter, adapter_info, load_reference
 from rlft.runs import read_json, reading
 
@@ -89,17 +89,62 @@ def build_scorer(configs: list[ScorerConfig], device=None, shared_base: bool = F
 
     shared_base: `kind: adapter` scorers wait to be attached to the caller's base (PPO); else they load
     standalone on their own base, like `kind: model` (eval, preferences)."""
-    if not configs:
-        raise RlftError("no scorer configured: name a reward model dir or a module:function")
-    names = [c.name for c in configs]
-    if len(set(names)) < len(names):
-        raise RlftError(f"scorer names {names} repeat: give each scorer a distinct name")
+    check_scorers(configs)
     kinds = {"model": lambda c: ModelScorer(c, device), "function": FunctionScorer,
              "adapter": AdapterScorer if shared_base else lambda c: ModelScorer(c, device)}
     parts = [(kinds[c.kind](c), c.weight) for c in configs]
     if len(parts) == 1 and parts[0][1] == 1.0:
         return parts[0][0]
     return WeightedSum(parts)
+
+
+def check_scorers(configs: list[ScorerConfig]) -> None:
+    """Refuse no scorer at all, or two of one name (their logs and reports would mix)."""
+    if not configs:
+        raise RlftError("no scorer configured: name a reward model dir or a module:function")
+    names = [c.name for c in configs]
+    if len(set(names)) < len(names):
+        raise RlftError(f"scorer names {names} repeat: give each scorer a distinct name")
+
+
+def check_scorer(config: ScorerConfig, shared_base: bool = False) -> ModelConfig | None:
+    """Every check a scorer makes before its weights load, loading none (`rlft plan`): a function imports; a model
+    folder holds weights; an adapter folder records its base; normalization.json is there when asked for.
+    Returns the base model of a learned scorer (an adapter's own base, which `shared_base` PPO shares), None for
+    a function."""
+    if config.kind == "function":
+        import_function(config.path)
+        return None
+    if config.kind == "adapter" and shared_base:
+        require_adapter(config)
+        base = adapter_info(config.path)[0]
+    else:
+        folder = Path(resolve(config.path))
+        require_weights(config, folder)
+        base = adapter_info(config.path)[0] if (folder / "adapter_config.json").is_file() else \
+            ModelConfig(name_or_path=config.path, dtype=config.dtype)
+    try:
+        auto_config(base)  # the model's config file is there (or on the hub): its weights will be too
+    except RlftError as e:
+        if Path(config.path).exists():
+            raise RlftError(f"scorer '{config.name}': {e}") from None
+        raise RlftError(f"scorer '{config.name}': '{config.path}' not found: not a folder here, not an embedded model, "
+                        "not on the hub (or the hub is unreachable): train it with rlft reward first, or fix its path"
+                        ) from None
+    normalization(config)
+    return base
+
+
+def require_weights(config: ScorerConfig, folder: Path) -> None:
+    if folder.is_dir() and not any(folder.glob("*.safetensors")) and not any(folder.glob("*.bin")):
+        raise RlftError(f"scorer '{config.name}': '{config.path}' holds no model weights (an empty folder, or a run "
+                        "of rlft reward that did not finish): finish or rerun rlft reward there, or fix the path")
+
+
+def require_adapter(config: ScorerConfig) -> None:
+    if not (Path(config.path) / "adapter_config.json").is_file():
+        raise RlftError(f"scorer '{config.name}': '{config.path}' has no adapter_config.json: kind: adapter needs "
+                        "an rlft reward run with lora_enabled: true (use kind: model for a full classifier)")
 
 
 def checked(name: str, scores, count: int) -> torch.Tensor:
@@ -183,9 +228,7 @@ class ModelScorer:
         self.name, self.batch_size = config.name, config.batch_size
         model_config = ModelConfig(name_or_path=config.path, dtype=config.dtype)
         folder = Path(resolve(config.path))
-        if folder.is_dir() and not any(folder.glob("*.safetensors")) and not any(folder.glob("*.bin")):
-            raise RlftError(f"scorer '{self.name}': '{config.path}' holds no model weights (an empty folder, or a run "
-                            "of rlft reward that did not finish): finish or rerun rlft reward there, or fix the path")
+        require_weights(config, folder)
         with reading(config.path, "rerun rlft reward to train it again"):
             self.tokenizer = load_tokenizer(model_config)
             if (folder / "adapter_config.json").is_file():  # a LoRA reward model: base + adapter
@@ -239,9 +282,7 @@ class AdapterScorer:
         self.name, self.batch_size, self.path = config.name, config.batch_size, config.path
         # one adapter per scorer (a weighted sum may hold several); peft's module keys may not contain dots
         self.adapter = "reward_" + re.sub(r"\W", "_", config.name)
-        if not (Path(config.path) / "adapter_config.json").is_file():
-            raise RlftError(f"scorer '{self.name}': '{config.path}' has no adapter_config.json: kind: adapter needs "
-                            "an rlft reward run with lora_enabled: true (use kind: model for a full classifier)")
+        require_adapter(config)
         self.base_config, self.reference_adapter = adapter_info(config.path)
         self.tokenizer = load_tokenizer(ModelConfig(name_or_path=config.path))
         self.max_length = min(config.max_length, self.tokenizer.model_max_length or config.max_length)

@@ -1,7 +1,8 @@
 """`rlft <stage> --config configs/<stage>.yaml key.sub=value ...`: one command per stage.
 
 Configs are parsed and checked before anything heavy is imported or loaded. Problems a user can fix
-(RlftError) print one line and exit 2; anything else is a bug and keeps its traceback.
+(RlftError) print one line each and exit 2; anything else is a bug and keeps its traceback. `rlft plan` and
+every stage's `--dry-run` check a run's inputs and size its memory without loading weights (rlft/plan.py).
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ STAGES = {
     "eval": ("rlft.evaluate", "EvalConfig", "reward and KL-drift report for policies against their reference"),
     "pipeline": ("rlft.pipeline", "PipelineConfig", "SFT, preferences, reward model, PPO and report in one go"),
 }
+# config file names that do not start with their stage's name (configs/sft_qlora.yaml is sft's)
+CONFIG_NAMES = {"quickstart": "pipeline"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,7 +45,41 @@ def build_parser() -> argparse.ArgumentParser:
         stage.add_argument("overrides", nargs="*", metavar="key.sub=value", help="override config values")
         stage.add_argument("--show-config", action="store_true", help="print the resolved config and exit")
         stage.add_argument("--list-options", action="store_true", help="list every config key with its help")
+        stage.add_argument("--dry-run", action="store_true", help="check the inputs and plan the memory (as "
+                           "`rlft plan`), loading no weights, then exit without training")
+    plan = sub.add_parser("plan", help="check a stage's or pipeline's inputs and plan its memory, loading no weights",
+                          description="rlft plan: check a run's inputs in seconds (tokenizer, data, chat template, "
+                          "LoRA targets, context, scorers, output_dir) and size its memory per process")
+    plan.add_argument("--config", help="YAML config of a stage or pipeline (e.g. configs/quickstart.yaml)")
+    plan.add_argument("overrides", nargs="*", metavar="key.sub=value", help="override config values")
+    plan.add_argument("--stage", choices=list(STAGES), dest="planned",
+                      help="the stage the config is for; default: from the file's name (sft_qlora.yaml: sft)")
+    plan.add_argument("--device", help="cpu (this machine's RAM), cuda (the GPU's memory) or a GPU's memory in GiB; "
+                      "default: the GPU if one is visible, else cpu")
+    plan.add_argument("--processes", type=int, default=1, help="processes (GPUs) the run is launched on")
+    plan.add_argument("--strategy", choices=["ddp", "fsdp"], default="ddp",
+                      help="with several processes: a full copy in each (ddp) or the weights sharded (fsdp)")
     return parser
+
+
+def planned_stage(args) -> str:
+    """The stage `rlft plan` plans: --stage, or the one its config file's name starts with."""
+    if args.planned:
+        return args.planned
+    prefix = Path(args.config).stem.split("_")[0] if args.config else ""
+    stage = CONFIG_NAMES.get(prefix, prefix)
+    if stage not in STAGES:
+        what = f"from the name of '{args.config}'" if args.config else "without --config"
+        raise RlftError(f"cannot tell which stage to plan {what}: add --stage {{{','.join(STAGES)}}}")
+    return stage
+
+
+def plan_options(args) -> dict:
+    """Where the run is planned for: `rlft plan`'s options, or for --dry-run this process's own launch."""
+    if args.stage == "plan":
+        return {"device": args.device, "processes": args.processes, "strategy": args.strategy}
+    fsdp = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+    return {"processes": int(os.environ.get("WORLD_SIZE", "1")), "strategy": "fsdp" if fsdp else "ddp"}
 
 
 class PrintedAlready(logging.Filter):
@@ -73,25 +110,35 @@ def setup_logging() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # argparse takes one run of positionals: overrides after an option (`--processes 2 lora.r=8`) come back here
+    if any(item.startswith("-") or "=" not in item for item in extra):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.overrides = [*getattr(args, "overrides", []), *extra]
     setup_logging()
     signal.signal(signal.SIGTERM, interrupt)  # a scheduler's kill is an interruption like Ctrl-C
     # Ctrl-C interrupts whatever the parent process left: a launcher may pass SIGINT on ignored or blocked (and
     # Python then leaves it so), and the run would never hear it.
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
-    module_name, class_name, _ = STAGES[args.stage]
+    planning = args.stage == "plan"
     config = None
     try:
+        stage = planned_stage(args) if planning else args.stage
+        module_name, class_name, _ = STAGES[stage]
         module = importlib.import_module(module_name)
         config_class = getattr(module, class_name)
-        if args.list_options:
+        if not planning and args.list_options:
             for key, kind, default, help_text in describe(config_class):
                 print(f"{key} ({kind}, default {default!r}): {help_text}")
             return 0
         config = load_config(config_class, args.config, args.overrides)
-        if args.show_config:
+        if not planning and args.show_config:
             print(yaml.safe_dump(to_dict(config), sort_keys=False), end="")
+            return 0
+        if planning or args.dry_run:
+            importlib.import_module("rlft.plan").run(stage, config, **plan_options(args))
             return 0
         module.run(config)
     except RlftError as e:
@@ -115,9 +162,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def fail(stage: str, problem: str) -> int:
-    """The one line a user reads, last: progress bars the error cut short are closed first."""
+    """The line a user reads, last (a line per problem where a plan found several): progress bars the error cut
+    short are closed first."""
     close_progress_bars()
-    print(f"rlft {stage}: error: {problem}", file=sys.stderr)
+    for line in problem.splitlines() or [""]:
+        print(f"rlft {stage}: error: {line}", file=sys.stderr)
     return 2
 
 

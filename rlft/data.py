@@ -221,13 +221,19 @@ def require_chat_template(tokenizer, model_name: str) -> None:
         )
 
 
+def read_split(config: DataConfig, allowed: tuple[str, ...], what: str = "data"):
+    """(rows, format) of the training split, every row checked: what `rlft plan` reads, and `load_splits` first."""
+    rows = load_any(config.path, config.subset, config.split)
+    if len(rows) == 0:
+        raise RlftError(f"dataset '{config.path}' (split '{config.split}') is empty: point data.path at rows")
+    data_format = detect_format(rows, allowed, what)
+    check_rows(rows, FORMATS[data_format], config.path)
+    return rows, data_format
+
+
 def load_splits(config: DataConfig, allowed: tuple[str, ...], seed: int = 0, what: str = "data"):
     """(train, eval, format) for a stage. Eval is `eval_split`, or a seeded hold-out of `split`."""
-    train = load_any(config.path, config.subset, config.split)
-    if len(train) == 0:
-        raise RlftError(f"dataset '{config.path}' (split '{config.split}') is empty: point data.path at rows")
-    data_format = detect_format(train, allowed, what)
-    check_rows(train, FORMATS[data_format], config.path)
+    train, data_format = read_split(config, allowed, what)
     if config.eval_split:
         evaluation = load_any(config.path, config.subset, config.eval_split)
         check_rows(evaluation, FORMATS[data_format], f"{config.path} ({config.eval_split})")

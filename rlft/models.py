@@ -147,13 +147,39 @@ def context_length(model) -> int | None:
 
 def configured_context_length(config: ModelConfig) -> int | None:
     """context_length from the model's config file alone, before any weights load (None if it cannot say)."""
-    from transformers import AutoConfig
-
     try:
-        return positions_of(_from_pretrained(AutoConfig, config.name_or_path, revision=config.revision,
-                                             trust_remote_code=config.trust_remote_code))
+        return positions_of(auto_config(config))
     except (RlftError, ValueError, KeyError):  # no config to read here: the model's own load says what is wrong
         return None
+
+
+def auto_config(config: ModelConfig):
+    """The model's transformers config, from its config file alone: no weights are read."""
+    from transformers import AutoConfig
+
+    return _from_pretrained(AutoConfig, config.name_or_path, revision=config.revision,
+                            trust_remote_code=config.trust_remote_code)
+
+
+def empty_model(config: ModelConfig, loader=None, **config_changes):
+    """The model built from its config file alone on the meta device: every module, name and shape, no weights
+    read or allocated (`rlft plan` checks and sizes runs on it). `config_changes` set config attributes first,
+    e.g. num_labels=1 for a reward model's classifier."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    model_config = auto_config(config)
+    for key, value in config_changes.items():
+        setattr(model_config, key, value)
+    try:
+        with init_empty_weights():
+            model = (loader or AutoModelForCausalLM).from_config(model_config,
+                                                                 trust_remote_code=config.trust_remote_code)
+        model.tie_weights()  # from_pretrained ties a tied head to the embedding; from_config leaves two on meta
+        return model
+    except (ValueError, KeyError) as e:  # a config transformers has no class of this kind for
+        raise RlftError(f"could not build '{config.name_or_path}' from its config: {' '.join(str(e).split())[:200]}"
+                        ) from None
 
 
 def positions_of(model_config) -> int | None:
@@ -275,11 +301,8 @@ EAGER_BY_DEFAULT = {"gemma3n", "gemma3n_text"}
 def default_attention(config: ModelConfig) -> str:
     """The attention kernel when model.attn_implementation is empty: transformers' own choice, but eager for the
     families above (said in one log line)."""
-    from transformers import AutoConfig
-
     try:
-        model_type = _from_pretrained(AutoConfig, config.name_or_path, revision=config.revision,
-                                      trust_remote_code=config.trust_remote_code).model_type
+        model_type = auto_config(config).model_type
     except (RlftError, ValueError, KeyError):
         return ""  # the model's own load says what is wrong
     if model_type not in EAGER_BY_DEFAULT:

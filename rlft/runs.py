@@ -42,14 +42,10 @@ def prepare(output_dir: str | Path, config, stage: str, resuming: bool = False,
     cadence): a changed `lora.r` or learning rate would mix two experiments in one folder, or crash on the
     checkpoint's shapes. The checks come before anything in the folder is touched.
     """
-    if not str(output_dir).strip():
-        raise RlftError("output_dir is empty: name a folder for the run's files (e.g. output_dir=runs/my_run)")
-    out = Path(output_dir)
+    out = folder_of(output_dir)
     if not is_main_process():
         return out  # under `accelerate launch` the main process alone claims the folder and writes its files
-    if out.exists() and not out.is_dir():
-        raise RlftError(f"output_dir '{out}' is a file, not a folder: pick another output_dir")
-    check_claim(out, stage)
+    check_output_dir(out, stage)
     try:
         out.mkdir(parents=True, exist_ok=True)
         lock(out)
@@ -103,6 +99,31 @@ def begin(output_dir: str | Path, config, data: dict | None = None) -> None:
     save_config(config, out / CONFIG)
     if data is not None:
         write_json(out / DATA_FILE, data)
+
+
+def folder_of(output_dir: str | Path) -> Path:
+    if not str(output_dir).strip():
+        raise RlftError("output_dir is empty: name a folder for the run's files (e.g. output_dir=runs/my_run)")
+    return Path(output_dir)
+
+
+def check_output_dir(output_dir: str | Path, stage: str) -> Path:
+    """What `prepare` checks before it writes, writing nothing (`rlft plan` calls it alone): a folder, no other
+    stage's run, and writable (where it does not exist yet: the nearest folder above it that does)."""
+    out = folder_of(output_dir)
+    if out.exists() and not out.is_dir():
+        raise RlftError(f"output_dir '{out}' is a file, not a folder: pick another output_dir")
+    check_claim(out, stage)
+    nearest = next(folder for folder in (out, *out.absolute().parents) if folder.exists())
+    if not nearest.is_dir():
+        problem = f"Not a directory: '{nearest}'"
+    elif os.statvfs(nearest).f_flag & os.ST_RDONLY:
+        problem = "Read-only file system"
+    elif not os.access(nearest, os.W_OK | os.X_OK):  # root passes, as it passes mkdir
+        problem = f"Permission denied: '{nearest}'"
+    else:
+        return out
+    raise RlftError(f"cannot write to output_dir '{out}' ({problem}): pick a writable folder")
 
 
 def check_claim(out: Path, stage: str) -> None:

@@ -1,0 +1,604 @@
+"""`rlft plan` and every stage's `--dry-run`: check a run's inputs in seconds, and say how much memory it needs.
+
+What a stage would otherwise find wrong after minutes of loading is checked here with no weights loaded: the
+tokenizer and a sample of the data, the prompts through the chat template, the model built from its config
+alone on the meta device (the LoRA targets matched by add_lora, the code training runs; the context against
+the prompt, response and row lengths), the scorers (a function imports, a model folder holds weights) and the
+output folder (writable, no other stage's run; nothing is created). Every problem is one line naming its fix,
+and the checks after it still run. Then the memory of one process (rlft/memory.py) against the device's.
+
+A pipeline is planned stage by stage, in order: what an earlier stage will write (the SFT adapter, the pairs,
+the reward model) is sized from that stage's config instead of being looked for on disk.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+
+from reward_models.preferences import PreferenceConfig
+from reward_models.scorers import AdapterScorer, ScorerConfig, check_scorer, check_scorers, length_limit
+from reward_models.train import RewardConfig, tokenize_pairs
+from rlft import hf_training, memory, runs
+from rlft.config import LoraConfig, ModelConfig
+from rlft.data import prompts_of, read_split, render_prompts, require_chat_template
+from rlft.errors import RlftError
+from rlft.evaluate import EvalConfig, check_same_base, find_adapter, find_checkpoints, load_prompts
+from rlft.generation import check_prompt_lengths
+from rlft.models import add_lora, count_parameters, empty_model, load_tokenizer, peft_error, positions_of, resolve
+from rlft.models import torch_dtype
+from rlft.pipeline import PipelineConfig, check_reusable, wire
+from rlft.policy import adapter_info, check_adapter_base
+from rlft.ppo.config import PPOConfig
+from rlft.sft import SFTConfig
+
+SAMPLE_ROWS = 64  # data rows read for the checks; their longest sets the lengths the memory plan assumes
+
+
+@dataclass(frozen=True)
+class Device:
+    kind: str  # cpu or cuda: the runtime's footprint, and what model.dtype auto becomes
+    bytes: float
+    label: str
+
+
+def device_of(spec: str | None = None) -> Device:
+    """The device planned for: cpu (this machine's RAM), cuda (GPU 0's memory), or a number of GiB (a GPU of that
+    size, which need not be here); by default the GPU if one is visible, else the CPU."""
+    spec = spec or ("cuda" if torch.cuda.is_available() else "cpu")
+    if spec == "cpu":
+        return Device("cpu", ram_bytes(), f"cpu, {ram_bytes() / 2**30:.1f} GiB RAM")
+    if spec == "cuda":
+        if not torch.cuda.is_available():
+            raise RlftError("--device cuda: no GPU is visible here: give its memory in GiB instead, e.g. --device 80")
+        gpu = torch.cuda.get_device_properties(0)
+        return Device("cuda", gpu.total_memory, f"{gpu.name}, {gpu.total_memory / 2**30:.1f} GiB")
+    try:
+        gib = float(spec)
+    except ValueError:
+        gib = 0.0
+    if not 0 < gib < float("inf"):
+        raise RlftError(f"--device {spec}: expected cpu, cuda or a GPU's memory in GiB (e.g. --device 24)")
+    return Device("cuda", gib * 2**30, f"a GPU of {gib:g} GiB")
+
+
+def ram_bytes() -> float:
+    """This machine's RAM: MemTotal, or the container's memory limit (cgroup v2) where that is lower."""
+    try:
+        total = next(int(line.split()[1]) * 1024 for line in Path("/proc/meminfo").read_text().splitlines()
+                     if line.startswith("MemTotal:"))
+    except (OSError, StopIteration):  # not Linux
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+    except OSError:
+        return total
+    return min(total, int(limit)) if limit.isdigit() else total
+
+
+@dataclass
+class Setting:
+    """What every stage of one plan shares."""
+    device: Device
+    processes: int = 1
+    strategy: str = "ddp"
+    made: dict[str, object] = field(default_factory=dict)  # folder -> config of the pipeline stage that writes it
+
+    def maker(self, path: str | Path):
+        """The config of the earlier pipeline stage that will write `path` (not written yet), else None."""
+        return self.made.get(str(Path(path).resolve())) if str(path).strip() else None
+
+
+@dataclass
+class StagePlan:
+    """One stage's problems (a line each), notes, and the workload of one of its processes."""
+    stage: str
+    problems: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    workload: memory.Workload | None = None
+    knobs: list[tuple[str, memory.Workload]] = field(default_factory=list)  # (setting to change, workload with it)
+
+    def check(self, function, *args, **kwargs):
+        """function(*args, **kwargs); or None, its RlftError kept as a problem, so that later checks still run."""
+        try:
+            return function(*args, **kwargs)
+        except RlftError as e:
+            if str(e) not in self.problems:  # two checks of one input (a missing folder) say it once
+                self.problems.append(str(e))
+            return None
+
+
+def run(stage: str, config, device: str | None = None, processes: int = 1, strategy: str = "ddp") -> list[StagePlan]:
+    """Check `stage`'s config and print its memory plan (a pipeline's stage by stage); every problem found is a
+    line of the one RlftError raised at the end."""
+    if processes < 1:
+        raise RlftError(f"--processes {processes}: must be >= 1")
+    setting = Setting(device_of(device), processes, strategy)
+    plans = plan_pipeline(config, setting) if stage == "pipeline" else [PLANNERS[stage](config, setting)]
+    print("\n\n".join(render(plan, setting) for plan in plans if plan.stage != "pipeline" or plan.notes))
+    if stage == "pipeline" and len(plans) > 2:
+        peaks = {plan.stage: memory.peak(memory.parts(plan.workload)) for plan in plans if plan.workload}
+        if peaks:
+            busiest = max(peaks, key=peaks.get)
+            print(f"\npipeline: its stages run one after another in one process: its peak is {busiest}'s, "
+                  f"{peaks[busiest] / memory.MIB:,.0f} MiB")
+    problems = [line if stage != "pipeline" or line.startswith("[") else f"[{plan.stage}] {line}"
+                for plan in plans for line in plan.problems]
+    if problems:
+        raise RlftError("\n".join(problems))
+    return plans
+
+
+# ---------------------------------------------------------------------------------------------------
+# Stages
+
+
+def plan_sft(config: SFTConfig, setting: Setting) -> StagePlan:
+    plan = StagePlan("sft")
+    plan.check(hf_training.check_optimizer, config.train.optim, "train.optim")
+    plan.check(hf_training.check_scheduler, config.train.lr_scheduler, "train.lr_scheduler")
+    tokenizer = plan.check(load_tokenizer, config.model)
+    sampled = plan.check(sample, config.data, ("conversational", "prompt_completion", "text"), "SFT data")
+    lengths = plan.check(row_lengths, tokenizer, sampled, config.model.name_or_path) if tokenizer and sampled else None
+    policy = plan.check(size_policy, config.model, config.lora)
+    plan.check(runs.check_output_dir, config.output_dir, "sft")
+    if policy is None:
+        return plan
+    shape, adapter, _, context = policy
+    max_length = min(config.train.max_length, context or config.train.max_length)
+    if max_length < config.train.max_length:  # as training does: said, not refused
+        plan.notes.append(f"train.max_length={config.train.max_length} is past the model's context: rows are cut at "
+                          f"{max_length} tokens")
+    tokens = min(max(lengths), max_length) if lengths else max_length
+    plan.notes.append(describe_model(config.model, shape, setting, adapter, context))
+    plan.notes.append(f"rows: {config.train.batch_size} per micro-batch of up to {tokens} tokens" + (
+        f" (the longest of {len(lengths)} sampled rows)" if lengths else " (train.max_length)"))
+    plan.workload = memory.Workload(
+        shape, dtype_bytes(config.model, setting.device), config.model.quantization, adapter=adapter, trains=True,
+        optim=config.train.optim, rows=config.train.batch_size, tokens=tokens,
+        gradient_checkpointing=config.model.gradient_checkpointing, logit_rows=config.train.batch_size,
+        logit_tokens=tokens, processes=setting.processes, strategy=setting.strategy, device=setting.device.kind)
+    plan.knobs = knobs(plan.workload, config.train.gradient_accumulation_steps,
+                       lambda rows, steps: f"train.batch_size={rows} train.gradient_accumulation_steps={steps}")
+    return plan
+
+
+def plan_reward(config: RewardConfig, setting: Setting) -> StagePlan:
+    from transformers import AutoModelForSequenceClassification  # heavy
+
+    plan = StagePlan("reward")
+    plan.check(hf_training.check_optimizer, config.train.optim, "train.optim")
+    plan.check(hf_training.check_scheduler, config.train.lr_scheduler, "train.lr_scheduler")
+    tokenizer = plan.check(load_tokenizer, config.model)
+    pairs_made = setting.maker(Path(config.data.path).parent)
+    sampled = None if pairs_made else plan.check(sample, config.data, ("preference",), "reward data")
+    if config.sft_adapter and not setting.maker(config.sft_adapter):
+        plan.check(check_adapter_base, config.sft_adapter, config.model)
+    model = plan.check(empty_model, config.model, AutoModelForSequenceClassification, num_labels=1)
+    plan.check(runs.check_output_dir, config.output_dir, "reward")
+    if model is None:
+        return plan
+    shape = shape_of(model)
+    max_length = length_limit(model, tokenizer, config.train.max_length) if tokenizer else config.train.max_length
+    tokens = max_length
+    if sampled is not None and tokenizer is not None:
+        pairs = tokenize_pairs(sampled[0], tokenizer, max_length)
+        tokens = max(len(ids) for column in ("chosen_ids", "rejected_ids") for ids in pairs[column])
+    adapter = 0
+    if config.lora_enabled:
+        adapter = plan.check(adapter_size, model, config.model, config.lora, "SEQ_CLS")
+        if adapter is None:
+            return plan
+        adapter = adapter[0]
+    plan.notes.append(describe_model(config.model, shape, setting, adapter, positions_of(model.config)))
+    plan.notes.append(f"rows: {config.train.batch_size} pairs per micro-batch, chosen and rejected in one pass, of up "
+                      f"to {tokens} tokens" + (" (pairs written by the preferences stage: train.max_length)"
+                                               if pairs_made else ""))
+    plan.workload = memory.Workload(
+        shape, dtype_bytes(config.model, setting.device), config.model.quantization, adapter=adapter, trains=True,
+        full_finetune=not config.lora_enabled, optim=config.train.optim, rows=2 * config.train.batch_size,
+        tokens=tokens, gradient_checkpointing=config.model.gradient_checkpointing, processes=setting.processes,
+        strategy=setting.strategy, device=setting.device.kind)
+    plan.knobs = knobs(plan.workload, config.train.gradient_accumulation_steps,
+                       lambda pairs, steps: f"train.batch_size={pairs} train.gradient_accumulation_steps={steps}",
+                       rows_per_item=2)
+    return plan
+
+
+def plan_preferences(config: PreferenceConfig, setting: Setting) -> StagePlan:
+    plan = StagePlan("preferences")
+    plan.check(check_scorers, config.judge)
+    judges = [plan.check(size_scorer, judge, setting) for judge in config.judge]
+    made = setting.maker(config.policy)
+    if made is not None:  # the pipeline's SFT adapter
+        model_config, adapter = made.model, made.lora
+    elif config.policy:
+        recorded = plan.check(adapter_info, config.policy, config.model.trust_remote_code)
+        model_config, adapter = (recorded[0], config.policy) if recorded else (None, None)
+    else:
+        model_config, adapter = config.model, None
+    if model_config is None:
+        return plan
+    prompt_tokens = sampled_prompt_lengths(plan, model_config, config.data, config.sampling)
+    policy = plan.check(size_policy, model_config, adapter)
+    plan.check(runs.check_output_dir, config.output_dir, "preferences")
+    if policy is None:
+        return plan
+    shape, adapter_parameters, merged, context = policy
+    generate_tokens = prompt_tokens + config.sampling.max_new_tokens
+    plan.notes.append(describe_model(model_config, shape, setting, adapter_parameters, context))
+    plan.notes.append(f"sampling: {config.batch_size} rows at once, up to {generate_tokens} tokens "
+                      f"({prompt_tokens} of prompt + {config.sampling.max_new_tokens} new)")
+    plan.workload = memory.Workload(
+        shape, dtype_bytes(model_config, setting.device), model_config.quantization, adapter=adapter_parameters,
+        generate_rows=config.batch_size, generate_tokens=generate_tokens,
+        merged=merged if mergeable(model_config, config.sampling, setting, adapter) else 0,
+        others=tuple(part for part in judges if part), device=setting.device.kind)
+    plan.knobs = sampling_knobs(plan.workload)
+    one_process(plan, setting)
+    return plan
+
+
+def plan_ppo(config: PPOConfig, setting: Setting) -> StagePlan:
+    plan = StagePlan("ppo")
+    hp = config.ppo
+    plan.check(check_scorers, config.reward)
+    plan.check(hf_training.check_optimizer, hp.optim, "ppo.optim")
+    prompt_tokens = sampled_prompt_lengths(plan, config.model, config.data, config.sampling)
+    if config.sft_adapter and not setting.maker(config.sft_adapter):
+        plan.check(check_adapter_base, config.sft_adapter, config.model)
+    for scorer in config.reward:  # an adapter on PPO's base must have been trained on it (AdapterScorer's check)
+        if scorer.kind == "adapter" and not setting.maker(scorer.path):
+            reward_adapter = plan.check(AdapterScorer, scorer)
+            if reward_adapter is not None:
+                plan.check(reward_adapter.check_base, config.model, config.sft_adapter or None)
+    rewards = [plan.check(size_scorer, scorer, setting, shared_base=True) for scorer in config.reward]
+    policy = plan.check(size_policy, config.model, config.lora)
+    plan.check(runs.check_output_dir, config.output_dir, "ppo")
+    if policy is None:
+        return plan
+    shape, adapter, merged, context = policy
+    critic = 0
+    if hp.uses_critic:  # a value head on the hidden state, and with critic: adapter its own LoRA adapter too
+        critic = shape.hidden + 1 + (adapter if hp.critic == "adapter" else 0)
+    tokens = prompt_tokens + config.sampling.max_new_tokens
+    plan.notes.append(describe_model(config.model, shape, setting, adapter, context)
+                      + (f"; critic ({hp.critic}) {memory.amount(critic)}" if critic else ""))
+    plan.notes.append(f"rows: {hp.rollout_batch_size} sampled at once, {hp.micro_batch_size} per update micro-batch, "
+                      f"up to {tokens} tokens ({prompt_tokens} of prompt + {config.sampling.max_new_tokens} new)")
+    if hp.gather_for_generation and setting.strategy == "fsdp":
+        plan.notes.append("ppo.gather_for_generation: every process also holds the whole base while it samples")
+    plan.workload = memory.Workload(
+        shape, dtype_bytes(config.model, setting.device), config.model.quantization, adapter=adapter + critic,
+        trains=True, optim=hp.optim, rows=hp.micro_batch_size, tokens=tokens,
+        passes=2 if hp.uses_critic and hp.critic == "adapter" else 1,
+        gradient_checkpointing=config.model.gradient_checkpointing,
+        # step 3 keeps the policy's and the reference's logits of the response for the exact KL
+        logit_rows=max(hp.micro_batch_size, hp.forward_batch_size), logit_tokens=config.sampling.max_new_tokens,
+        logit_copies=2, generate_rows=hp.rollout_batch_size, generate_tokens=tokens,
+        merged=merged if mergeable(config.model, config.sampling, setting, config.lora) else 0,
+        others=tuple(part for part in rewards if part), processes=setting.processes, strategy=setting.strategy,
+        device=setting.device.kind)
+    plan.knobs = knobs(plan.workload, hp.gradient_accumulation_steps,  # the micro-batch is mini_batch_size / steps
+                       lambda rows, steps: f"ppo.gradient_accumulation_steps={steps} ppo.forward_batch_size={rows}")
+    if hp.uses_critic and hp.critic == "adapter":
+        plan.knobs.append(("ppo.critic=head", replace(plan.workload, adapter=adapter + shape.hidden + 1, passes=1)))
+    return plan
+
+
+def plan_eval(config: EvalConfig, setting: Setting) -> StagePlan:
+    plan = StagePlan("eval")
+    found, model_config, adapter = [], None, None
+    for path in config.policies:
+        made = setting.maker(path)
+        if made is not None:  # a policy an earlier pipeline stage trains
+            model_config, adapter = model_config or made.model, adapter or made.lora
+        elif (policy := plan.check(find_adapter, path)) is not None:
+            found.append(policy)
+    if config.checkpoints_of and not setting.maker(config.checkpoints_of):
+        found += plan.check(find_checkpoints, config.checkpoints_of) or []
+    if found:
+        plan.check(check_same_base, found)
+        model_config = model_config or replace(found[0].model_config, trust_remote_code=config.trust_remote_code)
+        adapter = adapter or str(found[0].folder)
+    plan.check(check_scorers, config.scorers)
+    scorers = [plan.check(size_scorer, scorer, setting) for scorer in config.scorers]
+    prompts = plan.check(load_prompts, config)
+    plan.check(runs.check_output_dir, config.output_dir, "eval")
+    if model_config is None:
+        return plan
+    tokenizer = plan.check(load_tokenizer, model_config)
+    prompt_tokens = config.sampling.max_prompt_length
+    if tokenizer is not None and prompts:
+        texts = plan.check(render_prompts, tokenizer, prompts)
+        lengths = plan.check(check_prompt_lengths, tokenizer, texts, config.sampling, model_config) if texts else None
+        prompt_tokens = max(lengths) if lengths else prompt_tokens
+    policy = plan.check(size_policy, model_config, adapter)
+    if policy is None:
+        return plan
+    shape, adapter_parameters, merged, context = policy
+    tokens = prompt_tokens + config.sampling.max_new_tokens
+    plan.notes.append(describe_model(model_config, shape, setting, adapter_parameters, context))
+    plan.notes.append(f"rows: {config.batch_size} sampled at once, up to {tokens} tokens")
+    plan.workload = memory.Workload(
+        shape, dtype_bytes(model_config, setting.device), model_config.quantization, adapter=adapter_parameters,
+        # the KL pass: the policy's and the reference's logits of each response
+        logit_rows=config.batch_size, logit_tokens=config.sampling.max_new_tokens, logit_copies=2,
+        generate_rows=config.batch_size, generate_tokens=tokens,
+        merged=merged if mergeable(model_config, config.sampling, setting, adapter) else 0,
+        others=tuple(part for part in scorers if part), device=setting.device.kind)
+    plan.knobs = sampling_knobs(plan.workload)
+    one_process(plan, setting)
+    return plan
+
+
+def plan_pipeline(config: PipelineConfig, setting: Setting) -> list[StagePlan]:
+    """Each stage to run, in order; a finished one is reused as the pipeline reuses it, and what a stage to run
+    will write is known to the stages after it (Setting.made)."""
+    top = StagePlan("pipeline")
+    stage_configs = top.check(wire, config)
+    top.check(runs.check_output_dir, config.output_dir, "pipeline")
+    plans = [top]
+    for stage in config.stages if stage_configs else ():
+        stage_config = stage_configs[stage]
+        if runs.is_complete(stage_config.output_dir):
+            plan = StagePlan(stage, notes=[f"complete in {stage_config.output_dir}: reused, nothing to load"])
+            plan.check(check_reusable, stage, stage_config)
+        else:
+            plan = PLANNERS[stage](stage_config, setting)
+            plan.knobs = [(in_section(change, stage), workload) for change, workload in plan.knobs]
+            setting.made[str(Path(stage_config.output_dir).resolve())] = stage_config
+        plans.append(plan)
+    return plans
+
+
+def in_section(change: str, stage: str) -> str:
+    """A stage's `key=value` settings as a pipeline config spells them: `ppo.critic=head` is `ppo.ppo.critic=head`."""
+    return " ".join(f"{stage}.{word}" if "=" in word and not word.startswith("-") else word for word in change.split())
+
+
+PLANNERS = {"sft": plan_sft, "reward": plan_reward, "preferences": plan_preferences, "ppo": plan_ppo,
+            "eval": plan_eval}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Checks and sizes
+
+
+def sample(data, allowed: tuple[str, ...], what: str):
+    """(the first SAMPLE_ROWS rows, format) of the training split, every row of it checked as training checks."""
+    rows, data_format = read_split(data, allowed, what)
+    return rows.select(range(min(SAMPLE_ROWS, len(rows)))), data_format
+
+
+def row_lengths(tokenizer, sampled, model_name: str) -> list[int]:
+    """Tokens of each sampled SFT row as training renders it: message lists through the chat template, which a
+    tokenizer without one cannot do (the same check as `rlft sft`'s)."""
+    rows, _ = sampled
+    if any(isinstance(value, list) for value in rows[0].values()):
+        require_chat_template(tokenizer, model_name)
+    texts = []
+    for row in rows:
+        if "messages" in row:
+            texts.append(tokenizer.apply_chat_template(row["messages"], tokenize=False))
+        elif "text" in row:
+            texts.append(row["text"])
+        elif isinstance(row["prompt"], list):
+            completion = row["completion"]
+            reply = completion if isinstance(completion, list) else [{"role": "assistant", "content": completion}]
+            texts.append(tokenizer.apply_chat_template(row["prompt"] + reply, tokenize=False))
+        else:
+            texts.append(row["prompt"] + row["completion"])
+    return [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+
+
+def sampled_prompt_lengths(plan: StagePlan, model_config: ModelConfig, data, sampling) -> int:
+    """The longest sampled prompt in tokens, through the chat template and checked against
+    sampling.max_prompt_length and the model's context (as the sampling stages check them); that limit when the
+    prompts could not be read."""
+    tokenizer = plan.check(load_tokenizer, model_config)
+    sampled = plan.check(sample, data, ("prompt_only", "conversational"), "prompt data")
+    if tokenizer is None or sampled is None:
+        return sampling.max_prompt_length
+    texts = plan.check(render_prompts, tokenizer, prompts_of(sampled[0]))
+    lengths = plan.check(check_prompt_lengths, tokenizer, texts, sampling, model_config) if texts else None
+    return max(lengths) if lengths else sampling.max_prompt_length
+
+
+def shape_of(model) -> memory.ModelShape:
+    """A meta-device model's sizes. Quantizable: the weights of the linear layers bitsandbytes converts, all but
+    transformers' own list of modules it keeps (the output head, tied weights)."""
+    from transformers.quantizers.base import get_keys_to_not_convert  # heavy
+
+    kept = set(get_keys_to_not_convert(model))
+    text = model.config.get_text_config()
+    heads = getattr(text, "num_attention_heads", None) or 1
+    return memory.ModelShape(
+        parameters=sum(parameter.numel() for parameter in model.parameters()),
+        quantizable=sum(module.weight.numel() for name, module in model.named_modules()
+                        if isinstance(module, torch.nn.Linear) and name not in kept),
+        layers=text.num_hidden_layers, hidden=text.hidden_size, vocab=text.vocab_size,
+        kv_heads=getattr(text, "num_key_value_heads", None) or heads,
+        head_dim=getattr(text, "head_dim", None) or text.hidden_size // heads)
+
+
+def size_policy(model_config: ModelConfig, adapter: LoraConfig | str | None):
+    """(shape, adapter parameters, parameters of the layers it adapts, context) of a causal LM with `adapter`
+    (a config to train, or a saved adapter's folder), from the meta model: nothing is loaded."""
+    model = empty_model(model_config)
+    shape, context = shape_of(model), positions_of(model.config)
+    if adapter is None:
+        return shape, 0, 0, context
+    return (shape, *adapter_size(model, model_config, adapter), context)
+
+
+def adapter_size(model, model_config: ModelConfig, adapter: LoraConfig | str, task_type: str = "CAUSAL_LM"):
+    """(adapter parameters, parameters of the base layers it adapts) of `adapter` put on the meta `model` by the
+    code training runs: add_lora for a config (its target modules matched by peft, all-linear resolved as
+    training resolves it: a wrong name is add_lora's own one line), or peft's config of a saved adapter. A reward
+    adapter counts its score head too (trained in full)."""
+    from accelerate import init_empty_weights  # heavy
+    from peft import PeftConfig, get_peft_model
+    from peft.tuners.lora import LoraLayer
+
+    with init_empty_weights():
+        if isinstance(adapter, LoraConfig):  # quantization and checkpointing change no shape
+            adapted = add_lora(model, replace(model_config, quantization="none", gradient_checkpointing=False),
+                               adapter, task_type)
+        else:
+            saved = PeftConfig.from_pretrained(resolve(adapter))
+            saved.inference_mode = False  # marks its parameters trainable: counted as add_lora's are
+            try:
+                adapted = get_peft_model(model, saved)
+            except (ValueError, TypeError, NotImplementedError) as e:
+                raise peft_error(e) from None
+    adapted_layers = sum(layer.get_base_layer().weight.numel() for layer in adapted.modules()
+                         if isinstance(layer, LoraLayer))
+    return count_parameters(adapted)[0], adapted_layers
+
+
+def size_scorer(scorer: ScorerConfig, setting: Setting, shared_base: bool = False) -> tuple[str, str, float] | None:
+    """(key, label, bytes) of a scorer as placed, after its checks (rlft's scorers make them before loading): an
+    `adapter` on PPO's base (`shared_base`) adds its adapter alone, any other learned scorer its own model; a
+    function, nothing (None)."""
+    from transformers import AutoModelForSequenceClassification  # heavy
+
+    made = setting.maker(scorer.path)
+    if made is not None:  # the pipeline's reward stage will write it
+        base = made.model if made.lora_enabled else replace(made.model, dtype=scorer.dtype)
+        adapter = made.lora if made.lora_enabled else None
+    else:
+        base = check_scorer(scorer, shared_base)
+        if base is None:
+            return None
+        adapter = scorer.path if (Path(resolve(scorer.path)) / "adapter_config.json").is_file() else None
+    model = empty_model(base, AutoModelForSequenceClassification, num_labels=1)
+    shape = shape_of(model)
+    adapter_parameters = adapter_size(model, base, adapter, "SEQ_CLS")[0] if adapter else 0
+    if scorer.kind == "adapter" and shared_base:
+        return (f"reward:{scorer.name}", f"reward '{scorer.name}': adapter on the policy's base, "
+                f"{memory.amount(adapter_parameters)} float32", adapter_parameters * memory.FLOAT32)
+    size = memory.weight_bytes(shape.parameters, shape.quantizable, dtype_bytes(base, setting.device),
+                               base.quantization) + adapter_parameters * memory.FLOAT32
+    label = f"scorer '{scorer.name}': its own model, {memory.amount(shape.parameters)} {dtype_name(base, setting.device)}"
+    return f"reward:{scorer.name}", label + (f" + {memory.amount(adapter_parameters)} adapter" if adapter else ""), size
+
+
+def mergeable(model_config: ModelConfig, sampling, setting: Setting, adapter) -> bool:
+    """Whether sampling merges the adapter into a copy of the layers it adapts (generation.merged_adapter): a
+    LoRA adapter that is not DoRA, on unquantized weights that FSDP does not shard."""
+    plain_lora = adapter is not None and not (isinstance(adapter, LoraConfig) and (adapter.kind != "lora"
+                                                                                  or adapter.use_dora))
+    return (sampling.merge_adapter and plain_lora and model_config.quantization == "none"
+            and not (setting.strategy == "fsdp" and setting.processes > 1))
+
+
+def dtype_bytes(model_config: ModelConfig, device: Device) -> int:
+    """Bytes per weight of the base as the run loads it on `device` (dtype auto resolved for it)."""
+    return planned_dtype(model_config, device).itemsize
+
+
+def dtype_name(model_config: ModelConfig, device: Device) -> str:
+    return str(planned_dtype(model_config, device)).removeprefix("torch.")
+
+
+def planned_dtype(model_config: ModelConfig, device: Device) -> torch.dtype:
+    if model_config.dtype == "auto" and device.kind == "cuda" and not torch.cuda.is_available():
+        return torch.bfloat16  # a GPU that is not here: every recent one multiplies bfloat16
+    return torch_dtype(model_config, device.kind)
+
+
+def one_process(plan: StagePlan, setting: Setting) -> None:
+    if setting.processes > 1:
+        plan.notes.append(f"runs as one process: --processes {setting.processes} does not apply")
+
+
+def describe_model(model_config: ModelConfig, shape: memory.ModelShape, setting: Setting, adapter: int,
+                   context: int | None) -> str:
+    stored = {"none": dtype_name(model_config, setting.device), "4bit": "4-bit NF4", "8bit": "8-bit"}
+    return (f"model: {model_config.name_or_path}, {memory.amount(shape.parameters)} parameters, "
+            f"{stored[model_config.quantization]}, {shape.layers} layers, context {context or 'unknown'}"
+            + (f"; adapter {memory.amount(adapter)}" if adapter else ""))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Verdict
+
+
+def knobs(w: memory.Workload, accumulation: int, rows_change,
+          rows_per_item: int = 1) -> list[tuple[str, memory.Workload]]:
+    """What to change, in the order to try it, each with the workload it gives: fewer rows per micro-batch (halved,
+    with as much more gradient accumulation: the same batch; `rows_change(items, steps)` names the keys), gradient
+    checkpointing, a 4-bit base, FSDP over the processes. A training stage's micro-batch rows also set the rows
+    of logits its loss holds."""
+    found = []
+    items, steps = w.rows // rows_per_item, accumulation
+    while items > 1 and items % 2 == 0:
+        items, steps = items // 2, steps * 2
+        rows = items * rows_per_item
+        found.append((rows_change(items, steps), replace(w, rows=rows, logit_rows=rows if w.logit_rows else 0)))
+    if not w.gradient_checkpointing and w.rows:
+        found.append(("model.gradient_checkpointing=true", replace(w, gradient_checkpointing=True)))
+    if w.quantization == "none" and not w.full_finetune:
+        found.append(("model.quantization=4bit", replace(w, quantization="4bit", merged=0)))
+    if w.processes > 1 and w.strategy == "ddp":
+        found.append(("FSDP: accelerate launch --config_file configs/accelerate/fsdp.yaml",
+                      replace(w, strategy="fsdp", merged=0)))
+    return found
+
+
+def sampling_knobs(w: memory.Workload) -> list[tuple[str, memory.Workload]]:
+    """A sampling stage's: fewer rows decoded at once (batch_size), a 4-bit base."""
+    found, rows = [], w.generate_rows
+    while rows > 1:
+        rows //= 2
+        found.append((f"batch_size={rows}", replace(w, generate_rows=rows, logit_rows=min(w.logit_rows, rows))))
+    if w.quantization == "none":
+        found.append(("model.quantization=4bit", replace(w, quantization="4bit", merged=0)))
+    return found
+
+
+def verdict(plan: StagePlan, setting: Setting) -> str:
+    """fits / does not fit, against the device (on a CPU every process shares the one machine's RAM), and where it
+    does not, the first knob that makes it fit, else the one that saves most."""
+    shared = setting.processes if setting.device.kind == "cpu" and plan.workload.processes > 1 else 1
+
+    def needed(workload: memory.Workload) -> float:
+        return shared * memory.peak(memory.parts(workload))
+
+    total = needed(plan.workload)
+    of = f"{total / memory.MIB:,.0f} MiB" + (f" ({shared} processes)" if shared > 1 else "") + \
+        f" of {setting.device.bytes / memory.MIB:,.0f} MiB ({setting.device.label})"
+    if total <= setting.device.bytes:
+        return f"fits: {of}"
+    if not plan.knobs:
+        return f"does not fit: {of}; nothing in this stage's config makes it smaller: a larger device"
+    for change, workload in plan.knobs:
+        if needed(workload) <= setting.device.bytes:
+            return f"does not fit: {of}; first set {change} ({needed(workload) / memory.MIB:,.0f} MiB)"
+    change, workload = min(plan.knobs, key=lambda knob: needed(knob[1]))
+    return (f"does not fit: {of}; no one knob is enough: {change} saves the most "
+            f"({needed(workload) / memory.MIB:,.0f} MiB), then a larger device or more processes under FSDP")
+
+
+def render(plan: StagePlan, setting: Setting) -> str:
+    """The stage's notes, its table of parts (MiB, when held) and its verdict."""
+    lines = [f"[{plan.stage}]" + (f" {setting.processes} processes, {setting.strategy}"
+                                   if plan.workload and plan.workload.processes > 1 else "")]
+    lines += [f"  {note}" for note in plan.notes]
+    if plan.workload is None:
+        if plan.problems:
+            lines.append("  no memory plan: see the problems below")
+        return "\n".join(lines)
+    found = memory.parts(plan.workload)
+    width = max(len(part.label) for part in found) + 2
+    lines.append(f"  {'part':<{width}}{'held':<10}{'MiB':>9}")
+    for part in found:
+        lines.append(f"  {part.label:<{width}}{part.phase:<10}{part.bytes / memory.MIB:>9,.0f}")
+    lines.append(f"  {'peak: always + the larger of forward and generate':<{width + 10}}"
+                 f"{memory.peak(found) / memory.MIB:>9,.0f}")
+    lines.append(f"  {verdict(plan, setting)}")
+    return "\n".join(lines)

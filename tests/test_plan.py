@@ -1,0 +1,212 @@
+"""`rlft plan` and `--dry-run`: a 7B plan checked part by part by hand, the problems a dry run must catch in
+seconds without loading weights (a line each, exit 2), and nothing written by a good one."""
+
+import json
+import shutil
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import safetensors.torch
+import torch
+from transformers import LlamaConfig, PreTrainedModel
+
+from rlft import memory
+from rlft.cli import main
+from rlft.config import LoraConfig, ModelConfig
+from rlft.plan import Device, Setting, StagePlan, knobs, size_policy, verdict
+from tests import tiny
+from tests.test_faults import ppo_args, reward_args, sft_args
+from tests.test_pipeline import tiny_overrides
+
+ROOT = Path(__file__).parents[1]
+GIB = 2**30
+
+
+@pytest.fixture(scope="module")
+def llama_7b(tmp_path_factory) -> ModelConfig:
+    """A Llama-2-7B-shaped config.json and nothing else: no weights anywhere to load."""
+    folder = tmp_path_factory.mktemp("llama_7b")
+    LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                num_key_value_heads=32, vocab_size=32000).save_pretrained(folder)
+    return ModelConfig(name_or_path=str(folder), dtype="bfloat16")
+
+
+def test_a_7b_plan_is_the_arithmetic_by_hand(llama_7b):
+    h, i, layers, vocab = 4096, 11008, 32, 32000
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    shape, adapter, adapted, context = size_policy(llama_7b, LoraConfig(r=16, target_modules=targets))
+
+    # q, k, v, o are h x h (32 KV heads of 128: k and v are full width too); gate, up, down are h x i
+    linear = layers * (4 * h * h + 3 * h * i)
+    # the embedding and the untied head (V x h each), two RMSNorms per layer and the final one
+    rest = 2 * vocab * h + (2 * layers + 1) * h
+    assert (shape.parameters, shape.quantizable) == (linear + rest, linear) == (6_738_415_616, 6_476_005_376)
+    assert (shape.layers, shape.hidden, shape.vocab, shape.kv_heads, shape.head_dim) == (32, 4096, 32000, 32, 128)
+    # LoRA adds r x (in + out) per adapted layer: 16 x 8192 on each of q, k, v, o, 16 x 15104 on gate, up, down
+    lora = layers * 16 * (4 * (h + h) + 3 * (h + i))
+    assert adapter == lora == 39_976_960
+    assert adapted == linear  # every linear layer but the head: all merged into a copy while sampling
+    assert context == 2048  # LlamaConfig's default max_position_embeddings
+
+    w = memory.Workload(shape, dtype_bytes=2, adapter=adapter, trains=True, optim="adamw_torch",
+                        rows=4, tokens=1024, logit_rows=4, logit_tokens=1024, generate_rows=16, generate_tokens=512)
+    parts = {part.key: part for part in memory.parts(w)}
+    assert parts["weights"].bytes == (linear + rest) * 2 == 13_476_831_232  # bfloat16: 12.55 GiB
+    assert parts["adapter"].bytes == lora * 4  # float32 adapters
+    assert parts["gradients"].bytes == lora * 4
+    assert parts["optimizer"].bytes == lora * 8  # AdamW: exp_avg and exp_avg_sq, float32
+    assert parts["activations"].bytes == 4 * 1024 * 32 * 4096 * memory.ACTIVATION_ELEMENTS_PER_LAYER * 2
+    assert parts["logits"].bytes == 4 * 1024 * 32000 * 4  # float32 for the loss: 500 MiB
+    # 16 rows x 512 tokens x 32 layers x 32 KV heads x 128 x (key and value) x 2 bytes = exactly 4 GiB
+    assert parts["kv_cache"].bytes == 16 * 512 * 32 * 32 * 128 * 2 * 2 == 4 * GIB
+    always = sum(part.bytes for part in parts.values() if part.phase == "always")
+    forward = sum(part.bytes for part in parts.values() if part.phase == "forward")
+    assert memory.peak(list(parts.values())) == always + max(forward, 4 * GIB + linear * 2)  # generate: KV + merged
+
+    # 4-bit NF4 with double quantisation: 4.127 bits per linear weight; embeddings, norms and head stay bfloat16
+    four_bit = {part.key: part.bytes for part in memory.parts(replace(w, quantization="4bit"))}
+    assert four_bit["weights"] == pytest.approx(linear * 4.127 / 8 + rest * 2)  # 3.6 GiB
+    assert memory.optimizer_state_bytes("paged_adamw_8bit") == 2  # two states, a byte each
+    # gradient checkpointing keeps each layer's input and one layer's full set: 4 x 1024 x 4096 x 2 B x (32 + 18)
+    checkpointed = {part.key: part.bytes for part in memory.parts(replace(w, gradient_checkpointing=True))}
+    assert checkpointed["activations"] == 4 * 1024 * 4096 * 2 * (32 + memory.ACTIVATION_ELEMENTS_PER_LAYER)
+
+    # FSDP over 4 processes: weights, adapters, gradients and optimizer state are quartered, two layers gathered
+    fsdp = {part.key: part.bytes for part in memory.parts(replace(w, processes=4, strategy="fsdp"))}
+    for key in ("weights", "adapter", "gradients", "optimizer"):
+        assert fsdp[key] == parts[key].bytes / 4, key
+    assert fsdp["fsdp_gathered"] == 2 * (linear + rest) * 2 / 32
+    assert fsdp["kv_cache"] == parts["kv_cache"].bytes  # each process decodes its own rows
+    ddp = {part.key: part.bytes for part in memory.parts(replace(w, processes=4))}
+    assert ddp["weights"] == parts["weights"].bytes and ddp["ddp_buckets"] == lora * 4  # a full copy each
+
+
+def test_a_plan_that_does_not_fit_names_the_first_knob_that_makes_it_fit(llama_7b):
+    shape, adapter, _, _ = size_policy(llama_7b, LoraConfig(r=16))
+    w = memory.Workload(shape, 2, adapter=adapter, trains=True, rows=8, tokens=2048, logit_rows=8, logit_tokens=2048,
+                        device="cuda")
+    change = lambda rows, steps: f"train.batch_size={rows} train.gradient_accumulation_steps={steps}"  # noqa: E731
+    plan = StagePlan("sft", workload=w, knobs=knobs(w, 1, change))
+    # 12.6 GiB of bf16 weights + 72 GiB of activations at 8 rows x 2048 tokens: at 2 rows (18 GiB) it fits 40 GiB
+    said = verdict(plan, Setting(Device("cuda", 40 * GIB, "a GPU of 40 GiB")))
+    assert said.startswith("does not fit")
+    assert "first set train.batch_size=2 train.gradient_accumulation_steps=4" in said
+    assert verdict(plan, Setting(Device("cuda", 141 * GIB, "a GPU of 141 GiB"))).startswith("fits")
+    said = verdict(plan, Setting(Device("cuda", 8 * GIB, "a GPU of 8 GiB")))  # only 4-bit comes close
+    assert "no one knob is enough" in said
+
+
+# ---------------------------------------------------------------------------------------------------
+# --dry-run: seconds, no weights, one line per problem
+
+
+@pytest.fixture(scope="module")
+def weightless(tiny_lm_dir, tmp_path_factory):
+    """The tiny Llama's config and tokenizer without its weights: a check that loaded them would fail."""
+    folder = tmp_path_factory.mktemp("weightless")
+    for file in tiny_lm_dir.iterdir():
+        if file.suffix not in (".safetensors", ".bin"):
+            shutil.copy(file, folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def base_without_template(weightless, tmp_path_factory):
+    """A base model whose tokenizer has no chat template."""
+    folder = tmp_path_factory.mktemp("no_template")
+    shutil.copy(weightless / "config.json", folder)
+    tokenizer = tiny.build_tokenizer()
+    tokenizer.chat_template = None
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture
+def no_weights(monkeypatch):
+    """Loading any model's weights is a test failure."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("a dry run loaded weights")
+
+    monkeypatch.setattr(PreTrainedModel, "from_pretrained", classmethod(refuse))
+    monkeypatch.setattr(safetensors.torch, "load_file", refuse)
+    monkeypatch.setattr(torch, "load", refuse)
+
+
+def dry_run(args: list[str], capsys) -> tuple[int, str, list[str], float]:
+    started = time.perf_counter()
+    code = main([*args, "--dry-run"])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err.strip().splitlines(), time.perf_counter() - started
+
+
+def test_dry_run_catches_each_problem_in_seconds_without_weights(weightless, base_without_template, data, tmp_path,
+                                                                  capsys, no_weights):
+    (tmp_path / "a_file").write_text("")
+    long_prompts = tmp_path / "long_prompts.jsonl"  # 240 words: with 32 new tokens past the tiny model's 256
+    long_prompts.write_text(json.dumps({"prompt": "hello " * 240}) + "\n" + json.dumps({"prompt": "hi"}) + "\n")
+    out = tmp_path / "out"
+    cases = {
+        "a wrong target module": (sft_args(weightless, data, out, "lora.target_modules=[q_projx]"),
+                                  "sft", "bad value for 'lora.target_modules'"),
+        "no chat template": (ppo_args(base_without_template, data, out), "ppo", "has no chat template"),
+        "a prompt past the context": (ppo_args(weightless, data, out, f"data.path={long_prompts}",
+                                               "sampling.max_prompt_length=512", "sampling.max_new_tokens=32"),
+                                      "ppo", "longer than the model's context (256 tokens)"),
+        "a missing reward file": (ppo_args(weightless, data, out, "reward=[{kind: function, path: 'gone.py:score'}]"),
+                                  "ppo", "no file 'gone.py'"),
+        "a missing reward function": (ppo_args(weightless, data, out,
+                                               "reward=[{kind: function, path: 'tests.test_ppo:no_such'}]"),
+                                      "ppo", "has no attribute 'no_such'"),
+        "a missing reward model": (ppo_args(weightless, data, out, f"reward=[{{path: {tmp_path / 'no_reward'}}}]"),
+                                   "ppo", "no_reward' not found"),
+        "an unwritable output dir": (sft_args(weightless, data, tmp_path / "a_file" / "run"), "sft",
+                                     "cannot write to output_dir"),
+    }
+    for name, (args, stage, words) in cases.items():
+        code, _, err, seconds = dry_run(args, capsys)
+        assert code == 2, name
+        assert len(err) == 1 and err[0].startswith(f"rlft {stage}: error: ") and words in err[0], (name, err)
+        assert seconds < 15, (name, seconds)
+    assert not out.exists()
+
+
+def test_dry_run_of_a_good_config_exits_0_and_writes_nothing(weightless, tiny_reward_dir, data, tmp_path, capsys,
+                                                             no_weights):
+    out = tmp_path / "out"
+    out.mkdir()  # an existing, empty output_dir stays empty
+    for args in (sft_args(weightless, data, out), ppo_args(weightless, data, out),
+                 reward_args(tiny_reward_dir, data, out)):
+        code, stdout, err, seconds = dry_run(args, capsys)
+        assert code == 0, err
+        assert "fits:" in stdout and "base weights" in stdout and seconds < 15, (stdout, seconds)
+        assert list(out.iterdir()) == []
+
+
+def test_plan_of_a_pipeline_prints_a_plan_per_stage(tiny_lm_dir, tiny_reward_dir, tmp_path, capsys, no_weights):
+    out = tmp_path / "quick"
+    args = ["plan", "--config", str(ROOT / "configs" / "quickstart.yaml"), f"output_dir={out}",
+            *tiny_overrides(tiny_lm_dir, tiny_reward_dir, tmp_path), "--processes", "2"]
+    assert main(args) == 0, capsys.readouterr().err
+    stdout = capsys.readouterr().out
+    blocks = stdout.split("\n\n")
+    assert [block.splitlines()[0].split()[0] for block in blocks[:5]] == \
+        ["[sft]", "[preferences]", "[reward]", "[ppo]", "[eval]"]
+    assert all("fits: " in block for block in blocks[:5]), stdout
+    assert "[sft] 2 processes, ddp" in stdout and "runs as one process" in stdout  # eval and preferences
+    assert "scorer 'proxy': its own model" in stdout  # PPO's reward: the reward stage's model, not yet trained
+    assert not out.exists()
+
+    # the same reward model as a LoRA adapter on the SFT model's base: PPO holds its adapter alone
+    one_base = [*args, f"reward.model.name_or_path={tiny_lm_dir}", "reward.lora_enabled=true"]
+    assert main(one_base) == 0, capsys.readouterr().err
+    assert "reward 'proxy': adapter on the policy's base" in capsys.readouterr().out
+
+
+def test_plan_tells_the_stage_by_the_config_name_or_asks(tmp_path, capsys):
+    (tmp_path / "mine.yaml").write_text("{}\n")
+    assert main(["plan", "--config", str(tmp_path / "mine.yaml")]) == 2
+    assert "add --stage" in capsys.readouterr().err
+    assert main(["plan", "--stage", "sft", "--device", "lots"]) == 2
+    assert "--device lots: expected cpu, cuda or a GPU's memory in GiB" in capsys.readouterr().err
