@@ -47,10 +47,11 @@ class SamplingConfig:
         require(self.max_prompt_length > 0, "max_prompt_length", "must be >= 1")
 
 
-def check_prompt_lengths(tokenizer, prompt_texts: list[str], sampling, model_config) -> list[int]:
+def check_prompt_lengths(tokenizer, prompt_texts: list[str], sampling: SamplingConfig,
+                         model_config: ModelConfig) -> list[int]:
     """Every prompt within sampling.max_prompt_length, and with max_new_tokens within the model's context (read
-    from its config alone): said before the weights load, not at the step that draws the prompt. Returns each
-    prompt's length in tokens."""
+    from its config alone): said before the weights load, not when a batch draws the prompt (PPO, eval,
+    preferences and `rlft plan` call it first). Returns each prompt's length in tokens."""
     lengths = [len(ids) for ids in tokenizer(prompt_texts, add_special_tokens=False)["input_ids"]]
     too_long = sum(length > sampling.max_prompt_length for length in lengths)
     if too_long:
@@ -86,27 +87,6 @@ def encode_prompts(tokenizer, texts: list[str], max_length: int, device) -> dict
         input_ids[row, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
         attention_mask[row, width - len(ids) :] = 1
     return {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device)}
-
-
-def check_prompt_lengths(tokenizer, prompt_texts: list[str], sampling: SamplingConfig,
-                         model_config: ModelConfig) -> None:
-    """Every prompt within sampling.max_prompt_length, and with max_new_tokens within the model's context (read
-    from its config alone): said before the weights load, not when a batch draws the prompt (PPO, eval
-    and preferences call it first)."""
-    lengths = [len(ids) for ids in tokenizer(prompt_texts, add_special_tokens=False)["input_ids"]]
-    too_long = sum(length > sampling.max_prompt_length for length in lengths)
-    if too_long:
-        raise RlftError(
-            f"{too_long} of {len(lengths)} prompts are longer than sampling.max_prompt_length="
-            f"{sampling.max_prompt_length} tokens (longest {max(lengths)}): raise the limit or filter the prompts"
-        )
-    context = configured_context_length(model_config)
-    if context and max(lengths) + sampling.max_new_tokens > context:
-        past = sum(length + sampling.max_new_tokens > context for length in lengths)
-        raise RlftError(
-            f"{past} of {len(lengths)} prompts (longest {max(lengths)} tokens) plus sampling.max_new_tokens="
-            f"{sampling.max_new_tokens} are longer than the model's context ({context} tokens): filter the prompts, "
-            "or lower sampling.max_new_tokens")
 
 
 class Sampled(NamedTuple):
