@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     except RlftError as e:
         return fail(args.stage, str(e))
     except Exception as e:
-        problem = write_problem(e, config)
+        problem = write_problem(e, config, args.stage)
         if problem is None:
             raise  # a bug: keep its traceback
         return fail(args.stage, problem)
@@ -182,7 +182,7 @@ def close_progress_bars() -> None:
 WRITE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
 
 
-def write_problem(error: Exception, config) -> str | None:
+def write_problem(error: Exception, config, stage: str) -> str | None:
     """One line for a failed write (a full disk, a read-only or forbidden folder), else None.
 
     torch.save reports a full disk as a RuntimeError from its zip writer, with no errno: the free space
@@ -195,8 +195,9 @@ def write_problem(error: Exception, config) -> str | None:
         what = f"a write failed and the disk of '{folder}' is full ({shutil.disk_usage(folder).free // 1024} KiB free)"
     else:
         return None
-    return (f"{what}: free some space (or pick another output_dir), then rerun the same command; it resumes from "
-            "the last complete checkpoint")
+    # preferences and eval keep no checkpoints: their rerun starts over (a finished earlier run stays whole)
+    resumes = "it starts over" if stage in ("preferences", "eval") else "it resumes from the last complete checkpoint"
+    return f"{what}: free some space (or pick another output_dir), then rerun the same command; {resumes}"
 
 
 class Terminated(KeyboardInterrupt):
