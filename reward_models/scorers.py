@@ -46,8 +46,7 @@ class ScorerConfig:
         "'module:function' or 'path/to/file.py:function'."
     )
     weight: float = option(1.0, "Weight of this scorer in the weighted sum of several.")
-    batch_size: int = option(32, "model: rows per forward pass; function: completions per call (each call under "
-                             "`timeout`).")
+    batch_size: int = option(32, "model: rows per forward pass.")
     max_length: int = option(512, "model: truncate (prompt, completion) to at most this many tokens (never more "
                              "than the reward model was trained with).")
     normalize: bool = option(
@@ -58,8 +57,8 @@ class ScorerConfig:
     timeout: float = option(
         300.0, "function: seconds one call may take before the run stops with one line (0: none). A hung scorer (a "
         "request that never returns) then ends the run in minutes, not never; the shipped judges take well under a "
-        "second. Each call scores `batch_size` completions: raise it for a slow judge (an LLM behind an API). "
-        "Enforced in the main thread only.")
+        "second. PPO calls it once per rollout batch, preferences and eval once over all their completions: raise it "
+        "for a slow judge (an LLM behind an API). Enforced in the main thread only.")
 
     def __post_init__(self):
         require(bool(self.path), "path", "must name a reward model dir, 'module:function' or 'file.py:function'")
@@ -385,21 +384,13 @@ def import_function(path: str):
 
 class FunctionScorer:
     def __init__(self, config: ScorerConfig):
-        self.name, self.function = config.name, import_function(config.path)
-        self.timeout, self.batch_size = config.timeout, config.batch_size
+        self.name, self.function, self.timeout = config.name, import_function(config.path), config.timeout
 
     def __call__(self, prompts: list, completions: list[str]) -> torch.Tensor:
-        """Scores in calls of `batch_size` completions, each under `timeout`: a hang is caught in one call's
-        time however many completions a stage scores (preferences and eval score thousands at once)."""
-        prompts, completions = list(prompts), list(completions)
-        return torch.cat([self.call(prompts[i : i + self.batch_size], completions[i : i + self.batch_size])
-                          for i in range(0, len(completions), self.batch_size)] or [torch.zeros(0)])
-
-    def call(self, prompts: list, completions: list[str]) -> torch.Tensor:
         try:
             with time_limit(self.timeout, f"scorer '{self.name}' took longer than its timeout of {self.timeout:g} s on "
                                           f"{len(completions)} completions: fix it, or raise its `timeout` (0: none)"):
-                scores = self.function(prompts, completions)
+                scores = self.function(list(prompts), list(completions))
         except RlftError:
             raise
         except (Exception, SystemExit) as e:  # the user's function: its failure (even sys.exit) is theirs to fix

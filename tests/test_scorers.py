@@ -2,8 +2,6 @@
 
 import shutil
 import signal
-import time
-from dataclasses import replace
 
 import pytest
 import torch
@@ -60,28 +58,6 @@ def test_a_function_scorer_has_a_timeout_unless_told_none():
     assert 290 < build_scorer([ScorerConfig(kind="function", path=path)])(PROMPTS, COMPLETIONS)[0] <= 300
     assert build_scorer([ScorerConfig(kind="function", path=path, timeout=0)])(PROMPTS, COMPLETIONS)[0] == 0
     assert signal.getitimer(signal.ITIMER_REAL)[0] == 0  # and no alarm is left behind
-
-
-CALLS: list[int] = []
-
-
-def slow_words(prompts, completions):
-    """0.15 s per completion; records each call's size."""
-    CALLS.append(len(completions))
-    time.sleep(0.15 * len(completions))
-    return [float(len(c.split())) for c in completions]
-
-
-def test_a_function_scorer_is_timed_per_call_of_batch_size():
-    """Thousands of completions (preferences, eval) are scored in calls of batch_size, each under the timeout:
-    calls of 2 (0.3 s each, 1.35 s in all) pass a 1 s limit that one call over all 9 does not, same scores."""
-    CALLS.clear()
-    config = ScorerConfig(kind="function", path="tests.test_scorers:slow_words", batch_size=2, timeout=1)
-    scores = build_scorer([config])(PROMPTS * 3, COMPLETIONS * 3)
-    assert CALLS == [2, 2, 2, 2, 1]
-    assert scores.tolist() == [float(len(c.split())) for c in COMPLETIONS * 3]
-    with pytest.raises(RlftError, match="took longer than its timeout of 1 s on 9 completions"):
-        build_scorer([replace(config, batch_size=32)])(PROMPTS * 3, COMPLETIONS * 3)
 
 
 def test_weighted_sum_equals_weighted_parts(judges_file, tiny_reward_dir):
