@@ -236,6 +236,14 @@ def saved_by_two_processes(path: Path) -> None:
     torch.save({**torch.load(path, weights_only=True), "processes": 2}, path)
 
 
+def one_tensor_fewer(path: Path) -> None:
+    """An adapter saved for another layout (an older rlft left an MoE's fused experts out): a tensor fewer."""
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(path)
+    save_file(dict(sorted(weights.items())[1:]), path, metadata={"format": "pt"})
+
+
 def damaged_cases(tmp, lm, rm, data):
     """name -> (folder copied from `finished`, file damaged in it, damage, CLI args, words of the one line)."""
     eval_sft = ["eval", f"output_dir={tmp / 'eval'}", f"policies=[{tmp / 'sft'}]", f"data.path={data / 'prompts.jsonl'}",
@@ -275,6 +283,8 @@ def damaged_cases(tmp, lm, rm, data):
                                             f"step-000002' has no rng_state_1.json, {cannot}"),
         "PPO value_head.pt missing": ("ppo", f"{step}/value_head.pt", unlink, resume_ppo,
                                       f"step-000002' has no value_head.pt, {cannot}"),
+        "PPO adapter of another layout": ("ppo", f"{step}/policy/adapter_model.safetensors", one_tensor_fewer,
+                                          resume_ppo, "has no weights for 1 of the policy adapter's tensors"),
         "crafted rng_state.pth": ("sft", f"{checkpoint}/rng_state.pth", pickled_marker(tmp / "pwned"), resume_sft,
                                   "holds objects other than tensors and numbers, refused unread"),
         "config.yaml not YAML": ("sft", "config.yaml", write("lora: {r: 4\n"), resume_sft, "config.yaml' is damaged"),

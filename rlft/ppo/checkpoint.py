@@ -178,11 +178,19 @@ def folder_of(run_dir: Path, step: int) -> Path:
 
 
 def load_policy(folder: Path, policy) -> None:
-    """A checkpoint folder's policy adapter into the live (unsharded) policy."""
-    from peft import set_peft_model_state_dict
+    """A checkpoint folder's policy adapter into the live (unsharded) policy, which must hold every tensor of it:
+    peft loads non-strictly, and an adapter saved for another layout (an rlft that did not yet adapt an MoE's
+    fused experts) would leave the rest at their initial values, then fail in the optimizer's state."""
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
     from safetensors.torch import load_file
 
-    set_peft_model_state_dict(policy, load_file(folder / "policy" / "adapter_model.safetensors"))
+    weights = load_file(folder / "policy" / "adapter_model.safetensors")
+    missing = sorted(set(get_peft_model_state_dict(policy)) - set(weights))
+    if missing:
+        raise RlftError(f"checkpoint '{folder}' has no weights for {len(missing)} of the policy adapter's tensors "
+                        f"({missing[0]}, ...): it was saved for another adapter layout (by an older rlft?), so it "
+                        "cannot continue this run: set resume=false to start over")
+    set_peft_model_state_dict(policy, weights)
 
 
 def trained_weights(actor_critic) -> tuple[dict, dict | None]:
@@ -231,6 +239,10 @@ def load(folder: Path, process_index: int, policy, value_head) -> dict:
     from safetensors.torch import load_file
 
     try:
+        if value_head is not None:  # the estimator's critic, known only now
+            require(folder, "value_head.pt")
+        if CRITIC in policy.peft_config:
+            require(folder, f"{CRITIC}/adapter_model.safetensors")
         with reading(folder, FIX):
             load_policy(folder, policy)
             if value_head is not None:
@@ -243,9 +255,6 @@ def load(folder: Path, process_index: int, policy, value_head) -> dict:
             return torch.load(folder / "trainer_state.pt", weights_only=True)
     except pickle.UnpicklingError as e:
         raise unsafe_checkpoint(folder, e) from None
-    except FileNotFoundError as e:  # the estimator's critic: value_head.pt or critic/
-        raise RlftError(f"checkpoint '{folder}' has no {Path(e.filename).relative_to(folder)}, so it cannot continue "
-                        f"the run exactly: {FIX}") from None
     except (OSError, RuntimeError, ValueError, KeyError, TypeError) as e:
         raise RlftError(f"checkpoint '{folder}' is damaged ({type(e).__name__}: {str(e).splitlines()[0][:120]}): "
                         f"{FIX}") from None
