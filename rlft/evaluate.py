@@ -28,7 +28,7 @@ from rlft import hacking, runs
 from rlft.config import DataConfig, ModelConfig, option, require, require_seed, section
 from rlft.data import load_splits, prompt_key, prompts_of, render_prompts
 from rlft.errors import RlftError
-from rlft.generation import Responses, SamplingConfig, check_prompt_lengths, sample
+from rlft.generation import Responses, SamplingConfig, check_prompt_lengths, off_policy, sample
 from rlft.metrics import METRICS_JSONL, read_metrics, timed
 from rlft.models import default_device, half_compute, load_tokenizer
 from rlft.policy import ADAPTER_INFO, adapter_info, load_policy
@@ -439,12 +439,8 @@ def check_sampler(gap: dict[str, float], config: EvalConfig, adapter: Adapter) -
     if config.sampling.top_p < 1 or config.sampling.top_k:
         return None
     if not gap["mean"] <= config.max_sampler_gap:
-        raise RlftError(
-            f"{adapter.label}: the sampler's log-probs of its own tokens differ from the recomputed ones by "
-            f"{gap['mean']:.2f} nats per token on average (max_sampler_gap={config.max_sampler_gap:g}): "
-            f"'{adapter.model_config.name_or_path}' does not decode in rlft's sampling loop as it scores whole "
-            "sequences (a model that ignores the KV cache argument?); report it with the model's name, or raise "
-            "max_sampler_gap if the gap is expected")
+        raise off_policy(f"{adapter.label}:", gap["mean"], "max_sampler_gap", config.max_sampler_gap,
+                         adapter.model_config.name_or_path)
     return {f"logprob_gap_{key}": value for key, value in gap.items()}
 
 

@@ -69,6 +69,16 @@ def check_prompt_lengths(tokenizer, prompt_texts: list[str], sampling: SamplingC
     return lengths
 
 
+def off_policy(where: str, gap: float, option: str, limit: float, model_name: str) -> RlftError:
+    """The one line for samples whose sampler log-probs (mean |difference| per token `gap`, nats) are past `limit`
+    from the ones the policy's forward recomputes: PPO's rollouts and eval's samples alike."""
+    return RlftError(
+        f"{where} the sampler's log-probs of its own tokens differ from the recomputed ones by {gap:.2f} nats per "
+        f"token on average ({option}={limit:g}): '{model_name}' does not decode in rlft's sampling loop as it scores "
+        f"whole sequences (a model that ignores the KV cache argument?); report it with the model's name, or raise "
+        f"{option} if the gap is expected")
+
+
 def encode_prompts(tokenizer, texts: list[str], max_length: int, device) -> dict[str, torch.Tensor]:
     """Left-pad prompt texts (already chat-templated) so generated tokens line up at the right end."""
     if not texts:

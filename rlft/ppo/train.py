@@ -26,7 +26,7 @@ from transformers import PreTrainedTokenizerBase
 from rlft import distributed, hf_training, runs
 from rlft.data import load_splits, prompts_of, render_prompts
 from rlft.errors import RlftError
-from rlft.generation import check_prompt_lengths, sample
+from rlft.generation import check_prompt_lengths, off_policy, sample
 from rlft.hacking import collapse
 from rlft.metrics import MetricsLogger, timed
 from rlft.models import add_lora, load_tokenizer
@@ -380,11 +380,7 @@ def check_sampler(rollout: Rollout, accelerator, max_gap: float, model_name: str
     gap = {key: accelerator.reduce(value.detach().float(), "max" if key == "max" else "mean").item()
            for key, value in logprob_gap(rollout.sampler_logprobs, rollout.logprobs, rollout.response_mask).items()}
     if not gap["mean"] <= max_gap:
-        raise RlftError(
-            f"at step {step} the sampler's log-probs of its own tokens differ from the recomputed ones by "
-            f"{gap['mean']:.2f} nats per token on average (ppo.max_sampler_gap={max_gap:g}): '{model_name}' does not "
-            "decode in rlft's sampling loop as it scores whole sequences (a model that ignores the KV cache "
-            "argument?); report it with the model's name, or raise ppo.max_sampler_gap if the gap is expected")
+        raise off_policy(f"at step {step}", gap["mean"], "ppo.max_sampler_gap", max_gap, model_name)
     return gap
 
 
