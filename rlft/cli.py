@@ -59,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--processes", type=int, default=1, help="processes (GPUs) the run is launched on")
     plan.add_argument("--strategy", choices=["ddp", "fsdp"], default="ddp",
                       help="with several processes: a full copy in each (ddp) or the weights sharded (fsdp)")
+    plan.add_argument("--json", metavar="PATH", dest="json_path",
+                      help="also write each stage's memory parts, peak (MiB) and workload to PATH as JSON")
     return parser
 
 
@@ -77,7 +79,8 @@ def planned_stage(args) -> str:
 def plan_options(args) -> dict:
     """Where the run is planned for: `rlft plan`'s options, or for --dry-run this process's own launch."""
     if args.stage == "plan":
-        return {"device": args.device, "processes": args.processes, "strategy": args.strategy}
+        return {"device": args.device, "processes": args.processes, "strategy": args.strategy,
+                "json_path": args.json_path}
     fsdp = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
     return {"processes": int(os.environ.get("WORLD_SIZE", "1")), "strategy": "fsdp" if fsdp else "ddp"}
 

@@ -13,8 +13,9 @@ the reward model) is sized from that stage's config instead of being looked for 
 
 from __future__ import annotations
 
+import json
 import os
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -111,13 +112,16 @@ class StagePlan:
             return None
 
 
-def run(stage: str, config, device: str | None = None, processes: int = 1, strategy: str = "ddp") -> list[StagePlan]:
-    """Check `stage`'s config and print its memory plan (a pipeline's stage by stage); every problem found is a
-    line of the one RlftError raised at the end."""
+def run(stage: str, config, device: str | None = None, processes: int = 1, strategy: str = "ddp",
+        json_path: str | None = None) -> list[StagePlan]:
+    """Check `stage`'s config and print its memory plan (a pipeline's stage by stage), also as JSON to `json_path`;
+    every problem found is a line of the one RlftError raised at the end."""
     if processes < 1:
         raise RlftError(f"--processes {processes}: must be >= 1")
     setting = Setting(device_of(device), processes, strategy)
     plans = plan_pipeline(config, setting) if stage == "pipeline" else [PLANNERS[stage](config, setting)]
+    if json_path:
+        write_json(json_path, plans, setting)
     print("\n\n".join(render(plan, setting) for plan in plans if plan.stage != "pipeline" or plan.notes))
     if stage == "pipeline" and len(plans) > 2:
         peaks = {plan.stage: memory.peak(memory.parts(plan.workload)) for plan in plans if plan.workload}
@@ -130,6 +134,28 @@ def run(stage: str, config, device: str | None = None, processes: int = 1, strat
     if problems:
         raise RlftError("\n".join(problems))
     return plans
+
+
+def write_json(path: str | Path, plans: list[StagePlan], setting: Setting) -> None:
+    """`rlft plan --json PATH`: per stage its problems, and where it has a memory plan, its peak and parts in MiB
+    and the workload they were computed from (the numbers rlft/memory.py turns into bytes), so that a measured
+    peak can be set against them (benchmarks/plan_memory.py) and the estimates recalibrated."""
+    stages = []
+    for plan in plans:
+        entry: dict = {"stage": plan.stage, "problems": plan.problems}
+        if plan.workload is not None:
+            found = memory.parts(plan.workload)
+            entry["peak_mib"] = memory.peak(found) / memory.MIB
+            entry["parts"] = [{"key": part.key, "phase": part.phase, "mib": part.bytes / memory.MIB,
+                               "label": part.label} for part in found]
+            entry["workload"] = asdict(plan.workload)
+        stages.append(entry)
+    document = {"device": setting.device.label, "device_kind": setting.device.kind, "processes": setting.processes,
+                "strategy": setting.strategy, "stages": stages}
+    try:
+        Path(path).write_text(json.dumps(document, indent=1) + "\n")
+    except OSError as e:
+        raise RlftError(f"--json {path}: cannot write it ({e.strerror or e}): give a writable path") from None
 
 
 # ---------------------------------------------------------------------------------------------------

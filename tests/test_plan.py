@@ -210,3 +210,30 @@ def test_plan_tells_the_stage_by_the_config_name_or_asks(tmp_path, capsys):
     assert "add --stage" in capsys.readouterr().err
     assert main(["plan", "--stage", "sft", "--device", "lots"]) == 2
     assert "--device lots: expected cpu, cuda or a GPU's memory in GiB" in capsys.readouterr().err
+
+
+def test_plan_json_holds_each_stage_s_parts_peak_and_workload(tiny_lm_dir, data, tmp_path, capsys, no_weights):
+    path = tmp_path / "plan.json"
+    args = sft_args(tiny_lm_dir, data, tmp_path / "out")
+    assert main(["plan", "--stage", *args, "--device", "cpu", "--processes", "2", "--json", str(path)]) == 0
+    peak = capsys.readouterr().out.split("peak: always + the larger of forward and generate")[1].split()[0]
+    saved = json.loads(path.read_text())
+    assert (saved["device_kind"], saved["processes"], saved["strategy"]) == ("cpu", 2, "ddp")
+    stage, = saved["stages"]
+    assert stage["stage"] == "sft" and stage["problems"] == []
+    parts = {part["key"]: part for part in stage["parts"]}
+    assert {"runtime", "weights", "adapter", "optimizer", "gradients", "ddp_buckets", "activations"} <= set(parts)
+    phase = {name: sum(p["mib"] for p in stage["parts"] if p["phase"] == name) for name in ("always", "forward",
+                                                                                              "generate")}
+    assert stage["peak_mib"] == pytest.approx(phase["always"] + max(phase["forward"], phase["generate"]))
+    assert f"{stage['peak_mib']:,.0f}" == peak  # the printed plan's peak
+    workload = stage["workload"]
+    assert workload["model"]["layers"] == 2 and workload["processes"] == 2 and workload["rows"] == 4
+    rebuilt = memory.Workload(**{**workload, "model": memory.ModelShape(**workload["model"])})
+    assert memory.peak(memory.parts(rebuilt)) / memory.MIB == pytest.approx(stage["peak_mib"])
+
+    # a plan with problems still writes them, then exits 2
+    assert main(["plan", "--stage", *sft_args(tiny_lm_dir, data, tmp_path / "out", "lora.target_modules=[nope]"),
+                 "--json", str(path)]) == 2
+    stage, = json.loads(path.read_text())["stages"]
+    assert "lora.target_modules" in stage["problems"][0] and "peak_mib" not in stage
