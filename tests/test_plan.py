@@ -15,7 +15,8 @@ from transformers import LlamaConfig, PreTrainedModel
 from rlft import memory
 from rlft.cli import main
 from rlft.config import LoraConfig, ModelConfig
-from rlft.plan import Device, Setting, StagePlan, knobs, size_policy, verdict
+from rlft.fit import Device, knobs, verdict
+from rlft.plan import Setting, StagePlan, size_policy
 from tests import tiny
 from tests.test_faults import ppo_args, reward_args, sft_args
 from tests.test_pipeline import tiny_overrides
