@@ -97,8 +97,7 @@ def run(config: RewardConfig) -> dict:
         train_rows = with_score_margin(train_rows, config.score_margin, config.data.path)
     if len(eval_rows) == 0:
         raise RlftError(f"the evaluation split of '{config.data.path}' is empty: check data.eval_split")
-    hf_training.check_optimizer(config.train.optim, "train.optim")
-    hf_training.check_scheduler(config.train.lr_scheduler, "train.lr_scheduler")
+    hf_training.check_train(config.train)
     tokenizer = load_tokenizer(config.model)
     model = load_reference(config.model, config.sft_adapter or None,
                            loader=AutoModelForSequenceClassification, num_labels=1)

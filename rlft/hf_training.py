@@ -140,6 +140,12 @@ def last_checkpoint(output_dir: str | Path) -> str | None:
     return str(complete[-1][1])
 
 
+def check_train(train: TrainConfig) -> None:
+    """A train section's optimizer and scheduler names, checked before any model loads (the stage and its plan)."""
+    check_optimizer(train.optim, "train.optim")
+    check_scheduler(train.lr_scheduler, "train.lr_scheduler")
+
+
 def check_optimizer(name: str, key: str) -> None:
     """Refuse an optimizer name the HF Trainer does not know, with the nearest one, before any model loads."""
     from transformers.training_args import OptimizerNames

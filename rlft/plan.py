@@ -101,8 +101,7 @@ def run(stage: str, config, device: str | None = None, processes: int = 1, strat
 
 def plan_sft(config: SFTConfig, setting: Setting) -> StagePlan:
     plan = StagePlan("sft")
-    plan.check(hf_training.check_optimizer, config.train.optim, "train.optim")
-    plan.check(hf_training.check_scheduler, config.train.lr_scheduler, "train.lr_scheduler")
+    plan.check(hf_training.check_train, config.train)
     tokenizer = plan.check(load_tokenizer, config.model)
     sampled = plan.check(sample, config.data, ("conversational", "prompt_completion", "text"), "SFT data")
     lengths = plan.check(row_lengths, tokenizer, sampled, config.model.name_or_path) if tokenizer and sampled else None
@@ -133,8 +132,7 @@ def plan_reward(config: RewardConfig, setting: Setting) -> StagePlan:
     from transformers import AutoModelForSequenceClassification  # heavy
 
     plan = StagePlan("reward")
-    plan.check(hf_training.check_optimizer, config.train.optim, "train.optim")
-    plan.check(hf_training.check_scheduler, config.train.lr_scheduler, "train.lr_scheduler")
+    plan.check(hf_training.check_train, config.train)
     tokenizer = plan.check(load_tokenizer, config.model)
     pairs_made = setting.maker(Path(config.data.path).parent)
     sampled = None if pairs_made else plan.check(sample, config.data, ("preference",), "reward data")

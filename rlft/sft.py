@@ -66,8 +66,7 @@ def run(config: SFTConfig) -> dict:
     data = runs.check_data(out, config.data.path, train_data, eval_data, resuming=checkpoint is not None)
     if data_format == "conversational" and config.completion_only_loss:
         train_data, eval_data = to_prompt_completion(train_data), to_prompt_completion(eval_data)
-    hf_training.check_optimizer(config.train.optim, "train.optim")
-    hf_training.check_scheduler(config.train.lr_scheduler, "train.lr_scheduler")
+    hf_training.check_train(config.train)
     tokenizer = load_tokenizer(config.model)
     if any(isinstance(value, list) for value in train_data[0].values()):  # message lists
         require_chat_template(tokenizer, config.model.name_or_path)
