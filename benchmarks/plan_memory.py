@@ -90,6 +90,9 @@ def main() -> None:
     parser.add_argument("--table-only", action="store_true",
                         help="recompute the predictions of --json's cases with rlft/memory.py as it is now and "
                         "rewrite its table; nothing is run")
+    parser.add_argument("--replan", action="store_true",
+                        help="plan --json's cases again with rlft as it is now (their runs' folders must still be "
+                        "there: PPO's reward adapter); the measurements are kept, nothing is run")
     parser.add_argument("--tiny", action="store_true", help="a tiny random Llama (and BERT) for every model, one "
                         "step per case: checks this script's plumbing in seconds a case")
     parser.add_argument("--quickstart", default="runs/quickstart",
@@ -115,10 +118,13 @@ def main() -> None:
         parser.add_argument(f"--large-{key.replace('_', '-')}", type=int, default=value,
                             help=f"the random model's {key}")
     args = parser.parse_args()
-    if args.table_only:
+    if args.table_only or args.replan:
         if not args.json:
-            parser.error("--table-only needs --json")
+            parser.error("--table-only and --replan need --json")
         results = json.loads(Path(args.json).read_text())
+        if args.replan:
+            replan(results, Path(args.out or "runs/bench_plan_memory").resolve())
+            save(results, Path(args.json))
         write_table(results, Path(args.json))
         return
     if args.tiny:
@@ -328,6 +334,22 @@ def run_case(case: Case, out: Path, threads: int) -> dict:
     return result
 
 
+def replan(results: dict, out: Path) -> None:
+    """Each recorded case's plan again, from its recorded config and overrides (its measurements kept)."""
+    for result in results["cases"]:
+        if result["stage"] == "runtime" or "command" not in result:
+            continue
+        command = result["command"]
+        case = Case(result["case"], result["model"], result["stage"], command[command.index("--config") + 1],
+                    result["overrides"], result["processes"], result["strategy"])
+        (out / case.model).mkdir(parents=True, exist_ok=True)
+        overrides = [*case.overrides, f"output_dir={out / case.key}.replanned"]
+        result["plan"] = plan(case, overrides, out / f"{case.key}.plan.json", out / f"{case.key}.replan.log")
+        print(f"{case.key}: predicted {fmt(predicted_mib(result))} MiB, measured "
+              f"{fmt(result['measured'].get('peak_rss_mb'))} MiB", flush=True)
+    results["constants"] = constants()
+
+
 def plan(case: Case, overrides: list[str], path: Path, log: Path) -> dict:
     """`rlft plan` of the case's run (the same config and overrides, this process: it loads no weights): its one
     stage's plan from --json, or its problems."""
@@ -371,7 +393,7 @@ def run_tree(command: list[str], env: dict, stream) -> tuple[int, float]:
 
 
 def constants() -> dict:
-    return {"ACTIVATION_ELEMENTS_PER_LAYER": memory.ACTIVATION_ELEMENTS_PER_LAYER, "RUNTIME_MIB": memory.RUNTIME_MIB,
+    return {"RUNTIME_MIB": memory.RUNTIME_MIB,
             "FSDP_GATHERED_LAYERS": memory.FSDP_GATHERED_LAYERS, "NF4_BITS": memory.NF4_BITS}
 
 
@@ -434,7 +456,7 @@ def markdown(results: dict, source: str) -> str:
             lines.append(f"| {case['case']} | {case['model']} | {fmt(p['always'])} | {fmt(p.get('runtime'))} | "
                          f"{fmt(p.get('weights'))} | {fmt(p['forward'])} | {fmt(p['generate'])} |")
     c = constants()
-    lines += ["", f"Constants of rlft/memory.py: ACTIVATION_ELEMENTS_PER_LAYER={c['ACTIVATION_ELEMENTS_PER_LAYER']}, "
+    lines += ["", f"Constants of rlft/memory.py: "
               f"RUNTIME_MIB={c['RUNTIME_MIB']}, FSDP_GATHERED_LAYERS={c['FSDP_GATHERED_LAYERS']}" +
               ("" if c == results["constants"] else f" (the run was planned with {results['constants']})") + "."]
     failed = [case for case in results["cases"] if case.get("error")]

@@ -6,8 +6,9 @@ always holds plus the larger of two passing phases that never overlap: the forwa
 gradients, activations and logits; eval's KL pass) and generation (the KV cache, the adapter merged into a copy
 of its layers).
 
-The activation model is a first estimate: the constants a measurement of peak memory would tune are the first
-block below, and nowhere else.
+What the layers keep for the backward is measured, not counted: rlft.activations runs the planned model on fake
+tensors. The constants a measurement of peak RSS tunes (benchmarks/plan_memory.py) are the first block below,
+and nowhere else.
 """
 
 from __future__ import annotations
@@ -18,13 +19,6 @@ from typing import Literal, NamedTuple
 MIB = 2**20
 
 # --- Estimates, to be calibrated against measured peaks -----------------------------------------------------
-ACTIVATION_ELEMENTS_PER_LAYER = 18
-# What a decoder layer keeps for its backward, per token, in units of hidden_size (elements of the compute dtype).
-# A Llama layer under SDPA: its normed input (1); q, k, v and the attention output (4, k and v less under GQA);
-# the MLP's normed input (1); gate, up, SiLU(gate) and their product (4 x intermediate / hidden: 11 at Llama's
-# 2.7); the residual (1). Korthikanti et al. 2022 (Reducing Activation Recomputation in Large Transformer Models,
-# sec. 4.1) count 34 bytes, 17 fp16 elements, for GPT's layer without the attention scores SDPA never keeps.
-# Gradient checkpointing keeps 1 (each layer's input) and one layer's full set while it is recomputed.
 RUNTIME_MIB = {"cpu": 700, "cuda": 600}
 # The process before any model: on a CPU the resident Python, torch, transformers, datasets and tokenizers; on a
 # GPU the CUDA context, kernels and cuBLAS workspace.
@@ -39,10 +33,11 @@ FLOAT32 = 4  # adapters and value heads (peft and rlft keep them float32), their
 
 def weight_bytes(parameters: int, quantizable: int, dtype_bytes: int, quantization: str = "none") -> float:
     """A base's weights: bitsandbytes stores the `quantizable` ones (linear layers but the output head) at 4.127
-    or 8 bits; the rest (embeddings, norms, the head) keep the dtype's `dtype_bytes`."""
+    or 8 bits, and peft's prepare_model_for_kbit_training makes the rest (embeddings, norms, the head) float32;
+    unquantized, every weight has the dtype's `dtype_bytes`."""
     if quantization == "none":
         return parameters * dtype_bytes
-    return quantizable * QUANTIZED_BITS[quantization] / 8 + (parameters - quantizable) * dtype_bytes
+    return quantizable * QUANTIZED_BITS[quantization] / 8 + (parameters - quantizable) * FLOAT32
 
 
 def optimizer_state_bytes(optim: str) -> float:
@@ -60,15 +55,15 @@ def optimizer_state_bytes(optim: str) -> float:
     return states * (1 if "8bit" in name else FLOAT32)
 
 
-def activation_bytes(rows: int, tokens: int, layers: int, hidden: int, dtype_bytes: int,
+def activation_bytes(rows: int, tokens: int, layers: int, per_token_layer: float, hidden: int, dtype_bytes: int,
                      checkpointing: bool = False) -> float:
-    """What one forward with autograd keeps for its backward: rows x tokens x layers x hidden x
-    ACTIVATION_ELEMENTS_PER_LAYER elements of `dtype_bytes`. With gradient checkpointing each layer keeps its
-    input alone, and one layer at a time holds its full set again while it is recomputed."""
-    per_hidden = rows * tokens * hidden * dtype_bytes
+    """What one forward with autograd keeps for its backward: rows x tokens x layers x `per_token_layer` bytes
+    (what a layer keeps per token, measured by rlft.activations). With gradient checkpointing each layer keeps
+    its input alone (hidden x `dtype_bytes` per token), and one layer at a time holds its full set again while
+    it is recomputed."""
     if checkpointing:
-        return per_hidden * (layers + ACTIVATION_ELEMENTS_PER_LAYER)
-    return per_hidden * layers * ACTIVATION_ELEMENTS_PER_LAYER
+        return rows * tokens * (layers * hidden * dtype_bytes + per_token_layer)
+    return rows * tokens * layers * per_token_layer
 
 
 def logit_bytes(rows: int, tokens: int, vocab: int, copies: int = 1) -> float:
@@ -106,6 +101,7 @@ class Workload:
     optim: str = "adamw_torch"
     rows: int = 0  # rows per forward/backward with autograd (one micro-batch)
     tokens: int = 0  # tokens per such row
+    per_token_layer: float = 0.0  # bytes a layer keeps for the backward per token (rlft.activations measures it)
     passes: int = 1  # trunk passes with autograd per micro-batch (2 with PPO's adapter critic)
     gradient_checkpointing: bool = False
     logit_rows: int = 0  # rows x tokens of float32 logits the loss holds, logit_copies times
@@ -151,11 +147,11 @@ def parts(w: Workload) -> list[Part]:
         if w.processes > 1 and w.strategy == "ddp":
             found.append(Part("ddp_buckets", "DDP gradient buckets (a second copy)", gradients, "forward"))
     if w.rows:
-        how = "checkpointed" if w.gradient_checkpointing else f"x {ACTIVATION_ELEMENTS_PER_LAYER} per layer"
+        how = "checkpointed" if w.gradient_checkpointing else f"{w.per_token_layer / 1024:,.1f} KiB per token-layer"
         passes = f" x {w.passes} passes" if w.passes > 1 else ""
         found.append(Part("activations", f"activations, {w.rows} rows x {w.tokens} tokens, {how}{passes}",
-                          w.passes * activation_bytes(w.rows, w.tokens, m.layers, m.hidden, w.dtype_bytes,
-                                                      w.gradient_checkpointing), "forward"))
+                          w.passes * activation_bytes(w.rows, w.tokens, m.layers, w.per_token_layer, m.hidden,
+                                                      w.dtype_bytes, w.gradient_checkpointing), "forward"))
     if w.logit_rows:
         copies = f" x {w.logit_copies}" if w.logit_copies > 1 else ""
         found.append(Part("logits", f"logits, {w.logit_rows} rows x {w.logit_tokens} tokens x {m.vocab} vocab{copies}",

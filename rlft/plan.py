@@ -23,6 +23,7 @@ from reward_models.preferences import PreferenceConfig
 from reward_models.scorers import AdapterScorer, ScorerConfig, check_scorer, check_scorers, length_limit
 from reward_models.train import RewardConfig, tokenize_pairs
 from rlft import hf_training, memory, runs
+from rlft.activations import bytes_per_token_layer
 from rlft.config import LoraConfig, ModelConfig
 from rlft.data import prompts_of, read_split, render_prompts, require_chat_template
 from rlft.errors import RlftError
@@ -36,7 +37,8 @@ from rlft.policy import adapter_info, check_adapter_base
 from rlft.ppo.config import PPOConfig
 from rlft.sft import SFTConfig
 
-SAMPLE_ROWS = 64  # data rows read for the checks; their longest sets the lengths the memory plan assumes
+SAMPLE_ROWS = 4096  # data rows checked and measured. Training batches rows of like length, the longest first, so
+# the data's longest row sets the peak: a split of fewer rows is read whole, a longer one planned at max_length.
 
 
 @dataclass
@@ -114,13 +116,16 @@ def plan_sft(config: SFTConfig, setting: Setting) -> StagePlan:
     if max_length < config.train.max_length:  # as training does: said, not refused
         plan.notes.append(f"train.max_length={config.train.max_length} is past the model's context: rows are cut at "
                           f"{max_length} tokens")
-    tokens = min(max(lengths), max_length) if lengths else max_length
+    whole = lengths and len(lengths) < SAMPLE_ROWS
+    tokens = min(max(lengths), max_length) if whole else max_length
     plan.notes.append(describe_model(config.model, shape, setting, adapter, context))
     plan.notes.append(f"rows: {config.train.batch_size} per micro-batch of up to {tokens} tokens" + (
-        f" (the longest of {len(lengths)} sampled rows)" if lengths else " (train.max_length)"))
+        f" (the longest of the data's {len(lengths)} rows)" if whole else " (train.max_length" + (
+            f"; the longest of the first {len(lengths)} rows has {max(lengths)})" if lengths else ")")))
     plan.workload = memory.Workload(
         shape, dtype_bytes(config.model, setting.device), config.model.quantization, adapter=adapter, trains=True,
         optim=config.train.optim, rows=config.train.batch_size, tokens=tokens,
+        per_token_layer=layer_bytes(empty_model(config.model), config.model, config.lora, setting),
         gradient_checkpointing=config.model.gradient_checkpointing, logit_rows=config.train.batch_size,
         logit_tokens=tokens, processes=setting.processes, strategy=setting.strategy, device=setting.device.kind)
     plan.knobs = knobs(plan.workload, config.train.gradient_accumulation_steps,
@@ -145,7 +150,7 @@ def plan_reward(config: RewardConfig, setting: Setting) -> StagePlan:
     shape = shape_of(model)
     max_length = length_limit(model, tokenizer, config.train.max_length) if tokenizer else config.train.max_length
     tokens = max_length
-    if sampled is not None and tokenizer is not None:
+    if sampled is not None and tokenizer is not None and len(sampled[0]) < SAMPLE_ROWS:  # every pair
         pairs = tokenize_pairs(sampled[0], tokenizer, max_length)
         tokens = max(len(ids) for column in ("chosen_ids", "rejected_ids") for ids in pairs[column])
     adapter = 0
@@ -161,7 +166,10 @@ def plan_reward(config: RewardConfig, setting: Setting) -> StagePlan:
     plan.workload = memory.Workload(
         shape, dtype_bytes(config.model, setting.device), config.model.quantization, adapter=adapter, trains=True,
         full_finetune=not config.lora_enabled, optim=config.train.optim, rows=2 * config.train.batch_size,
-        tokens=tokens, gradient_checkpointing=config.model.gradient_checkpointing, processes=setting.processes,
+        tokens=tokens, per_token_layer=layer_bytes(
+            empty_model(config.model, AutoModelForSequenceClassification, num_labels=1), config.model,
+            config.lora if config.lora_enabled else None, setting, "SEQ_CLS"),
+        gradient_checkpointing=config.model.gradient_checkpointing, processes=setting.processes,
         strategy=setting.strategy, device=setting.device.kind)
     plan.knobs = knobs(plan.workload, config.train.gradient_accumulation_steps,
                        lambda pairs, steps: f"train.batch_size={pairs} train.gradient_accumulation_steps={steps}",
@@ -235,6 +243,7 @@ def plan_ppo(config: PPOConfig, setting: Setting) -> StagePlan:
     plan.workload = memory.Workload(
         shape, dtype_bytes(config.model, setting.device), config.model.quantization, adapter=adapter + critic,
         trains=True, optim=hp.optim, rows=hp.micro_batch_size, tokens=tokens,
+        per_token_layer=layer_bytes(empty_model(config.model), config.model, config.lora, setting),
         passes=2 if hp.uses_critic and hp.critic == "adapter" else 1,
         gradient_checkpointing=config.model.gradient_checkpointing,
         # step 3 keeps the policy's and the reference's logits of the response for the exact KL
@@ -419,6 +428,20 @@ def adapter_size(model, model_config: ModelConfig, adapter: LoraConfig | str, ta
     adapted_layers = sum(layer.get_base_layer().weight.numel() for layer in adapted.modules()
                          if isinstance(layer, LoraLayer))
     return count_parameters(adapted)[0], adapted_layers
+
+
+def layer_bytes(model, model_config: ModelConfig, adapter: LoraConfig | None, setting: Setting,
+                task_type: str = "CAUSAL_LM") -> float:
+    """Bytes per token a layer of the meta `model` keeps for the backward (rlft.activations), with `adapter`
+    added as training adds it (none: the model trains in full); `model` is used up."""
+    from accelerate import init_empty_weights  # heavy
+
+    if adapter is not None:
+        with init_empty_weights():
+            model = add_lora(model, replace(model_config, quantization="none", gradient_checkpointing=False),
+                             adapter, task_type)
+    return bytes_per_token_layer(model, planned_dtype(model_config, setting.device),
+                                 upcast_unquantized=model_config.quantization != "none")
 
 
 def size_scorer(scorer: ScorerConfig, setting: Setting, shared_base: bool = False) -> tuple[str, str, float] | None:
