@@ -18,12 +18,12 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from reward_models.judges import every_pair, pick_pair
-from reward_models.scorers import ScorerConfig, build_scorer
+from reward_models.scorers import ScorerConfig, build_scorer, require_columns
 from rlft import runs
 from rlft.config import DataConfig, ModelConfig, option, require, require_seed, section
-from rlft.data import load_splits, prompt_key, prompts_of, render_prompts
+from rlft.data import columns_of, load_splits, prompt_key, prompts_of, render_prompts, rows_of
 from rlft.errors import RlftError
-from rlft.generation import SamplingConfig, check_prompt_lengths, sample
+from rlft.generation import SamplingConfig, check_prompt_lengths, completion_ids, sample
 from rlft.models import load_model, load_tokenizer
 from rlft.policy import adapter_info, load_policy
 
@@ -70,6 +70,8 @@ def run(config: PreferenceConfig) -> dict:
     train_data, _, _ = load_splits(config.data, ("prompt_only", "conversational"), config.seed, "prompt data")
     prompts = prompts_of(train_data)
     judge = build_scorer(config.judge)  # before the policy: a judge that doesn't import fails in seconds
+    columns = columns_of(train_data)
+    require_columns(judge, columns, config.data.path)
     trust = config.model.trust_remote_code
     model_config = adapter_info(config.policy, trust)[0] if config.policy else config.model
     tokenizer = load_tokenizer(model_config)
@@ -79,10 +81,13 @@ def run(config: PreferenceConfig) -> dict:
 
     k = config.num_samples
     # k passes over all prompts: sample i of every prompt, then sample i + 1
-    passes = [[text for batch in sample(model, tokenizer, prompt_texts, config.sampling, config.batch_size)
-               for text in batch.texts] for _ in range(k)]
-    samples = [list(replies) for replies in zip(*passes)]
-    scores = judge([p for p in prompts for _ in range(k)], [c for row in samples for c in row]).view(-1, k)
+    passes = [[(text, ids) for batch in sample(model, tokenizer, prompt_texts, config.sampling, config.batch_size)
+               for text, ids in zip(batch.texts, completion_ids(batch.ids, batch.mask))] for _ in range(k)]
+    drawn = [list(replies) for replies in zip(*passes)]  # per prompt: its k (text, token ids)
+    samples = [[text for text, _ in replies] for replies in drawn]
+    each = [row for row in range(len(prompts)) for _ in range(k)]  # each prompt's row, once per sample
+    scores = judge([prompts[row] for row in each], [c for row in samples for c in row], **rows_of(columns, each),
+                   completion_ids=[ids for replies in drawn for _, ids in replies]).view(-1, k)
     pairing = every_pair if config.pairs == "all" else lambda *args: [row] if (row := pick_pair(*args)) else []
     rows = [row for p, s, sc in zip(prompts, samples, scores) for row in pairing(p, s, sc.tolist(), config.min_gap)]
     if not rows:

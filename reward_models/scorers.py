@@ -10,8 +10,10 @@ tokens training saw. Every result is checked (shape, finite) and a bad one names
 from __future__ import annotations
 
 import copy
+import functools
 import importlib
 import importlib.util
+import inspect
 import math
 import re
 import signal
@@ -20,7 +22,7 @@ import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 import torch
 
@@ -46,6 +48,8 @@ class ScorerConfig:
         "'module:function' or 'path/to/file.py:function'."
     )
     weight: float = option(1.0, "Weight of this scorer in the weighted sum of several.")
+    args: dict[str, Any] = option({}, "function: keyword arguments bound to it, e.g. {max_tokens: 64} for "
+                                  "reward_models.verifiable:overlong (the data's columns arrive by name besides).")
     batch_size: int = option(32, "model: rows per forward pass.")
     max_length: int = option(512, "model: truncate (prompt, completion) to at most this many tokens (never more "
                              "than the reward model was trained with).")
@@ -72,6 +76,7 @@ class ScorerConfig:
         require(math.isfinite(self.weight), "weight", "must be a finite number")
         require(self.timeout >= 0, "timeout", "must be >= 0 seconds (0: none)")
         require(not (self.normalize and self.kind == "function"), "normalize", "only applies to learned models")
+        require(not self.args or self.kind == "function", "args", "only applies to kind: function")
         if not self.name:
             self.name = self.path.rsplit(":", 1)[-1] if self.kind == "function" else Path(self.path).name
 
@@ -79,8 +84,9 @@ class ScorerConfig:
 class Scorer(Protocol):
     name: str
 
-    def __call__(self, prompts: list, completions: list[str]) -> torch.Tensor:
-        """(batch,) float32 scores on the CPU."""
+    def __call__(self, prompts: list, completions: list[str], **columns: list) -> torch.Tensor:
+        """(batch,) float32 scores on the CPU. columns: the data's other columns, one value per completion (a
+        function scorer receives those it names; a model ignores them)."""
 
 
 def build_scorer(configs: list[ScorerConfig], device=None, shared_base: bool = False) -> Scorer:
@@ -246,7 +252,7 @@ class ModelScorer:
         self.max_length = length_limit(self.model, self.tokenizer, config.max_length)
         self.mean, self.std = normalization(config)
 
-    def __call__(self, prompts: list, completions: list[str]) -> torch.Tensor:
+    def __call__(self, prompts: list, completions: list[str], **columns: list) -> torch.Tensor:
         ids = [encode(self.tokenizer, p, c, self.max_length) for p, c in zip(prompts, completions, strict=True)]
         scores = score_ids(self.model, ids, self.tokenizer.pad_token_id, self.batch_size)
         return checked(self.name, (scores - self.mean) / self.std, len(completions))
@@ -321,7 +327,7 @@ class AdapterScorer:
         bias = head.bias if head.bias is not None else torch.zeros(1, device=head.weight.device)
         return head.weight.detach() / self.std, (bias.detach() - self.mean) / self.std
 
-    def __call__(self, prompts: list, completions: list[str]) -> torch.Tensor:
+    def __call__(self, prompts: list, completions: list[str], **columns: list) -> torch.Tensor:
         assert self.policy is not None, "AdapterScorer.attach(policy) first"
         ids = [encode(self.tokenizer, p, c, self.max_length) for p, c in zip(prompts, completions, strict=True)]
         with active_adapter(self.policy, self.adapter):
@@ -383,14 +389,35 @@ def import_function(path: str):
 
 
 class FunctionScorer:
-    def __init__(self, config: ScorerConfig):
-        self.name, self.function, self.timeout = config.name, import_function(config.path), config.timeout
+    """f(prompts, completions, **columns): the data's columns it names (or all of them, to a **kwargs) arrive as
+    keyword arguments, one value per completion."""
 
-    def __call__(self, prompts: list, completions: list[str]) -> torch.Tensor:
+    def __init__(self, config: ScorerConfig):
+        self.name, self.timeout = config.name, config.timeout
+        function = import_function(config.path)
+        try:  # args that name no argument of the function: said now, not as a TypeError mid-run
+            inspect.signature(function).bind_partial(None, None, **config.args)
+        except TypeError as e:
+            raise RlftError(f"scorer '{self.name}': args {sorted(config.args)} do not fit {config.path} ({e}): "
+                            "name the function's own arguments") from None
+        except ValueError:  # no signature to check against
+            pass
+        self.function = functools.partial(function, **config.args)
+        try:
+            parameters = list(inspect.signature(self.function).parameters.values())[2:]
+        except (TypeError, ValueError):  # a builtin without a signature: prompts and completions only
+            parameters = []
+        self.takes_all = any(p.kind is p.VAR_KEYWORD for p in parameters)
+        self.takes = {p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+        self.needs = {p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+                      and p.default is p.empty}
+
+    def __call__(self, prompts: list, completions: list[str], **columns: list) -> torch.Tensor:
+        given = columns if self.takes_all else {name: columns[name] for name in self.takes & columns.keys()}
         try:
             with time_limit(self.timeout, f"scorer '{self.name}' took longer than its timeout of {self.timeout:g} s on "
                                           f"{len(completions)} completions: fix it, or raise its `timeout` (0: none)"):
-                scores = self.function(list(prompts), list(completions))
+                scores = self.function(list(prompts), list(completions), **given)
         except RlftError:
             raise
         except (Exception, SystemExit) as e:  # the user's function: its failure (even sys.exit) is theirs to fix
@@ -418,6 +445,16 @@ def time_limit(seconds: float, message: str):
         signal.signal(signal.SIGALRM, previous)
 
 
+def require_columns(scorer: Scorer, columns, source: str) -> None:
+    """One line before any sampling when a function scorer needs a data column `source` does not have."""
+    for part in [part for part, _ in scorer.parts] if isinstance(scorer, WeightedSum) else [scorer]:
+        missing = sorted(getattr(part, "needs", set()) - set(columns) - {"completion_ids"})
+        if missing:
+            have = ", ".join(sorted(columns)) or "none but the prompt"
+            raise RlftError(f"scorer '{part.name}' needs the data column(s) {', '.join(missing)}, which '{source}' has "
+                            f"not (its other columns: {have}): add them, or give the function's argument a default")
+
+
 def adapter_scorers(scorer: Scorer) -> list[AdapterScorer]:
     """The AdapterScorers in `scorer` (itself, or the parts of a weighted sum): PPO attaches them to its base."""
     parts = [part for part, _ in scorer.parts] if isinstance(scorer, WeightedSum) else [scorer]
@@ -430,5 +467,5 @@ class WeightedSum:
         self.parts = parts
         self.name = " + ".join(f"{weight:g}*{scorer.name}" for scorer, weight in parts)
 
-    def __call__(self, prompts: list, completions: list[str]) -> torch.Tensor:
-        return sum(weight * scorer(prompts, completions) for scorer, weight in self.parts)
+    def __call__(self, prompts: list, completions: list[str], **columns: list) -> torch.Tensor:
+        return sum(weight * scorer(prompts, completions, **columns) for scorer, weight in self.parts)

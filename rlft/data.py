@@ -297,6 +297,21 @@ def prompts_of(dataset) -> list:
     return prompts
 
 
+REPLY_COLUMNS = ("prompt", "messages", "completion", "chosen", "rejected",
+                 "completion_ids")  # a scorer's completion_ids are the sampled reply's, never the data's
+
+
+def columns_of(dataset) -> dict[str, list]:
+    """The data's other columns (a verifiable `answer`, a test case, ...), each aligned with prompts_of(dataset):
+    function scorers receive the ones they name as keyword arguments, as TRL's reward functions do."""
+    return {name: list(dataset[name]) for name in dataset.column_names if name not in REPLY_COLUMNS}
+
+
+def rows_of(columns: dict[str, list], indices) -> dict[str, list]:
+    """`columns` at `indices` (a list of row numbers, in order, repeats allowed)."""
+    return {name: [values[i] for i in indices] for name, values in columns.items()}
+
+
 def render_prompts(tokenizer, prompts: list) -> list[str]:
     """Prompt strings ready for generation: message lists go through the tokenizer's chat template."""
     if any(not isinstance(prompt, str) for prompt in prompts):

@@ -23,12 +23,12 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from reward_models.scorers import ScorerConfig, build_scorer
+from reward_models.scorers import ScorerConfig, build_scorer, require_columns
 from rlft import hacking, runs
 from rlft.config import DataConfig, ModelConfig, option, require, require_seed, section
-from rlft.data import load_splits, prompt_key, prompts_of, render_prompts
+from rlft.data import columns_of, load_splits, prompt_key, prompts_of, render_prompts, rows_of
 from rlft.errors import RlftError
-from rlft.generation import Responses, SamplingConfig, check_prompt_lengths, off_policy, sample
+from rlft.generation import Responses, SamplingConfig, check_prompt_lengths, completion_ids, off_policy, sample
 from rlft.metrics import METRICS_JSONL, read_metrics, timed
 from rlft.models import default_device, half_compute, load_tokenizer
 from rlft.policy import ADAPTER_INFO, adapter_info, load_policy
@@ -160,13 +160,18 @@ def check_same_base(adapters: list[Adapter]) -> None:
             )
 
 
-def load_prompts(config: EvalConfig) -> list:
+def load_prompts(config: EvalConfig) -> tuple[list, dict[str, list]]:
+    """(the held-out prompts, the data's other columns of each: rlft.data.columns_of)."""
     _, evaluation, _ = load_splits(
         config.data, ("prompt_only", "conversational", "prompt_completion"), config.seed, "eval prompts"
     )
     # One prompt once: a held-out prompt with several replies would count its win several times.
-    distinct = {prompt_key(prompt): prompt for prompt in prompts_of(evaluation)}  # prompts_of refuses none
-    return list(distinct.values())[: config.num_prompts]
+    prompts = prompts_of(evaluation)  # refuses none
+    first = {}
+    for row, prompt in enumerate(prompts):
+        first.setdefault(prompt_key(prompt), row)
+    rows = list(first.values())[: config.num_prompts]
+    return [prompts[row] for row in rows], rows_of(columns_of(evaluation), rows)
 
 
 def fingerprint(adapter: Adapter) -> str:
@@ -208,6 +213,10 @@ class SamplePass:
     @property
     def completions(self) -> list[str]:
         return [text for batch in self.batches for text in batch.texts]
+
+    @property
+    def completion_ids(self) -> list[list[int]]:
+        return [ids for batch in self.batches for ids in completion_ids(batch.ids, batch.mask)]
 
     @property
     def lengths(self) -> torch.Tensor:
@@ -356,7 +365,8 @@ def show_prompt(prompt) -> str:
 # The stage
 
 
-def evaluate_adapter(adapter: Adapter, prompts: list, scorers: dict, config: EvalConfig, reference_cache: dict) -> dict:
+def evaluate_adapter(adapter: Adapter, prompts: list, columns: dict[str, list], scorers: dict, config: EvalConfig,
+                     reference_cache: dict) -> dict:
     """Every number the report shows for one policy. References shared by several policies are sampled once."""
     times: dict[str, float] = {}
     with timed(times, "load"):
@@ -375,10 +385,13 @@ def evaluate_adapter(adapter: Adapter, prompts: list, scorers: dict, config: Eva
             torch.manual_seed(config.seed)
             reference = SamplePass(sample(model, tokenizer, prompt_texts, config.sampling, config.batch_size))
         with timed(times, "score"):
-            reference_cache[lineage] = (reference, {n: s(prompts, reference.completions) for n, s in scorers.items()})
+            reference_cache[lineage] = (reference, {n: s(prompts, reference.completions, **columns,
+                                                      completion_ids=reference.completion_ids)
+                                                    for n, s in scorers.items()})
     reference, reference_scores = reference_cache[lineage]
     with timed(times, "score"):
-        policy_scores = {name: scorer(prompts, policy.completions) for name, scorer in scorers.items()}
+        policy_scores = {name: scorer(prompts, policy.completions, **columns, completion_ids=policy.completion_ids)
+                         for name, scorer in scorers.items()}
 
     shown = range(min(config.num_samples_shown, len(prompts)))
     result = {
@@ -452,7 +465,7 @@ def run(config: EvalConfig) -> dict:
         policies = [p._replace(label=path) for p, path in zip(policies, config.policies)]
     checkpoints = find_checkpoints(config.checkpoints_of) if config.checkpoints_of else []
     check_same_base(policies + checkpoints)
-    prompts = load_prompts(config)
+    prompts, columns = load_prompts(config)
     bases = {json.dumps(asdict(a.model_config), sort_keys=True): a.model_config for a in policies + checkpoints}
     for model_config in bases.values():  # each base's tokenizer and config file: no weights yet
         model_config = replace(model_config, trust_remote_code=config.trust_remote_code)
@@ -468,6 +481,8 @@ def run(config: EvalConfig) -> dict:
 
     # 2. scorers, loaded once for all policies, each reported separately under its config name
     scorers = {scorer.name: build_scorer([scorer], default_device()) for scorer in config.scorers}
+    for scorer in scorers.values():
+        require_columns(scorer, columns, config.data.path)
 
     # 3. sample, score and measure every policy and checkpoint on the same prompts
     runs.seed_everything(config.seed)
@@ -477,7 +492,7 @@ def run(config: EvalConfig) -> dict:
     def evaluate(adapter: Adapter) -> dict:
         key = fingerprint(adapter)
         if key not in done:
-            done[key] = evaluate_adapter(adapter, prompts, scorers, config, reference_cache)
+            done[key] = evaluate_adapter(adapter, prompts, columns, scorers, config, reference_cache)
         return {**done[key], "label": adapter.label, "path": str(adapter.folder), "step": adapter.step}
 
     report = {

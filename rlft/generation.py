@@ -330,6 +330,12 @@ def position_ids_for(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
+def completion_ids(ids: torch.Tensor, mask: torch.Tensor) -> list[list[int]]:
+    """Each response's token ids up to and including its first EOS (ids, mask: (B, T)): what a function scorer
+    receives as `completion_ids`, as TRL's reward functions do (a length penalty counts tokens, not characters)."""
+    return [row[:length] for row, length in zip(ids.tolist(), mask.sum(-1).tolist())]
+
+
 def response_texts(tokenizer, response_ids: torch.Tensor) -> list[str]:
     """Text of each response up to (not including) its first EOS."""
     texts = []

@@ -276,7 +276,7 @@ def plan_eval(config: EvalConfig, setting: Setting) -> StagePlan:
         adapter = adapter or str(found[0].folder)
     plan.check(check_scorers, config.scorers)
     scorers = [plan.check(size_scorer, scorer, setting) for scorer in config.scorers]
-    prompts = plan.check(load_prompts, config)
+    prompts = (plan.check(load_prompts, config) or (None,))[0]
     plan.check(runs.check_output_dir, config.output_dir, "eval")
     if model_config is None:
         return plan

@@ -31,7 +31,7 @@ def moved_policy(config: ModelConfig, hp: PPOHyperparameters) -> PolicyWithValue
     differs from the reference."""
     torch.manual_seed(0)
     ppo = PPOConfig(sft_adapter="", model=config, lora=PPOLoraConfig(r=4, alpha=32), ppo=hp)
-    model = build_actor_critic(ppo, load_tokenizer(config), lambda prompts, completions: None, "cpu")
+    model = build_actor_critic(ppo, load_tokenizer(config), lambda prompts, completions, **_: None, "cpu")
     with torch.no_grad():
         for name, parameter in model.named_parameters():
             if "lora_B" in name:
@@ -61,7 +61,7 @@ def main(model_dir: str, out: str, estimator: dict) -> None:
     texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
              for p in prompts]
     torch.manual_seed(1)
-    rollout = collect_rollout(model, tokenizer, prompts, texts, lambda p, c: torch.linspace(-1, 1, len(c)),
+    rollout = collect_rollout(model, tokenizer, prompts, texts, lambda p, c, **_: torch.linspace(-1, 1, len(c)),
                               SamplingConfig(max_new_tokens=6), 8)
     for row in range(8):  # responses of 6, 5, 4 and 3 tokens: the two halves hold different token counts
         rollout.response_mask[row, 6 - row % 4 - (row >= 4):] = False

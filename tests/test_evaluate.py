@@ -306,7 +306,8 @@ def test_held_out_prompts_count_once(tmp_path):
                                         "completion": [{"role": "assistant", "content": f"a{j}"}]}) + "\n"
                             for i in range(20) for j in range(3)))
     data = DataConfig(path=str(path), eval_fraction=0.25)
-    prompts = load_prompts(EvalConfig(data=data, num_prompts=100))
+    prompts, columns = load_prompts(EvalConfig(data=data, num_prompts=100))
+    assert columns == {}  # prompt and completion only: no other column
     assert len(prompts) == len({p[0]["content"] for p in prompts}) == 5
     train, _, _ = load_splits(data, ("prompt_completion",))
     assert not {p[0]["content"] for p in prompts} & {p[0]["content"] for p in train["prompt"]}

@@ -223,17 +223,17 @@ def test_kl_is_exactly_zero_at_step_zero_and_the_first_update_replays_the_rollou
     sampling = SamplingConfig(max_new_tokens=6)
     torch.manual_seed(0)
     fresh = build_actor_critic(PPOConfig(sft_adapter="", model=model_config, lora=PPOLoraConfig(r=4, alpha=8)),
-                               tokenizer, lambda prompts, completions: None, "cpu")
+                               tokenizer, lambda prompts, completions, **_: None, "cpu")
     base_weight = fresh.lm_head.weight
     assert base_weight.dtype == getattr(torch, dtype)
     # only the frozen base is bf16: the adapter and the value head train in float32
     assert {p.dtype for p in fresh.parameters() if p.requires_grad} == {torch.float32}
-    rollout = collect_rollout(fresh, tokenizer, WORDS[:8], texts, lambda p, c: torch.zeros(len(c)), sampling, 4)
+    rollout = collect_rollout(fresh, tokenizer, WORDS[:8], texts, lambda p, c, **_: torch.zeros(len(c)), sampling, 4)
     assert torch.equal(rollout.logprobs, rollout.ref_logprobs)
 
     hp = PPOHyperparameters(rollout_batch_size=8, mini_batch_size=8, forward_batch_size=8, ppo_epochs=1)
     moved = moved_policy(model_config, hp)  # an adapter away from the reference, so equality is not trivial
-    rollout = collect_rollout(moved, tokenizer, WORDS[:8], texts, lambda p, c: torch.zeros(len(c)), sampling, 8)
+    rollout = collect_rollout(moved, tokenizer, WORDS[:8], texts, lambda p, c, **_: torch.zeros(len(c)), sampling, 8)
     assert not torch.equal(rollout.logprobs, rollout.ref_logprobs)
     seen = {}
 
@@ -285,7 +285,7 @@ def test_folding_the_first_forward_into_the_update_changes_nothing(critic, tiny_
         model.register_forward_pre_hook(lambda module, args: rows_seen.append(len(args[0])))
         torch.manual_seed(1)
         rollout = generate(model, tokenizer, WORDS[:8], texts, SamplingConfig(max_new_tokens=6))
-        score(rollout, lambda p, c: torch.linspace(-1, 1, len(c)), 0.0, 0.0)
+        score(rollout, lambda p, c, **_: torch.linspace(-1, 1, len(c)), 0.0, 0.0)
         order = epoch_order(8, 1)
         live = forward_passes(model, rollout, hp.forward_batch_size, model, order[:4] if fold else None)
         rewards = torch.where(rollout.response_mask, -0.1 * (rollout.logprobs - rollout.ref_logprobs), 0)
@@ -365,7 +365,7 @@ def test_gradient_accumulation_equals_one_big_batch(tiny_lm_dir, estimator):
         hp = PPOHyperparameters(rollout_batch_size=8, mini_batch_size=8, gradient_accumulation_steps=accumulation,
                                 ppo_epochs=1, learning_rate=1e-2, **estimator)
         model = moved_policy(model_config, hp)
-        rollout = collect_rollout(model, tokenizer, WORDS[:8], texts, lambda p, c: torch.linspace(-1, 1, len(c)),
+        rollout = collect_rollout(model, tokenizer, WORDS[:8], texts, lambda p, c, **_: torch.linspace(-1, 1, len(c)),
                                   SamplingConfig(max_new_tokens=6), 8)
         rollout.advantages = torch.randn_like(rollout.values) * rollout.response_mask
         rollout.returns = torch.randn_like(rollout.values)
@@ -491,7 +491,7 @@ def test_the_update_stops_at_its_trust_region(tiny_lm_dir):
     def update(max_update_kl):
         hp = PPOHyperparameters(rollout_batch_size=8, mini_batch_size=4, ppo_epochs=3, max_update_kl=max_update_kl)
         model = moved_policy(model_config, hp)
-        rollout = collect_rollout(model, tokenizer, WORDS[:8], texts, lambda p, c: torch.linspace(-1, 1, len(c)),
+        rollout = collect_rollout(model, tokenizer, WORDS[:8], texts, lambda p, c, **_: torch.linspace(-1, 1, len(c)),
                                   SamplingConfig(max_new_tokens=6), 8)
         rollout.advantages = torch.randn_like(rollout.values) * rollout.response_mask
         rollout.returns = rollout.values

@@ -7,7 +7,7 @@ from typing import NamedTuple
 
 import torch
 
-from rlft.generation import SamplingConfig, sample
+from rlft.generation import SamplingConfig, completion_ids, sample
 from rlft.ppo.core import exact_kl_from_logits
 
 
@@ -16,6 +16,7 @@ class Rollout:
     """A batch of B prompts and their sampled responses. Shapes: P prompt length, T response length."""
 
     prompts: list  # raw prompts (strings or message lists), as the scorers take them
+    columns: dict[str, list]  # the data's other columns, a value per row (a function scorer's keyword arguments)
     completions: list[str]  # decoded responses, up to EOS
     query_ids: torch.Tensor  # (B, P) left-padded
     query_mask: torch.Tensor  # (B, P)
@@ -51,11 +52,12 @@ class FirstMiniBatch(NamedTuple):
     output: tuple | None  # (logprobs, values, logits) of order[:mini_batch_size] with autograd on; or None
 
 
-def generate(actor_critic, tokenizer, prompts: list, prompt_texts: list[str], sampling: SamplingConfig) -> Rollout:
+def generate(actor_critic, tokenizer, prompts: list, prompt_texts: list[str], sampling: SamplingConfig,
+             columns: dict[str, list] | None = None) -> Rollout:
     """Step 1: a response to each prompt, sampled from the policy (`actor_critic` unwrapped: under DDP the
     PolicyWithValueHead, under FSDP2 the sharded model itself)."""
     responses, = sample(actor_critic, tokenizer, prompt_texts, sampling)
-    return Rollout(prompts=list(prompts), completions=responses.texts, query_ids=responses.query["input_ids"],
+    return Rollout(prompts=list(prompts), columns=columns or {}, completions=responses.texts, query_ids=responses.query["input_ids"],
                    query_mask=responses.query["attention_mask"], response_ids=responses.ids,
                    response_mask=responses.mask, ended_with_eos=responses.ended_with_eos,
                    sampler_logprobs=responses.logprobs, temperature=sampling.temperature)
@@ -65,7 +67,8 @@ def generate(actor_critic, tokenizer, prompts: list, prompt_texts: list[str], sa
 def score(rollout: Rollout, scorer, missing_eos_penalty: float, score_clip: float) -> None:
     """Step 2: the scorer's score of each response, less `missing_eos_penalty` where it was cut at the length
     limit, clipped to [-score_clip, score_clip] when score_clip > 0, into rollout.scores (B,)."""
-    scores = scorer(rollout.prompts, rollout.completions).to(device=rollout.response_ids.device, dtype=torch.float32)
+    scores = scorer(rollout.prompts, rollout.completions, **rollout.columns,
+                    completion_ids=completion_ids(rollout.response_ids, rollout.response_mask)).to(device=rollout.response_ids.device, dtype=torch.float32)
     scores = scores - missing_eos_penalty * (~rollout.ended_with_eos).float()
     rollout.scores = scores.clamp(-score_clip, score_clip) if score_clip > 0 else scores
 

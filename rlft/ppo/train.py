@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from rlft import distributed, hf_training, runs
-from rlft.data import load_splits, prompts_of, render_prompts
+from rlft.data import columns_of, load_splits, prompts_of, render_prompts, rows_of
 from rlft.errors import RlftError
 from rlft.generation import check_prompt_lengths, off_policy, sample
 from rlft.hacking import collapse
@@ -40,7 +40,7 @@ from rlft.ppo.core import (AdaptiveKLController, FixedKLController, PIKLControll
                            truncated_importance_weights, value_loss)
 from rlft.ppo.model import PolicyWithValueHead
 from rlft.ppo.rollout import FirstMiniBatch, Rollout, forward_passes, generate, score
-from reward_models.scorers import adapter_scorers, build_scorer
+from reward_models.scorers import adapter_scorers, build_scorer, require_columns
 
 log = logging.getLogger(__name__)
 __all__ = ["PPOConfig", "run"]
@@ -71,6 +71,7 @@ class PPORun:
     tokenizer: PreTrainedTokenizerBase
     prompts: list
     prompt_texts: list[str]  # the prompts through the chat template
+    columns: dict[str, list]  # the data's other columns, by prompt (rlft.data.columns_of): for function scorers
     scorer: object
     actor_critic: PolicyWithValueHead  # unwrapped: sampling and step 3's no-grad passes
     model: torch.nn.Module  # prepared by accelerate: the update
@@ -111,6 +112,8 @@ def setup(config: PPOConfig) -> PPORun:
     prompt_texts = render_prompts(tokenizer, prompts)
     check_prompt_lengths(tokenizer, prompt_texts, config.sampling, config.model)
     scorer = build_scorer(config.reward, accelerator.device, shared_base=True)
+    columns = columns_of(train_data)
+    require_columns(scorer, columns, config.data.path)
     actor_critic = build_actor_critic(config, tokenizer, scorer, accelerator.device)
     optimizer = build_optimizer(actor_critic, config.ppo)
     scheduler = build_scheduler(optimizer, config.ppo)
@@ -131,7 +134,7 @@ def setup(config: PPOConfig) -> PPORun:
     for method in ("sampling_loop", "reference_logprobs"):  # FSDP2 gathers around these as around forward
         register_fsdp_forward_method(model, method)
     parameters_mb = accelerator.gather(torch.tensor([distributed.parameter_bytes(model) / 2**20])).max().item()
-    return PPORun(config, accelerator, out, data, tokenizer, prompts, prompt_texts, scorer, actor_critic, model,
+    return PPORun(config, accelerator, out, data, tokenizer, prompts, prompt_texts, columns, scorer, actor_critic, model,
                   optimizer, scheduler, kl_controller, MetricsLogger(out, start_step, accelerator.is_main_process),
                   start_step, checkpoint_kl, parameters_mb, started)
 
@@ -146,7 +149,7 @@ def ppo_step(ppo: PPORun, step: int) -> dict:
     # 1. generate
     with timed(times, "generate"):
         rollout = generate(ppo.actor_critic, ppo.tokenizer, [ppo.prompts[i] for i in rows],
-                           [ppo.prompt_texts[i] for i in rows], config.sampling)
+                           [ppo.prompt_texts[i] for i in rows], config.sampling, rows_of(ppo.columns, rows))
     # 2. score
     with timed(times, "score"):
         score(rollout, ppo.scorer, hp.missing_eos_penalty, hp.score_clip)
@@ -229,7 +232,8 @@ def finish(ppo: PPORun) -> dict:
     # against the reference's tell whether it collapsed.
     final_rows = [i for later in range(hp.steps, hp.steps + MEASURED_BATCHES) for i in ppo.rows_of(later)]
     measure = partial(measure_result, ppo.actor_critic, ppo.tokenizer, [ppo.prompts[i] for i in final_rows],
-                      [ppo.prompt_texts[i] for i in final_rows], ppo.scorer, config, accelerator)
+                      [ppo.prompt_texts[i] for i in final_rows], rows_of(ppo.columns, final_rows), ppo.scorer, config,
+                      accelerator)
     ppo.checkpoint_kl[hp.steps], collapsed = measure()
     if collapsed["collapsed"] and accelerator.is_main_process:
         log.warning("the final policy's replies collapsed: %s", "; ".join(collapsed["warnings"]))
@@ -355,12 +359,12 @@ def choose_result(kl_by_step: dict[int, float], budget: float, collapse_by_step:
     return within[0]
 
 
-def measure_result(actor_critic, tokenizer, prompts: list, prompt_texts: list[str], scorer, config: PPOConfig,
-                   accelerator) -> tuple[float, dict]:
+def measure_result(actor_critic, tokenizer, prompts: list, prompt_texts: list[str], columns: dict[str, list], scorer,
+                   config: PPOConfig, accelerator) -> tuple[float, dict]:
     """The final policy's exact KL per response on fresh samples (mean over processes), and its collapse signals
     against the reference's samples on the same prompts (rlft.hacking.collapse, this process's rows)."""
     hp = config.ppo
-    measured = generate(actor_critic, tokenizer, prompts, prompt_texts, config.sampling)
+    measured = generate(actor_critic, tokenizer, prompts, prompt_texts, config.sampling, columns)
     score(measured, scorer, hp.missing_eos_penalty, hp.score_clip)
     forward_passes(actor_critic, measured, hp.forward_batch_size)
     check_sampler(measured, accelerator, hp.max_sampler_gap, config.model.name_or_path, hp.steps + 1)
