@@ -585,3 +585,22 @@ def test_a_collapsed_final_policy_is_not_the_result(tiny_lm_dir, prompts_file, t
     assert (out / "policy" / "adapter_model.safetensors").read_bytes() == checkpoint.read_bytes()
 
 
+
+
+def test_truncated_replies_masked_out_train_nothing_and_grpo_metrics_are_logged(tiny_lm_dir, prompts_file, tmp_path):
+    """Every reply cut at the length limit (EOS banned until it), and ppo.mask_truncated_completions: no token is
+    in any loss, so LoRA's B, zero at the start, stays zero (the policy is still its reference). The step logs
+    DAPO's and TRL's GRPO figures: clip-higher's two clip fractions, the share cut at the length limit, the
+    share of prompt groups whose scores tie."""
+    from rlft.ppo.train import ppo_step, setup
+
+    config = ppo_config(tiny_lm_dir, prompts_file, tmp_path / "ppo", "sampling.min_new_tokens=8", "ppo.steps=1",
+                        "ppo.advantage_estimator=grpo", "ppo.num_generations=4", "ppo.clip_range_high=0.28",
+                        "ppo.mask_truncated_completions=true")
+    ppo = setup(config)
+    metrics = ppo_step(ppo, 0)
+    assert metrics["response/clipped_ratio"] == 1.0 and metrics["response/eos_rate"] == 0.0
+    assert 0.0 <= metrics["objective/frac_reward_zero_std"] <= 1.0
+    assert metrics["policy/clipfrac_low"] == metrics["policy/clipfrac_high"] == 0.0  # nothing in the loss
+    lora_b = [p for n, p in ppo.actor_critic.policy.named_parameters() if "lora_B" in n]
+    assert lora_b and all(torch.count_nonzero(p) == 0 for p in lora_b)

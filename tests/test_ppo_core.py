@@ -8,6 +8,8 @@ import torch
 
 from rlft.generation import first_true_index, response_mask_from_eos
 from rlft.ppo.core import (
+    frac_zero_std,
+    loss_mask,
     AdaptiveKLController,
     PIKLController,
     FixedKLController,
@@ -300,6 +302,39 @@ def test_policy_loss_clip_cases():
     # clipped tokens and padding get no gradient; unclipped ones get -A * ratio / 4
     loss.backward()
     close(logprobs.grad, [[0.0, -1 / E / 4, E / 4, 0.0, 0.0]])
+
+
+def test_clip_higher_and_which_side_clipped():
+    # clip_range 0.2 below, clip_range_high 0.28 above; log-ratios 0.25 (ratio 1.284) and -0.25 (ratio 0.779):
+    #  A=+1, ratio 1.284: over 1.28, so clipped at 1.28: -1.28 vs -1.284 -> max -1.28   (clipped high)
+    #  A=-1, ratio 0.779: under 0.8, so clipped at 0.8:   0.8  vs  0.779 -> max  0.8    (clipped low)
+    #  A=+1, ratio 0.779: the unclipped -0.779 wins over -0.8                          (not clipped)
+    #  A=+1, ratio 1.2 (log 0.18232): inside 1.28, so not clipped (at clip_range 0.2 alone it was the edge)
+    old = torch.zeros(1, 4)
+    logprobs = torch.tensor([[0.25, -0.25, -0.25, math.log(1.2)]])
+    advantages = torch.tensor([[1.0, -1.0, 1.0, 1.0]])
+    mask = torch.ones(1, 4)
+    loss, stats = policy_loss(logprobs, old, advantages, mask, clip_range=0.2, clip_range_high=0.28)
+    close(loss, (-1.28 + 0.8 - math.exp(-0.25) - 1.2) / 4)
+    close(stats["clipfrac_high"], 0.25)
+    close(stats["clipfrac_low"], 0.25)
+    close(stats["clipfrac"], 0.5)
+    symmetric, _ = policy_loss(logprobs, old, advantages, mask, clip_range=0.2)  # clip_range_high 0: 0.2 both ways
+    close(symmetric, (-1.2 + 0.8 - math.exp(-0.25) - 1.2) / 4)
+
+
+def test_loss_mask_drops_truncated_replies_only_when_asked():
+    response_mask = torch.tensor([[1, 1, 1], [1, 1, 0], [1, 0, 0]], dtype=torch.bool)
+    ended = torch.tensor([False, True, True])  # the first reply was cut at the length limit
+    assert torch.equal(loss_mask(response_mask, ended, False), response_mask)
+    assert loss_mask(response_mask, ended, True).tolist() == [[False] * 3, [True, True, False], [True, False, False]]
+
+
+def test_frac_zero_std_counts_groups_that_tie():
+    # groups of 3: (1, 1, 1) ties, (0, 1, 0) does not, (-2, -2, -2) ties: 2 of 3
+    scores = torch.tensor([1.0, 1.0, 1.0, 0.0, 1.0, 0.0, -2.0, -2.0, -2.0])
+    assert frac_zero_std(scores, 3) == pytest.approx(2 / 3)
+    assert frac_zero_std(torch.tensor([0.5, 0.5]), 1) == 1.0  # a group of one always ties
 
 
 def test_value_loss_clipping():

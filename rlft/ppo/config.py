@@ -55,7 +55,13 @@ class PPOHyperparameters:
                                  "the reference).")
     lr_schedule: Literal["constant", "linear"] = option("constant", "linear: decay to 0 over `steps`.")
     max_grad_norm: float = option(1.0, "Clip the gradient norm to this.")
-    clip_range: float = option(0.2, "PPO ratio clip epsilon.")
+    clip_range: float = option(0.2, "PPO ratio clip epsilon (below 1 and, unless clip_range_high, above).")
+    clip_range_high: float = option(
+        0.0, "Upper ratio clip epsilon where it differs (DAPO's clip-higher: 0.28 with clip_range 0.2 lets unlikely "
+        "tokens gain more per update, against entropy collapse); 0: clip_range.")
+    mask_truncated_completions: bool = option(
+        False, "Leave replies cut at sampling.max_new_tokens out of every loss (DAPO's overlong filtering); "
+        "response/clipped_ratio logs their share.")
     clip_range_value: float = option(0.2, "Value clip around the rollout's values.")
     value_loss_coef: float = option(0.1, "Weight of the value loss (the value head shares the trunk).")
     entropy_coef: float = option(
@@ -138,6 +144,7 @@ class PPOHyperparameters:
         require(self.target_kl > 0, "target_kl", "must be > 0")
         require(0 < self.gamma <= 1 and 0 <= self.lam <= 1, "gamma", "gamma must be in (0, 1], lam in [0, 1]")
         require(self.clip_range > 0 and self.clip_range_value > 0, "clip_range", "clip ranges must be > 0")
+        require(self.clip_range_high >= 0, "clip_range_high", "must be >= 0 (0: clip_range)")
         # torch scales gradients by max_norm / norm: a negative norm flips every gradient, 0 freezes the policy
         require(self.max_grad_norm > 0, "max_grad_norm", f"must be > 0, got {self.max_grad_norm}")
         for key in ("weight_decay", "value_loss_coef", "entropy_coef", "score_clip", "missing_eos_penalty"):

@@ -240,6 +240,20 @@ def aggregate(per_token: torch.Tensor, response_mask: torch.Tensor, mode: str = 
     raise ValueError(f"unknown loss aggregation {mode!r}; expected token_mean or sequence_mean")
 
 
+def loss_mask(response_mask: torch.Tensor, ended_with_eos: torch.Tensor, mask_truncated: bool) -> torch.Tensor:
+    """The tokens the losses average over: the response's, less every token of a reply cut at the length limit
+    when `mask_truncated` (DAPO's overlong filtering, Yu et al. 2025 sec. 3.4: a cut reply's score says little
+    about its tokens). response_mask: (B, T) bool, ended_with_eos: (B,) bool -> (B, T) bool."""
+    return response_mask & ended_with_eos[:, None] if mask_truncated else response_mask
+
+
+def frac_zero_std(scores: torch.Tensor, group_size: int) -> float:
+    """Share of prompt groups whose `group_size` scores are all equal: groups a group-relative estimator learns
+    nothing from (TRL's frac_reward_zero_std). scores: (B,), B a multiple of group_size, groups consecutive."""
+    groups = scores.view(-1, group_size)
+    return (groups == groups[:, :1]).all(-1).float().mean().item()
+
+
 def policy_loss(
     logprobs: torch.Tensor,
     old_logprobs: torch.Tensor,
@@ -247,23 +261,29 @@ def policy_loss(
     response_mask: torch.Tensor,
     clip_range: float,
     aggregation: str = "token_mean",
+    clip_range_high: float = 0.0,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """PPO clipped surrogate loss (Schulman et al. 2017, eq. 7), aggregated over tokens (see `aggregate`).
 
     logprobs, old_logprobs, advantages, response_mask: (B, T) -> (scalar loss, stats).
-    loss = mean(max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps))).
-    stats (detached scalars): `clipfrac`, share of tokens where the clipped term won;
+    loss = mean(max(-A * ratio, -A * clip(ratio, 1 - eps_low, 1 + eps_high))), eps_low = clip_range and
+    eps_high = clip_range_high, or clip_range when 0 (DAPO's clip-higher, Yu et al. 2025, eq. 10, raises it).
+    stats (detached scalars): `clipfrac`, share of tokens where the clipped term won; `clipfrac_low` of them
+    with A < 0 and the ratio under 1 - eps_low, `clipfrac_high` with A > 0 and the ratio over 1 + eps_high;
     `approxkl`, 0.5 * mean((logp - old)^2), the k2 estimator TRL logs (Huang et al. 2024);
     `ratio`, the mean probability ratio.
     """
+    high = clip_range_high or clip_range
     log_ratio = logprobs - old_logprobs
     ratio = log_ratio.exp()
     unclipped = -advantages * ratio
-    clipped = -advantages * ratio.clamp(1 - clip_range, 1 + clip_range)
+    clipped = -advantages * ratio.clamp(1 - clip_range, 1 + high)
     loss = aggregate(torch.maximum(unclipped, clipped), response_mask, aggregation)
     with torch.no_grad():
         stats = {
             "clipfrac": masked_mean((clipped > unclipped).float(), response_mask),
+            "clipfrac_low": masked_mean(((ratio < 1 - clip_range) & (advantages < 0)).float(), response_mask),
+            "clipfrac_high": masked_mean(((ratio > 1 + high) & (advantages > 0)).float(), response_mask),
             "approxkl": 0.5 * masked_mean(log_ratio.square(), response_mask),
             "ratio": masked_mean(ratio, response_mask),
         }

@@ -35,8 +35,9 @@ from rlft.publish import push, write_model_card
 from rlft.ppo import checkpoint
 from rlft.ppo.config import RESUMABLE_CHANGES, PPOConfig, PPOHyperparameters
 from rlft.ppo.core import (AdaptiveKLController, FixedKLController, PIKLController, aggregate, entropy_from_logits,
-                           gae, grpo_advantages, kl_penalty, logprob_gap, masked_mean, masked_var, masked_whiten,
-                           per_token_rewards, policy_loss, reinforce_pp_advantages, rloo_advantages,
+                           frac_zero_std, gae, grpo_advantages, kl_penalty, logprob_gap, loss_mask, masked_mean,
+                           masked_var, masked_whiten, per_token_rewards, policy_loss, reinforce_pp_advantages,
+                           rloo_advantages,
                            truncated_importance_weights, value_loss)
 from rlft.ppo.model import PolicyWithValueHead
 from rlft.ppo.rollout import FirstMiniBatch, Rollout, forward_passes, generate, score
@@ -196,7 +197,8 @@ def ppo_step(ppo: PPORun, step: int) -> dict:
     ppo.kl_controller.update(mean_kl, hp.rollout_batch_size * accelerator.num_processes)
 
     penalty = kl_coef_in_reward * sampled_kl if hp.kl_in == "reward" else None
-    metrics = step_metrics(accelerator, rollout, sampled_kl, penalty, beta, mean_kl, update_stats, hp.uses_critic)
+    metrics = step_metrics(accelerator, rollout, sampled_kl, penalty, beta, mean_kl, update_stats, hp.uses_critic,
+                           hp.num_generations)
     metrics.update(sampler_stats)
     metrics.update(times)
     metrics["time/step"] = time.perf_counter() - started
@@ -425,7 +427,8 @@ def ppo_update(model, accelerator, optimizer, rollout: Rollout, hp: PPOHyperpara
     order and the live forward of its first micro-batch (step 3's), used instead of running it again; else the
     order is drawn here. rollout: with step 5's advantages and returns.
     """
-    input_ids, attention_mask, mask = rollout.input_ids, rollout.attention_mask, rollout.response_mask
+    input_ids, attention_mask = rollout.input_ids, rollout.attention_mask
+    mask = loss_mask(rollout.response_mask, rollout.ended_with_eos, hp.mask_truncated_completions)
     advantages, returns, temperature = rollout.advantages, rollout.returns, rollout.temperature
     length = rollout.response_ids.shape[1]
     micro_size = hp.micro_batch_size
@@ -450,7 +453,7 @@ def ppo_update(model, accelerator, optimizer, rollout: Rollout, hp: PPOHyperpara
                     else:
                         logprobs, values, logits = model(input_ids[rows], attention_mask[rows], length, temperature)
                     pg_loss, pg_stats = policy_loss(logprobs, rollout.logprobs[rows], advantages[rows], mask[rows],
-                                                    hp.clip_range, hp.loss_aggregation)
+                                                    hp.clip_range, hp.loss_aggregation, hp.clip_range_high)
                     loss = pg_loss
                     if hp.uses_critic:
                         vf_loss, vf_stats = value_loss(values, rollout.values[rows], returns[rows], mask[rows],
@@ -476,7 +479,8 @@ def ppo_update(model, accelerator, optimizer, rollout: Rollout, hp: PPOHyperpara
                     accelerator.backward(loss * share_of(mask[rows], hp.loss_aggregation) / mini_share)
                 stats["loss/policy"].append(pg_loss.item())
                 stats["policy/entropy"].append(mean_entropy.item())
-                stats["policy/clipfrac"].append(pg_stats["clipfrac"].item())
+                for key in ("clipfrac", "clipfrac_low", "clipfrac_high"):
+                    stats[f"policy/{key}"].append(pg_stats[key].item())
                 stats["policy/approxkl"].append(pg_stats["approxkl"].item())
                 mini_approxkl.append(pg_stats["approxkl"])
             # Trust region: this mini-batch's forward saw the policy after the update's steps so far. Past the
@@ -509,7 +513,7 @@ def share_of(response_mask: torch.Tensor, aggregation: str) -> torch.Tensor:
 
 
 def step_metrics(accelerator, rollout: Rollout, sampled_kl: torch.Tensor, penalty: torch.Tensor | None, beta: float,
-                 mean_kl: float, update_stats: dict, critic: bool) -> dict:
+                 mean_kl: float, update_stats: dict, critic: bool, group_size: int = 1) -> dict:
     """Namespaced per-step metrics, averaged over processes (the same names in JSONL, TensorBoard, reports).
 
     sampled_kl: (B,) step 4's per-response sum of the penalty's estimator; penalty: (B,) what of it the reward
@@ -522,6 +526,7 @@ def step_metrics(accelerator, rollout: Rollout, sampled_kl: torch.Tensor, penalt
         "objective/kl_sampled": sampled_kl.mean(),
         "response/length": mask.sum(1).float().mean(),
         "response/eos_rate": rollout.ended_with_eos.float().mean(),
+        "response/clipped_ratio": 1 - rollout.ended_with_eos.float().mean(),  # cut at max_new_tokens
     }
     if penalty is not None:
         local["objective/non_score_reward"] = -penalty.mean()
@@ -535,6 +540,8 @@ def step_metrics(accelerator, rollout: Rollout, sampled_kl: torch.Tensor, penalt
     metrics.update({
         "objective/scores": scores.mean().item(),
         "objective/scores_std": scores.std().item() if len(scores) > 1 else 0.0,
+        # groups whose scores tie: nothing for a group-relative estimator to learn from
+        **({"objective/frac_reward_zero_std": frac_zero_std(scores, group_size)} if group_size > 1 else {}),
         "objective/kl": mean_kl,
         "objective/kl_coef": beta,
     })
