@@ -20,11 +20,12 @@ import yaml
 
 from reward_models.judges import pick_pair, sentiment
 from rlft import hub
+from rlft.arithmetic import arithmetic_rows
 from rlft.config import DataConfig
 from rlft.errors import RlftError
 
 FILE_TYPES = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
-BUILTIN = ("chatterbot", "chatterbot-sentiment")
+BUILTIN = ("chatterbot", "chatterbot-sentiment", "arithmetic")
 FORMATS = {
     "conversational": ("messages",),
     "prompt_completion": ("prompt", "completion"),
@@ -96,6 +97,8 @@ def load_any(path: str, subset: str = "", split: str = "train"):
         return datasets.Dataset.from_list(chatterbot_pairs())
     if path == "chatterbot-sentiment":  # preference pairs ranked by VADER; splits train and test
         return datasets.Dataset.from_list(chatterbot_sentiment_pairs(split))
+    if path == "arithmetic":  # problems with known answers (rlft/arithmetic.py)
+        return datasets.Dataset.from_list(arithmetic_rows())
     local = Path(path)
     if local.is_file() or local.suffix in FILE_TYPES:  # "org/name" without a file type is a hub name
         return load_file(local, split)

@@ -140,3 +140,19 @@ def test_verifiable_functions_are_tensors_once_scored():
     scores = build_scorer([ScorerConfig(kind="function", path=f"{VERIFIABLE}:format", args={"pattern": "a+"})])(
         ["p", "p"], ["aaa", "ab"])
     assert scores.dtype == torch.float32 and scores.tolist() == [1.0, 0.0]
+
+
+def test_the_built_in_arithmetic_task_is_fixed_distinct_and_right():
+    from rlft.data import load_any
+
+    rows = load_any("arithmetic").to_list()
+    assert len(rows) == 4000 and rows == load_any("arithmetic").to_list()  # the same on every call and machine
+    questions = [row["prompt"][0]["content"] for row in rows]
+    assert len(set(questions)) == len(rows)
+    words = {"plus": "+", "minus": "-", "times": "*"}
+    for question, row in zip(questions, rows):
+        _, _, a, op, b = question.split("?")[0].split()
+        assert int(row["answer"]) == eval(f"{a} {words[op]} {b}") >= 0  # noqa: S307 (digits and one operator)
+    # the accuracy reward reads these answers: a right reply scores 1, the echoed question 0
+    assert accuracy([rows[0]["prompt"]], [f"It is {rows[0]['answer']}."], answer=[rows[0]["answer"]]) == [1.0]
+    assert accuracy([rows[0]["prompt"]], [questions[0]], answer=[rows[0]["answer"]]) == [0.0]
