@@ -10,9 +10,9 @@ very config and overrides of its run, then run for a few steps as its own proces
 `accelerate launch --config_file configs/accelerate/fsdp.yaml --num_processes 2 -m rlft ppo` for FSDP), one case
 after the other. Measured, per case:
 
-    peak_rss_mb         the stage's metrics.json: ru_maxrss of its main process (rank 0 under FSDP), MiB
-    largest_process_mb  the largest ru_maxrss in the whole process tree (os.wait4 on the launched process: every
-                        worker of an FSDP launch, and the launcher itself), MiB
+    peak_rss_mb         the stage's metrics.json: the peak RSS of its main process (rank 0 under FSDP; VmHWM, this
+                        process image's own: ru_maxrss would count this script's memory, the image it started from)
+    largest_process_mb  the largest of every process's peak (PPO gathers them under FSDP), MiB
 
 Cases, on the embedded SmolLM2-135M and on a random-weight Llama-shaped model (`--models embedded large`; the
 large one ~0.48B at the defaults, with SmolLM2's tokenizer, written in bfloat16 to <out>/large_model and reused
@@ -317,20 +317,22 @@ def run_case(case: Case, out: Path, threads: int) -> dict:
     with open(log, "a") as stream:
         stream.write("+ " + " ".join(command[1:]) + "\n")
         stream.flush()
-        code, largest = run_tree(command, env, stream)
-    result["measured"] = {"wall_s": time.time() - started, "largest_process_mb": largest, "returncode": code}
+        code = run_tree(command, env, stream)
+    result["measured"] = {"wall_s": time.time() - started, "returncode": code}
     if code != 0:
         tail = log.read_text().strip().splitlines()[-3:]
         result["error"] = f"exit {code}, see {log}: " + " | ".join(line.strip()[:200] for line in tail)
         return result
+    measured = result["measured"]
     if case.stage == "runtime":
         line = next(line for line in log.read_text().splitlines() if line.startswith("peak_rss_mb "))
-        result["measured"]["peak_rss_mb"] = float(line.split()[1])
-    else:
-        metrics = json.loads((run_dir / "metrics.json").read_text())
-        result["measured"]["peak_rss_mb"] = metrics["peak_rss_mb"]
-        if "parameters_mb" in metrics:
-            result["measured"]["parameters_mb"] = metrics["parameters_mb"]
+        measured["peak_rss_mb"] = measured["largest_process_mb"] = float(line.split()[1])
+        return result
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    measured["peak_rss_mb"] = metrics["peak_rss_mb"]
+    measured["largest_process_mb"] = metrics.get("peak_rss_mb_largest_process", metrics["peak_rss_mb"])
+    if "parameters_mb" in metrics:
+        measured["parameters_mb"] = metrics["parameters_mb"]
     return result
 
 
@@ -373,19 +375,16 @@ def plan(case: Case, overrides: list[str], path: Path, log: Path) -> dict:
     return stage
 
 
-def run_tree(command: list[str], env: dict, stream) -> tuple[int, float]:
-    """(exit code, largest peak RSS in MiB of the process and all its descendants): wait4's rusage holds the
-    largest ru_maxrss of the child and of every descendant that was waited for (an FSDP launch's workers)."""
+def run_tree(command: list[str], env: dict, stream) -> int:
+    """The exit code of `command`, run in its own process group (ended whole on Ctrl-C)."""
     process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=stream, stderr=subprocess.STDOUT,
                                start_new_session=True)
     try:
-        _, status, usage = os.wait4(process.pid, 0)
+        return process.wait()
     except BaseException:  # Ctrl-C: end the case's process group, not just its launcher
         os.killpg(process.pid, signal.SIGTERM)
         process.wait()
         raise
-    process.returncode = os.waitstatus_to_exitcode(status)
-    return process.returncode, usage.ru_maxrss / 1024  # KiB on Linux
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -302,9 +302,15 @@ def stage_metrics(metrics: dict, started: float) -> dict:
 
 
 def peak_rss_mb() -> float:
-    """Peak resident memory of this process so far, in MiB (ru_maxrss is KiB on Linux, bytes on macOS)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / (2**20 if sys.platform == "darwin" else 2**10)
+    """Peak resident memory of this process so far, in MiB. On Linux the high-water mark of this process image
+    (VmHWM): ru_maxrss also counts the image it was started from, so a stage launched by a big process (a
+    benchmark, a notebook) would report that one's peak. Elsewhere ru_maxrss (KiB on Linux, bytes on macOS)."""
+    try:
+        status = Path("/proc/self/status").read_text()
+        return int(status.split("VmHWM:")[1].split()[0]) / 2**10  # kB
+    except (OSError, IndexError, ValueError):
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak / (2**20 if sys.platform == "darwin" else 2**10)
 
 
 def seed_everything(seed: int) -> None:

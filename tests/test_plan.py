@@ -248,3 +248,18 @@ def test_plan_json_holds_each_stage_s_parts_peak_and_workload(tiny_lm_dir, data,
                  "--json", str(path)]) == 2
     stage, = json.loads(path.read_text())["stages"]
     assert "lora.target_modules" in stage["problems"][0] and "peak_mib" not in stage
+
+
+def test_a_stages_peak_rss_is_its_own_not_the_process_that_started_it():
+    """plan_memory.py sets plans against metrics.json's peak_rss_mb of stages it starts: ru_maxrss after exec also
+    counts the process it was started from (here one holding 1 GiB more), VmHWM only the stage's own."""
+    import subprocess
+    import sys
+
+    held = torch.ones(2**28)  # 1 GiB of float32, every page written
+    child = subprocess.run([sys.executable, "-c", "from rlft.runs import peak_rss_mb; print(peak_rss_mb())"],
+                           capture_output=True, text=True, check=True, cwd=ROOT)
+    from rlft.runs import peak_rss_mb
+
+    assert peak_rss_mb() > 1024 + float(child.stdout) and float(child.stdout) < 1024
+    del held

@@ -253,6 +253,7 @@ def finish(ppo: PPORun) -> dict:
         log.warning("%s: the result is step %d's policy (KL %.2f%s)", why, shipped, saved[shipped],
                     ", replies not collapsed" if healthy else "")
 
+    largest = accelerator.gather(torch.tensor([runs.peak_rss_mb()])).max().item()  # every process, before saving
     summary = {}
     if accelerator.is_main_process:
         summary = ppo.logger.summary()
@@ -261,6 +262,7 @@ def finish(ppo: PPORun) -> dict:
                         "result_collapse": collapse_by_step.get(shipped)})
         summary["parameters_mb"] = ppo.parameters_mb
         summary = runs.stage_metrics(summary, ppo.started)
+        summary["peak_rss_mb_largest_process"] = max(largest, summary["peak_rss_mb"])
         lineage = [config.model.name_or_path, *([f"sft ({config.sft_adapter})"] if config.sft_adapter else []),
                    f"reward ({', '.join(s.path for s in config.reward)})", "ppo"]
         with checkpoint.replaced(out / "policy") as staging:
