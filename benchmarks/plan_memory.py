@@ -33,7 +33,9 @@ the sft_lora case's adapter; reward data are the quickstart's preference pairs w
 built-in chatterbot-sentiment pairs. Every process runs --threads threads (split between FSDP's processes).
 A few steps each: --sft-steps and --reward-steps optimiser steps (evaluation and the reward's normalisation on
 small slices: 16 to 128 rows), --ppo-steps PPO steps of --ppo-rows rollout rows (also the update's micro-batch
-and the no-grad forward batch) x --max-new-tokens, one epoch; SFT generates no samples after training.
+and the no-grad forward batch) x --max-new-tokens, one epoch, on 16 prompts (every one drawn, the longest too);
+SFT generates no samples after training. SFT and reward batch rows of like length, the longest first, so their
+first step holds the data's longest rows, as the plan assumes.
 
 The JSON keeps, per case, the plan's parts and the workload they were computed from, and the memory constants
 in force. After changing a constant in rlft/memory.py, `--table-only` recomputes every prediction from the
@@ -110,7 +112,7 @@ def main() -> None:
     parser.add_argument("--processes", type=int, default=2, help="processes of the FSDP cases")
     parser.add_argument("--sft-steps", type=int, default=3)
     parser.add_argument("--reward-steps", type=int, default=3)
-    parser.add_argument("--ppo-steps", type=int, default=1)
+    parser.add_argument("--ppo-steps", type=int, default=2)
     parser.add_argument("--ppo-rows", type=int, default=8,
                         help="ppo.rollout_batch_size = mini_batch_size = forward_batch_size (per process)")
     parser.add_argument("--max-new-tokens", type=int, default=16, help="PPO's sampling.max_new_tokens")
@@ -249,7 +251,9 @@ def build_cases(args, out: Path, models: dict[str, str], reward_backbone: str, q
     sft_steps = [f"train.max_steps={args.sft_steps}", "data.max_eval_samples=16", "num_samples=0"]
     reward_steps = [f"train.max_steps={args.reward_steps}", *pair_data]
     n = args.ppo_steps
-    ppo_steps = [f"ppo.steps={n}", f"save_every={n}", f"sample_every={n}", "ppo.ppo_epochs=1",
+    # 16 prompts (13 after the hold-out): 2 steps of 8 rows draw every one, the longest too, which sets the
+    # plan's peak as over a whole run
+    ppo_steps = [f"ppo.steps={n}", f"save_every={n}", f"sample_every={n}", "ppo.ppo_epochs=1", "data.max_samples=16",
                  f"ppo.rollout_batch_size={args.ppo_rows}", f"ppo.mini_batch_size={args.ppo_rows}",
                  f"ppo.forward_batch_size={args.ppo_rows}", f"sampling.max_new_tokens={args.max_new_tokens}",
                  # a random model's bf16 sampler may drift past the 0.2 nats that stop a run: memory is the point

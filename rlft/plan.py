@@ -25,7 +25,7 @@ from reward_models.train import RewardConfig, tokenize_pairs
 from rlft import hf_training, memory, runs
 from rlft.activations import bytes_per_token_layer
 from rlft.config import LoraConfig, ModelConfig
-from rlft.data import prompts_of, read_split, render_prompts, require_chat_template
+from rlft.data import load_splits, prompts_of, render_prompts, require_chat_template
 from rlft.errors import RlftError
 from rlft.evaluate import EvalConfig, check_same_base, find_adapter, find_checkpoints, load_prompts
 from rlft.fit import Device, device_of, knobs, render, sampling_knobs, write_json
@@ -105,7 +105,8 @@ def plan_sft(config: SFTConfig, setting: Setting) -> StagePlan:
     plan = StagePlan("sft")
     plan.check(hf_training.check_train, config.train)
     tokenizer = plan.check(load_tokenizer, config.model)
-    sampled = plan.check(sample, config.data, ("conversational", "prompt_completion", "text"), "SFT data")
+    sampled = plan.check(sample, config.data, ("conversational", "prompt_completion", "text"), "SFT data",
+                         config.seed)
     lengths = plan.check(row_lengths, tokenizer, sampled, config.model.name_or_path) if tokenizer and sampled else None
     policy = plan.check(size_policy, config.model, config.lora)
     plan.check(runs.check_output_dir, config.output_dir, "sft")
@@ -140,7 +141,8 @@ def plan_reward(config: RewardConfig, setting: Setting) -> StagePlan:
     plan.check(hf_training.check_train, config.train)
     tokenizer = plan.check(load_tokenizer, config.model)
     pairs_made = setting.maker(Path(config.data.path).parent)
-    sampled = None if pairs_made else plan.check(sample, config.data, ("preference",), "reward data")
+    sampled = None if pairs_made else plan.check(sample, config.data, ("preference",), "reward data",
+                                                      config.seed)
     if config.sft_adapter and not setting.maker(config.sft_adapter):
         plan.check(check_adapter_base, config.sft_adapter, config.model)
     model = plan.check(empty_model, config.model, AutoModelForSequenceClassification, num_labels=1)
@@ -191,7 +193,7 @@ def plan_preferences(config: PreferenceConfig, setting: Setting) -> StagePlan:
         model_config, adapter = config.model, None
     if model_config is None:
         return plan
-    prompt_tokens = sampled_prompt_lengths(plan, model_config, config.data, config.sampling)
+    prompt_tokens = sampled_prompt_lengths(plan, model_config, config.data, config.sampling, config.seed)
     policy = plan.check(size_policy, model_config, adapter)
     plan.check(runs.check_output_dir, config.output_dir, "preferences")
     if policy is None:
@@ -216,7 +218,7 @@ def plan_ppo(config: PPOConfig, setting: Setting) -> StagePlan:
     hp = config.ppo
     plan.check(check_scorers, config.reward)
     plan.check(hf_training.check_optimizer, hp.optim, "ppo.optim")
-    prompt_tokens = sampled_prompt_lengths(plan, config.model, config.data, config.sampling)
+    prompt_tokens = sampled_prompt_lengths(plan, config.model, config.data, config.sampling, config.seed)
     if config.sft_adapter and not setting.maker(config.sft_adapter):
         plan.check(check_adapter_base, config.sft_adapter, config.model)
     for scorer in config.reward:  # an adapter on PPO's base must have been trained on it (AdapterScorer's check)
@@ -338,9 +340,10 @@ PLANNERS = {"sft": plan_sft, "reward": plan_reward, "preferences": plan_preferen
 # Checks and sizes
 
 
-def sample(data, allowed: tuple[str, ...], what: str):
-    """(the first SAMPLE_ROWS rows, format) of the training split, every row of it checked as training checks."""
-    rows, data_format = read_split(data, allowed, what)
+def sample(data, allowed: tuple[str, ...], what: str, seed: int):
+    """(the first SAMPLE_ROWS rows, format) of the rows the stage trains on (its hold-out and max_samples
+    applied, with its seed), every row of the split checked as training checks."""
+    rows, _, data_format = load_splits(data, allowed, seed, what)
     return rows.select(range(min(SAMPLE_ROWS, len(rows)))), data_format
 
 
@@ -365,12 +368,12 @@ def row_lengths(tokenizer, sampled, model_name: str) -> list[int]:
     return [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
 
 
-def sampled_prompt_lengths(plan: StagePlan, model_config: ModelConfig, data, sampling) -> int:
+def sampled_prompt_lengths(plan: StagePlan, model_config: ModelConfig, data, sampling, seed: int) -> int:
     """The longest sampled prompt in tokens, through the chat template and checked against
     sampling.max_prompt_length and the model's context (as the sampling stages check them); that limit when the
     prompts could not be read."""
     tokenizer = plan.check(load_tokenizer, model_config)
-    sampled = plan.check(sample, data, ("prompt_only", "conversational"), "prompt data")
+    sampled = plan.check(sample, data, ("prompt_only", "conversational"), "prompt data", seed)
     if tokenizer is None or sampled is None:
         return sampling.max_prompt_length
     texts = plan.check(render_prompts, tokenizer, prompts_of(sampled[0]))

@@ -156,7 +156,7 @@ def test_dry_run_catches_each_problem_in_seconds_without_weights(weightless, bas
                                                                   capsys, no_weights):
     (tmp_path / "a_file").write_text("")
     long_prompts = tmp_path / "long_prompts.jsonl"  # 240 words: with 32 new tokens past the tiny model's 256
-    long_prompts.write_text(json.dumps({"prompt": "hello " * 240}) + "\n" + json.dumps({"prompt": "hi"}) + "\n")
+    long_prompts.write_text("".join(json.dumps({"prompt": f"hello {i} " * 120}) + "\n" for i in range(4)))
     out = tmp_path / "out"
     cases = {
         "a wrong target module": (sft_args(weightless, data, out, "lora.target_modules=[q_projx]"),
