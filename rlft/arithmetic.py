@@ -4,15 +4,16 @@ Each row is a prompt (one user turn) and its `answer`, the column reward_models.
 
     {"prompt": [{"role": "user", "content": "What is 47 + 38? Give the number only."}], "answer": "85"}
 
-Sums and differences of two-digit numbers and products of a one-digit and a two-digit number, a third each,
-drawn from a fixed seed: rlft's train / held-out split of whole prompts applies as to any data.
+Sums and differences of numbers up to 30 and products of one-digit numbers, drawn from a fixed seed: rlft's
+train / held-out split of whole prompts applies as to any data. Two-digit sums were too hard for the embedded
+SmolLM2-135M (examples/verifiable/start_accuracy.py): nearly no reward to learn from.
 """
 
 from __future__ import annotations
 
 import random
 
-PROBLEMS = 4000  # distinct prompts: a 20% hold-out keeps 800 for evaluation
+PROBLEMS = 1400  # distinct prompts (of 1,429 there are): a 20% hold-out keeps 280 for evaluation
 SEED = 20261206
 INSTRUCTION = "Give the number only."
 
@@ -21,9 +22,9 @@ def problem(rng: random.Random) -> tuple[str, int]:
     """One question and its answer."""
     kind = rng.choice("+-*")
     if kind == "*":
-        a, b = rng.randint(2, 9), rng.randint(11, 99)
+        a, b = rng.randint(2, 9), rng.randint(2, 9)
         return f"What is {a} times {b}?", a * b
-    a, b = rng.randint(10, 99), rng.randint(10, 99)
+    a, b = rng.randint(1, 30), rng.randint(1, 30)
     if kind == "-":
         a, b = max(a, b), min(a, b)  # no negative answers
         return f"What is {a} minus {b}?", a - b

@@ -146,7 +146,7 @@ def test_the_built_in_arithmetic_task_is_fixed_distinct_and_right():
     from rlft.data import load_any
 
     rows = load_any("arithmetic").to_list()
-    assert len(rows) == 4000 and rows == load_any("arithmetic").to_list()  # the same on every call and machine
+    assert len(rows) == 1400 and rows == load_any("arithmetic").to_list()  # the same on every call and machine
     questions = [row["prompt"][0]["content"] for row in rows]
     assert len(set(questions)) == len(rows)
     words = {"plus": "+", "minus": "-", "times": "*"}
