@@ -61,7 +61,7 @@ def bytes_per_token_layer(model, dtype: torch.dtype, upcast_unquantized: bool = 
 
     model: a model built on the meta device (rlft.models.empty_model), with any adapters as training adds them;
     it is moved onto fake CPU tensors in place. dtype: the base's compute dtype (adapters stay float32, as peft
-    keeps them). upcast_unquantized: a QLoRA base (peft's prepare_model_for_kbit_training makes every weight
+    keeps them; a model trained in full is all `dtype`). upcast_unquantized: a QLoRA base (peft's prepare_model_for_kbit_training makes every weight
     bitsandbytes does not quantize float32: norms, embeddings, the head; the quantized linears compute in `dtype`).
     """
     from torch._subclasses.fake_tensor import FakeTensorMode
