@@ -251,7 +251,7 @@ def build_cases(args, out: Path, models: dict[str, str], reward_backbone: str, q
     sft_steps = [f"train.max_steps={args.sft_steps}", "data.max_eval_samples=16", "num_samples=0"]
     reward_steps = [f"train.max_steps={args.reward_steps}", *pair_data]
     n = args.ppo_steps
-    # 16 prompts (13 after the hold-out): 2 steps of 8 rows draw every one, the longest too, which sets the
+    # 16 prompts (max_samples, after the hold-out): 2 steps of 8 rows draw every one, the longest too, which sets the
     # plan's peak as over a whole run
     ppo_steps = [f"ppo.steps={n}", f"save_every={n}", f"sample_every={n}", "ppo.ppo_epochs=1", "data.max_samples=16",
                  f"ppo.rollout_batch_size={args.ppo_rows}", f"ppo.mini_batch_size={args.ppo_rows}",

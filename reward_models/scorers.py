@@ -404,16 +404,22 @@ class FunctionScorer:
             pass
         self.function = functools.partial(function, **config.args)
         try:
-            parameters = list(inspect.signature(self.function).parameters.values())[2:]
+            parameters = list(inspect.signature(function).parameters.values())
         except (TypeError, ValueError):  # a builtin without a signature: prompts and completions only
             parameters = []
+        # After the two positional ones (prompts, completions), the names a column may fill; what args bound
+        # stays bound (a column of that name never replaces it)
+        positional = [p for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        named = [p for p in positional[2:] + [p for p in parameters if p.kind is p.KEYWORD_ONLY]
+                 if p.name not in config.args]
         self.takes_all = any(p.kind is p.VAR_KEYWORD for p in parameters)
-        self.takes = {p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
-        self.needs = {p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
-                      and p.default is p.empty}
+        self.takes = {p.name for p in named}
+        self.needs = {p.name for p in named if p.default is p.empty}
+        self.bound = set(config.args)
 
     def __call__(self, prompts: list, completions: list[str], **columns: list) -> torch.Tensor:
-        given = columns if self.takes_all else {name: columns[name] for name in self.takes & columns.keys()}
+        given = ({name: values for name, values in columns.items() if name not in self.bound} if self.takes_all
+                 else {name: columns[name] for name in self.takes & columns.keys()})
         try:
             with time_limit(self.timeout, f"scorer '{self.name}' took longer than its timeout of {self.timeout:g} s on "
                                           f"{len(completions)} completions: fix it, or raise its `timeout` (0: none)"):

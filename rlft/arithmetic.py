@@ -2,7 +2,7 @@
 
 Each row is a prompt (one user turn) and its `answer`, the column reward_models.verifiable:accuracy checks:
 
-    {"prompt": [{"role": "user", "content": "What is 47 + 38? Give the number only."}], "answer": "85"}
+    {"prompt": [{"role": "user", "content": "What is 17 plus 28? Give the number only."}], "answer": "45"}
 
 Sums and differences of numbers up to 30 and products of one-digit numbers, drawn from a fixed seed: rlft's
 train / held-out split of whole prompts applies as to any data. Two-digit sums were too hard for the embedded

@@ -300,8 +300,9 @@ def prompts_of(dataset) -> list:
     return prompts
 
 
-REPLY_COLUMNS = ("prompt", "messages", "completion", "chosen", "rejected",
-                 "completion_ids")  # a scorer's completion_ids are the sampled reply's, never the data's
+# Not passed on to scorers: the prompt and replies themselves, and the names scorers already take positionally
+# or from the sampler (a scorer's completion_ids are the sampled reply's, never the data's)
+REPLY_COLUMNS = ("prompt", "messages", "completion", "chosen", "rejected", "prompts", "completions", "completion_ids")
 
 
 def columns_of(dataset) -> dict[str, list]:

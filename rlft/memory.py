@@ -31,13 +31,16 @@ QUANTIZED_BITS = {"4bit": NF4_BITS, "8bit": INT8_BITS}
 FLOAT32 = 4  # adapters and value heads (peft and rlft keep them float32), their gradients, and the loss's logits
 
 
-def weight_bytes(parameters: int, quantizable: int, dtype_bytes: int, quantization: str = "none") -> float:
+def weight_bytes(parameters: int, quantizable: int, dtype_bytes: int, quantization: str = "none",
+                 kbit_training: bool = False) -> float:
     """A base's weights: bitsandbytes stores the `quantizable` ones (linear layers but the output head) at 4.127
-    or 8 bits, and peft's prepare_model_for_kbit_training makes the rest (embeddings, norms, the head) float32;
-    unquantized, every weight has the dtype's `dtype_bytes`."""
+    or 8 bits, the rest (embeddings, norms, the head) keep the dtype's `dtype_bytes`, or float32 under an adapter
+    training on the quantized base (`kbit_training`: peft's prepare_model_for_kbit_training upcasts them).
+    Unquantized, every weight has `dtype_bytes`."""
     if quantization == "none":
         return parameters * dtype_bytes
-    return quantizable * QUANTIZED_BITS[quantization] / 8 + (parameters - quantizable) * FLOAT32
+    rest = FLOAT32 if kbit_training else dtype_bytes
+    return quantizable * QUANTIZED_BITS[quantization] / 8 + (parameters - quantizable) * rest
 
 
 def optimizer_state_bytes(optim: str) -> float:
@@ -131,7 +134,8 @@ def parts(w: Workload) -> list[Part]:
         return size / w.processes if w.strategy == "fsdp" else size
 
     m = w.model
-    weights = weight_bytes(m.parameters, m.quantizable, w.dtype_bytes, w.quantization)
+    weights = weight_bytes(m.parameters, m.quantizable, w.dtype_bytes, w.quantization,
+                           kbit_training=w.trains and not w.full_finetune)
     stored = {"none": f"{8 * w.dtype_bytes}-bit", "4bit": "4-bit NF4", "8bit": "8-bit"}[w.quantization]
     found = [Part("runtime", "runtime: interpreter, libraries" + (", CUDA context" if w.device == "cuda" else ""),
                   RUNTIME_MIB[w.device] * MIB, "always"),

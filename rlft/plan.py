@@ -126,7 +126,7 @@ def plan_sft(config: SFTConfig, setting: Setting) -> StagePlan:
     plan.workload = memory.Workload(
         shape, dtype_bytes(config.model, setting.device), config.model.quantization, adapter=adapter, trains=True,
         optim=config.train.optim, rows=config.train.batch_size, tokens=tokens,
-        per_token_layer=layer_bytes(empty_model(config.model), config.model, config.lora, setting),
+        per_token_layer=layer_bytes(plan, empty_model(config.model), config.model, config.lora, setting),
         gradient_checkpointing=config.model.gradient_checkpointing, logit_rows=config.train.batch_size,
         logit_tokens=tokens, processes=setting.processes, strategy=setting.strategy, device=setting.device.kind)
     plan.knobs = knobs(plan.workload, config.train.gradient_accumulation_steps,
@@ -169,7 +169,7 @@ def plan_reward(config: RewardConfig, setting: Setting) -> StagePlan:
         shape, dtype_bytes(config.model, setting.device), config.model.quantization, adapter=adapter, trains=True,
         full_finetune=not config.lora_enabled, optim=config.train.optim, rows=2 * config.train.batch_size,
         tokens=tokens, per_token_layer=layer_bytes(
-            empty_model(config.model, AutoModelForSequenceClassification, num_labels=1), config.model,
+            plan, empty_model(config.model, AutoModelForSequenceClassification, num_labels=1), config.model,
             config.lora if config.lora_enabled else None, setting, "SEQ_CLS"),
         gradient_checkpointing=config.model.gradient_checkpointing, processes=setting.processes,
         strategy=setting.strategy, device=setting.device.kind)
@@ -245,7 +245,7 @@ def plan_ppo(config: PPOConfig, setting: Setting) -> StagePlan:
     plan.workload = memory.Workload(
         shape, dtype_bytes(config.model, setting.device), config.model.quantization, adapter=adapter + critic,
         trains=True, optim=hp.optim, rows=hp.micro_batch_size, tokens=tokens,
-        per_token_layer=layer_bytes(empty_model(config.model), config.model, config.lora, setting),
+        per_token_layer=layer_bytes(plan, empty_model(config.model), config.model, config.lora, setting),
         passes=2 if hp.uses_critic and hp.critic == "adapter" else 1,
         gradient_checkpointing=config.model.gradient_checkpointing,
         # step 3 keeps the policy's and the reference's logits of the response for the exact KL
@@ -433,18 +433,24 @@ def adapter_size(model, model_config: ModelConfig, adapter: LoraConfig | str, ta
     return count_parameters(adapted)[0], adapted_layers
 
 
-def layer_bytes(model, model_config: ModelConfig, adapter: LoraConfig | None, setting: Setting,
+def layer_bytes(plan: StagePlan, model, model_config: ModelConfig, adapter: LoraConfig | None, setting: Setting,
                 task_type: str = "CAUSAL_LM") -> float:
     """Bytes per token a layer of the meta `model` keeps for the backward (rlft.activations), with `adapter`
-    added as training adds it (none: the model trains in full); `model` is used up."""
+    added as training adds it (none: the model trains in full); `model` is used up. A model whose forward fake
+    tensors cannot run (data-dependent shapes, remote code) is planned without activations, and the plan says so."""
     from accelerate import init_empty_weights  # heavy
 
     if adapter is not None:
         with init_empty_weights():
             model = add_lora(model, replace(model_config, quantization="none", gradient_checkpointing=False),
                              adapter, task_type)
-    return bytes_per_token_layer(model, planned_dtype(model_config, setting.device),
-                                 upcast_unquantized=model_config.quantization != "none")
+    try:
+        return bytes_per_token_layer(model, planned_dtype(model_config, setting.device),
+                                     upcast_unquantized=model_config.quantization != "none")
+    except Exception as e:  # the measurement's failure, not the run's: the rest of the plan still stands
+        plan.notes.append(f"activations not measured ({type(e).__name__}: {' '.join(str(e).split())[:120]}): "
+                          "the peak below leaves them out")
+        return 0.0
 
 
 def size_scorer(scorer: ScorerConfig, setting: Setting, shared_base: bool = False) -> tuple[str, str, float] | None:

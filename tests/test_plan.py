@@ -55,7 +55,8 @@ def test_a_7b_plan_is_the_arithmetic_by_hand(llama_7b):
 
     # What a layer keeps per token is measured on fake tensors (tests/test_activations.py checks the measure):
     # at least peft's float32 copy of each adapted linear's input (h wide for q, k, v, o, gate and up, i for down)
-    kept = layer_bytes(empty_model(llama_7b), llama_7b, LoraConfig(r=16, target_modules=targets), SETTING)
+    kept = layer_bytes(StagePlan("sft"), empty_model(llama_7b), llama_7b, LoraConfig(r=16, target_modules=targets),
+                       SETTING)
     assert kept > 4 * (6 * h + i)
     w = memory.Workload(shape, dtype_bytes=2, adapter=adapter, trains=True, optim="adamw_torch", rows=4, tokens=1024,
                         per_token_layer=kept, logit_rows=4, logit_tokens=1024, generate_rows=16, generate_tokens=512)
@@ -75,6 +76,8 @@ def test_a_7b_plan_is_the_arithmetic_by_hand(llama_7b):
     # 4-bit NF4 with double quantisation: 4.127 bits per linear weight; embeddings, norms and head float32 (peft)
     four_bit = {part.key: part.bytes for part in memory.parts(replace(w, quantization="4bit"))}
     assert four_bit["weights"] == pytest.approx(linear * 4.127 / 8 + rest * 4)  # 4.1 GiB
+    # sampling or scoring on a 4-bit base prepares nothing for training: the rest stays bfloat16
+    assert memory.weight_bytes(linear + rest, linear, 2, "4bit") == pytest.approx(linear * 4.127 / 8 + rest * 2)
     assert memory.optimizer_state_bytes("paged_adamw_8bit") == 2  # two states, a byte each
     # gradient checkpointing keeps each layer's input (4096 x 2 B a token) and one layer's full set
     checkpointed = {part.key: part.bytes for part in memory.parts(replace(w, gradient_checkpointing=True))}

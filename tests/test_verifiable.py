@@ -75,8 +75,18 @@ def test_function_scorers_get_the_columns_they_name_and_args_bound():
                        "not \\(its other columns: source\\)"):
         require_columns(right, {"source": []}, "p.jsonl")
     require_columns(long, {}, "p.jsonl")  # completion_ids come from the sampler, not the data
+    # a data column named like a bound argument never replaces it: max_tokens stays 2 (a list would raise)
+    assert long(["q"], ["a"], completion_ids=[[1, 2]], max_tokens=[100]).tolist() == [-1.0]
+    # a wrapper taking *args, **kwargs gets every column and completion_ids
+    assert build_scorer([ScorerConfig(kind="function", path="tests.test_verifiable:wrapped")])(
+        ["q", "q"], ["a", "b"], answer=["1", "0"], completion_ids=[[1], [2, 3]]).tolist() == [2.0, 2.0]
     with pytest.raises(RlftError, match="args \\['max_token'\\] do not fit"):
         build_scorer([ScorerConfig(kind="function", path=f"{VERIFIABLE}:overlong", args={"max_token": 2})])
+
+
+def wrapped(*args, **kwargs):
+    """A decorator's wrapper, no functools.wraps: (answer, with the reply's token count) by keyword."""
+    return [float(a) + len(ids) for a, ids in zip(kwargs["answer"], kwargs["completion_ids"])]
 
 
 def record(prompts, completions, answer, completion_ids, **_):
