@@ -453,7 +453,7 @@ def time_limit(seconds: float, message: str):
 
 def require_columns(scorer: Scorer, columns, source: str) -> None:
     """One line before any sampling when a function scorer needs a data column `source` does not have."""
-    for part in [part for part, _ in scorer.parts] if isinstance(scorer, WeightedSum) else [scorer]:
+    for part in parts_of(scorer):
         missing = sorted(getattr(part, "needs", set()) - set(columns) - {"completion_ids"})
         if missing:
             have = ", ".join(sorted(columns)) or "none but the prompt"
@@ -463,8 +463,12 @@ def require_columns(scorer: Scorer, columns, source: str) -> None:
 
 def adapter_scorers(scorer: Scorer) -> list[AdapterScorer]:
     """The AdapterScorers in `scorer` (itself, or the parts of a weighted sum): PPO attaches them to its base."""
-    parts = [part for part, _ in scorer.parts] if isinstance(scorer, WeightedSum) else [scorer]
-    return [part for part in parts if isinstance(part, AdapterScorer)]
+    return [part for part in parts_of(scorer) if isinstance(part, AdapterScorer)]
+
+
+def parts_of(scorer: Scorer) -> list[Scorer]:
+    """The scorers a weighted sum adds up, or `scorer` itself."""
+    return [part for part, _ in scorer.parts] if isinstance(scorer, WeightedSum) else [scorer]
 
 
 class WeightedSum:

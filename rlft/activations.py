@@ -23,13 +23,13 @@ PROBE_TOKENS = 64  # tokens of the one row the forward runs: the per-token figur
 
 
 class LiveBytes(TorchDispatchMode):
-    """Bytes of the tensor storages created by ops inside it: alive now (`live`) and at most (`peak`). Storages
-    made before it (weights, inputs: `ignore`) are not counted, nor views of them."""
+    """Bytes of the tensor storages created by ops inside it and still alive (`live`). Storages made before it
+    (weights, inputs: `ignore`) are not counted, nor views of them."""
 
     def __init__(self):
         super().__init__()
         self.sizes = WeakIdKeyDictionary()
-        self.live = self.peak = 0
+        self.live = 0
 
     def ignore(self, tensors) -> None:
         for tensor in tensors:
@@ -47,7 +47,6 @@ class LiveBytes(TorchDispatchMode):
                     self.sizes[storage] = size = storage.nbytes()
                     weakref.finalize(storage, self._freed, size)
                     self.live += size
-                    self.peak = max(self.peak, self.live)
         return out
 
 
@@ -61,8 +60,9 @@ def bytes_per_token_layer(model, dtype: torch.dtype, upcast_unquantized: bool = 
 
     model: a model built on the meta device (rlft.models.empty_model), with any adapters as training adds them;
     it is moved onto fake CPU tensors in place. dtype: the base's compute dtype (adapters stay float32, as peft
-    keeps them; a model trained in full is all `dtype`). upcast_unquantized: a QLoRA base (peft's prepare_model_for_kbit_training makes every weight
-    bitsandbytes does not quantize float32: norms, embeddings, the head; the quantized linears compute in `dtype`).
+    keeps them; a model trained in full is all `dtype`). upcast_unquantized: a QLoRA base (peft's
+    prepare_model_for_kbit_training makes every weight bitsandbytes does not quantize float32: norms, embeddings,
+    the head; the quantized linears compute in `dtype`).
     """
     from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -78,9 +78,7 @@ def bytes_per_token_layer(model, dtype: torch.dtype, upcast_unquantized: bool = 
                     continue
                 upcast = upcast_unquantized and not (quantized and name == "weight")
                 parameter.data = parameter.data.to(torch.float32 if upcast else dtype)
-        input_ids = torch.zeros(1, PROBE_TOKENS, dtype=torch.long)
-    with fake:
-        return kept_per_token_layer(model, input_ids)
+        return kept_per_token_layer(model, torch.zeros(1, PROBE_TOKENS, dtype=torch.long))
 
 
 def kept_per_token_layer(model, input_ids: torch.Tensor) -> float:
@@ -93,13 +91,13 @@ def kept_per_token_layer(model, input_ids: torch.Tensor) -> float:
     # all-ones mask lets SDPA skip it, and share a GQA model's key and value heads without repeating them)
     attention_mask = torch.ones_like(input_ids)
     attention_mask[:, 0] = 0
-    marks = []  # live bytes before the first layer, and after the last
+    marks = {}  # live bytes before the first layer and after the last
 
     def before(module, args):  # hooks return None: a value would replace the layer's input or output
-        marks[:1] = marks[:1] or [live.live]
+        marks.setdefault("before", live.live)
 
     def after(module, args, output):
-        marks[1:] = [live.live]
+        marks["after"] = live.live
 
     live.ignore([*model.parameters(), *model.buffers(), input_ids, attention_mask])
     first, last = layers[0].register_forward_pre_hook(before), layers[-1].register_forward_hook(after)
@@ -112,4 +110,4 @@ def kept_per_token_layer(model, input_ids: torch.Tensor) -> float:
         first.remove()
         last.remove()
         model.train(was_training)
-    return (marks[1] - marks[0]) / (len(layers) * input_ids.numel())
+    return (marks["after"] - marks["before"]) / (len(layers) * input_ids.numel())

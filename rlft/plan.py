@@ -417,20 +417,29 @@ def adapter_size(model, model_config: ModelConfig, adapter: LoraConfig | str, ta
     from peft import PeftConfig, get_peft_model
     from peft.tuners.lora import LoraLayer
 
-    with init_empty_weights():
-        if isinstance(adapter, LoraConfig):  # quantization and checkpointing change no shape
-            adapted = add_lora(model, replace(model_config, quantization="none", gradient_checkpointing=False),
-                               adapter, task_type)
-        else:
-            saved = PeftConfig.from_pretrained(resolve(adapter))
-            saved.inference_mode = False  # marks its parameters trainable: counted as add_lora's are
-            try:
+    if isinstance(adapter, LoraConfig):
+        adapted = with_lora(model, model_config, adapter, task_type)
+    else:
+        saved = PeftConfig.from_pretrained(resolve(adapter))
+        saved.inference_mode = False  # marks its parameters trainable: counted as add_lora's are
+        try:
+            with init_empty_weights():
                 adapted = get_peft_model(model, saved)
-            except (ValueError, TypeError, NotImplementedError) as e:
-                raise peft_error(e) from None
+        except (ValueError, TypeError, NotImplementedError) as e:
+            raise peft_error(e) from None
     adapted_layers = sum(layer.get_base_layer().weight.numel() for layer in adapted.modules()
                          if isinstance(layer, LoraLayer))
     return count_parameters(adapted)[0], adapted_layers
+
+
+def with_lora(model, model_config: ModelConfig, lora: LoraConfig, task_type: str = "CAUSAL_LM"):
+    """The meta `model` with `lora` added by add_lora, the code training runs (its target modules matched by
+    peft, all-linear resolved as training resolves it); quantization and checkpointing change no shape."""
+    from accelerate import init_empty_weights  # heavy
+
+    with init_empty_weights():
+        return add_lora(model, replace(model_config, quantization="none", gradient_checkpointing=False), lora,
+                        task_type)
 
 
 def layer_bytes(plan: StagePlan, model, model_config: ModelConfig, adapter: LoraConfig | None, setting: Setting,
@@ -438,12 +447,8 @@ def layer_bytes(plan: StagePlan, model, model_config: ModelConfig, adapter: Lora
     """Bytes per token a layer of the meta `model` keeps for the backward (rlft.activations), with `adapter`
     added as training adds it (none: the model trains in full); `model` is used up. A model whose forward fake
     tensors cannot run (data-dependent shapes, remote code) is planned without activations, and the plan says so."""
-    from accelerate import init_empty_weights  # heavy
-
     if adapter is not None:
-        with init_empty_weights():
-            model = add_lora(model, replace(model_config, quantization="none", gradient_checkpointing=False),
-                             adapter, task_type)
+        model = with_lora(model, model_config, adapter, task_type)
     try:
         return bytes_per_token_layer(model, planned_dtype(model_config, setting.device),
                                      upcast_unquantized=model_config.quantization != "none")

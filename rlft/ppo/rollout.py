@@ -57,8 +57,8 @@ def generate(actor_critic, tokenizer, prompts: list, prompt_texts: list[str], sa
     """Step 1: a response to each prompt, sampled from the policy (`actor_critic` unwrapped: under DDP the
     PolicyWithValueHead, under FSDP2 the sharded model itself)."""
     responses, = sample(actor_critic, tokenizer, prompt_texts, sampling)
-    return Rollout(prompts=list(prompts), columns=columns or {}, completions=responses.texts, query_ids=responses.query["input_ids"],
-                   query_mask=responses.query["attention_mask"], response_ids=responses.ids,
+    return Rollout(prompts=list(prompts), columns=columns or {}, completions=responses.texts,
+                   query_ids=responses.query["input_ids"], query_mask=responses.query["attention_mask"], response_ids=responses.ids,
                    response_mask=responses.mask, ended_with_eos=responses.ended_with_eos,
                    sampler_logprobs=responses.logprobs, temperature=sampling.temperature)
 
@@ -68,7 +68,8 @@ def score(rollout: Rollout, scorer, missing_eos_penalty: float, score_clip: floa
     """Step 2: the scorer's score of each response, less `missing_eos_penalty` where it was cut at the length
     limit, clipped to [-score_clip, score_clip] when score_clip > 0, into rollout.scores (B,)."""
     scores = scorer(rollout.prompts, rollout.completions, **rollout.columns,
-                    completion_ids=completion_ids(rollout.response_ids, rollout.response_mask)).to(device=rollout.response_ids.device, dtype=torch.float32)
+                    completion_ids=completion_ids(rollout.response_ids, rollout.response_mask))
+    scores = scores.to(device=rollout.response_ids.device, dtype=torch.float32)
     scores = scores - missing_eos_penalty * (~rollout.ended_with_eos).float()
     rollout.scores = scores.clamp(-score_clip, score_clip) if score_clip > 0 else scores
 

@@ -37,8 +37,7 @@ from rlft.ppo.config import RESUMABLE_CHANGES, PPOConfig, PPOHyperparameters
 from rlft.ppo.core import (AdaptiveKLController, FixedKLController, PIKLController, aggregate, entropy_from_logits,
                            frac_zero_std, gae, grpo_advantages, kl_penalty, logprob_gap, loss_mask, masked_mean,
                            masked_var, masked_whiten, per_token_rewards, policy_loss, reinforce_pp_advantages,
-                           rloo_advantages,
-                           truncated_importance_weights, value_loss)
+                           rloo_advantages, truncated_importance_weights, value_loss)
 from rlft.ppo.model import PolicyWithValueHead
 from rlft.ppo.rollout import FirstMiniBatch, Rollout, forward_passes, generate, score
 from reward_models.scorers import adapter_scorers, build_scorer, require_columns
@@ -135,8 +134,8 @@ def setup(config: PPOConfig) -> PPORun:
     for method in ("sampling_loop", "reference_logprobs"):  # FSDP2 gathers around these as around forward
         register_fsdp_forward_method(model, method)
     parameters_mb = accelerator.gather(torch.tensor([distributed.parameter_bytes(model) / 2**20])).max().item()
-    return PPORun(config, accelerator, out, data, tokenizer, prompts, prompt_texts, columns, scorer, actor_critic, model,
-                  optimizer, scheduler, kl_controller, MetricsLogger(out, start_step, accelerator.is_main_process),
+    return PPORun(config, accelerator, out, data, tokenizer, prompts, prompt_texts, columns, scorer, actor_critic,
+                  model, optimizer, scheduler, kl_controller, MetricsLogger(out, start_step, accelerator.is_main_process),
                   start_step, checkpoint_kl, parameters_mb, started)
 
 
@@ -528,7 +527,6 @@ def step_metrics(accelerator, rollout: Rollout, sampled_kl: torch.Tensor, penalt
         "objective/kl_sampled": sampled_kl.mean(),
         "response/length": mask.sum(1).float().mean(),
         "response/eos_rate": rollout.ended_with_eos.float().mean(),
-        "response/clipped_ratio": 1 - rollout.ended_with_eos.float().mean(),  # cut at max_new_tokens
     }
     if penalty is not None:
         local["objective/non_score_reward"] = -penalty.mean()
@@ -539,6 +537,7 @@ def step_metrics(accelerator, rollout: Rollout, sampled_kl: torch.Tensor, penalt
             returns, mask).clamp(min=1e-8)
         local["val/mean"] = masked_mean(rollout.values, mask)
     metrics = {key: accelerator.reduce(value.detach().float(), "mean").item() for key, value in local.items()}
+    metrics["response/clipped_ratio"] = 1 - metrics["response/eos_rate"]  # cut at max_new_tokens (TRL's name)
     metrics.update({
         "objective/scores": scores.mean().item(),
         "objective/scores_std": scores.std().item() if len(scores) > 1 else 0.0,
