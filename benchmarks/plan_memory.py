@@ -396,8 +396,8 @@ def run_tree(command: list[str], env: dict, stream) -> int:
 
 
 def constants() -> dict:
-    return {"RUNTIME_MIB": memory.RUNTIME_MIB,
-            "FSDP_GATHERED_LAYERS": memory.FSDP_GATHERED_LAYERS, "NF4_BITS": memory.NF4_BITS}
+    return {key: getattr(memory, key) for key in ("RUNTIME_MIB", "FSDP_GATHERED_LAYERS", "DISTRIBUTED_MIB",
+                                                  "CPU_DEQUANTIZED_SLACK", "CAUSAL_LM_LOSS_LOGIT_COPIES", "NF4_BITS")}
 
 
 def workload_of(saved: dict) -> memory.Workload:
@@ -459,9 +459,10 @@ def markdown(results: dict, source: str) -> str:
             lines.append(f"| {case['case']} | {case['model']} | {fmt(p['always'])} | {fmt(p.get('runtime'))} | "
                          f"{fmt(p.get('weights'))} | {fmt(p['forward'])} | {fmt(p['generate'])} |")
     c = constants()
-    lines += ["", f"Constants of rlft/memory.py: "
-              f"RUNTIME_MIB={c['RUNTIME_MIB']}, FSDP_GATHERED_LAYERS={c['FSDP_GATHERED_LAYERS']}" +
-              ("" if c == results["constants"] else f" (the run was planned with {results['constants']})") + "."]
+    lines += ["", "Constants of rlft/memory.py: " + ", ".join(f"{key}={value}" for key, value in c.items()) +
+              ("" if c == results["constants"] else f" (the run was planned with {results['constants']})") + ". "
+              "DISTRIBUTED_MIB and CPU_DEQUANTIZED_SLACK were set from the embedded model's ppo_fsdp and sft_qlora "
+              "rows; the large model's rows are the check on them."]
     failed = [case for case in results["cases"] if case.get("error")]
     lines += [f"- {case['model']}/{case['case']} failed: {case['error']}" for case in failed]
     return "\n".join(lines) + "\n"

@@ -23,12 +23,22 @@ RUNTIME_MIB = {"cpu": 700, "cuda": 600}
 # The process before any model: on a CPU the resident Python, torch, transformers, datasets and tokenizers; on a
 # GPU the CUDA context, kernels and cuBLAS workspace.
 FSDP_GATHERED_LAYERS = 2  # FSDP2 holds the layer it computes whole, and prefetches the next
+DISTRIBUTED_MIB = {"cpu": 400, "cuda": 0}
+# Each process of a multi-process run on top of RUNTIME_MIB: torch.distributed's process group and the heap its
+# load-then-shard leaves behind (a 2-process FSDP PPO on SmolLM2; on a GPU unmeasured).
+CPU_DEQUANTIZED_SLACK = 0.5
+# A fraction of the activations: on a CPU, bitsandbytes dequantizes each 4-bit linear's weight to a float32
+# tensor for its matmul and frees it; interleaved with the activations a training forward keeps, those
+# transients fragment glibc's heap, and peak RSS exceeded the live activations by half (SFT QLoRA on SmolLM2).
 
 # --- Facts --------------------------------------------------------------------------------------------------
 NF4_BITS = 4.127  # 4-bit NormalFloat with double quantisation: 0.127 bits of constants per weight (QLoRA, sec. 2)
 INT8_BITS = 8.0  # LLM.int8(): a byte per weight (one float32 scale per row on top, left out)
 QUANTIZED_BITS = {"4bit": NF4_BITS, "8bit": INT8_BITS}
 FLOAT32 = 4  # adapters and value heads (peft and rlft keep them float32), their gradients, and the loss's logits
+# transformers' causal-LM loss holds the logits upcast to float32, their log-softmax for the backward, and then its
+# gradient: three float32 copies of rows x tokens x vocab at its peak.
+CAUSAL_LM_LOSS_LOGIT_COPIES = 3
 
 
 def weight_bytes(parameters: int, quantizable: int, dtype_bytes: int, quantization: str = "none",
@@ -153,9 +163,13 @@ def parts(w: Workload) -> list[Part]:
     if w.rows:
         how = "checkpointed" if w.gradient_checkpointing else f"{w.per_token_layer / 1024:,.1f} KiB per token-layer"
         passes = f" x {w.passes} passes" if w.passes > 1 else ""
+        activations = w.passes * activation_bytes(w.rows, w.tokens, m.layers, w.per_token_layer, m.hidden,
+                                                  w.dtype_bytes, w.gradient_checkpointing)
         found.append(Part("activations", f"activations, {w.rows} rows x {w.tokens} tokens, {how}{passes}",
-                          w.passes * activation_bytes(w.rows, w.tokens, m.layers, w.per_token_layer, m.hidden,
-                                                      w.dtype_bytes, w.gradient_checkpointing), "forward"))
+                          activations, "forward"))
+        if w.quantization != "none" and w.device == "cpu":
+            found.append(Part("dequantized_slack", "heap fragmented by weights dequantized per matmul (CPU)",
+                              CPU_DEQUANTIZED_SLACK * activations, "forward"))
     if w.logit_rows:
         copies = f" x {w.logit_copies}" if w.logit_copies > 1 else ""
         found.append(Part("logits", f"logits, {w.logit_rows} rows x {w.logit_tokens} tokens x {m.vocab} vocab{copies}",
@@ -169,6 +183,8 @@ def parts(w: Workload) -> list[Part]:
     if w.strategy == "fsdp" and w.processes > 1:
         found.append(Part("fsdp_gathered", f"FSDP: {FSDP_GATHERED_LAYERS} layers gathered whole",
                           FSDP_GATHERED_LAYERS * weights / m.layers, "always"))
+    if w.processes > 1:
+        found.append(Part("distributed", "torch.distributed process group", DISTRIBUTED_MIB[w.device] * MIB, "always"))
     found += [Part(key, label, size, "always") for key, label, size in w.others]
     return found
 

@@ -128,7 +128,8 @@ def plan_sft(config: SFTConfig, setting: Setting) -> StagePlan:
         optim=config.train.optim, rows=config.train.batch_size, tokens=tokens,
         per_token_layer=layer_bytes(plan, empty_model(config.model), config.model, config.lora, setting),
         gradient_checkpointing=config.model.gradient_checkpointing, logit_rows=config.train.batch_size,
-        logit_tokens=tokens, processes=setting.processes, strategy=setting.strategy, device=setting.device.kind)
+        logit_tokens=tokens, logit_copies=memory.CAUSAL_LM_LOSS_LOGIT_COPIES, processes=setting.processes,
+        strategy=setting.strategy, device=setting.device.kind)
     plan.knobs = knobs(plan.workload, config.train.gradient_accumulation_steps,
                        lambda rows, steps: f"train.batch_size={rows} train.gradient_accumulation_steps={steps}")
     return plan

@@ -79,6 +79,12 @@ def test_a_7b_plan_is_the_arithmetic_by_hand(llama_7b):
     # sampling or scoring on a 4-bit base prepares nothing for training: the rest stays bfloat16
     assert memory.weight_bytes(linear + rest, linear, 2, "4bit") == pytest.approx(linear * 4.127 / 8 + rest * 2)
     assert memory.optimizer_state_bytes("paged_adamw_8bit") == 2  # two states, a byte each
+    # on a CPU the float32 weights bitsandbytes dequantizes per matmul fragment the heap by half the activations;
+    # a GPU's caching allocator reuses those blocks, and a base in bfloat16 dequantizes nothing
+    assert four_bit["dequantized_slack"] == 0.5 * parts["activations"].bytes
+    assert "dequantized_slack" not in {part.key for part in memory.parts(replace(w, quantization="4bit",
+                                                                                 device="cuda"))}
+    assert "dequantized_slack" not in parts
     # gradient checkpointing keeps each layer's input (4096 x 2 B a token) and one layer's full set
     checkpointed = {part.key: part.bytes for part in memory.parts(replace(w, gradient_checkpointing=True))}
     assert checkpointed["activations"] == 4 * 1024 * (32 * 4096 * 2 + kept)
@@ -91,6 +97,8 @@ def test_a_7b_plan_is_the_arithmetic_by_hand(llama_7b):
     assert fsdp["kv_cache"] == parts["kv_cache"].bytes  # each process decodes its own rows
     ddp = {part.key: part.bytes for part in memory.parts(replace(w, processes=4))}
     assert ddp["weights"] == parts["weights"].bytes and ddp["ddp_buckets"] == lora * 4  # a full copy each
+    # every process of a launch holds a process group (400 MiB measured on a CPU); one process holds none
+    assert fsdp["distributed"] == ddp["distributed"] == 400 * 2**20 and "distributed" not in parts
 
 
 def test_a_plan_that_does_not_fit_names_the_first_knob_that_makes_it_fit(llama_7b):
