@@ -76,6 +76,9 @@ class EvalConfig:
     kl_budget: float = option(
         0.0, "Recommend the checkpoint with the best gold (else proxy) score whose exact KL is at most this and whose "
         "replies did not collapse (nats per response; 0: the ppo.kl_budget of the checkpoints' run, else none).")
+    collapse_signals: list[str] = option(
+        [], "Signals that count a policy's replies as collapsed (rlft.hacking.COLLAPSE_LIMITS); empty: the "
+        "ppo.collapse_signals of the checkpoints' run, else all.")
     gold: str = option("", "Name of the gold scorer (reported apart from the proxy); empty: one named 'gold', if any.")
     scorers: list[ScorerConfig] = option(
         DEFAULT_SCORERS, "Reward models / functions, each reported separately; the first is the proxy (PPO's reward)."
@@ -98,6 +101,9 @@ class EvalConfig:
         require(self.num_samples_shown >= 0, "num_samples_shown", "must be >= 0")
         require(self.batch_size > 0, "batch_size", "must be >= 1")
         require(self.kl_budget >= 0, "kl_budget", "must be >= 0 (0: no budget)")
+        unknown = [signal for signal in self.collapse_signals if signal not in hacking.COLLAPSE_LIMITS]
+        require(not unknown, "collapse_signals", f"unknown signal(s) {unknown}; choose from "
+                f"{list(hacking.COLLAPSE_LIMITS)}")
         require(self.max_sampler_gap > 0, "max_sampler_gap", "must be > 0")
         require(len(self.scorers) > 0, "scorers", "name at least one scorer (the first is the proxy reward)")
         names = [s.name for s in self.scorers]  # ScorerConfig derives a missing name from its path
@@ -190,7 +196,8 @@ def training_result(run_dir: str) -> dict | None:
     summary = runs.read_json(metrics)
     if "result_step" not in summary:
         return None
-    return {key: summary[key] for key in ("result_step", "result_kl", "kl_budget")}
+    return {**{key: summary[key] for key in ("result_step", "result_kl", "kl_budget")},
+            "collapse_signals": summary.get("collapse_signals", list(hacking.COLLAPSE_LIMITS))}
 
 
 def default_training_run(config: EvalConfig) -> str:
@@ -433,7 +440,8 @@ def evaluate_adapter(adapter: Adapter, prompts: list, columns: dict[str, list], 
     }
     result["hacking"] = hacking.detectors(
         result["per_prompt"]["scores"], {"policy": policy.lengths.tolist(), "reference": reference.lengths.tolist()},
-        {"policy": policy.completions, "reference": reference.completions}, config.scorers[0].name, config.gold_scorer)
+        {"policy": policy.completions, "reference": reference.completions}, config.scorers[0].name, config.gold_scorer,
+        config.collapse_signals)
     if warnings := result["hacking"]["collapse"]["warnings"]:
         log.warning("%s: the replies collapsed against the reference's: %s", adapter.label, "; ".join(warnings))
     proxy = result["rewards"][config.scorers[0].name]
@@ -476,8 +484,12 @@ def run(config: EvalConfig) -> dict:
         raise RlftError(f"training_run: '{Path(training_run) / METRICS_JSONL}' not found: point it at a PPO run dir")
     training = read_metrics(training_run) if training_run else []
     # no budget of its own: the one PPO kept its result within, so both choose under one limit
-    kl_budget = config.kl_budget or (training_result(config.checkpoints_of) or {}).get("kl_budget", 0.0)
+    trained = training_result(config.checkpoints_of) or {}
+    kl_budget = config.kl_budget or trained.get("kl_budget", 0.0)
     out = runs.prepare(config.output_dir, config, "eval")
+    # the signals PPO judged collapse by, unless set here: one verdict in the run and its report
+    config = replace(config, collapse_signals=config.collapse_signals or trained.get(
+        "collapse_signals", list(hacking.COLLAPSE_LIMITS)))
 
     # 2. scorers, loaded once for all policies, each reported separately under its config name
     scorers = {scorer.name: build_scorer([scorer], default_device()) for scorer in config.scorers}

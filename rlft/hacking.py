@@ -56,10 +56,12 @@ def diversity(completions: list[str]) -> dict:
     return dict(diversity_of(tuple(completions)))
 
 
-def detectors(scores: dict, lengths: dict, completions: dict, proxy: str, gold: str | None) -> dict:
+def detectors(scores: dict, lengths: dict, completions: dict, proxy: str, gold: str | None,
+              collapse_signals: tuple[str, ...] | list[str] | None = None) -> dict:
     """Every detector for one policy against its reference.
 
-    scores: {scorer: {"policy": (n,), "reference": (n,)}}; lengths and completions: {"policy": ..., "reference": ...}.
+    scores: {scorer: {"policy": (n,), "reference": (n,)}}; lengths and completions: {"policy": ..., "reference": ...};
+    collapse_signals: those that count as collapse (`collapse`).
     """
     sides = ("policy", "reference")
     result = {
@@ -69,7 +71,7 @@ def detectors(scores: dict, lengths: dict, completions: dict, proxy: str, gold: 
         "diversity": {side: diversity(completions[side]) for side in sides},
         "disagreement_rate": None,
     }
-    result["collapse"] = collapse(completions, lengths, result["diversity"])
+    result["collapse"] = collapse(completions, lengths, result["diversity"], collapse_signals)
     if gold:
         result["disagreement_rate"] = disagreement_rate(scores[proxy]["policy"], scores[proxy]["reference"],
                                                         scores[gold]["policy"], scores[gold]["reference"])
@@ -92,12 +94,16 @@ def top_reply_share(completions: list[str]) -> float:
 
 
 def collapse(completions: dict[str, list[str]], lengths: dict[str, list[float]],
-             diversity_of_side: dict[str, dict] | None = None) -> dict:
+             diversity_of_side: dict[str, dict] | None = None,
+             signals_counted: tuple[str, ...] | list[str] | None = None) -> dict:
     """Mode-collapse signals of a policy's samples against its reference's on the same prompts.
 
     completions, lengths: {"policy": [...], "reference": [...]}; diversity_of_side: their `diversity` if already
-    computed. -> {signal: value, ..., "warnings": [one sentence per signal past its COLLAPSE_LIMITS entry]}.
+    computed; signals_counted: the COLLAPSE_LIMITS keys that warn (None: all; a task whose right replies are
+    short and alike, such as arithmetic answers, counts only top_reply_share).
+    -> {signal: value, ..., "warnings": [one sentence per counted signal past its COLLAPSE_LIMITS entry]}.
     """
+    counted = set(COLLAPSE_LIMITS if signals_counted is None else signals_counted)
     diversity_of_side = diversity_of_side or {side: diversity(completions[side]) for side in ("policy", "reference")}
     policy, reference = diversity_of_side["policy"], diversity_of_side["reference"]
     mean_length = {side: float(np.mean(lengths[side])) if len(lengths[side]) else 0.0 for side in lengths}
@@ -110,16 +116,17 @@ def collapse(completions: dict[str, list[str]], lengths: dict[str, list[float]],
     }
     top = Counter(text.strip() for text in completions["policy"]).most_common(1)
     warnings = []
-    if signals["length_ratio"] < COLLAPSE_LIMITS["length_ratio"]:
+    if "length_ratio" in counted and signals["length_ratio"] < COLLAPSE_LIMITS["length_ratio"]:
         warnings.append(f"replies shrank to {signals['length_ratio']:.2f}x the reference's length "
                         f"({mean_length['policy']:.1f} vs {mean_length['reference']:.1f} tokens)")
-    if signals["distinct_1_ratio"] < COLLAPSE_LIMITS["distinct_1_ratio"]:
+    if "distinct_1_ratio" in counted and signals["distinct_1_ratio"] < COLLAPSE_LIMITS["distinct_1_ratio"]:
         warnings.append(f"distinct-1 fell to {signals['distinct_1_ratio']:.2f}x the reference's "
                         f"({policy['distinct_1']:.2f} vs {reference['distinct_1']:.2f})")
-    if signals["self_bleu_ratio"] > COLLAPSE_LIMITS["self_bleu_ratio"] and policy["self_bleu"] > 0.3:
+    if ("self_bleu_ratio" in counted and signals["self_bleu_ratio"] > COLLAPSE_LIMITS["self_bleu_ratio"]
+            and policy["self_bleu"] > 0.3):
         warnings.append(f"self-BLEU rose to {signals['self_bleu_ratio']:.1f}x the reference's "
                         f"({policy['self_bleu']:.2f} vs {reference['self_bleu']:.2f})")
-    if (signals["top_reply_share"] >= COLLAPSE_LIMITS["top_reply_share"]
+    if ("top_reply_share" in counted and signals["top_reply_share"] >= COLLAPSE_LIMITS["top_reply_share"]
             and signals["top_reply_share"] >= 3 * signals["reference_top_reply_share"]):
         warnings.append(f"one reply is {signals['top_reply_share']:.0%} of the samples ({top[0][0][:40]!r}; the "
                         f"reference's most common {signals['reference_top_reply_share']:.0%})")

@@ -89,3 +89,42 @@ def test_collapse_fires_on_one_reply_and_stays_silent_on_real_replies():
     same = ["I am very happy to help you with that today, thank you!"] * 56 + healthy[:8]
     long = collapse({"policy": same, "reference": reference}, {"policy": lengths(same), "reference": lengths(reference)})
     assert [w.split(" ")[0] for w in long["warnings"]] == ["distinct-1", "self-BLEU", "one"], long
+
+
+def test_collapse_counts_only_the_signals_a_task_names():
+    """Arithmetic answers against the base's rambling: short, alike replies that differ per problem. Every
+    signal counted, they read as collapse (shorter, fewer distinct words); counting only one reply dominating
+    (the verifiable quickstart's ppo.collapse_signals) they do not, while one answer to every problem still does."""
+    import random
+
+    from rlft.hacking import collapse
+
+    from rlft.data import chatterbot_pairs
+
+    rng = random.Random(0)
+    answers = [f"{a} + {b} = {a + b}" for a, b in ((rng.randint(1, 30), rng.randint(1, 30)) for _ in range(64))]
+    # the base's replies: real sentences, many distinct words (the verifiable run's base had 0.28 vs its 0.11)
+    rambling = [row["completion"] if isinstance(row["completion"], str) else row["completion"][-1]["content"]
+                for row in chatterbot_pairs()[:64]]
+
+    def lengths(texts):
+        return [len(text.split()) + 1 for text in texts]
+
+    def sides(policy):
+        return {"policy": policy, "reference": rambling}, {"policy": lengths(policy), "reference": lengths(rambling)}
+    every = collapse(*sides(answers))
+    assert "distinct-1" in [w.split(" ")[0] for w in every["warnings"]], every
+    assert collapse(*sides(answers), signals_counted=["top_reply_share"])["warnings"] == []
+    one = collapse(*sides(["24"] * 48 + answers[:16]), signals_counted=["top_reply_share"])
+    assert [w.split(" ")[0] for w in one["warnings"]] == ["one"] and one["top_reply_share"] == 48 / 64
+
+
+def test_collapse_signals_are_checked_by_name():
+    from rlft.config import ConfigValueError
+    from rlft.evaluate import EvalConfig
+    from rlft.ppo.config import PPOHyperparameters
+
+    with pytest.raises(ConfigValueError, match=r"collapse_signals.*unknown signal\(s\) \['top_reply'\]"):
+        PPOHyperparameters(collapse_signals=["top_reply"])
+    with pytest.raises(ConfigValueError, match=r"collapse_signals.*unknown signal"):
+        EvalConfig(collapse_signals=["length"])

@@ -7,6 +7,7 @@ from typing import Literal
 
 from rlft.config import DataConfig, LoraConfig, ModelConfig, option, require, require_seed, section
 from rlft.generation import SamplingConfig
+from rlft.hacking import COLLAPSE_LIMITS
 from rlft.publish import Publishing
 from reward_models.scorers import ScorerConfig
 
@@ -97,6 +98,10 @@ class PPOHyperparameters:
         0.0, "The most KL per sequence (nats, exact) the policy PPO saves as its result may have: the last checkpoint "
         "within it, said in one line (0: 1.25 x target_kl; 1e9: none). Measured on the rollout that follows each "
         "checkpoint, and for the last step on more prompts.")
+    collapse_signals: list[str] = option(
+        list(COLLAPSE_LIMITS), "Which signals count the policy's replies as collapsed, against the reference's "
+        f"(the result is then an earlier checkpoint; rlft.hacking.COLLAPSE_LIMITS): {', '.join(COLLAPSE_LIMITS)}. "
+        "A task whose right replies are short and alike (arithmetic answers) keeps only top_reply_share.")
     max_kl: float = option(100.0, "Abort when the mean KL per sequence exceeds this: the policy has run away.")
     sampler_correction_cap: float = option(
         0.0, "Truncated importance sampling: weight each token's policy loss by min(pi / pi_sampler, this), "
@@ -153,6 +158,8 @@ class PPOHyperparameters:
         require(self.max_kl > 0, "max_kl", "must be > 0")
         require(self.max_update_kl >= 0, "max_update_kl", "must be >= 0 (0: off)")
         require(self.kl_budget >= 0, "kl_budget", "must be >= 0 (0: 1.25 x target_kl)")
+        unknown = [signal for signal in self.collapse_signals if signal not in COLLAPSE_LIMITS]
+        require(not unknown, "collapse_signals", f"unknown signal(s) {unknown}; choose from {list(COLLAPSE_LIMITS)}")
         require(self.max_sampler_gap > 0, "max_sampler_gap", "must be > 0")
         require(self.sampler_correction_cap == 0 or self.sampler_correction_cap >= 1, "sampler_correction_cap",
                 "must be 0 (off) or >= 1: a cap below 1 would down-weight even the tokens both sides agree on")

@@ -256,7 +256,8 @@ def finish(ppo: PPORun) -> dict:
     summary = {}
     if accelerator.is_main_process:
         summary = ppo.logger.summary()
-        summary.update({"kl_budget": hp.kl_budget, "result_step": shipped, "result_kl": saved[shipped],
+        summary.update({"kl_budget": hp.kl_budget, "collapse_signals": hp.collapse_signals,
+                        "result_step": shipped, "result_kl": saved[shipped],
                         "checkpoint_kl": saved, "final_collapse": collapsed,
                         "result_collapse": collapse_by_step.get(shipped)})
         summary["parameters_mb"] = ppo.parameters_mb
@@ -374,7 +375,8 @@ def measure_result(actor_critic, tokenizer, prompts: list, prompt_texts: list[st
     with active_adapter(actor_critic.policy, None):  # the reference: every adapter off
         reference, = sample(actor_critic, tokenizer, prompt_texts, config.sampling)
     lengths = {"policy": measured.response_mask.sum(-1).tolist(), "reference": reference.mask.sum(-1).tolist()}
-    signals = collapse({"policy": measured.completions, "reference": reference.texts}, lengths)
+    signals = collapse({"policy": measured.completions, "reference": reference.texts}, lengths,
+                       signals_counted=hp.collapse_signals)
     # one verdict for all processes (collapsed on any), so that they all choose the same result
     signals["collapsed"] = accelerator.reduce(torch.tensor(float(bool(signals["warnings"])),
                                                            device=measured.scores.device), "max").item() > 0
