@@ -45,7 +45,10 @@ class ScorerConfig:
     )
     path: str = option(
         "", "model: a directory (e.g. runs/reward), an embedded name or a hub id; function: "
-        "'module:function' or 'path/to/file.py:function'."
+        "'module:function' or 'path/to/file.py:function'. Built in: reward_models.verifiable:accuracy (1 if the "
+        "reply's final number or tagged answer equals the data's `answer` column), :format (the reply matches "
+        "args.pattern), :overlong (DAPO's soft penalty past args.max_tokens - args.buffer); "
+        "reward_models.judges:sentiment (VADER)."
     )
     weight: float = option(1.0, "Weight of this scorer in the weighted sum of several.")
     args: dict[str, Any] = option({}, "function: keyword arguments bound to it, e.g. {max_tokens: 64} for "

@@ -13,14 +13,13 @@ tokenize the pairs ourselves, so TRL skips its own formatting: training and scor
 from __future__ import annotations
 
 import logging
-import os
 import time
 from dataclasses import dataclass
 
 from reward_models.scorers import NORMALIZATION, encode, length_limit, score_ids
 from rlft import runs
 from rlft.config import DataConfig, LoraConfig, ModelConfig, option, require, require_seed, section
-from rlft.data import load_splits
+from rlft.data import load_splits, split_pair
 from rlft.distributed import full_state_dict, is_main_process
 from rlft.errors import RlftError
 from rlft import hf_training
@@ -153,31 +152,6 @@ def run(config: RewardConfig) -> dict:
     runs.write_json(out / runs.METRICS, metrics)
     push(out, config)
     return metrics
-
-
-def split_pair(row: dict) -> list[tuple]:
-    """[(prompt, chosen completion), (prompt, rejected completion)] for any of TRL's preference shapes.
-
-    Explicit `prompt`, or implicit: message lists end in the reply; texts share a prefix, cut at its last
-    space ("The sky is blue." / "The sky is green." -> "The sky is", "blue." / "green."). A text prompt beside
-    message lists (UltraFeedback's layout) is the lists' own user turn.
-    """
-    prompt, sides = row.get("prompt"), [row["chosen"], row["rejected"]]
-    if all(isinstance(side, str) for side in sides):
-        if prompt is None:
-            cut = os.path.commonprefix(sides).rfind(" ") + 1
-            prompt, sides = sides[0][:cut].strip(), [side[cut:] for side in sides]
-        return [(prompt, side) for side in sides]
-    if all(isinstance(side, list) and side for side in sides) and isinstance(prompt, str):
-        # HuggingFaceH4/ultrafeedback_binarized: the prompt as text, and each side the whole conversation again
-        # (its user turn then the reply); sides holding the reply alone get the prompt as the user's turn
-        return [(side[:-1] or [{"role": "user", "content": prompt}], side[-1]["content"]) for side in sides]
-    if all(isinstance(side, list) and side for side in sides) and isinstance(prompt, (list, type(None))):
-        return [((prompt or []) + side[:-1], side[-1]["content"]) for side in sides]
-    raise RlftError(
-        "a preference row mixes text and message lists, or has an empty side: chosen/rejected must both be "
-        f"strings or both non-empty message lists, with a prompt of the same kind (got {str(row)[:120]}...)"
-    )
 
 
 def clear_pairs(dataset, gap: float, path: str):

@@ -29,6 +29,7 @@ STAGES = {
     "reward": ("reward_models.train", "RewardConfig", "train a reward model on preference pairs"),
     "preferences": ("reward_models.preferences", "PreferenceConfig", "build preference pairs with a judge"),
     "ppo": ("rlft.ppo.train", "PPOConfig", "PPO with a LoRA policy against its frozen reference"),
+    "dpo": ("rlft.dpo", "DPOConfig", "DPO, IPO or SimPO of a LoRA policy on preference pairs"),
     "eval": ("rlft.evaluate", "EvalConfig", "reward and KL-drift report for policies against their reference"),
     "pipeline": ("rlft.pipeline", "PipelineConfig", "SFT, preferences, reward model, PPO and report in one go"),
 }

@@ -1,4 +1,4 @@
-"""`rlft pipeline`: SFT -> preference pairs -> reward model -> PPO -> report, wired together.
+"""`rlft pipeline`: SFT -> preference pairs -> reward model -> PPO (or DPO on the pairs) -> report, wired together.
 
 Each stage writes to `<output_dir>/<stage>` and is skipped when that folder already holds a finished
 run (its metrics.json), so rerunning after an interruption continues instead of redoing. The pipeline
@@ -15,8 +15,9 @@ from pathlib import Path
 
 from reward_models import preferences
 from reward_models import train as reward
-from rlft import evaluate, runs, sft
+from rlft import dpo, evaluate, runs, sft
 from rlft.config import ModelConfig, option, require, require_seed, section
+from rlft.dpo import DPOConfig
 from rlft.errors import RlftError
 from rlft.evaluate import EvalConfig
 from rlft.ppo import train as ppo
@@ -27,7 +28,8 @@ from reward_models.scorers import ScorerConfig
 from reward_models.train import RewardConfig
 
 log = logging.getLogger(__name__)
-STAGES = ("sft", "preferences", "reward", "ppo", "eval")
+STAGES = ("sft", "preferences", "reward", "ppo", "dpo", "eval")
+DEFAULT_STAGES = ["sft", "preferences", "reward", "ppo", "eval"]  # dpo: configs/quickstart_dpo.yaml
 
 
 @dataclass
@@ -35,7 +37,7 @@ class PipelineConfig:
     output_dir: str = option("runs/quickstart", "Root folder; each stage writes to <output_dir>/<stage>.")
     seed: int = option(0, "Every stage's seed (set here, not in the stage sections): one seed also keeps one "
                        "hold-out split, so PPO and the report never see SFT's held-out prompts in training.")
-    stages: list[str] = option(list(STAGES), f"Stages to run, in order, from {list(STAGES)}.")
+    stages: list[str] = option(DEFAULT_STAGES, f"Stages to run, in order, from {list(STAGES)}.")
     reuse_from: str = option(
         "", "Another pipeline's folder whose first stages (reuse_stages) this one uses, run there if not yet "
         "complete, so variants of a later stage share one SFT model (and pairs, and reward model); empty: its own.")
@@ -47,7 +49,9 @@ class PipelineConfig:
     sft: SFTConfig = section(SFTConfig, "Stage 1 (rlft sft).")
     preferences: PreferenceConfig = section(PreferenceConfig, "Pairs sampled from the SFT policy, ranked by a judge.")
     reward: RewardConfig = section(RewardConfig, "Stage 2 (rlft reward) on those pairs.")
-    ppo: PPOConfig = section(PPOConfig, "Stage 3 (rlft ppo) from the SFT adapter against the reward model.")
+    dpo: DPOConfig = section(DPOConfig, "DPO from the SFT adapter on the preference pairs (when stages name it).")
+    ppo: PPOConfig = section(PPOConfig, "Stage 3 (rlft ppo): from the SFT adapter against the reward model, where the "
+                             "pipeline has them (else ppo.model, ppo.sft_adapter and ppo.reward as set).")
     eval: EvalConfig = section(EvalConfig, "The report: SFT and PPO policies, the reward model as proxy, the judge as gold.")
 
     def __post_init__(self):
@@ -75,20 +79,42 @@ def same_weights(a: ModelConfig, b: ModelConfig) -> bool:
 
 
 def wire(config: PipelineConfig) -> dict:
-    """Each stage's config with the pipeline's paths filled in: {stage name: config}."""
+    """Each stage's config with the pipeline's paths filled in: {stage name: config}.
+
+    Without an SFT stage (run here or reused) PPO starts from ppo.model and ppo.sft_adapter as configured; without
+    a reward model PPO optimises ppo.reward (reward functions: configs/quickstart_verifiable.yaml) and the report
+    scores with eval.scorers."""
     root = Path(config.output_dir)
     sft_dir, pairs_dir, reward_dir = (str(stage_dir(root, config.reuse_from, config.reuse_stages, name))
                                       for name in STAGES[:3])
     ppo_dir = str(root / "ppo")
+
+    def has(stage: str) -> bool:
+        return stage in config.stages or bool(config.reuse_from) and stage in config.reuse_stages
+
     # A LoRA reward model on the SFT model's base starts from the SFT model (InstructGPT), and PPO then
     # scores with it on its own weights: one copy of the base for all four roles.
     one_base = config.reward.lora_enabled and same_weights(config.reward.model, config.sft.model)
     proxy = ScorerConfig(name="proxy", kind="adapter" if one_base else "model", path=reward_dir, normalize=True,
                          max_length=config.reward.train.max_length, dtype=config.reward.model.dtype)
     # The judge that ranked the preference pairs is the report's independent "gold" scorer.
-    gold = [replace(config.preferences.judge[0], name="gold")]
+    gold = replace(config.preferences.judge[0], name="gold")
     seed = config.seed
     check_one_hold_out(config)
+    # PPO optimises the reward model this pipeline trains, from this pipeline's SFT model.
+    ppo_config = replace(config.ppo, output_dir=ppo_dir, seed=seed)
+    if has("sft"):
+        ppo_config = replace(ppo_config, sft_adapter=sft_dir, model=config.sft.model)
+    dpo_dir = str(root / "dpo")
+    # the report: SFT (if asked) and each preference-tuned policy this pipeline trains, PPO's checkpoints too
+    tuned = [folder for stage, folder in (("ppo", ppo_dir), ("dpo", dpo_dir)) if stage in config.stages]
+    eval_config = replace(config.eval, output_dir=str(root / "eval"), seed=seed,
+                          checkpoints_of=ppo_dir if "ppo" in config.stages else "",
+                          training_run=ppo_dir if "ppo" in config.stages else "",
+                          policies=([sft_dir] if config.report_sft and has("sft") else []) + tuned)
+    if has("reward"):
+        ppo_config = replace(ppo_config, reward=[proxy])
+        eval_config = replace(eval_config, scorers=[proxy, gold], gold=gold.name)
     return {
         "sft": replace(config.sft, output_dir=sft_dir, seed=seed),
         # One seed, one hold-out split: preference and PPO prompts stay inside SFT's training split, so the
@@ -97,28 +123,31 @@ def wire(config: PipelineConfig) -> dict:
         "reward": replace(config.reward, output_dir=reward_dir, seed=seed,
                           sft_adapter=sft_dir if one_base else config.reward.sft_adapter,
                           data=replace(config.reward.data, path=str(Path(pairs_dir) / PAIRS))),
-        # PPO optimises the reward model this pipeline trains, from this pipeline's SFT model.
-        "ppo": replace(config.ppo, output_dir=ppo_dir, sft_adapter=sft_dir, model=config.sft.model, reward=[proxy],
-                       seed=seed),
-        "eval": replace(config.eval, output_dir=str(root / "eval"),
-                        policies=[sft_dir, ppo_dir] if config.report_sft else [ppo_dir],
-                        checkpoints_of=ppo_dir, training_run=ppo_dir, scorers=[proxy, *gold],
-                        gold=gold[0].name, seed=seed),
+        "ppo": ppo_config,
+        # DPO on the same pairs the reward model learns from, from the same SFT model (also its reference)
+        "dpo": replace(config.dpo, output_dir=dpo_dir, seed=seed, data=replace(config.dpo.data, path=str(
+            Path(pairs_dir) / PAIRS)), **({"sft_adapter": sft_dir, "model": config.sft.model} if has("sft") else {})),
+        "eval": eval_config,
     }
 
 
 def check_one_hold_out(config: PipelineConfig) -> None:
-    """Preference, PPO and eval prompts from SFT's dataset must use SFT's hold-out: with another fraction or
-    split, some of the report's "held-out" prompts would be ones a stage trained on."""
+    """Stages that read the same dataset must hold out the same prompts: with another fraction or split, some of
+    the report's "held-out" prompts would be ones an earlier stage trained on."""
     held_out = ("eval_split", "eval_fraction")
-    for stage, data in (("preferences", config.preferences.data), ("ppo", config.ppo.data), ("eval", config.eval.data)):
-        if (data.path, data.subset, data.split) != (config.sft.data.path, config.sft.data.subset, config.sft.data.split):
-            continue
-        for key in held_out:
-            if getattr(data, key) != getattr(config.sft.data, key):
-                raise RlftError(f"{stage}.data.{key}={getattr(data, key)!r} but sft.data.{key}="
-                                f"{getattr(config.sft.data, key)!r} on the same dataset: set one hold-out for every "
-                                "stage, or the report's held-out prompts include trained ones")
+    earlier = []
+    for stage, data in (("sft", config.sft.data), ("preferences", config.preferences.data), ("ppo", config.ppo.data),
+                        ("eval", config.eval.data)):
+        for first, first_data in earlier:
+            if (data.path, data.subset, data.split) != (first_data.path, first_data.subset, first_data.split):
+                continue
+            for key in held_out:
+                if getattr(data, key) != getattr(first_data, key):
+                    raise RlftError(f"{stage}.data.{key}={getattr(data, key)!r} but {first}.data.{key}="
+                                    f"{getattr(first_data, key)!r} on the same dataset: set one hold-out for every "
+                                    "stage, or the report's held-out prompts include trained ones")
+            break
+        earlier.append((stage, data))
 
 
 # Keys a finished stage may differ in and still be reused: they change nothing it computed.
@@ -141,7 +170,7 @@ def check_reusable(stage: str, stage_config) -> None:
 
 def run(config: PipelineConfig) -> dict:
     stage_runners = {"sft": sft.run, "preferences": preferences.run, "reward": reward.run, "ppo": ppo.run,
-                     "eval": evaluate.run}
+                     "dpo": dpo.run, "eval": evaluate.run}
     stage_configs = wire(config)
     runs.prepare(config.output_dir, config, "pipeline")  # one pipeline per folder; each stage checks its resume
     runs.begin(config.output_dir, config)

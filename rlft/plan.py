@@ -26,6 +26,7 @@ from rlft import hf_training, memory, runs
 from rlft.activations import bytes_per_token_layer
 from rlft.config import LoraConfig, ModelConfig
 from rlft.data import load_splits, prompts_of, render_prompts, require_chat_template
+from rlft.dpo import DPOConfig
 from rlft.errors import RlftError
 from rlft.evaluate import EvalConfig, check_same_base, find_adapter, find_checkpoints, load_prompts
 from rlft.fit import Device, device_of, knobs, render, sampling_knobs, write_json
@@ -172,6 +173,41 @@ def plan_reward(config: RewardConfig, setting: Setting) -> StagePlan:
         tokens=tokens, per_token_layer=layer_bytes(
             plan, empty_model(config.model, AutoModelForSequenceClassification, num_labels=1), config.model,
             config.lora if config.lora_enabled else None, setting, "SEQ_CLS"),
+        gradient_checkpointing=config.model.gradient_checkpointing, processes=setting.processes,
+        strategy=setting.strategy, device=setting.device.kind)
+    plan.knobs = knobs(plan.workload, config.train.gradient_accumulation_steps,
+                       lambda pairs, steps: f"train.batch_size={pairs} train.gradient_accumulation_steps={steps}",
+                       rows_per_item=2)
+    return plan
+
+
+def plan_dpo(config: DPOConfig, setting: Setting) -> StagePlan:
+    plan = StagePlan("dpo")
+    plan.check(hf_training.check_train, config.train)
+    tokenizer = plan.check(load_tokenizer, config.model)
+    pairs_made = setting.maker(Path(config.data.path).parent)
+    sampled = None if pairs_made else plan.check(sample, config.data, ("preference",), "DPO pairs", config.seed)
+    if sampled is not None and tokenizer is not None and not isinstance(sampled[0][0]["chosen"], str):
+        plan.check(require_chat_template, tokenizer, config.model.name_or_path)  # message lists, as training renders
+    if config.sft_adapter and not setting.maker(config.sft_adapter):
+        plan.check(check_adapter_base, config.sft_adapter, config.model)
+    policy = plan.check(size_policy, config.model, config.lora)
+    plan.check(runs.check_output_dir, config.output_dir, "dpo")
+    if policy is None:
+        return plan
+    shape, adapter, _, context = policy
+    tokens = min(config.train.max_length, context or config.train.max_length)
+    if sampled is not None and tokenizer is not None and len(sampled[0]) < SAMPLE_ROWS:  # every pair, as scored
+        pairs = tokenize_pairs(sampled[0], tokenizer, tokens)
+        tokens = max(len(ids) for column in ("chosen_ids", "rejected_ids") for ids in pairs[column])
+    plan.notes.append(describe_model(config.model, shape, setting, adapter, context))
+    plan.notes.append(f"rows: {config.train.batch_size} pairs per micro-batch, chosen and rejected in one pass (and "
+                      f"one more without gradients for the reference), of up to {tokens} tokens")
+    # TRL's DPO takes log-probs through a fused head: the logits of a few rows at a time, never the whole batch's
+    plan.workload = memory.Workload(
+        shape, dtype_bytes(config.model, setting.device), config.model.quantization, adapter=adapter, trains=True,
+        optim=config.train.optim, rows=2 * config.train.batch_size, tokens=tokens,
+        per_token_layer=layer_bytes(plan, empty_model(config.model), config.model, config.lora, setting),
         gradient_checkpointing=config.model.gradient_checkpointing, processes=setting.processes,
         strategy=setting.strategy, device=setting.device.kind)
     plan.knobs = knobs(plan.workload, config.train.gradient_accumulation_steps,
@@ -334,7 +370,7 @@ def in_section(change: str, stage: str) -> str:
 
 
 PLANNERS = {"sft": plan_sft, "reward": plan_reward, "preferences": plan_preferences, "ppo": plan_ppo,
-            "eval": plan_eval}
+            "dpo": plan_dpo, "eval": plan_eval}
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -48,6 +48,11 @@ def reward_args(rm, data, out, *extra):
             f"data.path={data / 'pairs.jsonl'}", *extra]
 
 
+def dpo_args(lm, data, out, *extra):
+    return ["dpo", "--config", str(TINY / "dpo.yaml"), f"output_dir={out}", f"model.name_or_path={lm}",
+            f"data.path={data / 'pairs.jsonl'}", *extra]
+
+
 def ppo_args(lm, data, out, *extra):
     return ["ppo", "--config", str(TINY / "ppo.yaml"), f"output_dir={out}", f"model.name_or_path={lm}",
             f"data.path={data / 'prompts.jsonl'}", SCORER, *extra]
@@ -533,6 +538,7 @@ STAGES = {
     "sft": (sft_args, "tiny_lm_dir", "checkpoint-*", ("eval_loss_after", "steps")),
     "reward": (reward_args, "tiny_reward_dir", "checkpoint-*", ("eval_accuracy_after", "normalization", "steps")),
     "ppo": (ppo_args, "tiny_lm_dir", ".staging-step-*", ()),
+    "dpo": (dpo_args, "tiny_lm_dir", "checkpoint-*", ("eval_pair_accuracy_after", "eval", "steps")),
 }
 
 

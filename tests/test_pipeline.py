@@ -80,6 +80,19 @@ def test_pipeline_runs_every_stage_then_reuses_them(tiny_lm_dir, tiny_reward_dir
     assert f"sft_adapter: {out / 'sft'}" in ppo_config and f"path: {out / 'reward'}" in ppo_config
     assert stamps == {stage: (out / stage / "metrics.json").stat().st_mtime_ns for stage in stamps}
 
+    # DPO on the same SFT model and pairs, reported against the SFT model with the same proxy and gold
+    dpo = tmp_path / "dpo"
+    assert main([*args, f"output_dir={dpo}", f"reuse_from={out}", "stages=[sft,preferences,reward,dpo,eval]",
+                 "dpo.train.max_steps=4", "dpo.train.batch_size=4", "dpo.lora.r=8", "dpo.data.eval_fraction=0.2",
+                 "report_sft=false"]) == 0, capsys.readouterr().err[-2000:]
+    assert sorted(p.name for p in dpo.iterdir() if p.is_dir()) == ["dpo", "eval"]
+    report = json.loads((dpo / "eval" / "report.json").read_text())
+    assert [Path(policy["path"]).name for policy in report["policies"]] == ["dpo"] and report["checkpoints"] == []
+    assert report["policies"][0]["reference_adapter"] == str(out / "sft")  # the SFT model, as PPO's
+    assert set(report["policies"][0]["rewards"]) == {"proxy", "gold"}
+    assert f"path: {out / 'preferences' / 'pairs.jsonl'}" in (dpo / "dpo" / "config.yaml").read_text()
+    assert stamps == {stage: (out / stage / "metrics.json").stat().st_mtime_ns for stage in stamps}
+
     # one base: a LoRA reward model on the SFT model's base is trained on the SFT model and scored by PPO on
     # its own weights (kind: adapter), next to an adapter critic; SFT and pairs come from the first pipeline
     one_base = tmp_path / "one_base"
@@ -161,6 +174,53 @@ def test_one_hold_out_for_every_stage(override):
     setting = override.split(".", 1)[1]
     wire(load_config(PipelineConfig, quickstart, [f"{stage}.{setting}" for stage in ("sft", "preferences", "ppo", "eval")]))
     wire(load_config(PipelineConfig, quickstart, [override, f"{key.split('.')[0]}.data.path=elsewhere.jsonl"]))
+
+
+def test_a_pipeline_without_sft_or_reward_stages_trains_on_its_own_reward_functions():
+    """configs/quickstart_verifiable.yaml: PPO from the base on reward functions, the report scored by the config's
+    own scorers; the first quickstart keeps its trained reward model and SFT adapter."""
+    from rlft.config import load_config
+    from rlft.pipeline import PipelineConfig, wire
+
+    configs = Path(__file__).parents[1] / "configs"
+    verifiable = load_config(PipelineConfig, configs / "quickstart_verifiable.yaml")
+    stages = wire(verifiable)
+    accuracy = "reward_models.verifiable:accuracy"
+    assert [(s.name, s.kind, s.path) for s in stages["ppo"].reward] == [("accuracy", "function", accuracy)]
+    assert stages["ppo"].sft_adapter == "" and stages["ppo"].model.chat_template == "chatml"
+    assert [(s.name, s.path) for s in stages["eval"].scorers] == [("accuracy", accuracy), ("gold", accuracy)]
+    assert stages["eval"].gold_scorer == "gold"
+    assert stages["eval"].policies == [str(Path(verifiable.output_dir) / "ppo")]
+    assert stages["eval"].sampling.temperature == stages["ppo"].sampling.temperature  # accuracy as PPO samples
+
+    quickstart = load_config(PipelineConfig, configs / "quickstart.yaml")
+    stages = wire(quickstart)
+    assert [(s.name, s.kind) for s in stages["ppo"].reward] == [("proxy", "model")]
+    assert stages["ppo"].reward[0].path == str(Path(quickstart.output_dir) / "reward")
+    assert stages["ppo"].sft_adapter == str(Path(quickstart.output_dir) / "sft")
+    assert [s.name for s in stages["eval"].scorers] == ["proxy", "gold"]
+
+    # PPO and eval on one dataset hold out one split even when no SFT stage sets it
+    with pytest.raises(RlftError, match=r"eval\.data\.eval_fraction=0\.3 but ppo\.data\.eval_fraction=0\.2"):
+        wire(load_config(PipelineConfig, configs / "quickstart_verifiable.yaml", ["eval.data.eval_fraction=0.3"]))
+
+
+def test_a_reward_function_pipeline_runs_ppo_and_eval_alone(tiny_lm_dir, tmp_path, capsys):
+    """stages [ppo, eval] on the built-in arithmetic problems: no SFT, pairs or reward model are made, and the
+    report's gold is the held-out accuracy of PPO's policy and of its reference, the base."""
+    out = tmp_path / "verifiable"
+    config = Path(__file__).parents[1] / "configs" / "quickstart_verifiable.yaml"
+    assert main(["pipeline", "--config", str(config), f"output_dir={out}", f"ppo.model.name_or_path={tiny_lm_dir}",
+                 "ppo.model.chat_template=", "ppo.ppo.steps=2", "ppo.ppo.rollout_batch_size=16",
+                 "ppo.ppo.mini_batch_size=16", "ppo.ppo.forward_batch_size=16", "ppo.sampling.max_new_tokens=4",
+                 "ppo.ppo.kl_budget=1e9", "eval.num_prompts=16", "eval.batch_size=16",
+                 "eval.sampling.max_new_tokens=4"]) == 0, capsys.readouterr().err[-2000:]
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["eval", "ppo"]
+    report = json.loads((out / "eval" / "report.json").read_text())
+    assert report["gold"] == "gold" and report["proxy"] == "accuracy"
+    policy = report["policies"][0]
+    assert set(policy["rewards"]) == {"accuracy", "gold"}
+    assert policy["reference_adapter"] in ("", None)  # the reference is the base itself
 
 
 def test_seed_sweep_tables_seeds_and_repeats_a_seed_exactly(tiny_lm_dir, tiny_reward_dir, tmp_path, monkeypatch):

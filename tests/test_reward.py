@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from reward_models.scorers import ScorerConfig, build_scorer, encode
-from reward_models.train import RewardConfig, run, split_pair, tokenize_pairs
+from reward_models.train import RewardConfig, run, tokenize_pairs
+from rlft.data import split_pair
 from rlft.cli import main
 from rlft.config import ConfigError, load_config
 from rlft.data import load_splits

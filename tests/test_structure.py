@@ -7,7 +7,7 @@ from pathlib import Path
 ROOT = Path(__file__).parents[1]
 PACKAGES = ("rlft", "reward_models")
 # Each is one command's entry point; the pipeline composes them and is the one allowed to import them.
-STAGES = {"rlft.sft", "reward_models.train", "reward_models.preferences", "rlft.ppo.train", "rlft.evaluate"}
+STAGES = {"rlft.sft", "reward_models.train", "reward_models.preferences", "rlft.ppo.train", "rlft.dpo", "rlft.evaluate"}
 
 
 def modules(root: Path) -> dict[str, Path]:

@@ -43,7 +43,8 @@ class Variant(NamedTuple):
     reused: str | None  # pipeline stages it reuses from the seed's quickstart (None: it is the quickstart)
     folder: str  # under runs/estimators/seed<S>/
     overrides: tuple[str, ...] = ()
-    shipped: bool = True  # a config users get, held to the bars; else a row to compare with
+    shipped: bool = True  # a PPO-loop config users get, held to the bars; else a row to compare with
+    stage: str = "ppo"  # the stage that trains it
 
 
 VARIANTS = {
@@ -55,6 +56,9 @@ VARIANTS = {
     "RLOO": Variant("configs/quickstart_rloo.yaml", "minilm", "[sft,preferences,reward]", "quickstart_rloo"),
     "one base (SmolLM2 reward adapter, adapter critic)": Variant("configs/quickstart_one_base.yaml", "smollm2",
                                                                  "[sft,preferences]", "quickstart_one_base"),
+    # DPO on the same pairs from the same SFT model: no reward model, no sampling, no KL target (held to no bar)
+    "DPO": Variant("configs/quickstart_dpo.yaml", "minilm", "[sft,preferences,reward]", "quickstart_dpo",
+                   shipped=False, stage="dpo"),
 }
 BARS = [  # issue's bars for every shipped variant: (figure, test, wording)
     ("proxy_win_rate", lambda v: v > 0.6, "proxy win > 60%"),
@@ -83,12 +87,12 @@ def run_seed(seed: int) -> Path:
         if variant.reused is None:
             continue
         rlft("pipeline", "--config", variant.config, f"seed={seed}", f"output_dir={pipeline_dir(label, seed)}",
-             f"reuse_from={quickstart}", f"reuse_stages={variant.reused}", "stages=[sft,preferences,reward,ppo]",
-             *variant.overrides)
+             f"reuse_from={quickstart}", f"reuse_stages={variant.reused}",
+             f"stages=[sft,preferences,reward,{variant.stage}]", *variant.overrides)
     report = ROOT / "runs" / "estimators" / f"seed{seed}" / "eval"
     one_base = pipeline_dir("one base (SmolLM2 reward adapter, adapter critic)", seed)
     rlft("eval", "--config", "configs/eval.yaml", f"output_dir={report}", f"seed={seed}", "checkpoints_of=",
-         f"policies=[{', '.join(str(pipeline_dir(label, seed) / 'ppo') for label in VARIANTS)}]",
+         f"policies=[{', '.join(str(pipeline_dir(label, seed) / v.stage) for label, v in VARIANTS.items())}]",
          f"training_run={quickstart / 'ppo'}", "num_prompts=200", "batch_size=64", "num_samples_shown=4",
          "data={path: chatterbot, eval_fraction: 0.2}",
          f"scorers=[{{name: minilm, kind: model, path: {quickstart / 'reward'}, normalize: true}}, "
@@ -102,9 +106,13 @@ def rows_of(seed: int) -> list[dict]:
     rows = []
     for label, variant in VARIANTS.items():
         folder, proxy = pipeline_dir(label, seed), variant.proxy
-        policy = next(p for p in report["policies"] if Path(p["path"]).resolve().parent == (folder / "ppo").resolve()
-                      or Path(p["path"]).resolve() == (folder / "ppo").resolve())
-        target = yaml.safe_load((folder / "ppo" / "config.yaml").read_text())["ppo"]["target_kl"]
+        trained = (folder / variant.stage).resolve()
+        policy = next(p for p in report["policies"] if trained in (Path(p["path"]).resolve().parent,
+                                                                   Path(p["path"]).resolve()))
+        # DPO has no KL target: its KL is set against the quickstart PPO's
+        target = yaml.safe_load((pipeline_dir("PPO (critic, GAE)", seed) / "ppo" / "config.yaml").read_text())["ppo"][
+            "target_kl"] if variant.stage != "ppo" else yaml.safe_load((folder / "ppo" / "config.yaml").read_text())[
+            "ppo"]["target_kl"]
         response, diversity = policy["response"], policy["hacking"]["diversity"]
         row = {
             "seed": seed, "variant": label, "proxy": proxy,
@@ -117,31 +125,32 @@ def rows_of(seed: int) -> list[dict]:
             "length_ratio": response["policy"]["length"]["mean"] / response["reference"]["length"]["mean"],
             "distinct_1_ratio": diversity["policy"]["distinct_1"] / diversity["reference"]["distinct_1"],
             "collapse": policy["hacking"]["collapse"]["warnings"],
-            "ppo_minutes": json.loads((folder / "pipeline.json").read_text())["stage_wall_time_s"].get("ppo", 0) / 60,
+            "stage_minutes": json.loads((folder / "pipeline.json").read_text())["stage_wall_time_s"].get(
+                variant.stage, 0) / 60,
             "prompts": report["prompts"]["count"],
         }
         row["shipped"] = variant.shipped
         row["bars_missed"] = [wording for key, test, wording in BARS if not test(row[key])] if variant.shipped \
-            else ["(not shipped: compared only)"]
+            else ["(compared only: " + ("DPO, no KL target" if variant.stage == "dpo" else "not shipped") + ")"]
         rows.append(row)
     return rows
 
 
 def markdown(table: dict) -> str:
-    lines = [f"Each shipped quickstart variant's PPO result (and std-scaled GRPO's, not shipped, to compare) against "
-             f"the SFT model it started from, on "
+    lines = [f"Each shipped quickstart variant's PPO result (and std-scaled GRPO's, not shipped, and DPO's on the same "
+             f"pairs, to compare) against the SFT model it started from, on "
              f"{table['rows'][0]['prompts']} held-out prompts per seed ({table['machine']}, {table['threads']} threads): "
              "win rates (95% CI) under the reward model it trained on (proxy) and VADER (gold), exact KL over "
-             "`ppo.target_kl`, mean length and distinct-1 over the SFT model's, collapse warnings (rlft.hacking), "
-             "the PPO stage's minutes. Every variant of a seed shares its SFT model and pairs. Written by "
+             "`ppo.target_kl` (DPO's over the quickstart PPO's), mean length and distinct-1 over the SFT model's, "
+             "collapse warnings (rlft.hacking), the minutes of the stage that trained it (PPO or DPO). Every variant of a seed shares its SFT model and pairs. Written by "
              "examples/quickstart/estimators.py from runs/estimators/seed*/eval/report.json.", "",
              "| seed | variant | proxy win | gold win | KL / target | length / SFT | distinct-1 / SFT | collapse | "
-             "PPO minutes | bars missed |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "stage minutes | bars missed |", "|---|---|---|---|---|---|---|---|---|---|"]
     for row in table["rows"]:
         win = lambda key: f"{row[key]:.0%} ({row[key + '_ci'][0]:.0%}-{row[key + '_ci'][1]:.0%})"  # noqa: E731
         lines.append(f"| {row['seed']} | {row['variant']} | {win('proxy_win_rate')} | {win('gold_win_rate')} | "
                      f"{row['kl_over_target']:.2f} | {row['length_ratio']:.2f} | {row['distinct_1_ratio']:.2f} | "
-                     f"{'; '.join(row['collapse']) or 'none'} | {row['ppo_minutes']:.1f} | "
+                     f"{'; '.join(row['collapse']) or 'none'} | {row['stage_minutes']:.1f} | "
                      f"{'; '.join(row['bars_missed']) or 'none'} |")
     return "\n".join(lines) + "\n"
 

@@ -5,8 +5,8 @@ and something to learn from).
     python examples/verifiable/start_accuracy.py --json examples/verifiable/results/start_accuracy.json
 
 On the held-out fifth of the problems (rlft's own split, seed 0), per problem kind and in all, under the model's
-own chat template and under ChatML without a system prompt (the quickstart's), sampled at temperature 1 (as PPO
-samples) and greedily: accuracy by reward_models.verifiable:accuracy, with its 95% CI.
+own chat template and under ChatML without a system prompt (the quickstart's), sampled at each --temperatures (0:
+greedy): accuracy by reward_models.verifiable:accuracy, with its 95% CI.
 """
 
 from __future__ import annotations
@@ -42,6 +42,8 @@ def main() -> None:
     parser.add_argument("--problems", type=int, default=400, help="held-out problems measured")
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--temperatures", type=float, nargs="+", default=[1.0, 0.0], help="0: greedy")
+    parser.add_argument("--templates", nargs="+", choices=["model", "chatml"], default=["model", "chatml"])
     parser.add_argument("--json", help="write the results here (and a table beside it, .md)")
     args = parser.parse_args()
 
@@ -50,17 +52,17 @@ def main() -> None:
     prompts, answers = prompts_of(held_out), columns_of(held_out)["answer"]
     kinds = [prompt[-1]["content"].split()[3] for prompt in prompts]  # plus, minus, times
     results = {"machine": machine(), "argv": sys.argv[1:], "rows": []}
-    for template in ("model", "chatml"):
+    for template in args.templates:
         model_config = replace(ModelConfig(), chat_template="" if template == "model" else "chatml")
         tokenizer, model = load_tokenizer(model_config), load_model(model_config)
         texts = render_prompts(tokenizer, prompts)
-        for greedy in (False, True):
-            started = time.time()
-            sampling = SamplingConfig(max_new_tokens=args.max_new_tokens)
+        for temperature in args.temperatures:
+            started, greedy = time.time(), temperature == 0
+            sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=temperature or 1.0)
             replies = [text for batch in sample(model, tokenizer, texts, sampling, args.batch_size, greedy=greedy)
                        for text in batch.texts]
             hits = accuracy(prompts, replies, answer=answers)
-            row = {"template": template, "sampling": "greedy" if greedy else "temperature 1", **interval(hits),
+            row = {"template": template, "sampling": "greedy" if greedy else f"temperature {temperature:g}", **interval(hits),
                    "by_kind": {kind: interval([h for h, k in zip(hits, kinds) if k == kind]) for kind in sorted(set(kinds))},
                    "examples": [{"prompt": p[-1]["content"], "reply": r, "answer": a}
                                 for p, r, a in list(zip(prompts, replies, answers))[:5]],
