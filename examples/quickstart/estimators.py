@@ -107,8 +107,10 @@ def rows_of(seed: int) -> list[dict]:
     for label, variant in VARIANTS.items():
         folder, proxy = pipeline_dir(label, seed), variant.proxy
         trained = (folder / variant.stage).resolve()
-        policy = next(p for p in report["policies"] if trained in (Path(p["path"]).resolve().parent,
-                                                                   Path(p["path"]).resolve()))
+        policy = next((p for p in report["policies"] if trained in (Path(p["path"]).resolve().parent,
+                                                                    Path(p["path"]).resolve())), None)
+        if policy is None:  # a variant added after this seed's report was made: no row until it is rerun
+            continue
         # DPO has no KL target: its KL is set against the quickstart PPO's
         target = yaml.safe_load((pipeline_dir("PPO (critic, GAE)", seed) / "ppo" / "config.yaml").read_text())["ppo"][
             "target_kl"] if variant.stage != "ppo" else yaml.safe_load((folder / "ppo" / "config.yaml").read_text())[
