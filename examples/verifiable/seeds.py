@@ -1,7 +1,7 @@
-"""The verifiable quickstart (configs/quickstart_verifiable.yaml) over seeds, in one table, beside PPO with a critic.
+"""The verifiable quickstart (configs/quickstart_verifiable.yaml) over seeds, in one table, beside GRPO.
 
     python examples/verifiable/seeds.py --seeds 0 1 2
-    python examples/verifiable/seeds.py --variant ppo --seeds 0
+    python examples/verifiable/seeds.py --variant grpo --seeds 0 1 2
 
 For each seed S, `rlft pipeline --config configs/quickstart_verifiable.yaml seed=S` (and the variant's overrides)
 on 2 threads in runs/verifiable/<variant>/seedS (a finished one is reused; `--table-only` only redoes the table
@@ -28,11 +28,12 @@ sys.path.insert(0, str(ROOT))
 from rlft.results import machine, write_between_markers  # noqa: E402
 
 CONFIG = "configs/quickstart_verifiable.yaml"
-VARIANTS = {  # name: (label, overrides)
-    "grpo": ("GRPO (shipped)", ()),
-    # one reply per problem, 64 problems a step, advantages from a value head: as many replies a step as GRPO's
-    "ppo": ("PPO (critic, GAE)", ("ppo.ppo.advantage_estimator=gae", "ppo.ppo.num_generations=1")),
+VARIANTS = {  # name: (label, overrides); the first is the config as shipped
+    "ppo": ("PPO (critic, GAE; shipped)", ()),
+    # 8 replies to each of 8 problems a step: as many replies as PPO's, advantages from each problem's group
+    "grpo": ("GRPO", ("ppo.ppo.advantage_estimator=grpo", "ppo.ppo.num_generations=8")),
 }
+SHIPPED = "ppo"
 RESULTS = ROOT / "examples" / "verifiable" / "results" / "seeds.json"
 PAGE = ROOT / "examples" / "verifiable" / "README.md"
 MARKERS = ("<!-- seeds: written by examples/verifiable/seeds.py -->", "<!-- /seeds -->")
@@ -71,6 +72,9 @@ def figures(variant: str, seed: int) -> dict:
         "accuracy": gold["policy"]["mean"], "accuracy_ci95": gold["policy"]["ci95"],
         "accuracy_ci_low": gold["policy"]["ci95"][0],
         "gain": gold["policy"]["mean"] - gold["reference"]["mean"],
+        # the checkpoint before the last (step 10 of 20): did accuracy peak before the end?
+        "halfway": ([[c["step"], c["rewards"][report["gold"]]["policy"]["mean"]]
+                     for c in sorted(report["checkpoints"], key=lambda c: c["step"])][-2:-1] or [None])[0],
         "kl_exact": policy["kl"]["exact"]["mean"],
         "length_ratio": policy["response"]["policy"]["length"]["mean"]
         / policy["response"]["reference"]["length"]["mean"],
@@ -81,33 +85,38 @@ def figures(variant: str, seed: int) -> dict:
         "samples": [{"prompt": s["prompt"], "policy": s["policy"], "reference": s["reference"]}
                     for s in policy["samples"][:4]],
     }
-    row["bars_missed"] = [wording for test, wording in BARS if not test(row)] if variant == "grpo" else None
+    row["bars_missed"] = [wording for test, wording in BARS if not test(row)] if variant == SHIPPED else None
     return row
+
+
+def halfway(row: dict) -> str:
+    return f"{row['halfway'][1]:.1%} (step {row['halfway'][0]})" if row["halfway"] else "-"
 
 
 def markdown(results: dict) -> str:
     lines = [f"`{CONFIG}` on {results['machine']}, 2 threads. Held-out exact-match accuracy "
-             "(reward_models.verifiable:accuracy) of the GRPO policy and of the base it started from (its reference), "
-             "both sampled as in training, with 95% CIs; exact KL summed over the reply; length and distinct-1 over "
+             "(reward_models.verifiable:accuracy) of the trained policy and of the base it started from (its reference), "
+             "both sampled as in training, with 95% CIs; halfway: the policy's accuracy at its middle checkpoint; exact KL "
+             "summed over the reply; length and distinct-1 over "
              "the base's; minutes: the whole pipeline. Written by examples/verifiable/seeds.py from "
              "examples/verifiable/results/seeds.json.", "",
-             "| variant | seed | problems | start accuracy (95% CI) | trained accuracy (95% CI) | gain | exact KL | "
-             "length / base | distinct-1 / base | minutes | bars missed |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| variant | seed | problems | start accuracy (95% CI) | trained accuracy (95% CI) | gain | halfway | "
+             "exact KL | length / base | distinct-1 / base | minutes | bars missed |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results["runs"]:
-        bars = "(not shipped)" if r["bars_missed"] is None else ", ".join(r["bars_missed"]) or "none"
+        bars = "(compared)" if r["bars_missed"] is None else ", ".join(r["bars_missed"]) or "none"
         lines.append(
             f"| {VARIANTS[r['variant']][0]} | {r['seed']} | {r['problems']} | {r['start_accuracy']:.1%} ({r['start_ci95'][0]:.1%}-{r['start_ci95'][1]:.1%}) "
             f"| {r['accuracy']:.1%} ({r['accuracy_ci95'][0]:.1%}-{r['accuracy_ci95'][1]:.1%}) | "
-            f"{100 * r['gain']:+.1f} points | {r['kl_exact']:.2f} | {r['length_ratio']:.2f} | "
+            f"{100 * r['gain']:+.1f} points | {halfway(r)} | {r['kl_exact']:.2f} | {r['length_ratio']:.2f} | "
             f"{r['distinct_1_ratio']:.2f} | {r['wall_time_min']:.1f} | {bars} |")
-    shipped = [r for r in results["runs"] if r["variant"] == "grpo"]
+    shipped = [r for r in results["runs"] if r["variant"] == SHIPPED]
     if len(shipped) > 1:
         def spread(key, scale=1.0, fmt="{:.1f}"):
             values = [scale * r[key] for r in shipped]
             return f"{fmt.format(statistics.fmean(values))} ± {fmt.format(statistics.stdev(values))}"
-        lines.append(f"| GRPO, mean ± std | | | {spread('start_accuracy', 100)}% | {spread('accuracy', 100)}% | "
-                     f"{spread('gain', 100)} points | {spread('kl_exact', fmt='{:.2f}')} | "
+        lines.append(f"| {VARIANTS[SHIPPED][0]}, mean ± std | | | {spread('start_accuracy', 100)}% | {spread('accuracy', 100)}% | "
+                     f"{spread('gain', 100)} points | | {spread('kl_exact', fmt='{:.2f}')} | "
                      f"{spread('length_ratio', fmt='{:.2f}')} | {spread('distinct_1_ratio', fmt='{:.2f}')} | "
                      f"{spread('wall_time_min')} | |")
     return "\n".join(lines) + "\n"
@@ -115,7 +124,7 @@ def markdown(results: dict) -> str:
 
 def headline(results: dict) -> str:
     """The README's sentence: the shipped config over its seeds."""
-    shipped = [r for r in results["runs"] if r["variant"] == "grpo"]
+    shipped = [r for r in results["runs"] if r["variant"] == SHIPPED]
     if not shipped:
         return ""
     def span(key, scale=100.0, fmt="{:.0f}"):
@@ -126,14 +135,14 @@ def headline(results: dict) -> str:
             f"held-out accuracy on {shipped[0]['problems']} problems goes from {span('start_accuracy')}% to "
             f"{span('accuracy')}%, mean (range), at an exact KL of {span('kl_exact', 1.0, '{:.1f}')} nats, in "
             f"{span('wall_time_min', 1.0, '{:.1f}')} minutes; every bar is met on {met} of {len(shipped)} seeds. "
-            "Each seed's row, and PPO with a critic beside it: "
+            "Each seed's row, and GRPO beside it: "
             "[examples/verifiable/README.md](examples/verifiable/README.md).\n")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--variant", choices=list(VARIANTS), default="grpo")
+    parser.add_argument("--variant", choices=list(VARIANTS), default=SHIPPED)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--table-only", action="store_true", help="redo the table from the finished runs")
     args = parser.parse_args()
