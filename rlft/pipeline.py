@@ -111,7 +111,9 @@ def wire(config: PipelineConfig) -> dict:
     eval_config = replace(config.eval, output_dir=str(root / "eval"), seed=seed,
                           checkpoints_of=ppo_dir if "ppo" in config.stages else "",
                           training_run=ppo_dir if "ppo" in config.stages else "",
-                          policies=([sft_dir] if config.report_sft and has("sft") else []) + tuned)
+                          # a pipeline that trains no policy (stages without ppo or dpo) keeps eval's own
+                          policies=([sft_dir] if config.report_sft and has("sft") else []) + tuned
+                          or config.eval.policies)
     if has("reward"):
         ppo_config = replace(ppo_config, reward=[proxy])
         eval_config = replace(eval_config, scorers=[proxy, gold], gold=gold.name)
@@ -132,12 +134,15 @@ def wire(config: PipelineConfig) -> dict:
 
 
 def check_one_hold_out(config: PipelineConfig) -> None:
-    """Stages that read the same dataset must hold out the same prompts: with another fraction or split, some of
-    the report's "held-out" prompts would be ones an earlier stage trained on."""
+    """Stages that read the same dataset (those run here or reused) must hold out the same prompts: with another
+    fraction or split, some of the report's "held-out" prompts would be ones an earlier stage trained on."""
     held_out = ("eval_split", "eval_fraction")
+    used = set(config.stages) | (set(config.reuse_stages) if config.reuse_from else set())
     earlier = []
     for stage, data in (("sft", config.sft.data), ("preferences", config.preferences.data), ("ppo", config.ppo.data),
                         ("eval", config.eval.data)):
+        if stage not in used:
+            continue
         for first, first_data in earlier:
             if (data.path, data.subset, data.split) != (first_data.path, first_data.subset, first_data.split):
                 continue

@@ -205,7 +205,7 @@ def test_cli_writes_report(runs_dir):
 def test_collapse_leads_the_report_and_the_recommendation_says_how_it_stands_to_ppos_choice(runs_dir, tmp_path, capsys):
     """A policy whose replies collapsed is the report's first section; a collapsed checkpoint is never
     recommended; and the recommendation says how it stands to the checkpoint the PPO run kept, and why."""
-    from rlft.hacking import overoptimization_points, recommend
+    from rlft.hacking import COLLAPSE_LIMITS, overoptimization_points, recommend
     from rlft.report import write_report
 
     (runs_dir / "ppo" / "metrics.json").write_text(json.dumps({"result_step": 20, "result_kl": 1.5, "kl_budget": 9.0}))
@@ -215,7 +215,9 @@ def test_collapse_leads_the_report_and_the_recommendation_says_how_it_stands_to_
     finally:
         (runs_dir / "ppo" / "metrics.json").unlink()
     report = json.loads((tmp_path / "kept" / "report.json").read_text())
-    assert report["training_result"] == {"result_step": 20, "result_kl": 1.5, "kl_budget": 9.0}
+    # a run from before collapse_signals existed judged by every signal
+    assert report["training_result"] == {"result_step": 20, "result_kl": 1.5, "kl_budget": 9.0,
+                                         "collapse_signals": list(COLLAPSE_LIMITS)}
     assert report["kl_budget"] == 9.0  # no budget of its own: PPO's
     # step 20 (and the final policy, the same weights) collapsed: the report says so first, and step 10 wins
     for result in [report["policies"][1], report["checkpoints"][1]]:

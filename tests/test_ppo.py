@@ -536,19 +536,16 @@ def test_sampling_that_ignores_the_cache_stops_the_run(tiny_lm_dir, prompts_file
     assert str(tiny_lm_dir) in line and "ppo.max_sampler_gap" in line
 
 
-def test_the_result_is_the_last_checkpoint_within_the_kl_budget(tiny_lm_dir, prompts_file, tmp_path, capsys,
-                                                                monkeypatch):
+def test_the_result_is_the_last_checkpoint_within_the_kl_budget(tiny_lm_dir, prompts_file, tmp_path, capsys):
     """PPO's result (policy/) is never past ppo.kl_budget: with the final policy over it, the last checkpoint
     within it is the result, said in metrics.json; with none within it, the run ends in one line. The budget
     may change on a rerun, which resumes from the finished run's last checkpoint."""
-    from rlft.ppo import train
     from rlft.ppo.train import run
 
     # The budget alone: a tiny model moved this fast narrows onto a few of its 79 words, which the collapse
-    # detector flags and which would send PPO back further (the next test).
-    monkeypatch.setattr(train, "collapse", lambda completions, lengths: {"warnings": []})
+    # detector flags and which would send PPO back further (the next test): no collapse signal counts here.
     out = tmp_path / "run"
-    varied = ["ppo.learning_rate=0.05", "save_every=1"]
+    varied = ["ppo.learning_rate=0.05", "save_every=1", "ppo.collapse_signals=[]"]
     summary = run(ppo_config(tiny_lm_dir, prompts_file, out, *varied))
     kl = {int(step): value for step, value in summary["checkpoint_kl"].items()}
     assert sorted(kl) == [1, 2, 3, 4] and summary["result_step"] == 4 and summary["result_kl"] == kl[4]
@@ -568,7 +565,7 @@ def test_the_result_is_the_last_checkpoint_within_the_kl_budget(tiny_lm_dir, pro
     assert kl[2] > 0 and kl[4] > 0
     with pytest.raises(RlftError, match=r"no checkpoint's KL is within ppo.kl_budget=.* raise ppo.kl_coef"):
         run(ppo_config(tiny_lm_dir, prompts_file, out, "ppo.learning_rate=0.05", "save_every=2",
-                       f"ppo.kl_budget={min(kl[2], kl[4]) / 2}"))
+                       "ppo.collapse_signals=[]", f"ppo.kl_budget={min(kl[2], kl[4]) / 2}"))
 
 
 def test_a_collapsed_final_policy_is_not_the_result(tiny_lm_dir, prompts_file, tmp_path):
