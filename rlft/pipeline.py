@@ -78,6 +78,11 @@ def same_weights(a: ModelConfig, b: ModelConfig) -> bool:
     return (a.name_or_path, a.revision, a.quantization) == (b.name_or_path, b.revision, b.quantization)
 
 
+def used_stages(config: PipelineConfig) -> set[str]:
+    """The stages whose output this pipeline uses: those it runs and those it reuses from reuse_from."""
+    return set(config.stages) | (set(config.reuse_stages) if config.reuse_from else set())
+
+
 def wire(config: PipelineConfig) -> dict:
     """Each stage's config with the pipeline's paths filled in: {stage name: config}.
 
@@ -89,8 +94,7 @@ def wire(config: PipelineConfig) -> dict:
                                       for name in STAGES[:3])
     ppo_dir = str(root / "ppo")
 
-    def has(stage: str) -> bool:
-        return stage in config.stages or bool(config.reuse_from) and stage in config.reuse_stages
+    used = used_stages(config)
 
     # A LoRA reward model on the SFT model's base starts from the SFT model (InstructGPT), and PPO then
     # scores with it on its own weights: one copy of the base for all four roles.
@@ -103,7 +107,7 @@ def wire(config: PipelineConfig) -> dict:
     check_one_hold_out(config)
     # PPO optimises the reward model this pipeline trains, from this pipeline's SFT model.
     ppo_config = replace(config.ppo, output_dir=ppo_dir, seed=seed)
-    if has("sft"):
+    if "sft" in used:
         ppo_config = replace(ppo_config, sft_adapter=sft_dir, model=config.sft.model)
     dpo_dir = str(root / "dpo")
     # the report: SFT (if asked) and each preference-tuned policy this pipeline trains, PPO's checkpoints too
@@ -112,9 +116,9 @@ def wire(config: PipelineConfig) -> dict:
                           checkpoints_of=ppo_dir if "ppo" in config.stages else "",
                           training_run=ppo_dir if "ppo" in config.stages else "",
                           # a pipeline that trains no policy (stages without ppo or dpo) keeps eval's own
-                          policies=([sft_dir] if config.report_sft and has("sft") else []) + tuned
+                          policies=([sft_dir] if config.report_sft and "sft" in used else []) + tuned
                           or config.eval.policies)
-    if has("reward"):
+    if "reward" in used:
         ppo_config = replace(ppo_config, reward=[proxy])
         eval_config = replace(eval_config, scorers=[proxy, gold], gold=gold.name)
     return {
@@ -128,7 +132,7 @@ def wire(config: PipelineConfig) -> dict:
         "ppo": ppo_config,
         # DPO on the same pairs the reward model learns from, from the same SFT model (also its reference)
         "dpo": replace(config.dpo, output_dir=dpo_dir, seed=seed, data=replace(config.dpo.data, path=str(
-            Path(pairs_dir) / PAIRS)), **({"sft_adapter": sft_dir, "model": config.sft.model} if has("sft") else {})),
+            Path(pairs_dir) / PAIRS)), **({"sft_adapter": sft_dir, "model": config.sft.model} if "sft" in used else {})),
         "eval": eval_config,
     }
 
@@ -137,7 +141,7 @@ def check_one_hold_out(config: PipelineConfig) -> None:
     """Stages that read the same dataset (those run here or reused) must hold out the same prompts: with another
     fraction or split, some of the report's "held-out" prompts would be ones an earlier stage trained on."""
     held_out = ("eval_split", "eval_fraction")
-    used = set(config.stages) | (set(config.reuse_stages) if config.reuse_from else set())
+    used = used_stages(config)
     earlier = []
     for stage, data in (("sft", config.sft.data), ("preferences", config.preferences.data), ("ppo", config.ppo.data),
                         ("eval", config.eval.data)):

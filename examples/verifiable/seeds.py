@@ -72,9 +72,7 @@ def figures(variant: str, seed: int) -> dict:
         "accuracy": gold["policy"]["mean"], "accuracy_ci95": gold["policy"]["ci95"],
         "accuracy_ci_low": gold["policy"]["ci95"][0],
         "gain": gold["policy"]["mean"] - gold["reference"]["mean"],
-        # the checkpoint before the last (step 10 of 20): did accuracy peak before the end?
-        "halfway": ([[c["step"], c["rewards"][report["gold"]]["policy"]["mean"]]
-                     for c in sorted(report["checkpoints"], key=lambda c: c["step"])][-2:-1] or [None])[0],
+        "halfway": halfway_accuracy(report),
         "kl_exact": policy["kl"]["exact"]["mean"],
         "length_ratio": policy["response"]["policy"]["length"]["mean"]
         / policy["response"]["reference"]["length"]["mean"],
@@ -87,6 +85,14 @@ def figures(variant: str, seed: int) -> dict:
     }
     row["bars_missed"] = [wording for test, wording in BARS if not test(row)] if variant == SHIPPED else None
     return row
+
+
+def halfway_accuracy(report: dict) -> list | None:
+    """[step, accuracy] of the checkpoint before the last (step 10 of 20): did accuracy peak before the end?"""
+    checkpoints = sorted(report["checkpoints"], key=lambda c: c["step"])
+    if len(checkpoints) < 2:
+        return None
+    return [checkpoints[-2]["step"], checkpoints[-2]["rewards"][report["gold"]]["policy"]["mean"]]
 
 
 def halfway(row: dict) -> str:
