@@ -162,6 +162,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if "rlft.runs" in sys.modules:  # imported by every stage that claimed an output folder
             sys.modules["rlft.runs"].release_locks()
+        if "torch.distributed" in sys.modules:
+            importlib.import_module("rlft.distributed").end_process_group()
     return 0
 
 

@@ -46,6 +46,16 @@ def fsdp_on_cpu(accelerator):
     return accelerator
 
 
+def end_process_group() -> None:
+    """Destroy `accelerate launch`'s process group, if this process joined one, before the interpreter exits.
+
+    Left to interpreter teardown, gloo's worker threads are destroyed still joinable now and then, and the
+    process aborts ("terminate called without an active exception") after its run has finished and saved.
+    """
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 def is_main_process() -> bool:
     """Rank 0 of `accelerate launch`'s processes (or the only process): the one that writes run files.
     Read from the launcher's environment, so a stage can claim its output_dir before any process group."""
