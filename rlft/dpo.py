@@ -123,10 +123,14 @@ def run(config: DPOConfig) -> dict:
     started = time.time()
     dpo = setup(config)
     trainer, out = dpo.trainer, dpo.out
-    fitted = hf_training.fit(trainer, out, config, dpo.data, dpo.checkpoint, ACCURACY,
-                             lambda: pair_accuracy(*implicit_rewards(trainer, config.loss_type, config.beta)))
-    final = {key.removeprefix("eval_"): value for key, value in trainer.evaluate().items()
-             if key.startswith(("eval_rewards/", "eval_logps/", "eval_loss"))}  # TRL's figures of the same pairs
+    final = {}  # the held-out figures of the last measurement, after training: one pass serves all of them
+
+    def measure() -> float:
+        chosen, rejected = implicit_rewards(trainer, config.loss_type, config.beta)
+        final.update(reward_figures(chosen, rejected))
+        return pair_accuracy(chosen, rejected)
+
+    fitted = hf_training.fit(trainer, out, config, dpo.data, dpo.checkpoint, ACCURACY, measure)
 
     weights = adapter_state_dict(dpo.model)  # every process: gathered from the shards under FSDP
     if not is_main_process():  # under `accelerate launch` one process writes the run's files
@@ -220,6 +224,15 @@ def implicit_rewards(trainer, loss_type: str, beta: float) -> tuple[torch.Tensor
     finally:
         model.train(was_training)
     return torch.cat(chosen), torch.cat(rejected)
+
+
+def reward_figures(chosen: torch.Tensor, rejected: torch.Tensor) -> dict[str, float]:
+    """TRL's held-out DPO figures from the implicit rewards of each pair's chosen and rejected reply, (pairs,) each:
+    their means, the mean margin, and the share of pairs ranked right (strictly, as TRL counts it). For simpo these
+    are SimPO's length-normalised rewards, where TRL reports beta x the summed log-probs."""
+    margins = chosen - rejected
+    return {"rewards/chosen": chosen.mean().item(), "rewards/rejected": rejected.mean().item(),
+            "rewards/margins": margins.mean().item(), "rewards/accuracies": (margins > 0).float().mean().item()}
 
 
 def pair_accuracy(chosen: torch.Tensor, rejected: torch.Tensor) -> float:

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from rlft.cli import main
 from rlft.config import load_config
-from rlft.dpo import DPOConfig, implicit_rewards, pair_accuracy, run, setup
+from rlft.dpo import DPOConfig, implicit_rewards, pair_accuracy, reward_figures, run, setup
 from rlft.policy import active_adapter, adapter_info
 from tests.test_reward import write_marker_pairs
 
@@ -61,6 +61,25 @@ def test_each_loss_is_its_formula_by_hand(loss_type, beta, tiny_lm_dir, tmp_path
         by_hand = -F.logsigmoid(beta * (chosen / n_chosen - rejected / n_rejected))
     assert (chosen != chosen_ref).all()  # the adapter moved the policy: the check is not at the trivial point
     assert trl_loss == pytest.approx(by_hand.mean().item(), rel=1e-5, abs=1e-6)
+
+
+@pytest.mark.parametrize("loss_type, beta", [("sigmoid", 0.1), ("ipo", 0.5)])
+def test_the_held_out_figures_are_trls_own(loss_type, beta, tiny_lm_dir, tmp_path):
+    """The report's rewards/chosen, rejected, margins and accuracies come from the one implicit-reward pass that
+    also gives the pair accuracy: they equal TRL's evaluate() on the same held-out pairs, with a moved adapter.
+    (SimPO's are its paper's length-normalised rewards, where TRL reports beta x the summed log-probs.)"""
+    pairs = write_marker_pairs(tmp_path / "pairs.jsonl", 48)
+    dpo = setup(tiny_config(tiny_lm_dir, pairs, tmp_path / "run", f"loss_type={loss_type}", f"beta={beta}"))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, parameter in dpo.model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(std=0.2)
+    ours = reward_figures(*implicit_rewards(dpo.trainer, loss_type, beta))
+    trl = dpo.trainer.evaluate()
+    assert 0 < ours["rewards/accuracies"] < 1  # pairs ranked both ways: the figures are not at a trivial point
+    for key, value in ours.items():
+        assert value == pytest.approx(trl[f"eval_{key}"], rel=1e-4, abs=1e-6), key
 
 
 def test_the_policy_is_its_reference_at_step_0_and_that_reference_is_the_sft_model(tiny_lm_dir, data, tmp_path,
