@@ -127,7 +127,8 @@ def adapter_info(folder: str | Path, trust_remote_code: bool = False) -> tuple[M
         raise RlftError(f"'{folder}/{ADAPTER_INFO}' is damaged ({str(e).splitlines()[0][:160]}): rerun the stage that "
                         "saved this adapter") from None
     if from_here and (folder / from_here).is_dir():  # the run folder moved whole: the reference moved with it
-        reference = os.path.normpath(folder / from_here)
+        # absolute, whichever way the folder was named: one reference is one path (eval shares its samples by it)
+        reference = str((folder / from_here).resolve())
     return replace(model_config, trust_remote_code=trust_remote_code), reference
 
 

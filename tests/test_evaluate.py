@@ -140,7 +140,7 @@ def runs_dir(tiny_lm_dir, tmp_path_factory):
     ppo = root / "ppo"
     for step, scale in ((10, 0.15), (20, 0.3)):
         make_adapter(ppo / "checkpoints" / f"step-{step:06d}" / "policy", tiny_lm_dir, scale, step, str(sft))
-    shutil.copytree(ppo / "checkpoints" / "step-000020" / "policy", ppo / "policy")
+    make_adapter(ppo / "policy", tiny_lm_dir, 0.3, 20, str(sft))  # the result: step 20's weights, saved as PPO does
     lines = [json.dumps({"step": s, "objective/scores": 0.1 * s, "objective/kl": 0.05 * s,
                          "objective/kl_coef": 0.05, "loss/policy": -0.01, "loss/value": 1.0 / s,
                          "response/length": 5.0}) for s in range(1, 21)]
@@ -200,6 +200,23 @@ def test_cli_writes_report(runs_dir):
     assert report["recommended"]["step"] in (0, 10, 20)
     assert "## Reward hacking" in markdown and "Recommended checkpoint: step" in markdown
     assert "<h2>Reward hacking</h2>" in page
+
+
+def test_each_policy_and_reference_is_sampled_once_however_its_folder_is_named(runs_dir, tmp_path, monkeypatch):
+    """The final policy is checkpoint 20's weights, and every checkpoint shares the SFT model as reference: named
+    relative to the working folder in `policies` and absolute in `checkpoints_of` (as a user may), they are still
+    sampled once each. sft, step 10, step 20 (= ppo) and two references (the base, the SFT model): five passes."""
+    import rlft.evaluate
+
+    calls = []
+    real = rlft.evaluate.sample
+    monkeypatch.setattr(rlft.evaluate, "sample", lambda *args, **kwargs: calls.append(1) or real(*args, **kwargs))
+    monkeypatch.chdir(runs_dir)
+    assert cli.main(["eval", "--config", eval_yaml(runs_dir, "relative.yaml", policies=["sft", "ppo"],
+                                                   output_dir=str(tmp_path / "eval"))]) == 0
+    report = json.loads((tmp_path / "eval" / "report.json").read_text())
+    assert [p["label"] for p in report["policies"] + report["checkpoints"]] == ["sft", "ppo", "step 10", "step 20"]
+    assert len(calls) == 5
 
 
 def test_collapse_leads_the_report_and_the_recommendation_says_how_it_stands_to_ppos_choice(runs_dir, tmp_path, capsys):
