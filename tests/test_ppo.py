@@ -22,6 +22,10 @@ def share_of_target(prompts, completions):
     return [c.split().count(TARGET) / max(len(c.split()), 1) for c in completions]
 
 
+def nothing(prompts, completions):
+    return [0.0] * len(completions)
+
+
 def nan_reward(prompts, completions):
     return [float("nan")] * len(completions)
 
@@ -75,18 +79,35 @@ def test_reward_rises_on_a_toy_task(dtype, tiny_lm_dir, prompts_file, tmp_path):
 
 def test_the_entropy_bonus_holds_entropy_against_a_reward_that_narrows_the_policy(tiny_lm_dir, prompts_file,
                                                                                 tmp_path):
-    """Rewarding one word drives the policy's entropy down; ppo.entropy_coef pays it back to stay spread out."""
+    """Rewarding one word drives the policy's entropy down; ppo.entropy_coef pays it back to stay spread out, and
+    capped at the reference's entropy (ppo.entropy_cap=reference) it still does, below the reference's."""
     from rlft.ppo.train import run
 
     entropies = {}
-    for coef in (0.0, 0.3):
-        run(ppo_config(tiny_lm_dir, prompts_file, tmp_path / str(coef), "ppo.steps=30", "save_every=100",
-                       f"ppo.entropy_coef={coef}"))
-        entries = history(tmp_path / str(coef))
-        entropies[coef] = [sum(e["policy/entropy"] for e in part) / 5 for part in (entries[:5], entries[-5:])]
-    (first_without, last_without), (first_with, last_with) = entropies[0.0], entropies[0.3]
+    for name, overrides in {"without": ["ppo.entropy_coef=0"], "with": ["ppo.entropy_coef=0.3"],
+                            "capped": ["ppo.entropy_coef=0.3", "ppo.entropy_cap=reference"]}.items():
+        run(ppo_config(tiny_lm_dir, prompts_file, tmp_path / name, "ppo.steps=30", "save_every=100", *overrides))
+        entries = history(tmp_path / name)
+        entropies[name] = [sum(e["policy/entropy"] for e in part) / 5 for part in (entries[:5], entries[-5:])]
+    (first_without, last_without), (first_with, last_with) = entropies["without"], entropies["with"]
     assert last_without < first_without - 0.5, entropies  # learning narrowed it
     assert last_with > first_with - 0.3 and last_with > last_without + 0.5, entropies
+    assert entropies["capped"][1] > last_without + 0.5, entropies
+
+
+def test_the_capped_entropy_bonus_stops_at_the_references_entropy(tiny_lm_dir, prompts_file, tmp_path):
+    """With nothing to learn (every reply scores 0), a strong entropy bonus spreads the policy past its reference's
+    entropy, spending KL on noise; capped at the reference's entropy it pushes only where the policy is below it."""
+    from rlft.ppo.train import run
+
+    above = {}
+    for name, overrides in {"uncapped": [], "capped": ["ppo.entropy_cap=reference"]}.items():
+        run(ppo_config(tiny_lm_dir, prompts_file, tmp_path / name, "ppo.steps=20", "save_every=100",
+                       "ppo.entropy_coef=5", "reward=[{kind: function, path: 'tests.test_ppo:nothing'}]", *overrides))
+        above[name] = [e["policy/entropy"] - e["ref/entropy"] for e in history(tmp_path / name)[-3:]]
+    assert min(above["uncapped"]) > 0.3, above
+    # the positions below the reference's entropy are still pushed up to it (and the policy moves on noise)
+    assert max(above["capped"]) < 0.3 * min(above["uncapped"]), above
 
 
 GROUPED = {

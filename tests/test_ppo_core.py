@@ -8,6 +8,7 @@ import torch
 
 from rlft.generation import first_true_index, response_mask_from_eos
 from rlft.ppo.core import (
+    entropy_bonus,
     frac_zero_std,
     loss_mask,
     AdaptiveKLController,
@@ -89,6 +90,18 @@ def test_entropy_from_logits():
     close(entropy_from_logits(logits), [[math.log(4.0), -(0.25 * math.log(0.25) + 0.75 * math.log(0.75))]])
     # temperature 1/2 doubles the logits: (1, 9) / 10 -> -(0.1 ln 0.1 + 0.9 ln 0.9) = 0.3251
     close(entropy_from_logits(logits[:, 1:], temperature=0.5), [[-(0.1 * math.log(0.1) + 0.9 * math.log(0.9))]])
+
+
+def test_entropy_bonus_capped_at_the_reference_by_hand():
+    """Capped, the bonus is the entropy everywhere, but pushes (gradient 1) only where it is at or below the
+    reference's: positions 0 and 1 here (1 < 2, 2 = 2), not position 2 (3 > 2). Uncapped it pushes everywhere."""
+    ref = torch.tensor([[2.0, 2.0, 2.0]])
+    for cap, pushed in ((ref, [[1.0, 1.0, 0.0]]), (None, [[1.0, 1.0, 1.0]])):
+        entropy = torch.tensor([[1.0, 2.0, 3.0]], requires_grad=True)
+        bonus = entropy_bonus(entropy, cap)
+        close(bonus.detach(), [[1.0, 2.0, 3.0]])
+        bonus.sum().backward()
+        close(entropy.grad, pushed)
 
 
 def test_kl_estimators_on_hand_values():

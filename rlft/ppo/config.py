@@ -68,6 +68,9 @@ class PPOHyperparameters:
     entropy_coef: float = option(
         0.03, "Entropy bonus weight (0: entropy is only logged). Against collapse onto a few replies the reward model "
         "likes: at 0 the quickstart's PPO answered most prompts with 'Yes' at its target KL (benchmarks/kl_control.py).")
+    entropy_cap: Literal["none", "reference"] = option(
+        "none", "reference: the entropy bonus acts only where the policy's entropy is at or below the reference's "
+        "at the same position (against collapse, without pushing replies to more randomness than the reference's).")
     gamma: float = option(1.0, "Discount factor for GAE.")
     lam: float = option(0.95, "GAE lambda.")
     whiten_advantages: bool = option(True, "Normalise advantages per rollout.")

@@ -70,6 +70,20 @@ def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0) -> torch
     return torch.special.entr((logits.float() / temperature).softmax(dim=-1)).sum(-1)
 
 
+def entropy_bonus(entropy: torch.Tensor, ref_entropy: torch.Tensor | None = None) -> torch.Tensor:
+    """The entropy the bonus rewards at each position: (B, T) -> (B, T).
+
+    Without ref_entropy, the policy's entropy itself. With the reference's entropy at the same positions, the
+    bonus is capped there: where the policy's entropy is at or below the reference's it is rewarded as usual
+    (collapse onto a few replies lowers it), above it the bonus is a constant and pushes nothing. An uncapped
+    bonus keeps raising the entropy past the reference's, spending the KL budget on noise the reward never
+    asked for. At step 0 the policy is its reference: every position ties and the bonus is the uncapped one.
+    """
+    if ref_entropy is None:
+        return entropy
+    return torch.where(entropy <= ref_entropy, entropy, entropy.detach())
+
+
 def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str = "k1") -> torch.Tensor:
     """Per-token sample estimate of KL(pi || pi_ref) from the sampled tokens' log-probs.
 

@@ -8,7 +8,7 @@ from typing import NamedTuple
 import torch
 
 from rlft.generation import SamplingConfig, completion_ids, sample
-from rlft.ppo.core import exact_kl_from_logits
+from rlft.ppo.core import entropy_from_logits, exact_kl_from_logits
 
 
 @dataclass
@@ -31,6 +31,7 @@ class Rollout:
     ref_logprobs: torch.Tensor | None = None  # (B, T) reference log-probs of the same tokens
     values: torch.Tensor | None = None  # (B, T) critic values of the states before each token
     exact_kl: torch.Tensor | None = None  # (B, T) KL(pi || pi_ref) over the whole vocabulary at each position
+    ref_entropy: torch.Tensor | None = None  # (B, T) the reference's entropy at each position (0 at padding)
     # step 5 (rlft.ppo.train.estimate_advantages) fills these
     advantages: torch.Tensor | None = None  # (B, T)
     returns: torch.Tensor | None = None  # (B, T) the critic's targets (gae only)
@@ -76,8 +77,8 @@ def score(rollout: Rollout, scorer, missing_eos_penalty: float, score_clip: floa
 
 def forward_passes(actor_critic, rollout: Rollout, forward_batch_size: int, graph_model=None,
                    graph_rows: torch.Tensor | None = None):
-    """Step 3: the policy's log-probs and values, the reference's log-probs, and the exact per-token KL between
-    the two (from the same logits, over the whole vocabulary) of every row, into `rollout`.
+    """Step 3: the policy's log-probs and values, the reference's log-probs and entropy, and the exact per-token KL
+    between the two (from the same logits, over the whole vocabulary) of every row, into `rollout`.
 
     No-grad micro-batches of `forward_batch_size` rows, each through the policy and then the reference, except
     `graph_rows`: those go through `graph_model` (the prepared model the update calls) with autograd on, and
@@ -90,6 +91,7 @@ def forward_passes(actor_critic, rollout: Rollout, forward_batch_size: int, grap
     batch = len(input_ids)
     logprobs = torch.zeros(rollout.response_ids.shape, device=input_ids.device)
     values, ref_logprobs, exact_kl = torch.zeros_like(logprobs), torch.zeros_like(logprobs), torch.zeros_like(logprobs)
+    ref_entropy = torch.zeros_like(logprobs)
     rest = torch.arange(batch, device=input_ids.device)
     if graph_rows is not None:
         rest = rest[~torch.isin(rest, graph_rows.to(rest.device))]
@@ -101,9 +103,11 @@ def forward_passes(actor_critic, rollout: Rollout, forward_batch_size: int, grap
             ref_logprobs[rows], ref_logits = actor_critic.reference_logprobs(input_ids[rows], attention_mask[rows],
                                                                              length, temperature)
             exact_kl[rows] = exact_kl_from_logits(logits, ref_logits, temperature)
+            ref_entropy[rows] = entropy_from_logits(ref_logits, temperature)
         if graph_rows is not None:
             ref_logprobs[graph_rows], graph_ref_logits = actor_critic.reference_logprobs(
                 input_ids[graph_rows], attention_mask[graph_rows], length, temperature)
+            ref_entropy[graph_rows] = entropy_from_logits(graph_ref_logits, temperature)
     live = None
     if graph_rows is not None:  # last, so its graph is not held while the no-grad passes allocate theirs
         with torch.enable_grad():
@@ -112,5 +116,5 @@ def forward_passes(actor_critic, rollout: Rollout, forward_batch_size: int, grap
         exact_kl[graph_rows] = exact_kl_from_logits(live[2].detach(), graph_ref_logits, temperature)
     mask = rollout.response_mask
     rollout.logprobs, rollout.values, rollout.ref_logprobs = logprobs, values, ref_logprobs
-    rollout.exact_kl = torch.where(mask, exact_kl, 0)
+    rollout.exact_kl, rollout.ref_entropy = torch.where(mask, exact_kl, 0), torch.where(mask, ref_entropy, 0)
     return live

@@ -34,10 +34,10 @@ from rlft.policy import active_adapter, load_reference
 from rlft.publish import push, write_model_card
 from rlft.ppo import checkpoint
 from rlft.ppo.config import RESUMABLE_CHANGES, PPOConfig, PPOHyperparameters
-from rlft.ppo.core import (AdaptiveKLController, FixedKLController, PIKLController, aggregate, entropy_from_logits,
-                           frac_zero_std, gae, grpo_advantages, kl_penalty, logprob_gap, loss_mask, masked_mean,
-                           masked_var, masked_whiten, per_token_rewards, policy_loss, reinforce_pp_advantages,
-                           rloo_advantages, truncated_importance_weights, value_loss)
+from rlft.ppo.core import (AdaptiveKLController, FixedKLController, PIKLController, aggregate, entropy_bonus,
+                           entropy_from_logits, frac_zero_std, gae, grpo_advantages, kl_penalty, logprob_gap, loss_mask,
+                           masked_mean, masked_var, masked_whiten, per_token_rewards, policy_loss,
+                           reinforce_pp_advantages, rloo_advantages, truncated_importance_weights, value_loss)
 from rlft.ppo.model import PolicyWithValueHead
 from rlft.ppo.rollout import FirstMiniBatch, Rollout, forward_passes, generate, score
 from reward_models.scorers import adapter_scorers, build_scorer, require_columns
@@ -472,9 +472,11 @@ def ppo_update(model, accelerator, optimizer, rollout: Rollout, hp: PPOHyperpara
                     with torch.set_grad_enabled(hp.entropy_coef > 0):  # else logged only: keep it off the graph
                         # aggregated like the policy loss, so that the global mini-batch's bonus is the same
                         # however its rows are split over processes and micro-batches
-                        mean_entropy = aggregate(entropy_from_logits(logits, temperature), mask[rows],
-                                                 hp.loss_aggregation)
-                    loss = loss - hp.entropy_coef * mean_entropy
+                        entropy = entropy_from_logits(logits, temperature)
+                        mean_entropy = aggregate(entropy, mask[rows], hp.loss_aggregation)
+                        cap = rollout.ref_entropy[rows] if hp.entropy_cap == "reference" else None
+                        bonus = aggregate(entropy_bonus(entropy, cap), mask[rows], hp.loss_aggregation)
+                    loss = loss - hp.entropy_coef * bonus
                     if not torch.isfinite(loss):
                         raise RlftError("PPO loss became NaN/inf: " + nan_advice(
                             accelerator.unwrap_model(model), rollout.query_mask,
@@ -527,6 +529,7 @@ def step_metrics(accelerator, rollout: Rollout, sampled_kl: torch.Tensor, penalt
     scores = accelerator.gather(rollout.scores)
     local = {
         "objective/kl_sampled": sampled_kl.mean(),
+        "ref/entropy": masked_mean(rollout.ref_entropy, mask),  # beside policy/entropy: collapse lowers the policy's
         "response/length": mask.sum(1).float().mean(),
         "response/eos_rate": rollout.ended_with_eos.float().mean(),
     }
