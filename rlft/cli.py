@@ -145,6 +145,8 @@ def main(argv: list[str] | None = None) -> int:
             importlib.import_module("rlft.plan").run(stage, config, **plan_options(args))
             return 0
         module.run(config)
+        if "torch.distributed" in sys.modules:
+            importlib.import_module("rlft.distributed").end_process_group(finished=True)
     except RlftError as e:
         return fail(args.stage, str(e))
     except Exception as e:

@@ -46,13 +46,17 @@ def fsdp_on_cpu(accelerator):
     return accelerator
 
 
-def end_process_group() -> None:
-    """Destroy `accelerate launch`'s process group, if this process joined one, before the interpreter exits.
+def end_process_group(finished: bool = False) -> None:
+    """Destroy `accelerate launch`'s process group, if this process joined one, before the interpreter exits;
+    when the run `finished` on every process, after they all get here (no process tears down its end of the
+    group while another still works: the main process saves last).
 
-    Left to interpreter teardown, gloo's worker threads are destroyed still joinable now and then, and the
-    process aborts ("terminate called without an active exception") after its run has finished and saved.
+    Left to interpreter teardown, gloo's worker threads can still hold work and the process aborts ("terminate
+    called without an active exception") after its run has finished and saved.
     """
     if torch.distributed.is_available() and torch.distributed.is_initialized():
+        if finished:
+            torch.distributed.barrier()
         torch.distributed.destroy_process_group()
 
 

@@ -589,6 +589,32 @@ def test_the_result_is_the_last_checkpoint_within_the_kl_budget(tiny_lm_dir, pro
                        "ppo.collapse_signals=[]", f"ppo.kl_budget={min(kl[2], kl[4]) / 2}"))
 
 
+def test_between_checkpoints_the_latest_policy_within_the_budget_is_the_result(tiny_lm_dir, prompts_file, tmp_path):
+    """With the final policy past the budget, the result is the latest policy its own rollout measured within it,
+    kept between checkpoints (checkpoints/candidate), not the last checkpoint: here none but the final one. A run
+    starting over in the folder drops the old candidate, so it can never ship another run's policy."""
+    from safetensors.torch import load_file
+
+    from rlft.ppo.train import run
+
+    varied = ["ppo.learning_rate=0.05", "ppo.collapse_signals=[]"]
+    every = run(ppo_config(tiny_lm_dir, prompts_file, tmp_path / "every", *varied, "save_every=1"))
+    kl = {int(step): value for step, value in every["checkpoint_kl"].items()}
+    budget = (max(kl[s] for s in (1, 2, 3) if kl[s] < kl[4]) + kl[4]) / 2
+    expected = max(s for s in (1, 2, 3) if kl[s] <= budget)
+
+    out = tmp_path / "run"
+    summary = run(ppo_config(tiny_lm_dir, prompts_file, out, *varied, "save_every=4", f"ppo.kl_budget={budget}"))
+    assert [p.name for p in (out / "checkpoints").glob("step-*")] == ["step-000004"]
+    assert summary["result_step"] == expected and summary["result_kl"] == kl[expected]
+    shipped = load_file(out / "policy" / "adapter_model.safetensors")
+    same_step = load_file(tmp_path / "every" / "checkpoints" / f"step-{expected:06d}" / "policy" / "adapter_model.safetensors")
+    assert shipped.keys() == same_step.keys() and all(torch.equal(shipped[k], same_step[k]) for k in shipped)
+
+    run(ppo_config(tiny_lm_dir, prompts_file, out, *varied, "save_every=4", "resume=false", "ppo.kl_budget=1e9"))
+    assert not (out / "checkpoints" / "candidate").exists()
+
+
 def test_a_collapsed_final_policy_is_not_the_result(tiny_lm_dir, prompts_file, tmp_path):
     """When the final policy answers (nearly) everything with one reply, PPO goes back through the checkpoints
     within the budget and ships the last one whose replies did not collapse, measured on the same prompts."""

@@ -6,6 +6,8 @@ checkpoints/step-000010/
     critic/            the critic's LoRA adapter (ppo.critic=adapter only)
     trainer_state.pt   optimiser, scheduler, KL controller, step, process count (tensors and numbers only)
     rng_state_<rank>.json  torch / numpy / python RNG of each process
+checkpoints/candidate/ the latest policy between checkpoints that its rollout measured within ppo.kl_budget
+    (policy/ and critic as above, candidate.json: its step and KL): what the result falls back to first
 Nothing is unpickled on load: tensors go through torch.load(weights_only=True), the RNG states are JSON,
 so a crafted checkpoint (they are shared and downloaded) cannot run code.
 A checkpoint is built in a hidden staging folder and renamed into place, so a crash never leaves a
@@ -139,11 +141,6 @@ def save(accelerator, run_dir: Path, step: int, actor_critic, trainer_state: dic
     return final
 
 
-def last_within_budget(kl_by_step: dict[int, float], budget: float) -> int | None:
-    """The latest step whose measured KL is at most `budget`, or None. kl_by_step: {checkpoint step: KL}."""
-    return max((step for step, kl in kl_by_step.items() if kl <= budget), default=None)
-
-
 @contextmanager
 def replaced(folder: Path):
     """A staging folder to write `folder`'s new contents into, renamed into its place on success: a crash
@@ -162,9 +159,48 @@ def replaced(folder: Path):
         os.replace(staging, folder)
 
 
+CANDIDATE = "candidate"  # checkpoints/candidate/: a result candidate between two checkpoints
+
+
+def save_candidate(accelerator, run_dir: Path, step: int, kl: float, actor_critic, model_config: ModelConfig,
+                   reference_adapter: str | None) -> None:
+    """The policy after `step` updates, which its own rollout measured at `kl` (within the KL budget), kept as
+    checkpoints/candidate/ (policy/ and critic laid out as a checkpoint's, and candidate.json) until a later
+    one replaces it, atomically. Should the final policy be past the budget, the result falls back to this
+    one rather than to the last checkpoint, up to save_every steps earlier and often far below the target.
+    All processes call this (a gather under FSDP)."""
+    weights = trained_weights(actor_critic)
+    if accelerator.is_main_process:
+        with replaced(run_dir / "checkpoints" / CANDIDATE) as staging:
+            write_policy(staging / "policy", actor_critic.policy, weights, model_config, reference_adapter, staging)
+            write_json(staging / "candidate.json", {"step": step, "kl": kl})
+    accelerator.wait_for_everyone()
+
+
+def drop_candidate(run_dir: Path) -> None:
+    """A run starting over must not ship another run's candidate."""
+    shutil.rmtree(run_dir / "checkpoints" / CANDIDATE, ignore_errors=True)
+
+
+def candidate(run_dir: Path) -> tuple[int, float] | None:
+    """(step, KL) of the run's result candidate, or None."""
+    path = run_dir / "checkpoints" / CANDIDATE / "candidate.json"
+    if not path.is_file():
+        return None
+    info = read_json(path)
+    return int(info["step"]), float(info["kl"])
+
+
+def result_folder(run_dir: Path, step: int) -> Path:
+    """Where the policy of `step` is kept: its checkpoint, or the result candidate of that step."""
+    found = candidate(run_dir)
+    return run_dir / "checkpoints" / CANDIDATE if found and found[0] == step else folder_of(run_dir, step)
+
+
 def copy_result(run_dir: Path, step: int, folder: Path) -> None:
-    """Checkpoint `step`'s policy adapter (and critic, if any) into `folder`, as write_policy lays them out."""
-    source = folder_of(run_dir, step)
+    """The policy adapter (and critic, if any) of `step` (a checkpoint's or the candidate's) into `folder`, as
+    write_policy lays them out."""
+    source = result_folder(run_dir, step)
     copy_adapter(source / "policy", folder)
     if (source / "value_head.pt").is_file():
         shutil.copy2(source / "value_head.pt", folder / "value_head.pt")

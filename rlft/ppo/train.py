@@ -51,6 +51,8 @@ KLController = FixedKLController | AdaptiveKLController | PIKLController
 def run(config: PPOConfig) -> dict:
     ppo = setup(config)
     runs.begin(ppo.out, config, ppo.data)  # from here on this run writes in its folder
+    if ppo.start_step == 0 and ppo.accelerator.is_main_process:
+        checkpoint.drop_candidate(ppo.out)
     progress = tqdm(range(ppo.start_step, config.ppo.steps), desc="ppo", initial=ppo.start_step,
                     total=config.ppo.steps, disable=not ppo.accelerator.is_main_process)
     for step in progress:
@@ -166,6 +168,11 @@ def ppo_step(ppo: PPORun, step: int) -> dict:
     # the exact KL of the policy the rollout sampled from: what the controller steers and the budget reads
     mean_kl = accelerator.reduce(rollout.exact_kl.sum(-1).mean(), "mean").item()
     ppo.checkpoint_kl[step] = mean_kl  # the policy saved at the end of the previous step
+    # a policy within the budget that no checkpoint holds: kept before the update changes it (unless the run would
+    # stop at max_kl before passing the budget)
+    if step % config.save_every and mean_kl <= hp.kl_budget < hp.max_kl:
+        checkpoint.save_candidate(accelerator, ppo.out, step, mean_kl, ppo.actor_critic, config.model,
+                                  config.sft_adapter or None)
 
     # 4. per-token rewards: -beta * KL on every token (unless the KL goes in the loss), the score on the last
     beta = ppo.kl_controller.value
@@ -240,9 +247,11 @@ def finish(ppo: PPORun) -> dict:
         log.warning("the final policy's replies collapsed: %s", "; ".join(collapsed["warnings"]))
     saved = {s: ppo.checkpoint_kl[s] for s in range(1, hp.steps + 1)
              if (s % config.save_every == 0 or s == hp.steps) and s in ppo.checkpoint_kl}
+    if (kept := checkpoint.candidate(out)) and kept[0] not in saved and kept[1] <= hp.kl_budget:
+        saved[kept[0]] = kept[1]  # the latest policy within the budget between two checkpoints
     weights = checkpoint.trained_weights(ppo.actor_critic)  # every process (a gather under FSDP); before another loads
     load = None if distributed.is_sharded(ppo.model) else (
-        lambda step: checkpoint.load_policy(checkpoint.folder_of(out, step), ppo.actor_critic.policy))
+        lambda step: checkpoint.load_policy(checkpoint.result_folder(out, step), ppo.actor_critic.policy))
     collapse_by_step = {hp.steps: collapsed}
     shipped = choose_result(saved, hp.kl_budget, collapse_by_step, measure, load, out)
     if shipped != hp.steps and accelerator.is_main_process:
