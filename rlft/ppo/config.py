@@ -98,9 +98,9 @@ class PPOHyperparameters:
         "optimiser step) exceeds this (0: off; the early stop of cleanrl and Stable-Baselines3). Without it single "
         "updates moved the quickstart's KL by several nats (benchmarks/kl_control.py).")
     kl_budget: float = option(
-        0.0, "The most KL per sequence (nats, exact) the policy PPO saves as its result may have: the last checkpoint "
-        "within it, said in one line (0: 1.25 x target_kl; 1e9: none). Measured on the rollout that follows each "
-        "checkpoint, and for the last step on more prompts.")
+        0.0, "The most KL per sequence (nats, exact) the policy PPO saves as its result may have: the latest policy "
+        "within it (a checkpoint, or the one kept between checkpoints), said in one line (0: 1.25 x target_kl; 1e9: "
+        "none). Measured on the rollout that follows each policy, and for the last step on more prompts.")
     collapse_signals: list[str] = option(
         list(COLLAPSE_LIMITS), "Which signals count the policy's replies as collapsed, against the reference's "
         f"(the result is then an earlier checkpoint; rlft.hacking.COLLAPSE_LIMITS): {', '.join(COLLAPSE_LIMITS)}. "
