@@ -85,3 +85,4 @@ def main(model_dir: str, out: str, estimator: dict) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1], sys.argv[2], json.loads(sys.argv[3]))
+    distributed.end_process_group(finished=True)  # as `rlft` does: gloo left to teardown can abort the exit
