@@ -162,6 +162,10 @@ def replaced(folder: Path):
 CANDIDATE = "candidate"  # checkpoints/candidate/: a result candidate between two checkpoints
 
 
+def candidate_folder(run_dir: Path) -> Path:
+    return run_dir / "checkpoints" / CANDIDATE
+
+
 def save_candidate(accelerator, run_dir: Path, step: int, kl: float, actor_critic, model_config: ModelConfig,
                    reference_adapter: str | None) -> None:
     """The policy after `step` updates, which its own rollout measured at `kl` (within the KL budget), kept as
@@ -171,7 +175,7 @@ def save_candidate(accelerator, run_dir: Path, step: int, kl: float, actor_criti
     All processes call this (a gather under FSDP)."""
     weights = trained_weights(actor_critic)
     if accelerator.is_main_process:
-        with replaced(run_dir / "checkpoints" / CANDIDATE) as staging:
+        with replaced(candidate_folder(run_dir)) as staging:
             write_policy(staging / "policy", actor_critic.policy, weights, model_config, reference_adapter, staging)
             write_json(staging / "candidate.json", {"step": step, "kl": kl})
     accelerator.wait_for_everyone()
@@ -179,12 +183,12 @@ def save_candidate(accelerator, run_dir: Path, step: int, kl: float, actor_criti
 
 def drop_candidate(run_dir: Path) -> None:
     """A run starting over must not ship another run's candidate."""
-    shutil.rmtree(run_dir / "checkpoints" / CANDIDATE, ignore_errors=True)
+    shutil.rmtree(candidate_folder(run_dir), ignore_errors=True)
 
 
 def candidate(run_dir: Path) -> tuple[int, float] | None:
     """(step, KL) of the run's result candidate, or None."""
-    path = run_dir / "checkpoints" / CANDIDATE / "candidate.json"
+    path = candidate_folder(run_dir) / "candidate.json"
     if not path.is_file():
         return None
     info = read_json(path)
@@ -194,7 +198,7 @@ def candidate(run_dir: Path) -> tuple[int, float] | None:
 def result_folder(run_dir: Path, step: int) -> Path:
     """Where the policy of `step` is kept: its checkpoint, or the result candidate of that step."""
     found = candidate(run_dir)
-    return run_dir / "checkpoints" / CANDIDATE if found and found[0] == step else folder_of(run_dir, step)
+    return candidate_folder(run_dir) if found and found[0] == step else folder_of(run_dir, step)
 
 
 def copy_result(run_dir: Path, step: int, folder: Path) -> None:
