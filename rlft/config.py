@@ -309,7 +309,10 @@ def describe(cls: type, prefix: str = "") -> list[tuple[str, str, Any, str]]:
         kind = hints[f.name]
         if dataclasses.is_dataclass(kind):
             rows += describe(kind, f"{prefix}{f.name}.")
-        else:
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            rows.append((f"{prefix}{f.name}", _type_name(kind), default, f.metadata.get("help", "")))
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        rows.append((f"{prefix}{f.name}", _type_name(kind), default, f.metadata.get("help", "")))
+        element = typing.get_args(kind)[0] if typing.get_origin(kind) is list else None
+        if dataclasses.is_dataclass(element):  # a list of sections (scorers): each entry's keys, as reward[].path
+            rows += describe(element, f"{prefix}{f.name}[].")
     return rows

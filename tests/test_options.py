@@ -130,6 +130,11 @@ def test_new_options_are_documented(capsys):
         assert main([stage, "--list-options"]) == 0
         listed = {line.split(" ", 1)[0] for line in capsys.readouterr().out.splitlines()}
         assert set(keys) <= listed, set(keys) - listed
+    assert main(["ppo", "--list-options"]) == 0  # each entry of a list of sections: the built-in reward functions
+    listed = {line.split(" ", 1)[0]: line for line in capsys.readouterr().out.splitlines()}
+    assert {"reward[].kind", "reward[].path", "reward[].args", "reward[].weight"} <= set(listed)
+    for function in ("reward_models.verifiable:accuracy", ":format", ":overlong", "reward_models.judges:sentiment"):
+        assert function in listed["reward[].path"], function
     readme = (Path(__file__).parents[1] / "README.md").read_text()
     for key in ("train.optim", "warmup_steps", "lora.kind", "use_dora", "use_rslora", "lora.bias", "push_to_hub",
                 "model.chat_template"):
