@@ -84,9 +84,11 @@ def run_one(pipeline: Path, seed: int | None, run_dir: Path, overrides: list[str
     pipeline_seed = yaml.safe_load((pipeline / "config.yaml").read_text())["seed"]
     seed = pipeline_seed if seed is None else seed
     proxy = f"{{name: proxy, kind: model, path: {pipeline / 'reward'}, normalize: true}}"
+    # eval.KEY=VALUE goes to rlft eval (e.g. sampling the evaluation as the variant trained), the rest to rlft ppo
+    eval_overrides = [o.removeprefix("eval.") for o in overrides if o.startswith("eval.")]
     if not (run_dir / "metrics.json").is_file():
         rlft("ppo", "--config", str(ppo_config_file(pipeline, config, seed, run_dir)), f"output_dir={run_dir}",
-             *overrides)
+             *[o for o in overrides if not o.startswith("eval.")])
     eval_dir = run_dir.with_name(run_dir.name + ("_validation" if validation else "_eval"))
     # held out: the pipeline's hold-out split; validation: training prompts this PPO run never drew
     data = (f"data={{path: {validation_file(run_dir)}, eval_split: train}}" if validation
@@ -95,7 +97,8 @@ def run_one(pipeline: Path, seed: int | None, run_dir: Path, overrides: list[str
         rlft("eval", "--config", "configs/eval.yaml", f"output_dir={eval_dir}", f"policies=[{run_dir}]",
              "checkpoints_of=", f"training_run={run_dir}", "num_samples_shown=0", "num_prompts=200",
              "batch_size=64", data, f"seed={pipeline_seed}",
-             f"scorers=[{proxy}, {{name: gold, kind: function, path: 'reward_models.judges:sentiment'}}]")
+             f"scorers=[{proxy}, {{name: gold, kind: function, path: 'reward_models.judges:sentiment'}}]",
+             *eval_overrides)
     steps = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     summary = json.loads((run_dir / "metrics.json").read_text())
     hp = yaml.safe_load((run_dir / "config.yaml").read_text())["ppo"]
@@ -186,7 +189,8 @@ def main() -> None:
                         help="finished pipeline folders, each with an optional PPO seed (default: its own)")
     parser.add_argument("--config", default="configs/quickstart.yaml", help="the pipelines' config")
     parser.add_argument("--variant", action="append", type=parse_variant, metavar="NAME=OVERRIDES",
-                        help="a variant: its name, '=', then rlft ppo overrides (repeatable; default: shipped=)")
+                        help="a variant: its name, '=', then rlft ppo overrides, and rlft eval's as eval.KEY=VALUE "
+                             "(repeatable; default: shipped=)")
     parser.add_argument("--out", default="runs/kl_control", help="one PPO run (and report) per variant and run here")
     parser.add_argument("--no-eval", action="store_true", help="skip rlft eval (curves and PPO's own KL only)")
     parser.add_argument("--validation", action="store_true",

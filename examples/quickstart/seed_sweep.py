@@ -100,12 +100,25 @@ def main(argv: list[str] | None = None) -> dict:
         runs.append({"seed": seed, "threads": threads, "dtype": dtype or "auto", "folder": str(folder),
                      **figures(folder)})
         runs[-1]["bars_missed"] = bars_missed(runs[-1])
-    sweep = {"config": args.config, "overrides": extra, "machine": machine(), "runs": runs, "summary": summarise(runs)}
+    table = Path(args.table).resolve()
+    sweep = {"config": args.config, "overrides": extra, "machine": machine(), "commit": commit(),
+             "table": str(table.relative_to(ROOT) if table.is_relative_to(ROOT) else table),
+             "runs": runs, "summary": summarise(runs)}
     if not extra:  # the README shows the first run's own plots
         for plot in ("training.png", "overoptimization.png"):
             shutil.copyfile(Path(runs[0]["folder"]) / "eval" / plot, Path(args.table).parent / plot)
     Path(args.table).with_suffix(".json").write_text(json.dumps(sweep, indent=2) + "\n")
     return write(sweep, args)
+
+
+def commit() -> str:
+    """The code the runs ran: the commit of the sweep's checkout, and whether files it tracks were changed."""
+    def git(*args):  # Popen, not run: the tests stand in for subprocess.run to catch a rerun pipeline
+        with subprocess.Popen(["git", *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                              text=True) as process:
+            return process.communicate()[0].strip()
+    return git("rev-parse", "--short", "HEAD") + (" (changed)" if git("status", "--porcelain", "--untracked-files=no")
+                                                  else "")
 
 
 def write(sweep: dict, args) -> dict:
@@ -201,7 +214,9 @@ def markdown(sweep: dict) -> str:
              "model; gold: VADER; CI low: the 95% interval's lower end); reward model accuracy on its held-out pairs "
              "(RM pairs, prompts it never saw); exact KL summed over the response, and over ppo.target_kl; mean length "
              "in tokens and distinct-1 (distinct words / words, over all replies) of PPO's replies over SFT's; sampler gap: "
-             "mean |sampler log-prob - PPO's recomputed log-prob| per token over PPO's steps; minutes: all five stages. Written by examples/quickstart/seed_sweep.py from examples/quickstart/results/seed_sweep.json.",
+             "mean |sampler log-prob - PPO's recomputed log-prob| per token over PPO's steps; minutes: all five stages. Code: commit "
+             f"{sweep.get('commit', 'not recorded')}. Written by examples/quickstart/seed_sweep.py from "
+             f"{sweep.get('table', 'examples/quickstart/results/seed_sweep')}.json.",
              "",
              "| seed | threads | dtype | " + " | ".join(title for _, title, _ in columns) + " | bars missed |",
              "|---|---|---|" + "---|" * len(columns) + "---|"]
