@@ -1,6 +1,7 @@
 """PPO end to end on a tiny random Llama: learning, exactness, memory, resume, accumulation, DDP, bad input."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -648,3 +649,18 @@ def test_truncated_replies_masked_out_train_nothing_and_grpo_metrics_are_logged(
     assert metrics["policy/clipfrac_low"] == metrics["policy/clipfrac_high"] == 0.0  # nothing in the loss
     lora_b = [p for n, p in ppo.actor_critic.policy.named_parameters() if "lora_B" in n]
     assert lora_b and all(torch.count_nonzero(p) == 0 for p in lora_b)
+
+
+def test_the_entropy_bonus_trains_with_eos_banned_for_the_first_tokens(tiny_lm_dir, prompts_file, tmp_path):
+    """sampling.min_new_tokens puts EOS at -inf for the first tokens, in the sampler and in every log-prob; with
+    the entropy bonus on, the update stays finite and trains (the bonus's backward through those -inf logits was
+    NaN, and the run stopped at its first update)."""
+    from rlft.ppo.train import ppo_step, setup
+
+    config = ppo_config(tiny_lm_dir, prompts_file, tmp_path / "ppo", "sampling.min_new_tokens=3", "ppo.steps=1",
+                        "ppo.entropy_coef=0.1")
+    ppo = setup(config)
+    metrics = ppo_step(ppo, 0)
+    assert math.isfinite(metrics["policy/entropy"]) and metrics["policy/optimizer_steps"] > 0
+    lora_b = [p for n, p in ppo.actor_critic.policy.named_parameters() if "lora_B" in n]
+    assert lora_b and all(torch.isfinite(p).all() for p in lora_b) and any(torch.count_nonzero(p) for p in lora_b)

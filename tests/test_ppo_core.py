@@ -92,6 +92,18 @@ def test_entropy_from_logits():
     close(entropy_from_logits(logits[:, 1:], temperature=0.5), [[-(0.1 * math.log(0.1) + 0.9 * math.log(0.9))]])
 
 
+def test_entropy_gradient_is_finite_where_a_token_is_banned():
+    """A banned token (-inf logit, as EOS before min_new_tokens) has probability 0: no entropy, no gradient. The
+    gradient of the entropy H = -sum p ln p over the logits is -p_i (ln p_i + H): for (1/4, 3/4, banned) that is
+    (-(1/4)(ln 1/4 + H), -(3/4)(ln 3/4 + H), 0)."""
+    logits = torch.tensor([0.0, math.log(3.0), -math.inf], requires_grad=True)
+    entropy = entropy_from_logits(logits)
+    entropy.backward()
+    h = -(0.25 * math.log(0.25) + 0.75 * math.log(0.75))
+    close(entropy, h)
+    close(logits.grad, [-0.25 * (math.log(0.25) + h), -0.75 * (math.log(0.75) + h), 0.0])
+
+
 def test_entropy_bonus_capped_at_the_reference_by_hand():
     """Capped, the bonus is the entropy everywhere, but pushes (gradient 1) only where it is at or below the
     reference's: positions 0 and 1 here (1 < 2, 2 = 2), not position 2 (3 > 2). Uncapped it pushes everywhere."""

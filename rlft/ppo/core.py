@@ -65,9 +65,14 @@ def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor, temperature
 
 
 def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """Entropy of softmax(logits / temperature) per position: (B, T, V) -> (B, T)."""
-    # entr(p) = -p ln p with entr(0) = 0, so -inf logits (banned tokens) give 0, not NaN
-    return torch.special.entr((logits.float() / temperature).softmax(dim=-1)).sum(-1)
+    """Entropy of softmax(logits / temperature) per position: (B, T, V) -> (B, T), its gradient finite.
+
+    -inf logits (EOS banned before sampling.min_new_tokens) are tokens of probability 0: they add 0 to the
+    entropy and nothing to its gradient. (entr(p) = -p ln p is 0 there too, but its derivative -ln p - 1 is
+    inf at p = 0, and inf x 0 made the entropy bonus's backward NaN.)
+    """
+    logprobs = (logits.float() / temperature).log_softmax(dim=-1)
+    return -(logprobs.exp() * logprobs.masked_fill(logprobs == -torch.inf, 0)).sum(-1)
 
 
 def entropy_bonus(entropy: torch.Tensor, ref_entropy: torch.Tensor | None = None) -> torch.Tensor:
