@@ -21,6 +21,11 @@ and `--calls` more calls average over more batches' longest responses, which dec
 - `floor`: the model's own cached forward, one token per row per step, and nothing else (no sampling, no
   stopping checks): the eager model's cost, the bound a sampling loop can approach; `floor_lora` the same
   on the unmerged PEFT model.
+
+Every run also measures the **memory floor** of a decode step: the bytes of weights one step must read (every
+weight of the merged model once; the input embedding table only where the output head is tied to it) over the
+bandwidth at which this machine streams a tensor far larger than its caches into torch's threads. No decode
+step can be faster; each variant's ms per step is reported against it (`over_memory_floor`).
 Figures depend on the CPU's vector ISA and thread count: benchmarks/results/decode.json and decode_natural.json
 hold the command that wrote them (their `argv` field) and the thread count.
 """
@@ -69,6 +74,25 @@ def floor(model, prompt: dict, new_tokens: int) -> None:
         token = output.logits[:, -1].argmax(-1, keepdim=True)
 
 
+def read_bandwidth(gib: float = 1.0, repeats: int = 5) -> float:
+    """Bytes per second streamed from memory by torch's threads: a sum over `gib` GiB of float32, far larger
+    than any cache, the access pattern of a decode step reading every weight once."""
+    data = torch.ones(int(gib * 2**30) // 4)
+    data.sum()  # pages touched, threads up
+    started = time.perf_counter()
+    for _ in range(repeats):
+        data.sum()
+    return repeats * data.numel() * 4 / (time.perf_counter() - started)
+
+
+def weight_bytes_per_step(model) -> int:
+    """Bytes of weights one decode step reads: every parameter once (`parameters()` lists a tied one once), but
+    the input embedding table, of which a step reads one row per token, unless the output head is that table."""
+    embedding = model.get_input_embeddings().weight
+    tied = model.get_output_embeddings() is not None and model.get_output_embeddings().weight is embedding
+    return sum(p.numel() * p.element_size() for p in model.parameters() if tied or p is not embedding)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", nargs="+", type=int, default=[16, 64])
@@ -109,6 +133,11 @@ def main() -> None:
     }
     results = {"argv": sys.argv[1:], "threads": torch.get_num_threads(), "dtype": args.dtype,
                "new_tokens": args.new_tokens, "natural": args.natural, "runs": {}}
+    bandwidth, weights = read_bandwidth(), weight_bytes_per_step(merged)
+    floor_ms = 1000 * weights / bandwidth
+    results["memory_floor"] = {"read_gb_per_s": bandwidth / 1e9, "weight_mb": weights / 1e6, "ms_per_step": floor_ms}
+    print(f"memory floor: {weights / 1e6:.0f} MB of weights a step at {bandwidth / 1e9:.1f} GB/s = {floor_ms:.1f} ms "
+          "a step", flush=True)
     for rows in args.rows:
         prompt = encode_prompts(tokenizer, texts[:rows], sampling.max_prompt_length, policy.device)
         width = prompt["input_ids"].shape[1]
@@ -126,9 +155,11 @@ def main() -> None:
                 tokens = rows * args.new_tokens
             results["runs"][f"{name}_{rows}"] = {"rows": rows, "seconds": seconds, "tokens": tokens,
                                                  "tokens_per_s": tokens / seconds,
-                                                 "ms_per_step": 1000 * seconds / args.new_tokens}
+                                                 "ms_per_step": 1000 * seconds / args.new_tokens,
+                                                 "over_memory_floor": 1000 * seconds / args.new_tokens / floor_ms}
             print(f"{rows:>3} rows  {name:<15} {tokens / seconds:7.0f} tokens/s  {seconds:6.2f} s/call  "
-                  f"{tokens:7.1f} tokens/call", flush=True)
+                  f"{tokens:7.1f} tokens/call  {1000 * seconds / args.new_tokens / floor_ms:5.1f}x the memory floor",
+                  flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
 
