@@ -153,13 +153,12 @@ def main() -> None:
                 tokens = sum(response_mask_from_eos(r, eos, pad)[0].sum().item() for r in generated[1:]) / args.calls
             else:
                 tokens = rows * args.new_tokens
+            ms_per_step = 1000 * seconds / args.new_tokens
             results["runs"][f"{name}_{rows}"] = {"rows": rows, "seconds": seconds, "tokens": tokens,
-                                                 "tokens_per_s": tokens / seconds,
-                                                 "ms_per_step": 1000 * seconds / args.new_tokens,
-                                                 "over_memory_floor": 1000 * seconds / args.new_tokens / floor_ms}
+                                                 "tokens_per_s": tokens / seconds, "ms_per_step": ms_per_step,
+                                                 "over_memory_floor": ms_per_step / floor_ms}
             print(f"{rows:>3} rows  {name:<15} {tokens / seconds:7.0f} tokens/s  {seconds:6.2f} s/call  "
-                  f"{tokens:7.1f} tokens/call  {1000 * seconds / args.new_tokens / floor_ms:5.1f}x the memory floor",
-                  flush=True)
+                  f"{tokens:7.1f} tokens/call  {ms_per_step / floor_ms:5.1f}x the memory floor", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
 

@@ -86,9 +86,10 @@ def run_one(pipeline: Path, seed: int | None, run_dir: Path, overrides: list[str
     proxy = f"{{name: proxy, kind: model, path: {pipeline / 'reward'}, normalize: true}}"
     # eval.KEY=VALUE goes to rlft eval (e.g. sampling the evaluation as the variant trained), the rest to rlft ppo
     eval_overrides = [o.removeprefix("eval.") for o in overrides if o.startswith("eval.")]
+    ppo_overrides = [o for o in overrides if not o.startswith("eval.")]
     if not (run_dir / "metrics.json").is_file():
         rlft("ppo", "--config", str(ppo_config_file(pipeline, config, seed, run_dir)), f"output_dir={run_dir}",
-             *[o for o in overrides if not o.startswith("eval.")])
+             *ppo_overrides)
     eval_dir = run_dir.with_name(run_dir.name + ("_validation" if validation else "_eval"))
     # held out: the pipeline's hold-out split; validation: training prompts this PPO run never drew
     data = (f"data={{path: {validation_file(run_dir)}, eval_split: train}}" if validation
