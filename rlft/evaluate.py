@@ -28,7 +28,15 @@ from rlft import hacking, runs
 from rlft.config import DataConfig, ModelConfig, option, require, require_seed, section
 from rlft.data import columns_of, load_splits, prompt_key, prompts_of, render_prompts, rows_of
 from rlft.errors import RlftError
-from rlft.generation import Responses, SamplingConfig, check_prompt_lengths, completion_ids, off_policy, sample
+from rlft.generation import (
+    Responses,
+    SamplingConfig,
+    ban_early_eos,
+    check_prompt_lengths,
+    completion_ids,
+    off_policy,
+    sample,
+)
 from rlft.metrics import METRICS_JSONL, read_metrics, timed
 from rlft.models import default_device, half_compute, load_tokenizer
 from rlft.policy import ADAPTER_INFO, adapter_info, load_policy
@@ -86,7 +94,8 @@ class EvalConfig:
     data: DataConfig = section(
         DataConfig, "Prompts: the eval split (or held-out share) of a dataset. data.eval_split=train uses every row."
     )
-    sampling: SamplingConfig = section(SamplingConfig, "How policy and reference sample (keep PPO's temperature).")
+    sampling: SamplingConfig = section(SamplingConfig, "How policy and reference sample (as PPO sampled: its temperature and "
+                                  "min_new_tokens; the pipeline checks).")
     max_sampler_gap: float = option(
         0.2, "Stop when the sampler's log-probs of its own tokens differ from the recomputed ones by more than this "
         "(mean |difference| per token, nats; as ppo.max_sampler_gap): the samples do not come from the policy "
@@ -96,8 +105,6 @@ class EvalConfig:
         require_seed(self.seed)
         require(bool(self.policies) or bool(self.checkpoints_of), "policies", "name at least one adapter folder")
         require(self.num_prompts > 0, "num_prompts", "must be >= 1")
-        require(self.sampling.min_new_tokens == 0, "sampling.min_new_tokens",
-                "eval measures KL of unconstrained samples: leave it at 0")
         require(self.num_samples_shown >= 0, "num_samples_shown", "must be >= 0")
         require(self.batch_size > 0, "batch_size", "must be >= 1")
         require(self.kl_budget >= 0, "kl_budget", "must be >= 0 (0: no budget)")
@@ -289,9 +296,11 @@ def response_logits(model, packed: Packed) -> torch.Tensor:
 
 
 @torch.no_grad()
-def kl_drift(model, rollout: SamplePass, temperature: float, batch_size: int) -> dict:
+def kl_drift(model, rollout: SamplePass, sampling: SamplingConfig, eos_token_id: int, batch_size: int) -> dict:
     """Sampled and exact KL of each of the policy's responses; the reference is `model.disable_adapter()`. And
     the gap between the sampler's own log-probs and the ones recomputed here (rlft.ppo.core.logprob_gap).
+    Both distributions are the ones sampled from: at `sampling.temperature`, EOS banned before
+    `sampling.min_new_tokens` (as PPO's log-probs and KL penalty are).
 
     Teacher-forced on each row's real tokens only (prompt without its left padding, response through its
     EOS), right-padded in batches of similar length, so rows that stopped early cost no padding.
@@ -310,12 +319,15 @@ def kl_drift(model, rollout: SamplePass, temperature: float, batch_size: int) ->
     for start in range(0, len(rows), batch_size):
         chunk = order[start : start + batch_size]
         packed = pack([rows[i] for i in chunk])
+        positions = torch.cat([torch.arange(length) for length in packed.lengths])  # each token's index in its reply
         with half_compute(model):
             logits = response_logits(model, packed)
             with model.disable_adapter():
                 ref_logits = response_logits(model, packed)
+        logits, ref_logits = (ban_early_eos(x, positions, eos_token_id, sampling.min_new_tokens)
+                              for x in (logits, ref_logits))
         chunk_sampled, chunk_exact, token_exact, logprobs = sequence_kl(
-            logits, ref_logits, packed.tokens, packed.lengths, temperature
+            logits, ref_logits, packed.tokens, packed.lengths, sampling.temperature
         )
         sampled[chunk], exact[chunk] = chunk_sampled.cpu(), chunk_exact.cpu()
         for i, values in zip(chunk, token_exact.cpu().split(packed.lengths)):
@@ -384,7 +396,7 @@ def evaluate_adapter(adapter: Adapter, prompts: list, columns: dict[str, list], 
         torch.manual_seed(config.seed)  # the same draws for every policy and its reference
         policy = SamplePass(sample(model, tokenizer, prompt_texts, config.sampling, config.batch_size))
     with timed(times, "kl"):
-        kl = kl_drift(model, policy, config.sampling.temperature, config.batch_size)
+        kl = kl_drift(model, policy, config.sampling, tokenizer.eos_token_id, config.batch_size)
     sampler = check_sampler(kl["sampler_gap"], config, adapter)
     lineage = (json.dumps(asdict(adapter.model_config), sort_keys=True), adapter.reference_adapter)
     if lineage not in reference_cache:

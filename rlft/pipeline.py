@@ -105,6 +105,7 @@ def wire(config: PipelineConfig) -> dict:
     gold = replace(config.preferences.judge[0], name="gold")
     seed = config.seed
     check_one_hold_out(config)
+    check_same_sampling(config)
     # PPO optimises the reward model this pipeline trains, from this pipeline's SFT model.
     ppo_config = replace(config.ppo, output_dir=ppo_dir, seed=seed)
     if "sft" in used:
@@ -157,6 +158,18 @@ def check_one_hold_out(config: PipelineConfig) -> None:
                                     "stage, or the report's held-out prompts include trained ones")
             break
         earlier.append((stage, data))
+
+
+def check_same_sampling(config: PipelineConfig) -> None:
+    """The report measures the policy PPO trained as PPO sampled it: another temperature or length floor in eval
+    would report the KL and the replies of another distribution than the one PPO's penalty held."""
+    if not {"ppo", "eval"} <= set(config.stages):
+        return
+    for key in ("temperature", "min_new_tokens"):
+        ppo_value, eval_value = getattr(config.ppo.sampling, key), getattr(config.eval.sampling, key)
+        if ppo_value != eval_value:
+            raise RlftError(f"eval.sampling.{key}={eval_value!r} but ppo.sampling.{key}={ppo_value!r}: set both to "
+                            "one value, or the report measures another distribution than the one PPO trained")
 
 
 # Keys a finished stage may differ in and still be reused: they change nothing it computed.

@@ -98,7 +98,7 @@ def test_fresh_adapter_has_zero_kl_and_reference_samples(tiny_lm_dir, tmp_path):
     sampling = SamplingConfig(max_new_tokens=8)
     torch.manual_seed(0)
     policy = SamplePass(sample(model, tokenizer, texts, sampling, batch_size=3))
-    kl = kl_drift(model, policy, sampling.temperature, batch_size=3)
+    kl = kl_drift(model, policy, sampling, tokenizer.eos_token_id, batch_size=3)
     assert torch.equal(kl["sampled"], torch.zeros(len(PROMPTS)))
     assert torch.equal(kl["exact"], torch.zeros(len(PROMPTS)))
     assert len(kl["per_token"]) == len(PROMPTS) and all(v == 0 for row in kl["per_token"] for v in row)
@@ -107,6 +107,37 @@ def test_fresh_adapter_has_zero_kl_and_reference_samples(tiny_lm_dir, tmp_path):
         reference = SamplePass(sample(model, tokenizer, texts, sampling, batch_size=3))
     assert reference.completions == policy.completions
 
+
+
+def test_under_a_length_floor_eval_measures_the_distributions_sampled(tiny_lm_dir, tmp_path):
+    """sampling.min_new_tokens bans EOS for a reply's first tokens: eval's log-probs and KL are then those of
+    policy and reference with EOS banned at the same positions (as PPO's are), by hand on one reply."""
+    model, tokenizer, _ = load_policy(make_adapter(tmp_path / "moved", tiny_lm_dir, scale=0.3, seed=1))
+    model.eval()
+    eos, floor = tokenizer.eos_token_id, 3
+    texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                           add_generation_prompt=True) for p in PROMPTS]
+    sampling = SamplingConfig(max_new_tokens=8, min_new_tokens=floor)
+    torch.manual_seed(0)
+    policy = SamplePass(sample(model, tokenizer, texts, sampling, batch_size=4))
+    kl = kl_drift(model, policy, sampling, eos, batch_size=4)
+    # the sampler drew from the banned distribution; recomputed without the ban, each of the first tokens
+    # would be off by -log(1 - p(EOS)), about 1e-2 on this model
+    assert kl["sampler_gap"]["max"] < 1e-5
+
+    batch = policy.batches[0]
+    prompt = batch.query["input_ids"][0][batch.query["attention_mask"][0].bool()]
+    response = batch.ids[0][batch.mask[0]]
+    assert len(response) > floor
+    ids = torch.cat([prompt, response])[None]
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[0, len(prompt) - 1 : -1]
+        with model.disable_adapter():
+            ref_logits = model(input_ids=ids).logits[0, len(prompt) - 1 : -1]
+    logits[:floor, eos] = ref_logits[:floor, eos] = float("-inf")
+    p, q = logits.log_softmax(-1), ref_logits.log_softmax(-1)
+    by_hand = (p.exp() * (p - q).nan_to_num(0.0)).sum(-1)  # 0 * (-inf - -inf) at EOS counts 0
+    torch.testing.assert_close(torch.tensor(kl["per_token"][0]), by_hand, atol=1e-5, rtol=1e-4)
 
 def test_sampled_kl_agrees_with_exact_in_expectation(tiny_lm_dir, tmp_path):
     # E_y~pi[sum_t k1_t] = E_y~pi[sum_t exact_t] = KL(pi || pi_ref) of whole responses. Compare the
@@ -118,13 +149,13 @@ def test_sampled_kl_agrees_with_exact_in_expectation(tiny_lm_dir, tmp_path):
     sampling = SamplingConfig(max_new_tokens=6, temperature=0.8)  # logprobs must use the sampler's temperature
     torch.manual_seed(0)
     rollout = SamplePass(sample(model, tokenizer, texts, sampling, batch_size=100))
-    kl = kl_drift(model, rollout, sampling.temperature, batch_size=200)
+    kl = kl_drift(model, rollout, sampling, tokenizer.eos_token_id, batch_size=200)
     difference = kl["sampled"] - kl["exact"]
     standard_error = difference.std() / math.sqrt(len(difference))
     assert kl["exact"].mean() > 0.2  # clearly moved
     assert abs(difference.mean()) < 4 * standard_error, (kl["exact"].mean(), kl["sampled"].mean(), standard_error)
     # how rows are batched (and so padded) for the forward passes does not change a response's KL
-    rebatched = kl_drift(model, rollout, sampling.temperature, batch_size=37)
+    rebatched = kl_drift(model, rollout, sampling, tokenizer.eos_token_id, batch_size=37)
     torch.testing.assert_close(rebatched["exact"], kl["exact"], atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(rebatched["sampled"], kl["sampled"], atol=1e-4, rtol=1e-4)
 

@@ -176,6 +176,20 @@ def test_one_hold_out_for_every_stage(override):
     wire(load_config(PipelineConfig, quickstart, [override, f"{key.split('.')[0]}.data.path=elsewhere.jsonl"]))
 
 
+
+@pytest.mark.parametrize("key", ["temperature=0.9", "min_new_tokens=2"])
+def test_eval_samples_as_ppo_sampled(key):
+    """The report measures PPO's policy as PPO sampled it: another temperature or length floor is refused."""
+    from rlft.config import load_config
+    from rlft.pipeline import PipelineConfig, wire
+
+    quickstart = Path(__file__).parents[1] / "configs" / "quickstart.yaml"
+    name = key.split("=")[0]
+    with pytest.raises(RlftError, match=rf"eval\.sampling\.{name}=.* but ppo\.sampling\.{name}="):
+        wire(load_config(PipelineConfig, quickstart, [f"eval.sampling.{key}"]))
+    wire(load_config(PipelineConfig, quickstart, [f"eval.sampling.{key}", f"ppo.sampling.{key}"]))
+    wire(load_config(PipelineConfig, quickstart, [f"eval.sampling.{key}", "stages=[sft,preferences,reward,eval]"]))
+
 def test_a_pipeline_without_sft_or_reward_stages_trains_on_its_own_reward_functions():
     """configs/quickstart_verifiable.yaml: PPO from the base on reward functions, the report scored by the config's
     own scorers; the first quickstart keeps its trained reward model and SFT adapter."""

@@ -171,8 +171,5 @@ class PolicyWithValueHead(nn.Module):
 
     def as_sampled(self, logits: torch.Tensor) -> torch.Tensor:
         """Response logits (B, T, V) with EOS at -inf where the sampler banned it (the first min_new_tokens)."""
-        if not self.min_new_tokens:
-            return logits
-        banned = torch.zeros(logits.shape[1:], dtype=torch.bool, device=logits.device)
-        banned[: self.min_new_tokens, self.eos_token_id] = True
-        return logits.masked_fill(banned, float("-inf"))
+        positions = torch.arange(logits.shape[1], device=logits.device)
+        return generation.ban_early_eos(logits, positions, self.eos_token_id, self.min_new_tokens)
