@@ -415,6 +415,18 @@ def test_pi_kl_controller_keeps_no_memory_of_being_under_budget():
     assert ziegler.value == pytest.approx(0.1 * 0.8**5)
 
 
+
+def test_pi_kl_controller_floor():
+    # init 0.1, floor 0.1: under target the proportional term would lower beta to 0.1 / e; the floor holds it
+    # at 0.1. Over target it rises as without a floor: error 1 -> integral 0.2, proportional 1.
+    floored, free = PIKLController(0.1, 3.0, 16, floor=0.1), PIKLController(0.1, 3.0, 16)
+    for controller in (floored, free):
+        controller.update(0.0, n_steps=16)
+    assert free.value == pytest.approx(0.1 / math.e) and floored.value == 0.1
+    for controller in (floored, free):
+        controller.update(6.0, n_steps=16)
+    assert floored.value == free.value == pytest.approx(0.1 * math.exp(1.2))
+
 def test_fixed_kl_controller_never_moves():
     controller = FixedKLController(0.05)
     controller.update(100.0, n_steps=64)

@@ -88,6 +88,10 @@ class PPOHyperparameters:
     kl_control: Literal["pi", "adaptive", "fixed"] = option(
         "pi", "How beta follows target_kl: pi (proportional-integral on log beta, no windup: reaches and holds "
         "the target in a short run), adaptive (Ziegler et al. 2019's integral controller), fixed (beta = kl_coef).")
+    kl_coef_min: float = option(
+        0.0, "pi: beta never falls below this (0: as low as kl_coef / e while the KL is under target). At that "
+        "floor the quickstart's policy, once it found a one-word reply both judges liked, went to it for most "
+        "prompts within the KL target.")
     target_kl: float = option(6.0, "Target KL per sequence (nats) for the pi and adaptive controllers (TRL's old PPO "
                               "default too; held at 3, the quickstart's policy barely moved the gold judge).")
     kl_horizon: int = option(16, "Controller horizon in samples: the integral moves by up to 0.2 * samples / horizon "
@@ -149,6 +153,7 @@ class PPOHyperparameters:
         require(self.learning_rate > 0, "learning_rate", "must be > 0")
         require(self.critic_learning_rate >= 0, "critic_learning_rate", "must be >= 0 (0: learning_rate)")
         require(self.kl_coef >= 0, "kl_coef", "must be >= 0")
+        require(self.kl_coef_min >= 0, "kl_coef_min", "must be >= 0")
         require(self.target_kl > 0, "target_kl", "must be > 0")
         require(0 < self.gamma <= 1 and 0 <= self.lam <= 1, "gamma", "gamma must be in (0, 1], lam in [0, 1]")
         require(self.clip_range > 0 and self.clip_range_value > 0, "clip_range", "clip ranges must be > 0")

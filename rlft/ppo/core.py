@@ -381,19 +381,23 @@ class PIKLController:
     to hold it (measured: beta 0.1 -> 0.016 while KL rose past 6 with target 3). Clamping the integral at 0
     keeps no memory of being under budget, and the proportional term answers an overshoot at once (the
     PID-Lagrangian argument of Stooke et al. 2020, "Responsive Safety in RL by PID Lagrangian Methods").
-    Only `integral` and `value` are checkpointed.
+    floor: beta never below it. Under target the proportional term lowers beta to as little as init / e, and at
+    that beta a policy that finds a reply the reward model likes reaches it within the KL target before beta
+    can answer. Only `integral` and `value` are checkpointed.
     """
 
-    def __init__(self, init_kl_coef: float, target: float, horizon: float, proportional_gain: float = 1.0):
+    def __init__(self, init_kl_coef: float, target: float, horizon: float, proportional_gain: float = 1.0,
+                 floor: float = 0.0):
         self.init, self.target, self.horizon = float(init_kl_coef), float(target), float(horizon)
-        self.proportional_gain = float(proportional_gain)
+        self.proportional_gain, self.floor = float(proportional_gain), float(floor)
         self.integral = 0.0
         self.value = self.init
 
     def update(self, current_kl: float, n_steps: int) -> None:
         relative = float(current_kl) / self.target - 1
         self.integral = max(0.0, self.integral + min(max(relative, -0.2), 0.2) * n_steps / self.horizon)
-        self.value = self.init * math.exp(self.proportional_gain * min(max(relative, -1.0), 1.0) + self.integral)
+        self.value = max(self.floor, self.init * math.exp(
+            self.proportional_gain * min(max(relative, -1.0), 1.0) + self.integral))
 
     def state_dict(self) -> dict:
         return {"value": self.value, "integral": self.integral}

@@ -324,8 +324,9 @@ def build_scheduler(optimizer: torch.optim.Optimizer, hp: PPOHyperparameters) ->
 def build_kl_controller(hp: PPOHyperparameters) -> KLController:
     if hp.kl_control == "fixed":
         return FixedKLController(hp.kl_coef)
-    controller = PIKLController if hp.kl_control == "pi" else AdaptiveKLController
-    return controller(hp.kl_coef, hp.target_kl, hp.kl_horizon)
+    if hp.kl_control == "pi":
+        return PIKLController(hp.kl_coef, hp.target_kl, hp.kl_horizon, floor=hp.kl_coef_min)
+    return AdaptiveKLController(hp.kl_coef, hp.target_kl, hp.kl_horizon)
 
 
 def estimate_advantages(rewards: torch.Tensor, rollout: Rollout, hp: PPOHyperparameters):
