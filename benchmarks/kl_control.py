@@ -94,12 +94,15 @@ def run_one(pipeline: Path, seed: int | None, run_dir: Path, overrides: list[str
     # held out: the pipeline's hold-out split; validation: training prompts this PPO run never drew
     data = (f"data={{path: {validation_file(run_dir)}, eval_split: train}}" if validation
             else "data={path: chatterbot, eval_fraction: 0.2}")
+    # the evaluation samples as this PPO run sampled (the pipeline requires the same)
+    sampled = yaml.safe_load((run_dir / "config.yaml").read_text())["sampling"]
+    as_trained = [f"sampling.{key}={sampled[key]}" for key in ("temperature", "min_new_tokens")]
     if evaluate and not (eval_dir / "report.json").is_file():
         rlft("eval", "--config", "configs/eval.yaml", f"output_dir={eval_dir}", f"policies=[{run_dir}]",
              "checkpoints_of=", f"training_run={run_dir}", "num_samples_shown=0", "num_prompts=200",
              "batch_size=64", data, f"seed={pipeline_seed}",
              f"scorers=[{proxy}, {{name: gold, kind: function, path: 'reward_models.judges:sentiment'}}]",
-             *eval_overrides)
+             *as_trained, *eval_overrides)
     steps = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     summary = json.loads((run_dir / "metrics.json").read_text())
     hp = yaml.safe_load((run_dir / "config.yaml").read_text())["ppo"]
