@@ -115,7 +115,8 @@ def run_one(pipeline: Path, seed: int | None, run_dir: Path, overrides: list[str
         "update_stopped": [s.get("policy/update_stopped") for s in steps],
         "sampler_gap": [s.get("sampler/logprob_gap_mean") for s in steps],
         "result_step": summary.get("result_step"), "result_kl": summary.get("result_kl"),
-        "checkpoint_kl": summary.get("checkpoint_kl"),
+        "result_kl_upper": summary.get("result_kl_upper"), "checkpoint_kl": summary.get("checkpoint_kl"),
+        "checkpoint_kl_upper": summary.get("checkpoint_kl_upper"),
     }
     if evaluate:
         policy = json.loads((eval_dir / "report.json").read_text())["policies"][0]

@@ -569,14 +569,21 @@ def test_the_result_is_the_last_checkpoint_within_the_kl_budget(tiny_lm_dir, pro
     out = tmp_path / "run"
     varied = ["ppo.learning_rate=0.05", "save_every=1", "ppo.collapse_signals=[]"]
     summary = run(ppo_config(tiny_lm_dir, prompts_file, out, *varied))
-    kl = {int(step): value for step, value in summary["checkpoint_kl"].items()}
-    assert sorted(kl) == [1, 2, 3, 4] and summary["result_step"] == 4 and summary["result_kl"] == kl[4]
-    # a budget below the last step's KL and at least an earlier one's: the latest such checkpoint is the result
+    # the budget reads each policy's 95% upper bound on its KL, not the mean of the few prompts measured
+    kl = {int(step): value for step, value in summary["checkpoint_kl_upper"].items()}
+    means = {int(step): value for step, value in summary["checkpoint_kl"].items()}
+    assert sorted(kl) == [1, 2, 3, 4] and summary["result_step"] == 4 and summary["result_kl_upper"] == kl[4]
+    assert summary["result_kl"] == means[4] < kl[4]
+    # a budget below the last step's bound and at least an earlier one's: the latest such checkpoint is the result
     budget = (max(kl[s] for s in (1, 2, 3) if kl[s] < kl[4]) + kl[4]) / 2
     expected = max(s for s in kl if kl[s] <= budget)
     assert expected < 4
     summary = run(ppo_config(tiny_lm_dir, prompts_file, out, *varied, f"ppo.kl_budget={budget}"))
-    assert summary["result_step"] == expected and summary["result_kl"] <= budget
+    assert summary["result_step"] == expected and summary["result_kl_upper"] <= budget
+    # within the budget by its mean, past it by its bound: not the result either
+    between = (means[4] + kl[4]) / 2
+    summary = run(ppo_config(tiny_lm_dir, prompts_file, out, *varied, f"ppo.kl_budget={between}"))
+    assert summary["result_step"] < 4
     checkpoint = out / "checkpoints" / f"step-{expected:06d}" / "policy" / "adapter_model.safetensors"
     assert (out / "policy" / "adapter_model.safetensors").read_bytes() == checkpoint.read_bytes()
     assert json.loads((out / "metrics.json").read_text())["result_step"] == expected
@@ -600,14 +607,15 @@ def test_between_checkpoints_the_latest_policy_within_the_budget_is_the_result(t
 
     varied = ["ppo.learning_rate=0.05", "ppo.collapse_signals=[]"]
     every = run(ppo_config(tiny_lm_dir, prompts_file, tmp_path / "every", *varied, "save_every=1"))
-    kl = {int(step): value for step, value in every["checkpoint_kl"].items()}
+    kl = {int(step): value for step, value in every["checkpoint_kl_upper"].items()}
     budget = (max(kl[s] for s in (1, 2, 3) if kl[s] < kl[4]) + kl[4]) / 2
     expected = max(s for s in (1, 2, 3) if kl[s] <= budget)
 
     out = tmp_path / "run"
     summary = run(ppo_config(tiny_lm_dir, prompts_file, out, *varied, "save_every=4", f"ppo.kl_budget={budget}"))
     assert [p.name for p in (out / "checkpoints").glob("step-*")] == ["step-000004"]
-    assert summary["result_step"] == expected and summary["result_kl"] == kl[expected]
+    assert summary["result_step"] == expected and summary["result_kl_upper"] == kl[expected]
+    assert summary["result_kl"] == {int(s): v for s, v in every["checkpoint_kl"].items()}[expected]
     shipped = load_file(out / "policy" / "adapter_model.safetensors")
     same_step = load_file(tmp_path / "every" / "checkpoints" / f"step-{expected:06d}" / "policy" / "adapter_model.safetensors")
     assert shipped.keys() == same_step.keys() and all(torch.equal(shipped[k], same_step[k]) for k in shipped)

@@ -13,6 +13,7 @@ from rlft.ppo.core import (
     loss_mask,
     AdaptiveKLController,
     PIKLController,
+    kl_upper_bound,
     FixedKLController,
     entropy_from_logits,
     exact_kl_from_logits,
@@ -426,6 +427,14 @@ def test_pi_kl_controller_floor():
     for controller in (floored, free):
         controller.update(6.0, n_steps=16)
     assert floored.value == free.value == pytest.approx(0.1 * math.exp(1.2))
+
+
+def test_kl_upper_bound_by_hand():
+    # KL 2, 4, 6, 8: mean 5, sample std sqrt(20 / 3) = 2.582, over sqrt(4) = 1.291; 95% one-sided: + 1.645 x that
+    bound = kl_upper_bound(torch.tensor([2.0, 4.0, 6.0, 8.0]))
+    assert bound == pytest.approx(5 + 1.645 * math.sqrt(20 / 3) / 2)
+    assert kl_upper_bound(torch.tensor([3.0])) == 3.0  # one response: no spread to bound by
+    assert kl_upper_bound(torch.full((16,), 6.0)) == 6.0
 
 def test_fixed_kl_controller_never_moves():
     controller = FixedKLController(0.05)

@@ -166,9 +166,10 @@ def candidate_folder(run_dir: Path) -> Path:
     return run_dir / "checkpoints" / CANDIDATE
 
 
-def save_candidate(accelerator, run_dir: Path, step: int, kl: float, actor_critic, model_config: ModelConfig,
-                   reference_adapter: str | None) -> None:
-    """The policy after `step` updates, which its own rollout measured at `kl` (within the KL budget), kept as
+def save_candidate(accelerator, run_dir: Path, step: int, kl: float, kl_upper: float, actor_critic,
+                   model_config: ModelConfig, reference_adapter: str | None) -> None:
+    """The policy after `step` updates, which its own rollout measured at `kl`, upper bound `kl_upper` (within the
+    KL budget), kept as
     checkpoints/candidate/ (policy/ and critic laid out as a checkpoint's, and candidate.json) until a later
     one replaces it, atomically. Should the final policy be past the budget, the result falls back to this
     one rather than to the last checkpoint, up to save_every steps earlier and often far below the target.
@@ -177,7 +178,7 @@ def save_candidate(accelerator, run_dir: Path, step: int, kl: float, actor_criti
     if accelerator.is_main_process:
         with replaced(candidate_folder(run_dir)) as staging:
             write_policy(staging / "policy", actor_critic.policy, weights, model_config, reference_adapter, staging)
-            write_json(staging / "candidate.json", {"step": step, "kl": kl})
+            write_json(staging / "candidate.json", {"step": step, "kl": kl, "kl_upper": kl_upper})
     accelerator.wait_for_everyone()
 
 
@@ -186,13 +187,13 @@ def drop_candidate(run_dir: Path) -> None:
     shutil.rmtree(candidate_folder(run_dir), ignore_errors=True)
 
 
-def candidate(run_dir: Path) -> tuple[int, float] | None:
-    """(step, KL) of the run's result candidate, or None."""
+def candidate(run_dir: Path) -> tuple[int, float, float] | None:
+    """(step, KL, its 95% upper bound) of the run's result candidate, or None."""
     path = candidate_folder(run_dir) / "candidate.json"
     if not path.is_file():
         return None
     info = read_json(path)
-    return int(info["step"]), float(info["kl"])
+    return int(info["step"]), float(info["kl"]), float(info["kl_upper"])
 
 
 def result_folder(run_dir: Path, step: int) -> Path:

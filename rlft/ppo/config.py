@@ -104,7 +104,8 @@ class PPOHyperparameters:
     kl_budget: float = option(
         0.0, "The most KL per sequence (nats, exact) the policy PPO saves as its result may have: the latest policy "
         "within it (a checkpoint, or the one kept between checkpoints), said in one line (0: 1.25 x target_kl; 1e9: "
-        "none). Measured on the rollout that follows each policy, and for the last step on more prompts.")
+        "none). Measured on the rollout that follows each policy, and for the last step on more prompts, and read as "
+        "the 95% upper bound of that mean: a policy is within the budget when its bound is.")
     collapse_signals: list[str] = option(
         list(COLLAPSE_LIMITS), "Which signals count the policy's replies as collapsed, against the reference's "
         f"(the result is then an earlier checkpoint; rlft.hacking.COLLAPSE_LIMITS): {', '.join(COLLAPSE_LIMITS)}. "

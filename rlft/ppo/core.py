@@ -130,6 +130,19 @@ def exact_kl_from_logits(logits: torch.Tensor, ref_logits: torch.Tensor, tempera
     return out.reshape(logits.shape[:-1])
 
 
+def kl_upper_bound(per_sequence_kl: torch.Tensor, z: float = 1.645) -> float:
+    """One-sided upper confidence bound on a policy's mean KL per sequence, from the responses it was measured on.
+
+    per_sequence_kl: (n,) the exact KL of each response -> mean + z * std / sqrt(n) (z 1.645: 95%; with n = 1,
+    the mean). The KL budget reads it: on the quickstart the KL of single responses spreads by ~3 nats around a
+    mean of 6, so a mean of 16 or 32 of them is uncertain by 0.5-0.8 nats, and a policy measured just within the
+    budget was past it half the time.
+    """
+    values = per_sequence_kl.detach().double()
+    spread = values.std() / math.sqrt(len(values)) if len(values) > 1 else 0.0
+    return float(values.mean() + z * spread)
+
+
 def logprob_gap(sampler_logprobs: torch.Tensor, logprobs: torch.Tensor,
                 response_mask: torch.Tensor) -> dict[str, torch.Tensor]:
     """How far the sampler's own log-probs of the tokens it drew are from the trainer's recomputed ones.

@@ -35,9 +35,10 @@ from rlft.publish import push, write_model_card
 from rlft.ppo import checkpoint
 from rlft.ppo.config import RESUMABLE_CHANGES, PPOConfig, PPOHyperparameters
 from rlft.ppo.core import (AdaptiveKLController, FixedKLController, PIKLController, aggregate, entropy_bonus,
-                           entropy_from_logits, frac_zero_std, gae, grpo_advantages, kl_penalty, logprob_gap, loss_mask,
-                           masked_mean, masked_var, masked_whiten, per_token_rewards, policy_loss,
-                           reinforce_pp_advantages, rloo_advantages, truncated_importance_weights, value_loss)
+                           entropy_from_logits, frac_zero_std, gae, grpo_advantages, kl_penalty, kl_upper_bound,
+                           logprob_gap, loss_mask, masked_mean, masked_var, masked_whiten, per_token_rewards,
+                           policy_loss, reinforce_pp_advantages, rloo_advantages, truncated_importance_weights,
+                           value_loss)
 from rlft.ppo.model import PolicyWithValueHead
 from rlft.ppo.rollout import FirstMiniBatch, Rollout, forward_passes, generate, score
 from reward_models.scorers import adapter_scorers, build_scorer, require_columns
@@ -83,6 +84,7 @@ class PPORun:
     logger: MetricsLogger
     start_step: int
     checkpoint_kl: dict[int, float]  # the exact KL of the policy after s updates (checkpoint step-s), by s
+    checkpoint_kl_upper: dict[int, float]  # its 95% upper bound (kl_upper_bound): what the budget reads
     parameters_mb: float  # this process's share of the weights, the largest of all processes
     started: float  # time.time() as the run began
 
@@ -121,12 +123,13 @@ def setup(config: PPOConfig) -> PPORun:
     scheduler = build_scheduler(optimizer, config.ppo)
     kl_controller = build_kl_controller(config.ppo)
 
-    start_step, checkpoint_kl = 0, {}
+    start_step, checkpoint_kl, checkpoint_kl_upper = 0, {}, {}
     if last is not None:
         state = checkpoint.load(last, accelerator.process_index, actor_critic.policy, actor_critic.value_head)
         scheduler.load_state_dict(state["scheduler"])
         kl_controller.load_state_dict(state["kl_controller"])
         start_step, checkpoint_kl = state["step"], dict(state.get("checkpoint_kl", {}))
+        checkpoint_kl_upper = dict(state.get("checkpoint_kl_upper", checkpoint_kl))
         log.info("resumed from %s (step %d)", last, start_step)
     else:
         torch.manual_seed(config.seed + 1000 * accelerator.process_index)  # distinct samples per process
@@ -138,7 +141,7 @@ def setup(config: PPOConfig) -> PPORun:
     parameters_mb = accelerator.gather(torch.tensor([distributed.parameter_bytes(model) / 2**20])).max().item()
     return PPORun(config, accelerator, out, data, tokenizer, prompts, prompt_texts, columns, scorer, actor_critic,
                   model, optimizer, scheduler, kl_controller, MetricsLogger(out, start_step, accelerator.is_main_process),
-                  start_step, checkpoint_kl, parameters_mb, started)
+                  start_step, checkpoint_kl, checkpoint_kl_upper, parameters_mb, started)
 
 
 def ppo_step(ppo: PPORun, step: int) -> dict:
@@ -165,13 +168,14 @@ def ppo_step(ppo: PPORun, step: int) -> dict:
         first = FirstMiniBatch(order, forward_passes(ppo.actor_critic, rollout, hp.forward_batch_size, ppo.model, fold))
     gap = check_sampler(rollout, accelerator, hp.max_sampler_gap, config.model.name_or_path, step + 1)
     sampler_stats = {f"sampler/logprob_gap_{key}": value for key, value in gap.items()}
-    # the exact KL of the policy the rollout sampled from: what the controller steers and the budget reads
-    mean_kl = accelerator.reduce(rollout.exact_kl.sum(-1).mean(), "mean").item()
-    ppo.checkpoint_kl[step] = mean_kl  # the policy saved at the end of the previous step
+    # the exact KL of the policy the rollout sampled from: what the controller steers; the budget reads its bound
+    mean_kl, kl_upper = kl_measured(rollout, accelerator)
+    # the policy saved at the end of the previous step
+    ppo.checkpoint_kl[step], ppo.checkpoint_kl_upper[step] = mean_kl, kl_upper
     # a policy within the budget that no checkpoint holds: kept before the update changes it (unless the run would
     # stop at max_kl before passing the budget)
-    if step % config.save_every and mean_kl <= hp.kl_budget < hp.max_kl:
-        checkpoint.save_candidate(accelerator, ppo.out, step, mean_kl, ppo.actor_critic, config.model,
+    if step % config.save_every and kl_upper <= hp.kl_budget < hp.max_kl:
+        checkpoint.save_candidate(accelerator, ppo.out, step, mean_kl, kl_upper, ppo.actor_critic, config.model,
                                   config.sft_adapter or None)
 
     # 4. per-token rewards: -beta * KL on every token (unless the KL goes in the loss), the score on the last
@@ -226,7 +230,8 @@ def ppo_step(ppo: PPORun, step: int) -> dict:
     if (step + 1) % config.save_every == 0 or step + 1 == hp.steps:
         trainer_state = {"optimizer": checkpoint.optimizer_state(ppo.model, ppo.optimizer),
                          "scheduler": ppo.scheduler.state_dict(), "kl_controller": ppo.kl_controller.state_dict(),
-                         "checkpoint_kl": ppo.checkpoint_kl, "step": step + 1, "processes": accelerator.num_processes}
+                         "checkpoint_kl": ppo.checkpoint_kl, "checkpoint_kl_upper": ppo.checkpoint_kl_upper,
+                         "step": step + 1, "processes": accelerator.num_processes}
         checkpoint.save(accelerator, ppo.out, step + 1, ppo.actor_critic, trainer_state, config.model,
                         config.sft_adapter or None)
     return metrics
@@ -242,32 +247,35 @@ def finish(ppo: PPORun) -> dict:
     measure = partial(measure_result, ppo.actor_critic, ppo.tokenizer, [ppo.prompts[i] for i in final_rows],
                       [ppo.prompt_texts[i] for i in final_rows], rows_of(ppo.columns, final_rows), ppo.scorer, config,
                       accelerator)
-    ppo.checkpoint_kl[hp.steps], collapsed = measure()
+    ppo.checkpoint_kl[hp.steps], ppo.checkpoint_kl_upper[hp.steps], collapsed = measure()
     if collapsed["collapsed"] and accelerator.is_main_process:
         log.warning("the final policy's replies collapsed: %s", "; ".join(collapsed["warnings"]))
-    saved = {s: ppo.checkpoint_kl[s] for s in range(1, hp.steps + 1)
-             if (s % config.save_every == 0 or s == hp.steps) and s in ppo.checkpoint_kl}
-    if (kept := checkpoint.candidate(out)) and kept[0] not in saved and kept[1] <= hp.kl_budget:
-        saved[kept[0]] = kept[1]  # the latest policy within the budget between two checkpoints
+    kl, upper = dict(ppo.checkpoint_kl), dict(ppo.checkpoint_kl_upper)  # {step: KL} and {step: its bound}
+    saved = [s for s in range(1, hp.steps + 1) if (s % config.save_every == 0 or s == hp.steps) and s in kl]
+    if (kept := checkpoint.candidate(out)) and kept[0] not in saved and kept[2] <= hp.kl_budget:
+        saved.append(kept[0])  # the latest policy within the budget between two checkpoints
+        kl[kept[0]], upper[kept[0]] = kept[1], kept[2]
     weights = checkpoint.trained_weights(ppo.actor_critic)  # every process (a gather under FSDP); before another loads
     load = None if distributed.is_sharded(ppo.model) else (
         lambda step: checkpoint.load_policy(checkpoint.result_folder(out, step), ppo.actor_critic.policy))
     collapse_by_step = {hp.steps: collapsed}
-    shipped = choose_result(saved, hp.kl_budget, collapse_by_step, measure, load, out)
+    shipped = choose_result({s: upper[s] for s in saved}, hp.kl_budget, collapse_by_step, measure, load, out)
     if shipped != hp.steps and accelerator.is_main_process:
-        why = (f"the final policy's KL {saved[hp.steps]:.2f} is past ppo.kl_budget={hp.kl_budget:g}"
-               if saved[hp.steps] > hp.kl_budget else "the final policy's replies collapsed")
+        why = (f"the final policy's KL {kl[hp.steps]:.2f} (95% bound {upper[hp.steps]:.2f}) is past "
+               f"ppo.kl_budget={hp.kl_budget:g}" if upper[hp.steps] > hp.kl_budget
+               else "the final policy's replies collapsed")
         healthy = shipped in collapse_by_step and not collapse_by_step[shipped]["collapsed"]
-        log.warning("%s: the result is step %d's policy (KL %.2f%s)", why, shipped, saved[shipped],
-                    ", replies not collapsed" if healthy else "")
+        log.warning("%s: the result is step %d's policy (KL %.2f, bound %.2f%s)", why, shipped, kl[shipped],
+                    upper[shipped], ", replies not collapsed" if healthy else "")
 
     largest = accelerator.gather(torch.tensor([runs.peak_rss_mb()])).max().item()  # every process, before saving
     summary = {}
     if accelerator.is_main_process:
         summary = ppo.logger.summary()
         summary.update({"kl_budget": hp.kl_budget, "collapse_signals": hp.collapse_signals,
-                        "result_step": shipped, "result_kl": saved[shipped],
-                        "checkpoint_kl": saved, "final_collapse": collapsed,
+                        "result_step": shipped, "result_kl": kl[shipped], "result_kl_upper": upper[shipped],
+                        "checkpoint_kl": {s: kl[s] for s in saved},
+                        "checkpoint_kl_upper": {s: upper[s] for s in saved}, "final_collapse": collapsed,
                         "result_collapse": collapse_by_step.get(shipped)})
         summary["parameters_mb"] = ppo.parameters_mb
         summary = runs.stage_metrics(summary, ppo.started)
@@ -353,13 +361,14 @@ def choose_result(kl_by_step: dict[int, float], budget: float, collapse_by_step:
                   out: Path) -> int:
     """The checkpoint PPO ships: the last within the KL budget whose replies did not collapse. Going back from
     the last one within the budget, each is loaded and measured (`measure`, on the final measurement's prompts)
-    only when the one after it collapsed; if all did, the last within the budget. kl_by_step: {step: KL};
+    only when the one after it collapsed; if all did, the last within the budget. kl_by_step: {step: the
+    95% upper bound of its KL};
     collapse_by_step: {step: rlft.hacking.collapse signals} measured so far, filled in here; load(step) puts
     that checkpoint's policy in place (None under FSDP: an earlier checkpoint is then taken unmeasured)."""
     within = sorted((step for step, kl in kl_by_step.items() if kl <= budget), reverse=True)
     if not within:
         raise RlftError(
-            f"no checkpoint's KL is within ppo.kl_budget={budget:g} (by step: "
+            f"no checkpoint's KL is within ppo.kl_budget={budget:g} (95% upper bounds by step: "
             f"{', '.join(f'{s}: {kl:.1f}' for s, kl in kl_by_step.items())}): raise ppo.kl_coef or lower "
             f"ppo.learning_rate, or raise the budget (checkpoints kept in {out / 'checkpoints'})")
     for step in within:
@@ -367,16 +376,17 @@ def choose_result(kl_by_step: dict[int, float], budget: float, collapse_by_step:
             if load is None:
                 return step
             load(step)
-            collapse_by_step[step] = measure()[1]
+            collapse_by_step[step] = measure()[2]
         if not collapse_by_step[step]["collapsed"]:
             return step
     return within[0]
 
 
 def measure_result(actor_critic, tokenizer, prompts: list, prompt_texts: list[str], columns: dict[str, list], scorer,
-                   config: PPOConfig, accelerator) -> tuple[float, dict]:
-    """The final policy's exact KL per response on fresh samples (mean over processes), and its collapse signals
-    against the reference's samples on the same prompts (rlft.hacking.collapse, this process's rows)."""
+                   config: PPOConfig, accelerator) -> tuple[float, float, dict]:
+    """The final policy's exact KL per response on fresh samples and its 95% upper bound (all processes'), and
+    its collapse signals against the reference's samples on the same prompts (rlft.hacking.collapse, this
+    process's rows)."""
     hp = config.ppo
     measured = generate(actor_critic, tokenizer, prompts, prompt_texts, config.sampling, columns)
     score(measured, scorer, hp.missing_eos_penalty, hp.score_clip)
@@ -390,7 +400,13 @@ def measure_result(actor_critic, tokenizer, prompts: list, prompt_texts: list[st
     # one verdict for all processes (collapsed on any), so that they all choose the same result
     signals["collapsed"] = accelerator.reduce(torch.tensor(float(bool(signals["warnings"])),
                                                            device=measured.scores.device), "max").item() > 0
-    return accelerator.reduce(measured.exact_kl.sum(-1).mean(), "mean").item(), signals
+    return *kl_measured(measured, accelerator), signals
+
+
+def kl_measured(rollout: Rollout, accelerator) -> tuple[float, float]:
+    """(mean, 95% upper bound) of the exact KL per response over every process's responses."""
+    per_response = accelerator.gather(rollout.exact_kl.sum(-1))
+    return per_response.mean().item(), kl_upper_bound(per_response)
 
 
 def check_sampler(rollout: Rollout, accelerator, max_gap: float, model_name: str, step: int) -> dict[str, float]:
