@@ -559,9 +559,10 @@ def test_sampling_that_ignores_the_cache_stops_the_run(tiny_lm_dir, prompts_file
 
 
 def test_the_result_is_the_last_checkpoint_within_the_kl_budget(tiny_lm_dir, prompts_file, tmp_path, capsys):
-    """PPO's result (policy/) is never past ppo.kl_budget: with the final policy over it, the last checkpoint
-    within it is the result, said in metrics.json; with none within it, the run ends in one line. The budget
-    may change on a rerun, which resumes from the finished run's last checkpoint."""
+    """PPO's result (policy/) is never past ppo.kl_budget: with the final policy over it, PPO goes back through
+    the checkpoints, measuring each on the final policy's prompts, and ships the latest whose 95% upper bound on
+    its KL is within it, said in metrics.json; with none within it, the run ends in one line. The budget may
+    change on a rerun, which resumes from the finished run's last checkpoint."""
     from rlft.ppo.train import run
 
     # The budget alone: a tiny model moved this fast narrows onto a few of its 79 words, which the collapse
@@ -569,38 +570,43 @@ def test_the_result_is_the_last_checkpoint_within_the_kl_budget(tiny_lm_dir, pro
     out = tmp_path / "run"
     varied = ["ppo.learning_rate=0.05", "save_every=1", "ppo.collapse_signals=[]"]
     summary = run(ppo_config(tiny_lm_dir, prompts_file, out, *varied))
-    # the budget reads each policy's 95% upper bound on its KL, not the mean of the few prompts measured
-    kl = {int(step): value for step, value in summary["checkpoint_kl_upper"].items()}
-    means = {int(step): value for step, value in summary["checkpoint_kl"].items()}
-    assert sorted(kl) == [1, 2, 3, 4] and summary["result_step"] == 4 and summary["result_kl_upper"] == kl[4]
-    assert summary["result_kl"] == means[4] < kl[4]
-    # a budget below the last step's bound and at least an earlier one's: the latest such checkpoint is the result
-    budget = (max(kl[s] for s in (1, 2, 3) if kl[s] < kl[4]) + kl[4]) / 2
-    expected = max(s for s in kl if kl[s] <= budget)
-    assert expected < 4
-    summary = run(ppo_config(tiny_lm_dir, prompts_file, out, *varied, f"ppo.kl_budget={budget}"))
-    assert summary["result_step"] == expected and summary["result_kl_upper"] <= budget
+    assert sorted(summary["checkpoint_kl"]) == [1, 2, 3, 4] and summary["result_step"] == 4
+    # within the budget: only the final policy is measured on the final prompts
+    assert list(summary["measured_kl"]) == [4] and summary["result_kl"] == summary["measured_kl"][4]
+    final, final_upper = summary["measured_kl"][4], summary["measured_kl_upper"][4]
+    assert summary["result_kl_upper"] == final_upper > final > 0
+
+    def walked_back(summary, budget):
+        """The result is the latest policy whose bound is within the budget, each later one measured past it."""
+        measured = {int(step): value for step, value in summary["measured_kl_upper"].items()}
+        shipped = summary["result_step"]
+        assert sorted(measured) == list(range(shipped, 5)), measured  # back one step at a time, each measured
+        assert measured[shipped] <= budget < min(measured[s] for s in measured if s > shipped)
+        assert summary["result_kl_upper"] == measured[shipped]
+        checkpoint = out / "checkpoints" / f"step-{shipped:06d}" / "policy" / "adapter_model.safetensors"
+        assert (out / "policy" / "adapter_model.safetensors").read_bytes() == checkpoint.read_bytes()
+        assert json.loads((out / "metrics.json").read_text())["result_step"] == shipped
+        return shipped
+
+    assert walked_back(run(ppo_config(tiny_lm_dir, prompts_file, out, *varied, f"ppo.kl_budget={final_upper / 2}")),
+                       final_upper / 2) < 4
     # within the budget by its mean, past it by its bound: not the result either
-    between = (means[4] + kl[4]) / 2
-    summary = run(ppo_config(tiny_lm_dir, prompts_file, out, *varied, f"ppo.kl_budget={between}"))
-    assert summary["result_step"] < 4
-    checkpoint = out / "checkpoints" / f"step-{expected:06d}" / "policy" / "adapter_model.safetensors"
-    assert (out / "policy" / "adapter_model.safetensors").read_bytes() == checkpoint.read_bytes()
-    assert json.loads((out / "metrics.json").read_text())["result_step"] == expected
+    between = (final + final_upper) / 2
+    assert walked_back(run(ppo_config(tiny_lm_dir, prompts_file, out, *varied, f"ppo.kl_budget={between}")),
+                       between) < 4
 
     from rlft.errors import RlftError
 
-    # checkpoints every 2 steps (a change a rerun may make): none within half the smaller of their KLs
-    assert kl[2] > 0 and kl[4] > 0
+    # checkpoints every 2 steps (a change a rerun may make), a budget no trained policy is within
     with pytest.raises(RlftError, match=r"no checkpoint's KL is within ppo.kl_budget=.* raise ppo.kl_coef"):
         run(ppo_config(tiny_lm_dir, prompts_file, out, "ppo.learning_rate=0.05", "save_every=2",
-                       "ppo.collapse_signals=[]", f"ppo.kl_budget={min(kl[2], kl[4]) / 2}"))
+                       "ppo.collapse_signals=[]", "ppo.kl_budget=1e-6"))
 
 
 def test_between_checkpoints_the_latest_policy_within_the_budget_is_the_result(tiny_lm_dir, prompts_file, tmp_path):
-    """With the final policy past the budget, the result is the latest policy its own rollout measured within it,
-    kept between checkpoints (checkpoints/candidate), not the last checkpoint: here none but the final one. A run
-    starting over in the folder drops the old candidate, so it can never ship another run's policy."""
+    """With the final policy past the budget, the result may be the latest policy its own rollout measured within
+    it, kept between checkpoints (checkpoints/candidate), not the last checkpoint: here none but the final one.
+    A run starting over in the folder drops the old candidate, so it can never ship another run's policy."""
     from safetensors.torch import load_file
 
     from rlft.ppo.train import run
@@ -608,16 +614,17 @@ def test_between_checkpoints_the_latest_policy_within_the_budget_is_the_result(t
     varied = ["ppo.learning_rate=0.05", "ppo.collapse_signals=[]"]
     every = run(ppo_config(tiny_lm_dir, prompts_file, tmp_path / "every", *varied, "save_every=1"))
     kl = {int(step): value for step, value in every["checkpoint_kl_upper"].items()}
-    budget = (max(kl[s] for s in (1, 2, 3) if kl[s] < kl[4]) + kl[4]) / 2
-    expected = max(s for s in (1, 2, 3) if kl[s] <= budget)
-
+    # just below the final policy's bound (the same run, so the same measurement) and above what step 3's rollout
+    # said: step 3 is kept between checkpoints, and the final policy is past the budget
+    budget = every["measured_kl_upper"][4] * 0.99
+    assert kl[3] <= budget
     out = tmp_path / "run"
     summary = run(ppo_config(tiny_lm_dir, prompts_file, out, *varied, "save_every=4", f"ppo.kl_budget={budget}"))
     assert [p.name for p in (out / "checkpoints").glob("step-*")] == ["step-000004"]
-    assert summary["result_step"] == expected and summary["result_kl_upper"] == kl[expected]
-    assert summary["result_kl"] == {int(s): v for s, v in every["checkpoint_kl"].items()}[expected]
+    assert summary["measured_kl_upper"][4] == every["measured_kl_upper"][4]
+    assert summary["result_step"] == 3 and summary["result_kl_upper"] == summary["measured_kl_upper"][3] <= budget
     shipped = load_file(out / "policy" / "adapter_model.safetensors")
-    same_step = load_file(tmp_path / "every" / "checkpoints" / f"step-{expected:06d}" / "policy" / "adapter_model.safetensors")
+    same_step = load_file(tmp_path / "every" / "checkpoints" / "step-000003" / "policy" / "adapter_model.safetensors")
     assert shipped.keys() == same_step.keys() and all(torch.equal(shipped[k], same_step[k]) for k in shipped)
 
     run(ppo_config(tiny_lm_dir, prompts_file, out, *varied, "save_every=4", "resume=false", "ppo.kl_budget=1e9"))

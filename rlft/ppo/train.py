@@ -16,6 +16,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from accelerate import Accelerator
@@ -45,7 +46,7 @@ from reward_models.scorers import adapter_scorers, build_scorer, require_columns
 
 log = logging.getLogger(__name__)
 __all__ = ["PPOConfig", "run"]
-MEASURED_BATCHES = 2  # rollout batches of fresh prompts that measure the final policy (32 replies by default)
+MEASURED_BATCHES = 4  # rollout batches of fresh prompts that measure the final policy (64 replies by default)
 KLController = FixedKLController | AdaptiveKLController | PIKLController
 
 
@@ -238,19 +239,23 @@ def ppo_step(ppo: PPORun, step: int) -> dict:
 
 
 def finish(ppo: PPORun) -> dict:
-    """The result: the final policy, or the last checkpoint within the KL budget whose replies did not collapse
+    """The result: the final policy, or the latest earlier one within the KL budget whose replies did not collapse
     (`choose_result`), saved as policy/ with its model card and metrics.json."""
     config, hp, accelerator, out = ppo.config, ppo.config.ppo, ppo.accelerator, ppo.out
     # The last update's policy has no rollout after it: more prompts measure its KL, and its replies to them
-    # against the reference's tell whether it collapsed.
+    # against the reference's tell whether it collapsed. An earlier policy the result may fall back to is measured
+    # on the same prompts: its own rollout's 16 replies are too few to trust near the budget.
     final_rows = [i for later in range(hp.steps, hp.steps + MEASURED_BATCHES) for i in ppo.rows_of(later)]
     measure = partial(measure_result, ppo.actor_critic, ppo.tokenizer, [ppo.prompts[i] for i in final_rows],
                       [ppo.prompt_texts[i] for i in final_rows], rows_of(ppo.columns, final_rows), ppo.scorer, config,
-                      accelerator)
-    ppo.checkpoint_kl[hp.steps], ppo.checkpoint_kl_upper[hp.steps], collapsed = measure()
+                      accelerator, {})
+    measured = {hp.steps: measure()}  # {step: Measured} on the final measurement's prompts
+    ppo.checkpoint_kl[hp.steps], ppo.checkpoint_kl_upper[hp.steps] = measured[hp.steps].kl, measured[hp.steps].upper
+    collapsed = measured[hp.steps].signals
     if collapsed["collapsed"] and accelerator.is_main_process:
         log.warning("the final policy's replies collapsed: %s", "; ".join(collapsed["warnings"]))
-    kl, upper = dict(ppo.checkpoint_kl), dict(ppo.checkpoint_kl_upper)  # {step: KL} and {step: its bound}
+    # {step: rollout KL} and {step: its bound}: the curve of every policy saved, and the result's fallbacks
+    kl, upper = dict(ppo.checkpoint_kl), dict(ppo.checkpoint_kl_upper)
     saved = [s for s in range(1, hp.steps + 1) if (s % config.save_every == 0 or s == hp.steps) and s in kl]
     if (kept := checkpoint.candidate(out)) and kept[0] not in saved and kept[2] <= hp.kl_budget:
         saved.append(kept[0])  # the latest policy within the budget between two checkpoints
@@ -258,25 +263,30 @@ def finish(ppo: PPORun) -> dict:
     weights = checkpoint.trained_weights(ppo.actor_critic)  # every process (a gather under FSDP); before another loads
     load = None if distributed.is_sharded(ppo.model) else (
         lambda step: checkpoint.load_policy(checkpoint.result_folder(out, step), ppo.actor_critic.policy))
-    collapse_by_step = {hp.steps: collapsed}
-    shipped = choose_result({s: upper[s] for s in saved}, hp.kl_budget, collapse_by_step, measure, load, out)
+    shipped = choose_result(saved, {s: upper[s] for s in saved}, hp.kl_budget, measured, measure, load, out)
+    result = measured.get(shipped)
     if shipped != hp.steps and accelerator.is_main_process:
-        why = (f"the final policy's KL {kl[hp.steps]:.2f} (95% bound {upper[hp.steps]:.2f}) is past "
-               f"ppo.kl_budget={hp.kl_budget:g}" if upper[hp.steps] > hp.kl_budget
+        final = measured[hp.steps]
+        why = (f"the final policy's KL {final.kl:.2f} (95% bound {final.upper:.2f}) is past "
+               f"ppo.kl_budget={hp.kl_budget:g}" if final.upper > hp.kl_budget
                else "the final policy's replies collapsed")
-        healthy = shipped in collapse_by_step and not collapse_by_step[shipped]["collapsed"]
-        log.warning("%s: the result is step %d's policy (KL %.2f, bound %.2f%s)", why, shipped, kl[shipped],
-                    upper[shipped], ", replies not collapsed" if healthy else "")
+        log.warning("%s: the result is step %d's policy (%s)", why, shipped,
+                    f"KL {result.kl:.2f}, bound {result.upper:.2f} on the same prompts, replies not collapsed"
+                    if result else f"KL {kl[shipped]:.2f} by its own rollout, unmeasured under FSDP")
 
     largest = accelerator.gather(torch.tensor([runs.peak_rss_mb()])).max().item()  # every process, before saving
     summary = {}
     if accelerator.is_main_process:
         summary = ppo.logger.summary()
         summary.update({"kl_budget": hp.kl_budget, "collapse_signals": hp.collapse_signals,
-                        "result_step": shipped, "result_kl": kl[shipped], "result_kl_upper": upper[shipped],
+                        "result_step": shipped, "result_kl": result.kl if result else kl[shipped],
+                        "result_kl_upper": result.upper if result else upper[shipped],
                         "checkpoint_kl": {s: kl[s] for s in saved},
-                        "checkpoint_kl_upper": {s: upper[s] for s in saved}, "final_collapse": collapsed,
-                        "result_collapse": collapse_by_step.get(shipped)})
+                        "checkpoint_kl_upper": {s: upper[s] for s in saved},
+                        # the policies measured on the final measurement's prompts, the final one first
+                        "measured_kl": {s: m.kl for s, m in measured.items()},
+                        "measured_kl_upper": {s: m.upper for s, m in measured.items()},
+                        "final_collapse": collapsed, "result_collapse": result.signals if result else None})
         summary["parameters_mb"] = ppo.parameters_mb
         summary = runs.stage_metrics(summary, ppo.started)
         summary["peak_rss_mb_largest_process"] = max(largest, summary["peak_rss_mb"])
@@ -357,50 +367,63 @@ def estimate_advantages(rewards: torch.Tensor, rollout: Rollout, hp: PPOHyperpar
     return torch.where(mask, per_sequence[:, None], 0), torch.zeros_like(rewards)
 
 
-def choose_result(kl_by_step: dict[int, float], budget: float, collapse_by_step: dict[int, dict], measure, load,
+def choose_result(saved: list[int], rollout_upper: dict[int, float], budget: float, measured: dict, measure, load,
                   out: Path) -> int:
-    """The checkpoint PPO ships: the last within the KL budget whose replies did not collapse. Going back from
-    the last one within the budget, each is loaded and measured (`measure`, on the final measurement's prompts)
-    only when the one after it collapsed; if all did, the last within the budget. kl_by_step: {step: the
-    95% upper bound of its KL};
-    collapse_by_step: {step: rlft.hacking.collapse signals} measured so far, filled in here; load(step) puts
-    that checkpoint's policy in place (None under FSDP: an earlier checkpoint is then taken unmeasured)."""
-    within = sorted((step for step, kl in kl_by_step.items() if kl <= budget), reverse=True)
-    if not within:
-        raise RlftError(
-            f"no checkpoint's KL is within ppo.kl_budget={budget:g} (95% upper bounds by step: "
-            f"{', '.join(f'{s}: {kl:.1f}' for s, kl in kl_by_step.items())}): raise ppo.kl_coef or lower "
-            f"ppo.learning_rate, or raise the budget (checkpoints kept in {out / 'checkpoints'})")
-    for step in within:
-        if step not in collapse_by_step:
+    """The policy PPO ships: going back from the final one, the first whose KL bound is within the budget and whose
+    replies did not collapse, each measured on the final measurement's prompts (`load(step)` puts it in place,
+    `measure()` measures it; both filled into `measured`, {step: Measured}, which holds the final one's). If all
+    within the budget collapsed, the latest within it. saved: the steps kept (checkpoints and the candidate);
+    rollout_upper: {step: the bound from its own rollout}, what judges an earlier policy when load is None
+    (under FSDP, where it is not loaded: taken unmeasured)."""
+    for step in sorted(saved, reverse=True):
+        if step not in measured:
             if load is None:
-                return step
+                if rollout_upper[step] <= budget:
+                    return step
+                continue
             load(step)
-            collapse_by_step[step] = measure()[2]
-        if not collapse_by_step[step]["collapsed"]:
+            measured[step] = measure()
+        if measured[step].upper <= budget and not measured[step].signals["collapsed"]:
             return step
-    return within[0]
+    within = sorted((step for step, m in measured.items() if m.upper <= budget), reverse=True)
+    if within:
+        return within[0]
+    bounds = {step: m.upper for step, m in measured.items()} if load else rollout_upper
+    raise RlftError(
+        f"no checkpoint's KL is within ppo.kl_budget={budget:g} (95% upper bounds by step: "
+        f"{', '.join(f'{s}: {kl:.1f}' for s, kl in sorted(bounds.items()))}): raise ppo.kl_coef or lower "
+        f"ppo.learning_rate, or raise the budget (checkpoints kept in {out / 'checkpoints'})")
+
+
+class Measured(NamedTuple):
+    """A policy measured on the final measurement's prompts (measure_result)."""
+
+    kl: float  # mean exact KL per response, all processes
+    upper: float  # its 95% upper bound (kl_upper_bound)
+    signals: dict  # rlft.hacking.collapse against the reference's replies, with "collapsed" agreed by all processes
 
 
 def measure_result(actor_critic, tokenizer, prompts: list, prompt_texts: list[str], columns: dict[str, list], scorer,
-                   config: PPOConfig, accelerator) -> tuple[float, float, dict]:
-    """The final policy's exact KL per response on fresh samples and its 95% upper bound (all processes'), and
+                   config: PPOConfig, accelerator, reference_cache: dict) -> Measured:
+    """The live policy's exact KL per response on fresh samples and its 95% upper bound (all processes'), and
     its collapse signals against the reference's samples on the same prompts (rlft.hacking.collapse, this
-    process's rows)."""
+    process's rows). The reference's samples are drawn once and kept in reference_cache for every later call."""
     hp = config.ppo
     measured = generate(actor_critic, tokenizer, prompts, prompt_texts, config.sampling, columns)
     score(measured, scorer, hp.missing_eos_penalty, hp.score_clip)
     forward_passes(actor_critic, measured, hp.forward_batch_size)
     check_sampler(measured, accelerator, hp.max_sampler_gap, config.model.name_or_path, hp.steps + 1)
-    with active_adapter(actor_critic.policy, None):  # the reference: every adapter off
-        reference, = sample(actor_critic, tokenizer, prompt_texts, config.sampling)
+    if "reference" not in reference_cache:
+        with active_adapter(actor_critic.policy, None):  # the reference: every adapter off
+            reference_cache["reference"], = sample(actor_critic, tokenizer, prompt_texts, config.sampling)
+    reference = reference_cache["reference"]
     lengths = {"policy": measured.response_mask.sum(-1).tolist(), "reference": reference.mask.sum(-1).tolist()}
     signals = collapse({"policy": measured.completions, "reference": reference.texts}, lengths,
                        signals_counted=hp.collapse_signals)
     # one verdict for all processes (collapsed on any), so that they all choose the same result
     signals["collapsed"] = accelerator.reduce(torch.tensor(float(bool(signals["warnings"])),
                                                            device=measured.scores.device), "max").item() > 0
-    return *kl_measured(measured, accelerator), signals
+    return Measured(*kl_measured(measured, accelerator), signals)
 
 
 def kl_measured(rollout: Rollout, accelerator) -> tuple[float, float]:
