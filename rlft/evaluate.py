@@ -94,8 +94,9 @@ class EvalConfig:
     data: DataConfig = section(
         DataConfig, "Prompts: the eval split (or held-out share) of a dataset. data.eval_split=train uses every row."
     )
-    sampling: SamplingConfig = section(SamplingConfig, "How policy and reference sample (as PPO sampled: its temperature and "
-                                  "min_new_tokens; the pipeline checks).")
+    sampling: SamplingConfig = section(
+        SamplingConfig, "How policy and reference sample (as PPO sampled: its temperature and min_new_tokens; the "
+        "pipeline checks).")
     max_sampler_gap: float = option(
         0.2, "Stop when the sampler's log-probs of its own tokens differ from the recomputed ones by more than this "
         "(mean |difference| per token, nats; as ppo.max_sampler_gap): the samples do not come from the policy "

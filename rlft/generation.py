@@ -30,8 +30,9 @@ class SamplingConfig:
     temperature: float = option(1.0, "Sampling temperature; PPO recomputes log-probs at the same temperature.")
     top_p: float = option(1.0, "Nucleus sampling mass (1.0: off).")
     top_k: int = option(0, "Sample from the k most likely tokens (0: off).")
-    min_new_tokens: int = option(0, "Forbid EOS for the first this many tokens (0: off). PPO's and eval's log-probs "
-                                 "and KL apply the same ban to policy and reference, so they describe what was sampled.")
+    min_new_tokens: int = option(
+        0, "Forbid EOS for the first this many tokens (0: off). PPO's and eval's log-probs and KL apply the same ban "
+        "to policy and reference, so they describe what was sampled.")
     max_prompt_length: int = option(256, "Prompts longer than this many tokens are an error, not silently cut.")
     merge_adapter: bool = option(True, "Sample on the LoRA adapter merged into a temporary copy of the weights it "
                                  "adapts (exact again afterwards): the base model's decode speed for one extra copy "
@@ -218,7 +219,8 @@ def cache_argument(model) -> str:
     return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
 
 
-def ban_early_eos(logits: torch.Tensor, positions: torch.Tensor, eos_token_id: int, min_new_tokens: int) -> torch.Tensor:
+def ban_early_eos(logits: torch.Tensor, positions: torch.Tensor, eos_token_id: int,
+                  min_new_tokens: int) -> torch.Tensor:
     """Logits (..., V) of response tokens with EOS at -inf where the sampler banned it: positions (...) is each
     token's index in its response (0: the first), banned while below min_new_tokens. The distribution actually
     sampled from, so every log-prob and KL of a policy sampled with a length floor is one of that policy, and

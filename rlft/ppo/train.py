@@ -270,9 +270,13 @@ def finish(ppo: PPORun) -> dict:
         why = (f"the final policy's KL {final.kl:.2f} (95% bound {final.upper:.2f}) is past "
                f"ppo.kl_budget={hp.kl_budget:g}" if final.upper > hp.kl_budget
                else "the final policy's replies collapsed")
-        log.warning("%s: the result is step %d's policy (%s)", why, shipped,
-                    f"KL {result.kl:.2f}, bound {result.upper:.2f} on the same prompts, replies not collapsed"
-                    if result else f"KL {kl[shipped]:.2f} by its own rollout, unmeasured under FSDP")
+        if result is None:
+            how = f"KL {kl[shipped]:.2f} by its own rollout, unmeasured under FSDP"
+        else:
+            replies = ("collapsed too, as every policy within the budget did" if result.signals["collapsed"]
+                       else "not collapsed")
+            how = f"KL {result.kl:.2f}, bound {result.upper:.2f} on the same prompts, replies {replies}"
+        log.warning("%s: the result is step %d's policy (%s)", why, shipped, how)
 
     largest = accelerator.gather(torch.tensor([runs.peak_rss_mb()])).max().item()  # every process, before saving
     summary = {}
