@@ -169,10 +169,9 @@ def candidate_folder(run_dir: Path) -> Path:
 def save_candidate(accelerator, run_dir: Path, step: int, kl: float, kl_upper: float, actor_critic,
                    model_config: ModelConfig, reference_adapter: str | None) -> None:
     """The policy after `step` updates, which its own rollout measured at `kl`, upper bound `kl_upper` (within the
-    KL budget), kept as
-    checkpoints/candidate/ (policy/ and critic laid out as a checkpoint's, and candidate.json) until a later
-    one replaces it, atomically. Should the final policy be past the budget, the result falls back to this
-    one rather than to the last checkpoint, up to save_every steps earlier and often far below the target.
+    KL budget), kept as checkpoints/candidate/ (policy/ and critic laid out as a checkpoint's, and
+    candidate.json) until a later one replaces it, atomically. Should the final policy be past the budget, the
+    result may fall back to this one rather than to the last checkpoint, up to save_every steps earlier.
     All processes call this (a gather under FSDP)."""
     weights = trained_weights(actor_critic)
     if accelerator.is_main_process:
@@ -193,7 +192,8 @@ def candidate(run_dir: Path) -> tuple[int, float, float] | None:
     if not path.is_file():
         return None
     info = read_json(path)
-    return int(info["step"]), float(info["kl"]), float(info["kl_upper"])
+    # a candidate an rlft before the upper bound kept: its mean is the best bound it has
+    return int(info["step"]), float(info["kl"]), float(info.get("kl_upper", info["kl"]))
 
 
 def result_folder(run_dir: Path, step: int) -> Path:
