@@ -495,7 +495,7 @@ def test_kl_explosion_stops_the_run_and_keeps_the_last_checkpoint(tiny_lm_dir, p
 
 def test_the_update_stops_at_its_trust_region(tiny_lm_dir):
     """max_update_kl: the first mini-batch whose forward finds the policy that far from the rollout's takes no
-    step, and the update ends there; off (0), every mini-batch of every epoch steps."""
+    step, and the update ends there, without its backward pass; off (0), every mini-batch of every epoch steps."""
     from accelerate import Accelerator
 
     from rlft.config import ModelConfig
@@ -510,23 +510,33 @@ def test_the_update_stops_at_its_trust_region(tiny_lm_dir):
     texts = [tokenizer.apply_chat_template([{"role": "user", "content": w}], tokenize=False,
                                            add_generation_prompt=True) for w in WORDS[:8]]
 
-    def update(max_update_kl):
-        hp = PPOHyperparameters(rollout_batch_size=8, mini_batch_size=4, ppo_epochs=3, max_update_kl=max_update_kl)
+    def update(max_update_kl, accumulation=1):
+        hp = PPOHyperparameters(rollout_batch_size=8, mini_batch_size=4, ppo_epochs=3, max_update_kl=max_update_kl,
+                                gradient_accumulation_steps=accumulation)
         model = moved_policy(model_config, hp)
         rollout = collect_rollout(model, tokenizer, WORDS[:8], texts, lambda p, c, **_: torch.linspace(-1, 1, len(c)),
                                   SamplingConfig(max_new_tokens=6), 8)
         rollout.advantages = torch.randn_like(rollout.values) * rollout.response_mask
         rollout.returns = rollout.values
         optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+        accelerator = Accelerator(cpu=True)
+        backward, backwards = accelerator.backward, []
+        accelerator.backward = lambda loss: backwards.append(loss) or backward(loss)
         torch.manual_seed(1)
-        return ppo_update(model, Accelerator(cpu=True), optimizer, rollout, hp, 0.0)
+        return ppo_update(model, accelerator, optimizer, rollout, hp, 0.0), len(backwards)
 
-    free = update(0.0)
+    free, free_backwards = update(0.0)
     assert free["policy/optimizer_steps"] == 6 and free["policy/update_stopped"] == 0.0  # 3 epochs x 2 mini-batches
+    assert free_backwards == 6
     # the first mini-batch sees the rollout's own policy (approx-KL 0) and steps; the second already sees it moved
-    stopped = update(1e-9)
+    stopped, stopped_backwards = update(1e-9)
     assert stopped["policy/optimizer_steps"] == 1 and stopped["policy/update_stopped"] == 1.0
     assert stopped["policy/epochs"] == 1
+    assert stopped_backwards == 1  # the stopping mini-batch's loss was never differentiated
+    # accumulating, the last micro-batch's backward still runs (FSDP2 would keep the first one's gradient)
+    accumulated, accumulated_backwards = update(1e-9, accumulation=2)
+    assert accumulated["policy/optimizer_steps"] == 1 and accumulated_backwards == 4
+    assert len({"loss/policy", "policy/approxkl"} & stopped.keys()) == 2
 
 
 def ignore_the_cache(monkeypatch) -> None:

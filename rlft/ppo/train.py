@@ -479,9 +479,10 @@ def ppo_update(model, accelerator, optimizer, rollout: Rollout, hp: PPOHyperpara
     token_mean, of sequences for sequence_mean), so the gradient equals that of one pass over the whole
     global mini-batch (accumulation 4x1 == 1x4, 2 processes == 1). With kl_in=loss the loss adds
     kl_coef * k3(pi || pi_ref) per token. With max_update_kl the update stops at the first mini-batch whose
-    forward finds the policy that far from the rollout's (before stepping on it). first: the first epoch's row
-    order and the live forward of its first micro-batch (step 3's), used instead of running it again; else the
-    order is drawn here. rollout: with step 5's advantages and returns.
+    forward finds the policy that far from the rollout's (before stepping on it; without accumulation, before
+    its backward). first: the first epoch's row order and the live forward of its first micro-batch
+    (step 3's), used instead of running it again; else the order is drawn here. rollout: with step 5's
+    advantages and returns.
     """
     input_ids, attention_mask = rollout.input_ids, rollout.attention_mask
     mask = loss_mask(rollout.response_mask, rollout.ended_with_eos, hp.mask_truncated_completions)
@@ -534,19 +535,25 @@ def ppo_update(model, accelerator, optimizer, rollout: Rollout, hp: PPOHyperpara
                         raise RlftError("PPO loss became NaN/inf: " + nan_advice(
                             accelerator.unwrap_model(model), rollout.query_mask,
                             "lower ppo.learning_rate or check the scorer's scores"))
+                    stats["loss/policy"].append(pg_loss.item())
+                    stats["policy/entropy"].append(mean_entropy.item())
+                    for key in ("clipfrac", "clipfrac_low", "clipfrac_high"):
+                        stats[f"policy/{key}"].append(pg_stats[key].item())
+                    stats["policy/approxkl"].append(pg_stats["approxkl"].item())
+                    mini_approxkl.append(pg_stats["approxkl"])
+                    # Trust region: this mini-batch's forward saw the policy after the update's steps so far.
+                    # Past the threshold, no more steps (decided on every process's rows alike, so they stay in
+                    # step). Known before the last backward, which a one-micro-batch mini-batch then skips (after
+                    # earlier micro-batches it runs: FSDP2 holds their no_sync gradients until a synced backward).
+                    if is_last and hp.max_update_kl:
+                        moved = accelerator.reduce(torch.stack(mini_approxkl).mean(), "mean").item()
+                        if moved > hp.max_update_kl:
+                            stats["policy/update_stopped"] = [1.0]
+                            if micro_start == 0:
+                                break
                     accelerator.backward(loss * share_of(mask[rows], hp.loss_aggregation) / mini_share)
-                stats["loss/policy"].append(pg_loss.item())
-                stats["policy/entropy"].append(mean_entropy.item())
-                for key in ("clipfrac", "clipfrac_low", "clipfrac_high"):
-                    stats[f"policy/{key}"].append(pg_stats[key].item())
-                stats["policy/approxkl"].append(pg_stats["approxkl"].item())
-                mini_approxkl.append(pg_stats["approxkl"])
-            # Trust region: this mini-batch's forward saw the policy after the update's steps so far. Past the
-            # threshold, no more steps (decided on every process's rows alike, so they stay in step).
-            moved = accelerator.reduce(torch.stack(mini_approxkl).mean(), "mean").item()
-            if hp.max_update_kl and moved > hp.max_update_kl:
+            if stats.get("policy/update_stopped"):
                 optimizer.zero_grad(set_to_none=True)
-                stats["policy/update_stopped"] = [1.0]
                 break
             # Each group clipped on its own: the critic's gradient must not shrink the policy's step.
             for group, key in zip(optimizer.param_groups, ("policy/grad_norm", "val/grad_norm")):
