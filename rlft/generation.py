@@ -223,9 +223,9 @@ def ban_early_eos(logits: torch.Tensor, positions: torch.Tensor, eos_token_id: i
                   min_new_tokens: int) -> torch.Tensor:
     """Logits (..., V) of response tokens with EOS at -inf where the sampler banned it: positions (...) is each
     token's index in its response (0: the first; any shape that broadcasts against the logits' leading
-    dimensions), banned while below min_new_tokens. The distribution actually
-    sampled from, so every log-prob and KL of a policy sampled with a length floor is one of that policy, and
-    its reference's is under the same floor."""
+    dimensions), banned while below min_new_tokens. The distribution actually sampled from, so every log-prob
+    and KL of a policy sampled with a length floor is one of that policy, and its reference's is under the same
+    floor."""
     if not min_new_tokens:
         return logits
     # shaped like positions, not like the logits: PPO's (T, V) mask broadcasts over its B rows
