@@ -5,7 +5,8 @@
 
 The policy is what PPO samples from: the embedded SmolLM2 with a fresh LoRA adapter (r=16, all-linear; its B
 is zero-initialised, so every variant computes the same function). Every variant generates exactly
-`--new-tokens` tokens (EOS banned) from the same chatterbot prompts; tokens/s is over 3 calls after a warm-up.
+`--new-tokens` tokens (EOS banned) from the same chatterbot prompts; tokens/s is over 3 calls after a warm-up
+(with `--rounds R`, the median of R such rounds, the variants taking turns: a noisy machine slows all alike).
 With `--natural ADAPTER` the policy is that adapter (an SFT output) and responses end at EOS, as in the
 preferences and eval stages: tokens/s counts real response tokens (through EOS); call i of each variant is
 seeded i, so rlft's variants sample the same responses (but where bf16 rounding differs with the batch's
@@ -13,7 +14,8 @@ size and flips a draw; HF generate draws differently, so its lengths differ),
 and `--calls` more calls average over more batches' longest responses, which decide a call's steps.
 
 - `rlft`: rlft.generation.sample, what PPO, preferences and eval call (the adapter merged while sampling);
-  `rlft_unmerged` the same with `sampling.merge_adapter=false`; `rlft_full_batch` the same with ended rows
+  `rlft_unmerged` the same with `sampling.merge_adapter=false`; `rlft_unpacked` with `sampling.pack_weights=false`
+  (F.linear reordering each bf16 weight for oneDNN at every call); `rlft_full_batch` the same with ended rows
   kept in the batch (`sampling_loop(drop_ended=False)`);
 - `hf_generate`: plain `model.generate(do_sample=True)` on the same PEFT model (the HF baseline);
 - `hf_merged`: the same on a merged copy of the weights (no LoRA matmuls);
@@ -35,6 +37,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -102,6 +105,8 @@ def main() -> None:
     parser.add_argument("--natural", default="", help="an SFT adapter folder: sample it until EOS")
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--calls", type=int, default=3, help="timed calls per variant, after one warm-up")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="rounds of every variant in turn; each variant's figure is its median round")
     parser.add_argument("--json", default="")
     args = parser.parse_args()
     if args.natural:
@@ -117,6 +122,8 @@ def main() -> None:
     sampling = SamplingConfig(max_new_tokens=args.new_tokens, min_new_tokens=forced, top_p=args.top_p)
     unmerged = SamplingConfig(max_new_tokens=args.new_tokens, min_new_tokens=forced, top_p=args.top_p,
                               merge_adapter=False)
+    unpacked = SamplingConfig(max_new_tokens=args.new_tokens, min_new_tokens=forced, top_p=args.top_p,
+                              pack_weights=False)
     texts = render_prompts(tokenizer, [row["prompt"] for row in chatterbot_pairs()[: max(args.rows)]])
     hf = {"do_sample": True, "max_new_tokens": args.new_tokens, "min_new_tokens": forced, "top_p": args.top_p,
           "top_k": 0, "pad_token_id": tokenizer.pad_token_id}
@@ -124,6 +131,7 @@ def main() -> None:
     variants = {
         "rlft": lambda prompt: sampling_loop(policy, prompt, sampling, eos, pad).ids,
         "rlft_unmerged": lambda prompt: sampling_loop(policy, prompt, unmerged, eos, pad).ids,
+        "rlft_unpacked": lambda prompt: sampling_loop(policy, prompt, unpacked, eos, pad).ids,
         "rlft_full_batch": lambda prompt: sampling_loop(policy, prompt, sampling, eos, pad, drop_ended=False).ids,
         "hf_generate": lambda prompt: policy.generate(**prompt, **hf),
         "hf_merged": lambda prompt: merged.generate(**prompt, **hf),
@@ -141,24 +149,33 @@ def main() -> None:
     for rows in args.rows:
         prompt = encode_prompts(tokenizer, texts[:rows], sampling.max_prompt_length, policy.device)
         width = prompt["input_ids"].shape[1]
-        for name in args.variants.split(","):
-            generated = []
+        names = args.variants.split(",")
+        rounds: dict[str, list[float]] = {name: [] for name in names}
+        for _ in range(args.rounds):  # variants interleaved: a neighbour's load lands on all of them alike
+            for name in names:
+                generated = []
 
-            def call():
-                torch.manual_seed(len(generated))  # call i of every variant draws with seed i
-                response = variants[name](prompt)
-                generated.append(response[:, width:] if name.startswith("hf") else response)
-            seconds = timed(call, args.calls)
-            if args.natural:  # real tokens (through each row's EOS) per timed call
-                tokens = sum(response_mask_from_eos(r, eos, pad)[0].sum().item() for r in generated[1:]) / args.calls
-            else:
-                tokens = rows * args.new_tokens
-            ms_per_step = 1000 * seconds / args.new_tokens
-            results["runs"][f"{name}_{rows}"] = {"rows": rows, "seconds": seconds, "tokens": tokens,
-                                                 "tokens_per_s": tokens / seconds, "ms_per_step": ms_per_step,
-                                                 "over_memory_floor": ms_per_step / floor_ms}
-            print(f"{rows:>3} rows  {name:<15} {tokens / seconds:7.0f} tokens/s  {seconds:6.2f} s/call  "
-                  f"{tokens:7.1f} tokens/call  {ms_per_step / floor_ms:5.1f}x the memory floor", flush=True)
+                def call():
+                    torch.manual_seed(len(generated))  # call i of every variant draws with seed i
+                    response = variants[name](prompt)
+                    generated.append(response[:, width:] if name.startswith("hf") else response)
+                rounds[name].append(timed(call, args.calls))
+                if args.natural:  # real tokens (through each row's EOS) per timed call
+                    tokens = sum(response_mask_from_eos(r, eos, pad)[0].sum().item()
+                                 for r in generated[1:]) / args.calls
+                else:
+                    tokens = rows * args.new_tokens
+                seconds = statistics.median(rounds[name])
+                ms_per_step = 1000 * seconds / args.new_tokens
+                results["runs"][f"{name}_{rows}"] = {"rows": rows, "seconds": seconds, "rounds_seconds": rounds[name],
+                                                     "tokens": tokens, "tokens_per_s": tokens / seconds,
+                                                     "ms_per_step": ms_per_step,
+                                                     "over_memory_floor": ms_per_step / floor_ms}
+                print(f"{rows:>3} rows  {name:<15} {tokens / rounds[name][-1]:7.0f} tokens/s  "
+                      f"{rounds[name][-1]:6.2f} s/call  {tokens:7.1f} tokens/call  "
+                      f"{1000 * rounds[name][-1] / args.new_tokens / floor_ms:5.1f}x the memory floor", flush=True)
+    for key, run in results["runs"].items():
+        print(f"{key:<22} median of {len(run['rounds_seconds'])} rounds: {run['tokens_per_s']:7.0f} tokens/s", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
 

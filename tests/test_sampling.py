@@ -12,6 +12,8 @@ from rlft.generation import (
     SamplingConfig,
     encode_prompts,
     next_tokens,
+    packed_linears,
+    packing_supported,
     position_ids_for,
     response_mask_from_eos,
     sample,
@@ -90,6 +92,34 @@ def test_merged_sampling_leaves_every_weight_exact_and_the_adapter_on(tiny_lm_di
         logprobs, _, _ = policy(input_ids, mask, query["input_ids"].shape[1], 1.0)
         ref_logprobs, _ = policy.reference_logprobs(input_ids, mask, query["input_ids"].shape[1], 1.0)
     assert (logprobs - ref_logprobs).abs().max() > 1e-3
+
+
+@pytest.mark.skipif(not packing_supported(), reason="no oneDNN bf16 kernels on this CPU: nothing is packed")
+@pytest.mark.parametrize("merge_adapter", [True, False])
+def test_prepacked_weights_sample_the_same_tokens_and_log_probs(tiny_lm_dir, merge_adapter):
+    """Decoding from oneDNN-prepacked bf16 weights is a speed-up, not an approximation: the same tokens and
+    sampler log-probs bit for bit as F.linear on the plain weights, and the layers are plain again afterwards."""
+    config = ModelConfig(name_or_path=str(tiny_lm_dir), dtype="bfloat16")
+    tokenizer = load_tokenizer(config)
+    torch.manual_seed(0)
+    model = add_lora(load_model(config), config, LoraConfig(r=4, dropout=0.0)).eval()
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, 0.3)
+    query = encode_prompts(tokenizer, templated(tokenizer), 64, "cpu")
+    draws = []
+    for pack in (True, False):
+        torch.manual_seed(1)
+        sampling = SamplingConfig(max_new_tokens=12, temperature=1.3, merge_adapter=merge_adapter, pack_weights=pack)
+        draws.append(sampling_loop(model, query, sampling, tokenizer.eos_token_id, tokenizer.pad_token_id))
+    (packed_ids, packed_logprobs), (plain_ids, plain_logprobs) = draws
+    assert torch.equal(packed_ids, plain_ids) and torch.equal(packed_logprobs, plain_logprobs)
+    assert len(set(plain_ids.flatten().tolist())) > 5  # a real draw, not one repeated token
+    linears = [m for m in model.modules() if type(m) is torch.nn.Linear and m.weight.dtype == torch.bfloat16]
+    with packed_linears(model):  # inside, every bf16 linear layer reads a prepacked (oneDNN) copy of its weight
+        assert linears and all(layer.forward.args[0].is_mkldnn for layer in linears)
+    assert not any("forward" in layer.__dict__ for layer in linears)
 
 
 def test_greedy_decode_equals_hf_generate(tiny_lm_dir):
