@@ -100,24 +100,33 @@ def knobs(w: memory.Workload, accumulation: int, rows_change,
         found.append((rows_change(items, steps), replace(w, rows=rows, logit_rows=rows if w.logit_rows else 0)))
     if not w.gradient_checkpointing and w.rows:
         found.append(("model.gradient_checkpointing=true", replace(w, gradient_checkpointing=True)))
+    if w.packed:
+        found.append(("sampling.pack_weights=false", replace(w, packed=0)))
     if w.quantization == "none" and not w.full_finetune:
-        found.append(("model.quantization=4bit", replace(w, quantization="4bit", merged=0)))
+        found.append(("model.quantization=4bit", replace(w, quantization="4bit", merged=0, packed=quantized_packed(w))))
     if w.processes > 1 and w.strategy == "ddp":
         found.append(("FSDP: accelerate launch --config_file configs/accelerate/fsdp.yaml",
-                      replace(w, strategy="fsdp", merged=0)))
+                      replace(w, strategy="fsdp", merged=0, packed=0)))
     return found
 
 
 
 def sampling_knobs(w: memory.Workload) -> list[tuple[str, memory.Workload]]:
-    """A sampling stage's: fewer rows decoded at once (batch_size), a 4-bit base."""
+    """A sampling stage's: fewer rows decoded at once (batch_size), no prepacked copy, a 4-bit base."""
     found, rows = [], w.generate_rows
     while rows > 1:
         rows //= 2
         found.append((f"batch_size={rows}", replace(w, generate_rows=rows, logit_rows=min(w.logit_rows, rows))))
+    if w.packed:
+        found.append(("sampling.pack_weights=false", replace(w, packed=0)))
     if w.quantization == "none":
-        found.append(("model.quantization=4bit", replace(w, quantization="4bit", merged=0)))
+        found.append(("model.quantization=4bit", replace(w, quantization="4bit", merged=0, packed=quantized_packed(w))))
     return found
+
+
+def quantized_packed(w: memory.Workload) -> int:
+    """What a 4-bit base leaves to prepack (bitsandbytes keeps the output head in the compute dtype)."""
+    return w.model.vocab * w.model.hidden if w.packed else 0
 
 
 

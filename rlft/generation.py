@@ -326,7 +326,8 @@ def merged_adapter(model, pack: bool = False):
     extra matmuls per layer and decoding step (benchmarks/decode.py: the unmerged adapter costs a third of a
     step). A no-op, sampling through the adapter, for what cannot merge exactly this way: no adapter active,
     quantized base weights, MoE expert parameters, DoRA, or adapters other than LoRA. pack: every linear layer
-    prepacked (packed_linears), an adapted one from its merged weight, which is then the one copy it costs.
+    prepacked (packed_linears), an adapted one from its merged weight, which is then the one copy it costs (its
+    `.weight` stays the unmerged one: the module computes merged, code reading the tensor directly would not).
     """
     layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
     mergeable = layers and all(
@@ -383,19 +384,22 @@ def packed_linears(model):
     weights it packs while inside. A no-op off CPU, for float32 and quantized layers, and where this torch or CPU
     has no oneDNN bf16 kernels.
     """
-    layers = [m for m in model.modules() if packable(m)] if packing_supported() else []
+    packed = []
     try:
-        for layer in layers:
+        for layer in [m for m in model.modules() if packable(m)] if packing_supported() else []:
             pack_linear(layer, layer.weight)
+            packed.append(layer)
         yield
     finally:
-        for layer in layers:
+        for layer in packed:
             del layer.forward
 
 
 def packing_supported() -> bool:
-    """Whether this torch and CPU have oneDNN's bf16 linear kernels (AVX512-BF16 or AMX; not AVX2-only CPUs)."""
-    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    """Whether this torch and CPU have oneDNN's bf16 linear kernels (AVX512-BF16 or AMX; not AVX2-only CPUs), and
+    F.linear uses them (not switched off by torch.backends.mkldnn.enabled = False)."""
+    return (torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
+            and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 def packable(layer: torch.nn.Module) -> bool:
@@ -412,8 +416,11 @@ def pack_linear(layer: torch.nn.Linear, weight: torch.Tensor) -> None:
 
 def packed_linear(packed: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
     """F.linear(x, weight, bias) from `packed`, oneDNN's prepacked copy of the weight (packed_linears); from a
-    plain copy of it for what the packed kernel does not take (another dtype, a pass that needs gradients)."""
-    if x.dtype != packed.dtype or (torch.is_grad_enabled() and x.requires_grad):
+    plain copy of it for an input of another dtype. Inference only: no gradient reaches the weight's parameter."""
+    if torch.is_grad_enabled() and x.requires_grad:
+        raise RuntimeError("a linear layer with prepacked weights (rlft.generation.packed_linears) was called with "
+                           "gradients on: packed weights are for sampling under torch.no_grad()")
+    if x.dtype != packed.dtype:
         return torch.nn.functional.linear(x, packed.to_dense(), bias)
     return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [None], "")
 

@@ -122,7 +122,8 @@ class Workload:
     logit_copies: int = 1
     generate_rows: int = 0  # rows decoded together
     generate_tokens: int = 0  # their prompt + new tokens
-    merged: int = 0  # base weights copied for sampling: the adapter merged into them, or prepacked for oneDNN
+    merged: int = 0  # base weights copied while the adapter is merged into them for sampling
+    packed: int = 0  # base weights copied for sampling, prepacked for oneDNN (beyond the merged ones, packed too)
     others: tuple[tuple[str, str, float], ...] = ()  # (key, label, bytes) of other models held: a reward model
     processes: int = 1
     strategy: Literal["ddp", "fsdp"] = "ddp"
@@ -179,7 +180,9 @@ def parts(w: Workload) -> list[Part]:
                           kv_cache_bytes(w.generate_rows, w.generate_tokens, m.layers, m.kv_heads, m.head_dim,
                                          w.dtype_bytes), "generate"))
     if w.merged:
-        found.append(Part("merged", "weights copied for sampling (adapter merged, or prepacked)", w.merged * w.dtype_bytes,
+        found.append(Part("merged", "adapter merged into a copy of its layers", w.merged * w.dtype_bytes, "generate"))
+    if w.packed:
+        found.append(Part("packed", "other weights prepacked for oneDNN while sampling", w.packed * w.dtype_bytes,
                           "generate"))
     if w.strategy == "fsdp" and w.processes > 1:
         found.append(Part("fsdp_gathered", f"FSDP: {FSDP_GATHERED_LAYERS} layers gathered whole",

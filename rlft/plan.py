@@ -243,7 +243,7 @@ def plan_preferences(config: PreferenceConfig, setting: Setting) -> StagePlan:
     plan.workload = memory.Workload(
         shape, dtype_bytes(model_config, setting.device), model_config.quantization, adapter=adapter_parameters,
         generate_rows=config.batch_size, generate_tokens=generate_tokens,
-        merged=sampling_copy(model_config, config.sampling, setting, adapter, merged, shape.parameters),
+        **sampling_copies(model_config, config.sampling, setting, adapter, merged, shape),
         others=tuple(part for part in judges if part), device=setting.device.kind)
     plan.knobs = sampling_knobs(plan.workload)
     one_process(plan, setting)
@@ -288,7 +288,7 @@ def plan_ppo(config: PPOConfig, setting: Setting) -> StagePlan:
         # step 3 keeps the policy's and the reference's logits of the response for the exact KL
         logit_rows=max(hp.micro_batch_size, hp.forward_batch_size), logit_tokens=config.sampling.max_new_tokens,
         logit_copies=2, generate_rows=hp.rollout_batch_size, generate_tokens=tokens,
-        merged=sampling_copy(config.model, config.sampling, setting, config.lora, merged, shape.parameters),
+        **sampling_copies(config.model, config.sampling, setting, config.lora, merged, shape),
         others=tuple(part for part in rewards if part), processes=setting.processes, strategy=setting.strategy,
         device=setting.device.kind)
     plan.knobs = knobs(plan.workload, hp.gradient_accumulation_steps,  # the micro-batch is mini_batch_size / steps
@@ -337,7 +337,7 @@ def plan_eval(config: EvalConfig, setting: Setting) -> StagePlan:
         # the KL pass: the policy's and the reference's logits of each response
         logit_rows=config.batch_size, logit_tokens=config.sampling.max_new_tokens, logit_copies=2,
         generate_rows=config.batch_size, generate_tokens=tokens,
-        merged=sampling_copy(model_config, config.sampling, setting, adapter, merged, shape.parameters),
+        **sampling_copies(model_config, config.sampling, setting, adapter, merged, shape),
         others=tuple(part for part in scorers if part), device=setting.device.kind)
     plan.knobs = sampling_knobs(plan.workload)
     one_process(plan, setting)
@@ -522,16 +522,20 @@ def size_scorer(scorer: ScorerConfig, setting: Setting, shared_base: bool = Fals
     return f"reward:{scorer.name}", label + (f" + {memory.amount(adapter_parameters)} adapter" if adapter else ""), size
 
 
-def sampling_copy(model_config: ModelConfig, sampling, setting: Setting, adapter, merged: int,
-                  parameters: int) -> int:
-    """Base weights copied while sampling: on a CPU with oneDNN bf16 kernels, in bf16, every linear layer's
-    (generation.packed_linears; at most every parameter), else the `merged` weights of the layers the adapter
-    adapts where it merges (generation.merged_adapter), else none."""
+def sampling_copies(model_config: ModelConfig, sampling, setting: Setting, adapter, merged: int,
+                    shape: memory.ModelShape) -> dict[str, int]:
+    """Base weights copied while sampling, as Workload fields: `merged`, the layers the adapter adapts where it
+    merges (generation.merged_adapter); `packed`, on a CPU with oneDNN bf16 kernels, in bf16, the other linear
+    layers' prepacked copies (generation.packed_linears: merged layers pack from their merged copy; at most every
+    parameter in all; only the bf16 output head of a quantized base)."""
+    merged = merged if mergeable(model_config, sampling, setting, adapter) else 0
     sharded = setting.strategy == "fsdp" and setting.processes > 1
-    if (sampling.pack_weights and setting.device.kind == "cpu" and packing_supported() and not sharded
-            and model_config.quantization == "none" and planned_dtype(model_config, setting.device) == torch.bfloat16):
-        return parameters
-    return merged if mergeable(model_config, sampling, setting, adapter) else 0
+    if not (sampling.pack_weights and setting.device.kind == "cpu" and packing_supported() and not sharded
+            and planned_dtype(model_config, setting.device) == torch.bfloat16):
+        return {"merged": merged, "packed": 0}
+    if model_config.quantization != "none":
+        return {"merged": 0, "packed": shape.vocab * shape.hidden}
+    return {"merged": merged, "packed": shape.parameters - merged}
 
 
 def mergeable(model_config: ModelConfig, sampling, setting: Setting, adapter) -> bool:

@@ -15,9 +15,10 @@ from transformers import LlamaConfig, PreTrainedModel
 from rlft import memory
 from rlft.cli import main
 from rlft.config import LoraConfig, ModelConfig
-from rlft.fit import Device, knobs, verdict
+from rlft.fit import Device, knobs, sampling_knobs, verdict
+from rlft.generation import SamplingConfig, packing_supported
 from rlft.models import empty_model
-from rlft.plan import Setting, StagePlan, layer_bytes, size_policy
+from rlft.plan import Setting, StagePlan, layer_bytes, sampling_copies, size_policy
 from tests import tiny
 from tests.test_faults import ppo_args, reward_args, sft_args
 from tests.test_pipeline import tiny_overrides
@@ -118,6 +119,27 @@ def test_a_plan_that_does_not_fit_names_the_first_knob_that_makes_it_fit(llama_7
     assert verdict(plan, Setting(Device("cuda", 256 * GIB, "256 GiB"))).startswith("fits")
     said = verdict(plan, Setting(Device("cuda", 8 * GIB, "a GPU of 8 GiB")))  # only 4-bit comes close
     assert "no one knob is enough" in said
+
+
+@pytest.mark.skipif(not packing_supported(), reason="no oneDNN bf16 kernels on this CPU: sampling packs nothing")
+def test_sampling_on_a_bf16_cpu_counts_the_prepacked_copy_and_offers_to_drop_it(llama_7b):
+    shape, adapter, adapted, _ = size_policy(llama_7b, LoraConfig(r=16))
+    cpu = Setting(Device("cpu", 64 * GIB, "a CPU with 64 GiB"))
+
+    def copies(model=llama_7b, sampling=SamplingConfig(), setting=cpu):
+        return sampling_copies(model, sampling, setting, LoraConfig(r=16), adapted, shape)
+    # the adapted layers pack from their merged copy (one copy); the head, embeddings and norms are counted as
+    # packed too (at most every parameter): one copy of all weights in all
+    assert copies() == {"merged": adapted, "packed": shape.parameters - adapted}
+    assert copies(sampling=SamplingConfig(pack_weights=False)) == {"merged": adapted, "packed": 0}
+    assert copies(model=replace(llama_7b, dtype="float32")) == {"merged": adapted, "packed": 0}
+    assert copies(setting=SETTING) == {"merged": adapted, "packed": 0}  # a GPU: F.linear as it is
+    # a 4-bit base merges nothing; bitsandbytes keeps the bf16 head, which is packed: V x h
+    assert copies(model=replace(llama_7b, quantization="4bit")) == {"merged": 0, "packed": 32000 * 4096}
+
+    w = memory.Workload(shape, 2, adapter=adapter, generate_rows=8, generate_tokens=512, **copies())
+    unpacked = dict(sampling_knobs(w))["sampling.pack_weights=false"]
+    assert memory.peak(memory.parts(w)) - memory.peak(memory.parts(unpacked)) == (shape.parameters - adapted) * 2
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -96,9 +96,11 @@ def test_merged_sampling_leaves_every_weight_exact_and_the_adapter_on(tiny_lm_di
 
 @pytest.mark.skipif(not packing_supported(), reason="no oneDNN bf16 kernels on this CPU: nothing is packed")
 @pytest.mark.parametrize("merge_adapter", [True, False])
-def test_prepacked_weights_sample_the_same_tokens_and_log_probs(tiny_lm_dir, merge_adapter):
+def test_prepacked_weights_sample_the_same_tokens_and_log_probs(tiny_lm_dir, merge_adapter, monkeypatch):
     """Decoding from oneDNN-prepacked bf16 weights is a speed-up, not an approximation: the same tokens and
     sampler log-probs bit for bit as F.linear on the plain weights, and the layers are plain again afterwards."""
+    import rlft.generation as generation
+
     config = ModelConfig(name_or_path=str(tiny_lm_dir), dtype="bfloat16")
     tokenizer = load_tokenizer(config)
     torch.manual_seed(0)
@@ -108,18 +110,28 @@ def test_prepacked_weights_sample_the_same_tokens_and_log_probs(tiny_lm_dir, mer
             if "lora_B" in name:
                 parameter.normal_(0, 0.3)
     query = encode_prompts(tokenizer, templated(tokenizer), 64, "cpu")
+    packs, calls = [], []  # which weights were packed (the layer's own, or a merged copy); packed matmuls run
+    pack_linear, packed_linear = generation.pack_linear, generation.packed_linear
+    monkeypatch.setattr(generation, "pack_linear", lambda layer, weight: (
+        packs.append(weight is layer.weight), pack_linear(layer, weight)))
+    monkeypatch.setattr(generation, "packed_linear", lambda *args: (calls.append(1), packed_linear(*args))[1])
     draws = []
     for pack in (True, False):
         torch.manual_seed(1)
         sampling = SamplingConfig(max_new_tokens=12, temperature=1.3, merge_adapter=merge_adapter, pack_weights=pack)
         draws.append(sampling_loop(model, query, sampling, tokenizer.eos_token_id, tokenizer.pad_token_id))
+        if pack:  # every bf16 linear layer packed (the adapted ones from their merged weights when merging), used
+            linears = [m for m in model.modules() if type(m) is torch.nn.Linear and m.weight.dtype == torch.bfloat16]
+            assert len(packs) == len(linears) and len(calls) >= len(linears)
+            assert packs.count(False) == (len(linears) - 1 if merge_adapter else 0)  # all but the untouched head
+            packs.clear(), calls.clear()
+    assert not packs and not calls  # pack_weights=False packs nothing
     (packed_ids, packed_logprobs), (plain_ids, plain_logprobs) = draws
     assert torch.equal(packed_ids, plain_ids) and torch.equal(packed_logprobs, plain_logprobs)
     assert len(set(plain_ids.flatten().tolist())) > 5  # a real draw, not one repeated token
-    linears = [m for m in model.modules() if type(m) is torch.nn.Linear and m.weight.dtype == torch.bfloat16]
-    with packed_linears(model):  # inside, every bf16 linear layer reads a prepacked (oneDNN) copy of its weight
-        assert linears and all(layer.forward.args[0].is_mkldnn for layer in linears)
-    assert not any("forward" in layer.__dict__ for layer in linears)
+    assert not any("forward" in module.__dict__ for module in model.modules())
+    with torch.enable_grad(), packed_linears(model), pytest.raises(RuntimeError, match="no_grad"):
+        linears[0](torch.ones(1, linears[0].in_features, dtype=torch.bfloat16, requires_grad=True))
 
 
 def test_greedy_decode_equals_hf_generate(tiny_lm_dir):
