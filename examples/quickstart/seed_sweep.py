@@ -112,13 +112,15 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def commit() -> str:
-    """The code the runs ran: the commit of the sweep's checkout, and whether files it tracks were changed."""
+    """The code the runs ran: the commit of the sweep's checkout, and whether files it tracks were changed (other
+    than what the sweep writes itself, which changes as its runs finish)."""
     def git(*args):  # Popen, not run: the tests stand in for subprocess.run to catch a rerun pipeline
         with subprocess.Popen(["git", *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                               text=True) as process:
             return process.communicate()[0].strip()
-    return git("rev-parse", "--short", "HEAD") + (" (changed)" if git("status", "--porcelain", "--untracked-files=no")
-                                                  else "")
+    own = [f":(exclude){path}" for path in ("examples/quickstart/results", "examples/quickstart/README.md", "README.md")]
+    changed = git("status", "--porcelain", "--untracked-files=no", "--", ".", *own)
+    return git("rev-parse", "--short", "HEAD") + (" (changed)" if changed else "")
 
 
 def write(sweep: dict, args) -> dict:
