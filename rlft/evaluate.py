@@ -205,6 +205,7 @@ def training_result(run_dir: str) -> dict | None:
     if "result_step" not in summary:
         return None
     return {**{key: summary[key] for key in ("result_step", "result_kl", "kl_budget")},
+            "result_scale": summary.get("result_scale", 1.0),
             "collapse_signals": summary.get("collapse_signals", list(hacking.COLLAPSE_LIMITS))}
 
 

@@ -132,7 +132,7 @@ def test_show_config_prints_the_resolved_values(capsys):
 def test_ppo_defaults_are_the_tuned_config():
     """One source of defaults: `rlft ppo` and `rlft ppo --config configs/ppo.yaml` are the same run, and the
     quickstart's PPO stage is that run too (bar the paths the pipeline wires in, the quickstart's one
-    hold-out of a fifth, and its length floor and beta floor, set on its task's seeds)."""
+    hold-out of a fifth, and its length floor, beta floor and result scaling, set on its task's seeds)."""
     from dataclasses import replace
 
     from rlft.pipeline import PipelineConfig
@@ -143,5 +143,5 @@ def test_ppo_defaults_are_the_tuned_config():
     quickstart = load_config(PipelineConfig, CONFIGS / "quickstart.yaml")
     assert replace(quickstart.ppo, data=replace(quickstart.ppo.data, eval_fraction=0.1),
                    sampling=replace(quickstart.ppo.sampling, min_new_tokens=0),
-                   ppo=replace(quickstart.ppo.ppo, kl_coef_min=0.0)) == defaults
+                   ppo=replace(quickstart.ppo.ppo, kl_coef_min=0.0, max_result_scale=0.0)) == defaults
     assert quickstart.ppo.data.eval_fraction == quickstart.sft.data.eval_fraction == 0.2

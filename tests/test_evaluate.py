@@ -264,7 +264,7 @@ def test_collapse_leads_the_report_and_the_recommendation_says_how_it_stands_to_
         (runs_dir / "ppo" / "metrics.json").unlink()
     report = json.loads((tmp_path / "kept" / "report.json").read_text())
     # a run from before collapse_signals existed judged by every signal
-    assert report["training_result"] == {"result_step": 20, "result_kl": 1.5, "kl_budget": 9.0,
+    assert report["training_result"] == {"result_step": 20, "result_kl": 1.5, "kl_budget": 9.0, "result_scale": 1.0,
                                          "collapse_signals": list(COLLAPSE_LIMITS)}
     assert report["kl_budget"] == 9.0  # no budget of its own: PPO's
     # step 20 (and the final policy, the same weights) collapsed: the report says so first, and step 10 wins
@@ -279,6 +279,14 @@ def test_collapse_leads_the_report_and_the_recommendation_says_how_it_stands_to_
     assert sections[0] == "## Warnings" and "one reply is 90% of the samples" in markdown
     assert "The PPO run kept step 20 as its result (KL 1.50 by its own measurement, budget 9); this report differs " \
            "because its replies collapsed." in markdown
+    # a result PPO scaled onto its KL target is not any checkpoint here, which the recommendation says
+    from rlft.report import recommendation
+
+    report["training_result"]["result_scale"] = 1.26
+    report["recommended"] = {**next(p for p in overoptimization_points(report) if p["step"] == 20), "by": "gold"}
+    assert recommendation(report).endswith(
+        "The PPO run kept step 20 with its update scaled by 1.26 to land its KL on the target (KL 1.50 by its own "
+        "measurement, budget 9); the checkpoints here are unscaled.")
 
 
 def test_a_model_that_ignores_the_cache_stops_eval(runs_dir, tmp_path, capsys, monkeypatch):

@@ -613,6 +613,56 @@ def test_the_result_is_the_last_checkpoint_within_the_kl_budget(tiny_lm_dir, pro
                        "ppo.collapse_signals=[]", "ppo.kl_budget=1e-6"))
 
 
+def test_the_result_is_the_final_update_scaled_onto_the_target_kl(tiny_lm_dir, prompts_file, tmp_path):
+    """With ppo.max_result_scale, the result is the final policy with its LoRA B matrices scaled by the factor
+    whose measured KL is nearest ppo.target_kl, its bound within the budget: down for a policy past its budget
+    (instead of an earlier checkpoint), up for one under its target. The shipped adapter is the last
+    checkpoint's with B times the factor; the live scaling at 0 is the reference exactly and is undone exactly.
+    Off (0), the same run ships the last checkpoint as it is."""
+    from safetensors.torch import load_file
+
+    from rlft.ppo.scale import scaled
+    from rlft.ppo.train import run, setup
+
+    varied = ["ppo.learning_rate=0.05", "save_every=4", "ppo.collapse_signals=[]"]
+    off = run(ppo_config(tiny_lm_dir, prompts_file, tmp_path / "off", *varied))
+    trained = off["measured_kl"][4]
+    assert off["result_scale"] == 1.0 and list(off["scale_tried"]) == ["1"]
+    last = load_file(tmp_path / "off" / "checkpoints" / "step-000004" / "policy" / "adapter_model.safetensors")
+    for name, target in (("down", trained / 2), ("up", trained * 1.3)):
+        out = tmp_path / name
+        # the budget 1.25 x the target: the trained policy is past it going down
+        summary = run(ppo_config(tiny_lm_dir, prompts_file, out, *varied, f"ppo.target_kl={target}",
+                                 "ppo.kl_budget=0", "ppo.max_result_scale=1.5"))
+        tried = {float(f): kl for f, kl in summary["scale_tried"].items()}
+        assert tried[1.0] == trained  # the same run up to its end, so the same measurement
+        factor = summary["result_scale"]
+        assert (factor < 1) if name == "down" else (factor > 1), summary["scale_tried"]
+        assert summary["result_step"] == 4 and summary["result_kl"] == tried[factor]
+        assert abs(math.log(summary["result_kl"] / target)) < abs(math.log(trained / target))
+        assert summary["result_kl_upper"] <= 1.25 * target
+        shipped = load_file(out / "policy" / "adapter_model.safetensors")
+        assert shipped.keys() == last.keys()
+        for key in shipped:
+            assert torch.equal(shipped[key], last[key] * factor if "lora_B" in key else last[key]), key
+
+    policy = setup(ppo_config(tiny_lm_dir, prompts_file, tmp_path / "live")).actor_critic.policy
+    ids, generator = torch.tensor([[1, 5, 9, 13, 2]]), torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, parameter in policy.named_parameters():  # a trained update: B is zero at the start
+            if "lora_B" in name:
+                parameter.copy_(0.3 * torch.randn(parameter.shape, generator=generator))
+        trained_logits = policy(input_ids=ids).logits
+        with policy.disable_adapter():
+            reference = policy(input_ids=ids).logits
+        with scaled(policy, policy.active_adapter, 0.0):
+            assert torch.equal(policy(input_ids=ids).logits, reference)
+        with scaled(policy, policy.active_adapter, 1.5):
+            assert not torch.equal(policy(input_ids=ids).logits, trained_logits)
+        assert torch.equal(policy(input_ids=ids).logits, trained_logits)
+    assert not torch.equal(trained_logits, reference)
+
+
 def test_between_checkpoints_the_latest_policy_within_the_budget_is_the_result(tiny_lm_dir, prompts_file, tmp_path):
     """With the final policy past the budget, the result may be the latest policy its own rollout measured within
     it, kept between checkpoints (checkpoints/candidate), not the last checkpoint: here none but the final one.

@@ -545,3 +545,59 @@ def test_loss_aggregation_by_hand():
     mask = torch.tensor([[1, 1, 1], [1, 0, 0], [0, 0, 0]])
     assert aggregate(per_token, mask, "token_mean").item() == pytest.approx(10 / 4)  # (1+2+3+4) / 4 tokens
     assert aggregate(per_token, mask, "sequence_mean").item() == pytest.approx((2 + 4) / 2)  # empty row skipped
+
+
+def fake_measured(kl: float, collapsed: bool = False):
+    """A Measured as rlft.ppo.train.measure_result gives it, with the bound 10% over the mean."""
+    from rlft.ppo.train import Measured
+
+    return Measured(kl, 1.1 * kl, {"collapsed": collapsed, "warnings": []})
+
+
+def test_the_next_scale_follows_the_kl_as_a_power_of_the_factor():
+    from rlft.ppo.scale import next_factor
+
+    # one point: KL quadratic in the step, so 4 nats at 1 -> 6 at sqrt(6 / 4) = 1.2247
+    assert next_factor({1.0: 4.0}, 6.0, 2.0) == pytest.approx(math.sqrt(1.5))
+    assert next_factor({1.0: 4.0}, 6.0, 1.1) == 1.1  # capped
+    assert next_factor({1.0: 12.0}, 6.0, 2.0) == pytest.approx(math.sqrt(0.5))
+    # two points of KL = 4 f^3: the power fitted is 3 (log(32/4) / log 2), so 6 nats at (6/4)^(1/3)
+    assert next_factor({1.0: 4.0, 2.0: 32.0}, 6.0, 3.0) == pytest.approx(1.5 ** (1 / 3))
+
+
+def test_the_result_lands_on_the_target_scaled_up_or_down_never_collapsed_or_past_the_budget():
+    from rlft.ppo.scale import LANDED, land_on_target
+
+    def policy(kl_at_one, collapse_above=float("inf")):
+        calls = []
+
+        def measure(factor):
+            calls.append(factor)
+            return fake_measured(kl_at_one * factor ** 2, collapsed=factor > collapse_above)
+        return measure, calls
+
+    # under the target (beta held at its floor): scaled up, on the target in one measurement (KL exactly quadratic)
+    measure, calls = policy(4.0)
+    landing = land_on_target(measure, fake_measured(4.0), 6.0, 7.5, 1.5)
+    assert calls == [round(math.sqrt(1.5), 4)] and landing.factor == calls[0]
+    assert abs(landing.measured.kl / 6.0 - 1) < 1e-3 and set(landing.tried) == {1.0, calls[0]}
+    # past the budget (7.5 = 1.25 x 6, bound 1.1 x 12): scaled down to the target
+    measure, calls = policy(12.0)
+    landing = land_on_target(measure, fake_measured(12.0), 6.0, 7.5, 1.5)
+    assert landing.factor == pytest.approx(math.sqrt(0.5), abs=1e-4) and abs(landing.measured.kl / 6 - 1) <= LANDED
+    # on the target already: nothing measured, the trained policy as it is
+    measure, calls = policy(6.3)
+    assert land_on_target(measure, fake_measured(6.3), 6.0, 7.5, 1.5).factor == 1.0 and calls == []
+    # replies collapse past 1.1: that factor is not shipped, and the ones after it stay under it
+    measure, calls = policy(4.0, collapse_above=1.1)
+    landing = land_on_target(measure, fake_measured(4.0), 6.0, 7.5, 1.5)
+    assert calls[0] > 1.1 and all(f <= calls[0] * 0.9 for f in calls[1:])
+    assert 1.0 <= landing.factor <= 1.1 and not landing.measured.signals["collapsed"]
+    # max 1: only ever scaled down, so a policy under its target is shipped as trained
+    measure, calls = policy(4.0)
+    assert land_on_target(measure, fake_measured(4.0), 6.0, 7.5, 1.0).factor == 1.0 and calls == []
+    # a collapsed trained policy is scaled down only; if every factor tried is unacceptable, factor 1 goes on
+    # to the checkpoint fallbacks
+    measure, calls = policy(4.0, collapse_above=0.0)
+    landing = land_on_target(measure, fake_measured(4.0, collapsed=True), 6.0, 7.5, 1.5)
+    assert calls and max(calls) <= 0.9 and landing.factor == 1.0

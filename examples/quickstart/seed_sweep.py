@@ -142,6 +142,7 @@ def figures(folder: Path) -> dict:
     # the PPO stage's policy, by the stage folder it sits in (a run folder may have been moved since)
     ppo = next(p for p in report["policies"] if Path(p["path"]).parent.name == "ppo" or Path(p["path"]).name == "ppo")
     target = yaml.safe_load((folder / "ppo" / "config.yaml").read_text())["ppo"]["target_kl"]
+    ppo_summary = json.loads((folder / "ppo" / "metrics.json").read_text())
     proxy, gold = ppo["rewards"][report["proxy"]]["win_rate"], ppo["rewards"][report["gold"]]["win_rate"]
     timings = json.loads((folder / "pipeline.json").read_text())["stage_wall_time_s"]
     found = {
@@ -157,7 +158,8 @@ def figures(folder: Path) -> dict:
         "reference_distinct_1": ppo["hacking"]["diversity"]["reference"]["distinct_1"],
         "wall_time_min": sum(timings.values()) / 60,
         "stage_minutes": {stage: seconds / 60 for stage, seconds in timings.items()},
-        "result_step": json.loads((folder / "ppo" / "metrics.json").read_text()).get("result_step"),
+        "result_step": ppo_summary.get("result_step"),
+        "result_scale": ppo_summary.get("result_scale", 1.0),  # the factor on its update (rlft/ppo/scale.py)
         # the sampler's log-probs against PPO's recomputed ones, per token, averaged over the steps (bf16 vs float32)
         **sampler_gap(folder / "ppo" / "metrics.jsonl"),
         "stages_timed": len(timings),  # fewer than five: a stopped run's finished stages, reused without their times
@@ -175,7 +177,7 @@ def sampler_gap(metrics_jsonl: Path) -> dict:
 
 def summarise(runs: list[dict]) -> dict:
     keys = [key for key, value in runs[0].items() if isinstance(value, (int, float)) and not isinstance(value, bool)
-            and key not in ("seed", "threads", "result_step")]
+            and key not in ("seed", "threads", "result_step", "result_scale")]
     return {key: {"mean": statistics.fmean(r[key] for r in runs),
                   "std": statistics.stdev(r[key] for r in runs) if len(runs) > 1 else 0.0,
                   "min": min(r[key] for r in runs), "max": max(r[key] for r in runs)} for key in keys}
@@ -216,22 +218,30 @@ def markdown(sweep: dict) -> str:
              "model; gold: VADER; CI low: the 95% interval's lower end); reward model accuracy on its held-out pairs "
              "(RM pairs, prompts it never saw); exact KL summed over the response, and over ppo.target_kl; mean length "
              "in tokens and distinct-1 (distinct words / words, over all replies) of PPO's replies over SFT's; sampler gap: "
-             "mean |sampler log-prob - PPO's recomputed log-prob| per token over PPO's steps; minutes: all five stages. Code: commit "
+             "mean |sampler log-prob - PPO's recomputed log-prob| per token over PPO's steps; minutes: all five stages; "
+             "result: the PPO step shipped, times the factor on its update where it was scaled onto the KL target "
+             "(ppo.max_result_scale). Code: commit "
              f"{sweep.get('commit', 'not recorded')}. Written by examples/quickstart/seed_sweep.py from "
              f"{sweep.get('table', 'examples/quickstart/results/seed_sweep')}.json.",
              "",
-             "| seed | threads | dtype | " + " | ".join(title for _, title, _ in columns) + " | bars missed |",
-             "|---|---|---|" + "---|" * len(columns) + "---|"]
+             "| seed | threads | dtype | " + " | ".join(title for _, title, _ in columns) + " | result | bars missed |",
+             "|---|---|---|" + "---|" * len(columns) + "---|---|"]
     for run in sweep["runs"]:
         lines.append(f"| {run['seed']} | {run['threads']} | {run.get('dtype', 'auto')} | "
-                     + " | ".join(fmt.format(run[key]) for key, _, fmt in columns)
+                     + " | ".join(fmt.format(run[key]) for key, _, fmt in columns) + f" | {result(run)}"
                      + f" | {'; '.join(run['bars_missed']) or 'none'} |")
     summary = sweep["summary"]
     lines.append("| mean ± std | | | " + " | ".join(
-        f"{fmt.format(summary[key]['mean'])} ± {fmt.format(summary[key]['std'])}" for key, _, fmt in columns) + " | |")
+        f"{fmt.format(summary[key]['mean'])} ± {fmt.format(summary[key]['std'])}" for key, _, fmt in columns) + " | | |")
     lines += [f"\nSeed {r['seed']} on {r['threads']} threads: minutes of {r['stages_timed']} stages, the others' "
               "times lost to a stopped run." for r in runs if r.get("stages_timed", 5) < 5]
     return "\n".join(lines) + "\n"
+
+
+def result(run: dict) -> str:
+    """The PPO step shipped, and the factor on its update where PPO scaled it onto the KL target."""
+    scale = run.get("result_scale", 1.0)
+    return f"step {run.get('result_step', '?')}" + (f" x {scale:.3g}" if scale != 1.0 else "")
 
 
 if __name__ == "__main__":

@@ -106,6 +106,12 @@ class PPOHyperparameters:
         "within it (a checkpoint, or the one kept between checkpoints), said in one line (0: 1.25 x target_kl; 1e9: "
         "none). Measured on the rollout that follows each policy, and for the last step on more prompts, and read as "
         "the 95% upper bound of that mean: a policy is within the budget when its bound is.")
+    max_result_scale: float = option(
+        0.0, "Scale the final policy's update (its LoRA B matrices) by the factor in (0, this] whose exact KL on the "
+        "final measurement's prompts lands on target_kl, its bound within kl_budget and its replies not collapsed "
+        "(rlft/ppo/scale.py: under 1 interpolates towards the reference, over 1 extrapolates the update; a few "
+        "sampling passes over 64 prompts). 1: only scaled down; 0: off (the trained policy, or a checkpoint it "
+        "falls back to).")
     collapse_signals: list[str] = option(
         list(COLLAPSE_LIMITS), "Which signals count the policy's replies as collapsed, against the reference's "
         f"(the result is then an earlier checkpoint; rlft.hacking.COLLAPSE_LIMITS): {', '.join(COLLAPSE_LIMITS)}. "
@@ -167,6 +173,8 @@ class PPOHyperparameters:
         require(self.max_kl > 0, "max_kl", "must be > 0")
         require(self.max_update_kl >= 0, "max_update_kl", "must be >= 0 (0: off)")
         require(self.kl_budget >= 0, "kl_budget", "must be >= 0 (0: 1.25 x target_kl)")
+        require(self.max_result_scale == 0 or self.max_result_scale >= 1, "max_result_scale",
+                "must be 0 (off) or >= 1 (1: only scaled down)")
         unknown = [signal for signal in self.collapse_signals if signal not in COLLAPSE_LIMITS]
         require(not unknown, "collapse_signals", f"unknown signal(s) {unknown}; choose from {list(COLLAPSE_LIMITS)}")
         require(self.max_sampler_gap > 0, "max_sampler_gap", "must be > 0")

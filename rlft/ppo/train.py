@@ -33,7 +33,7 @@ from rlft.metrics import MetricsLogger, timed
 from rlft.models import add_lora, load_tokenizer
 from rlft.policy import active_adapter, load_reference
 from rlft.publish import push, write_model_card
-from rlft.ppo import checkpoint
+from rlft.ppo import checkpoint, scale
 from rlft.ppo.config import RESUMABLE_CHANGES, PPOConfig, PPOHyperparameters
 from rlft.ppo.core import (AdaptiveKLController, FixedKLController, PIKLController, aggregate, entropy_bonus,
                            entropy_from_logits, frac_zero_std, gae, grpo_advantages, kl_penalty, kl_upper_bound,
@@ -250,10 +250,24 @@ def finish(ppo: PPORun) -> dict:
                       [ppo.prompt_texts[i] for i in final_rows], rows_of(ppo.columns, final_rows), ppo.scorer, config,
                       accelerator, {})
     measured = {hp.steps: measure()}  # {step: Measured} on the final measurement's prompts
-    ppo.checkpoint_kl[hp.steps], ppo.checkpoint_kl_upper[hp.steps] = measured[hp.steps].kl, measured[hp.steps].upper
-    collapsed = measured[hp.steps].signals
+    trained = measured[hp.steps]
+    collapsed = trained.signals
     if collapsed["collapsed"] and accelerator.is_main_process:
         log.warning("the final policy's replies collapsed: %s", "; ".join(collapsed["warnings"]))
+    # the final policy's update scaled so that its KL lands on the target (rlft/ppo/scale.py)
+    adapter = ppo.actor_critic.policy.active_adapter
+    landing = scale.Landing(1.0, trained, {1.0: trained})
+    if hp.max_result_scale and scale.scalable(ppo.actor_critic.policy, adapter):
+        def measure_scaled(factor: float) -> Measured:
+            with scale.scaled(ppo.actor_critic.policy, adapter, factor):
+                return measure()
+        landing = scale.land_on_target(measure_scaled, trained, hp.target_kl, hp.kl_budget, hp.max_result_scale)
+        measured[hp.steps] = landing.measured
+        if landing.factor != 1.0 and accelerator.is_main_process:
+            log.info("the final policy's update is scaled by %.3g: KL %.2f (95%% bound %.2f) on its %d replies, "
+                     "against %.2f unscaled and ppo.target_kl=%g", landing.factor, landing.measured.kl,
+                     landing.measured.upper, len(final_rows), trained.kl, hp.target_kl)
+    ppo.checkpoint_kl[hp.steps], ppo.checkpoint_kl_upper[hp.steps] = trained.kl, trained.upper  # as checkpointed
     # {step: rollout KL} and {step: its bound}: the curve of every policy saved, and the result's fallbacks
     kl, upper = dict(ppo.checkpoint_kl), dict(ppo.checkpoint_kl_upper)
     saved = [s for s in range(1, hp.steps + 1) if (s % config.save_every == 0 or s == hp.steps) and s in kl]
@@ -270,6 +284,8 @@ def finish(ppo: PPORun) -> dict:
         why = (f"the final policy's KL {final.kl:.2f} (95% bound {final.upper:.2f}) is past "
                f"ppo.kl_budget={hp.kl_budget:g}" if final.upper > hp.kl_budget
                else "the final policy's replies collapsed")
+        if len(landing.tried) > 1:
+            why += f" at every scale of its update tried ({', '.join(f'{f:.3g}' for f in sorted(landing.tried))})"
         if result is None:
             how = f"KL {kl[shipped]:.2f} by its own rollout, unmeasured under FSDP"
         else:
@@ -284,6 +300,9 @@ def finish(ppo: PPORun) -> dict:
         summary = ppo.logger.summary()
         summary.update({"kl_budget": hp.kl_budget, "collapse_signals": hp.collapse_signals,
                         "result_step": shipped, "result_kl": result.kl if result else kl[shipped],
+                        # the factor on the final policy's update (1: as trained) and every factor's KL tried
+                        "result_scale": landing.factor if shipped == hp.steps else 1.0,
+                        "scale_tried": {f"{f:g}": m.kl for f, m in sorted(landing.tried.items())},
                         "result_kl_upper": result.upper if result else upper[shipped],
                         "checkpoint_kl": {s: kl[s] for s in saved},
                         "checkpoint_kl_upper": {s: upper[s] for s in saved},
@@ -298,8 +317,10 @@ def finish(ppo: PPORun) -> dict:
                    f"reward ({', '.join(s.path for s in config.reward)})", "ppo"]
         with checkpoint.replaced(out / "policy") as staging:
             if shipped == hp.steps:
-                checkpoint.write_policy(staging, ppo.actor_critic.policy, weights, config.model,
-                                        config.sft_adapter or None)
+                adapters, head = weights
+                checkpoint.write_policy(staging, ppo.actor_critic.policy,
+                                        (scale.scaled_weights(adapters, adapter, landing.factor), head),
+                                        config.model, config.sft_adapter or None)
             else:
                 checkpoint.copy_result(out, shipped, staging)
             write_model_card(staging, title=f"PPO policy on {config.model.name_or_path}", lineage=lineage,
