@@ -75,10 +75,14 @@ def check_prompt_lengths(tokenizer, prompt_texts: list[str], sampling: SamplingC
     return lengths
 
 
-def off_policy(where: str, gap: float, option: str, limit: float, model_name: str) -> RlftError:
+class OffPolicyError(RlftError):
+    """Samples that were not drawn from the policy whose log-probs are recomputed (off_policy)."""
+
+
+def off_policy(where: str, gap: float, option: str, limit: float, model_name: str) -> OffPolicyError:
     """The one line for samples whose sampler log-probs (mean |difference| per token `gap`, nats) are past `limit`
     from the ones the policy's forward recomputes: PPO's rollouts and eval's samples alike."""
-    return RlftError(
+    return OffPolicyError(
         f"{where} the sampler's log-probs of its own tokens differ from the recomputed ones by {gap:.2f} nats per "
         f"token on average ({option}={limit:g}): '{model_name}' does not decode in rlft's sampling loop as it scores "
         f"whole sequences (a model that ignores the KV cache argument?); report it with the model's name, or raise "

@@ -289,14 +289,12 @@ def recommendation(report: dict) -> str:
     kept = report.get("training_result")
     if kept is None:
         return text
-    scaled = kept.get("result_scale", 1.0) != 1.0
-    kept_as = (f"step {kept['result_step']} with its update scaled by {kept['result_scale']:.3g} to land its KL on the "
-               "target" if scaled else f"step {kept['result_step']}")
-    if point is not None and point["step"] == kept["result_step"] and not scaled:
-        return text + " It is the checkpoint the PPO run kept as its result."
+    if kept.get("result_scale", 1.0) != 1.0:  # its result is none of the checkpoints evaluated here
+        return text + (f" The PPO run kept step {kept['result_step']} with its update scaled by "
+                       f"{kept['result_scale']:.3g} to land its KL on the target (KL {kept['result_kl']:.2f} by its "
+                       f"own measurement, budget {kept['kl_budget']:g}); the checkpoints here are unscaled.")
     if point is not None and point["step"] == kept["result_step"]:
-        return text + (f" The PPO run kept {kept_as} (KL {kept['result_kl']:.2f} by its own measurement, budget "
-                       f"{kept['kl_budget']:g}); the checkpoints here are unscaled.")
+        return text + " It is the checkpoint the PPO run kept as its result."
     measured = {p["step"]: p for p in overoptimization_points(report)}.get(kept["result_step"])
     if measured is None:
         why = "that checkpoint is not among those evaluated here"
@@ -306,7 +304,7 @@ def recommendation(report: dict) -> str:
         why = "its replies collapsed"
     else:
         why = f"another checkpoint scores higher under {point['by']}"
-    return text + (f" The PPO run kept {kept_as} as its result (KL {kept['result_kl']:.2f} by its own "
+    return text + (f" The PPO run kept step {kept['result_step']} as its result (KL {kept['result_kl']:.2f} by its own "
                    f"measurement, budget {kept['kl_budget']:g}); this report differs because {why}.")
 
 

@@ -588,11 +588,13 @@ def test_the_result_lands_on_the_target_scaled_up_or_down_never_collapsed_or_pas
     # on the target already: nothing measured, the trained policy as it is
     measure, calls = policy(6.3)
     assert land_on_target(measure, fake_measured(6.3), 6.0, 7.5, 1.5).factor == 1.0 and calls == []
-    # replies collapse past 1.1: that factor is not shipped, and the ones after it stay under it
+    # replies collapse past 1.1: no collapsed factor is shipped; each one after a collapse lies between the
+    # largest that held and the smallest that collapsed (1.2247, then 1.1123, its midpoint with 1, then 1.0562)
     measure, calls = policy(4.0, collapse_above=1.1)
     landing = land_on_target(measure, fake_measured(4.0), 6.0, 7.5, 1.5)
-    assert calls[0] > 1.1 and all(f <= calls[0] * 0.9 for f in calls[1:])
-    assert 1.0 <= landing.factor <= 1.1 and not landing.measured.signals["collapsed"]
+    assert calls[:3] == [1.2247, 1.1123, 1.0562] and len(calls) == 4
+    assert all(1.0 < f < min(c for c in calls[:i] if c > 1.1) for i, f in enumerate(calls) if i)
+    assert landing.factor == max(f for f in calls if f <= 1.1) and not landing.measured.signals["collapsed"]
     # max 1: only ever scaled down, so a policy under its target is shipped as trained
     measure, calls = policy(4.0)
     assert land_on_target(measure, fake_measured(4.0), 6.0, 7.5, 1.0).factor == 1.0 and calls == []
@@ -600,4 +602,20 @@ def test_the_result_lands_on_the_target_scaled_up_or_down_never_collapsed_or_pas
     # to the checkpoint fallbacks
     measure, calls = policy(4.0, collapse_above=0.0)
     landing = land_on_target(measure, fake_measured(4.0, collapsed=True), 6.0, 7.5, 1.5)
-    assert calls and max(calls) <= 0.9 and landing.factor == 1.0
+    assert calls and max(calls) < 1.0 and landing.factor == 1.0
+    # a policy that never moved (KL 0) has no direction: nothing measured
+    measure, calls = policy(0.0)
+    assert land_on_target(measure, fake_measured(0.0), 6.0, 7.5, 1.5).factor == 1.0 and calls == []
+
+
+def test_scaled_weights_scale_only_the_policy_adapters_b_matrices():
+    from rlft.ppo.scale import scaled_weights
+
+    weights = {"m.q_proj.lora_A.default.weight": torch.ones(2), "m.q_proj.lora_B.default.weight": torch.ones(2),
+               "m.embed_tokens.lora_embedding_A.default": torch.ones(2),
+               "m.embed_tokens.lora_embedding_B.default": torch.ones(2),
+               "m.q_proj.lora_B.critic.weight": torch.ones(2), "v_head.weight": torch.ones(2)}
+    scaled = scaled_weights(weights, "default", 1.5)
+    assert {name for name, tensor in scaled.items() if tensor[0] == 1.5} == {
+        "m.q_proj.lora_B.default.weight", "m.embed_tokens.lora_embedding_B.default"}
+    assert all(scaled[name][0] == 1.0 for name in weights if "B.default" not in name)

@@ -15,7 +15,8 @@ from reward_models.scorers import ScorerConfig
 # Keys a rerun may change and still resume its checkpoint: how long it runs, how often it logs and saves, how
 # long a scorer may take.
 RESUMABLE_CHANGES = ("output_dir", "resume", "save_every", "sample_every", "ppo.steps", "ppo.forward_batch_size",
-                     "ppo.max_kl", "ppo.kl_budget", "ppo.max_sampler_gap", "ppo.gather_for_generation",
+                     "ppo.max_kl", "ppo.kl_budget", "ppo.max_result_scale", "ppo.max_sampler_gap",
+                     "ppo.gather_for_generation",
                      "reward.*.timeout")
 
 

@@ -31,7 +31,8 @@ def next_factor(tried: dict[float, float], target: float, max_factor: float) -> 
     """The factor whose KL should be `target`, from those measured ({factor: KL}, the trained policy's 1.0 among
     them): KL grows as factor^p (p = 2 near the reference, where the KL is quadratic in the step), p fitted in
     log-log through the two factors measured nearest the target once there are two; in (0, max_factor]."""
-    usable = sorted((f for f, kl in tried.items() if f > 0 and kl > 0), key=lambda f: abs(math.log(tried[f] / target)))
+    usable = sorted((f for f, kl in tried.items() if f > 0 and 0 < kl < math.inf),
+                    key=lambda f: abs(math.log(tried[f] / target)))
     near = usable[0]
     power = 2.0
     if len(usable) > 1 and abs(math.log(usable[1] / near)) > 1e-6:
@@ -44,22 +45,28 @@ def land_on_target(measure: Callable[[float], object], trained, target: float, b
                    max_factor: float) -> Landing:
     """The factor to ship: measure(factor) measures the policy at that factor (a Measured: kl, upper, signals);
     `trained` is the trained policy's own (factor 1). Stops once a factor lands within LANDED of the target, its
-    bound within the budget and its replies not collapsed; a factor whose replies collapsed caps the ones after
-    it. Of those measured, ships the one acceptable (bound within the budget, not collapsed) nearest the target,
-    else the trained policy (factor 1, for the fallbacks that follow)."""
+    bound within the budget and its replies not collapsed. A factor whose replies collapsed is a ceiling: a
+    factor the fit puts at or past it is replaced by the midpoint between it and the largest factor below it
+    that did not collapse. Of those measured, ships the one acceptable (bound within the budget, not collapsed)
+    nearest the target, else the trained policy (factor 1, for the checkpoint fallbacks that follow). The bound
+    of the factor shipped is read on the sample that chose it among at most TRIES + 1: slightly optimistic,
+    which the budget's margin over the target (1.25x by default) absorbs."""
     tried, measured = {1.0: trained.kl}, {1.0: trained}
-    if trained.signals["collapsed"]:
-        max_factor = min(max_factor, 0.9)
+    if not 0 < trained.kl < math.inf:  # a policy that never moved has no direction to scale
+        return Landing(1.0, trained, measured)
     for _ in range(TRIES):
         if any(acceptable(m, budget) and abs(m.kl / target - 1) <= LANDED for m in measured.values()):
             break
-        factor = round(next_factor(tried, target, max_factor), 4)
-        if factor in measured:  # the cap reached, or the fit repeating itself
+        ceiling = min((f for f, m in measured.items() if m.signals["collapsed"]), default=math.inf)
+        factor = next_factor(tried, target, max_factor)
+        if factor >= ceiling:
+            below = max((f for f, m in measured.items() if f < ceiling and not m.signals["collapsed"]), default=0.0)
+            factor = (below + ceiling) / 2
+        factor = round(factor, 4)
+        if factor in measured or factor <= 0:  # the cap reached, or the fit repeating itself
             break
         measured[factor] = measure(factor)
         tried[factor] = measured[factor].kl
-        if measured[factor].signals["collapsed"]:
-            max_factor = min(max_factor, factor * 0.9)
     good = [f for f, m in measured.items() if acceptable(m, budget)]
     factor = min(good, key=lambda f: abs(math.log(max(measured[f].kl, 1e-9) / target))) if good else 1.0
     return Landing(factor, measured[factor], measured)
@@ -101,5 +108,7 @@ def scaled_weights(weights: dict, adapter: str, factor: float) -> dict:
     scaled policy with no trace of the factor (a plain peft adapter)."""
     if factor == 1.0:
         return weights
-    marker = f".lora_B.{adapter}."
-    return {name: tensor * factor if marker in name else tensor for name, tensor in weights.items()}
+
+    def is_b(name: str) -> bool:  # a Linear's B module, or an Embedding's B parameter
+        return f".lora_B.{adapter}." in name or name.endswith(f".lora_embedding_B.{adapter}")
+    return {name: tensor * factor if is_b(name) else tensor for name, tensor in weights.items()}

@@ -27,7 +27,7 @@ from transformers import PreTrainedTokenizerBase
 from rlft import distributed, hf_training, runs
 from rlft.data import columns_of, load_splits, prompts_of, render_prompts, rows_of
 from rlft.errors import RlftError
-from rlft.generation import check_prompt_lengths, off_policy, sample
+from rlft.generation import OffPolicyError, check_prompt_lengths, off_policy, sample
 from rlft.hacking import collapse
 from rlft.metrics import MetricsLogger, timed
 from rlft.models import add_lora, load_tokenizer
@@ -257,10 +257,17 @@ def finish(ppo: PPORun) -> dict:
     # the final policy's update scaled so that its KL lands on the target (rlft/ppo/scale.py)
     adapter = ppo.actor_critic.policy.active_adapter
     landing = scale.Landing(1.0, trained, {1.0: trained})
-    if hp.max_result_scale and scale.scalable(ppo.actor_critic.policy, adapter):
+    if hp.max_result_scale and not scale.scalable(ppo.actor_critic.policy, adapter):
+        log.warning("ppo.max_result_scale: the result is not scaled onto the KL target: only a plain LoRA adapter "
+                    "(no DoRA, (IA)3, trained bias or whole modules) is its reference plus a scalable update")
+    elif hp.max_result_scale:
         def measure_scaled(factor: float) -> Measured:
-            with scale.scaled(ppo.actor_critic.policy, adapter, factor):
-                return measure()
+            try:
+                with scale.scaled(ppo.actor_critic.policy, adapter, factor):
+                    return measure()
+            except OffPolicyError as error:  # every process sees the same gap: all count the factor out
+                log.warning("the update scaled by %.3g: %s", factor, error)
+                return Measured(math.inf, math.inf, {"collapsed": True, "warnings": [str(error)]})
         landing = scale.land_on_target(measure_scaled, trained, hp.target_kl, hp.kl_budget, hp.max_result_scale)
         measured[hp.steps] = landing.measured
         if landing.factor != 1.0 and accelerator.is_main_process:
@@ -285,7 +292,8 @@ def finish(ppo: PPORun) -> dict:
                f"ppo.kl_budget={hp.kl_budget:g}" if final.upper > hp.kl_budget
                else "the final policy's replies collapsed")
         if len(landing.tried) > 1:
-            why += f" at every scale of its update tried ({', '.join(f'{f:.3g}' for f in sorted(landing.tried))})"
+            why += (f", and no scale of its update tried ({', '.join(f'{f:.3g}' for f in sorted(landing.tried))}) "
+                    "was within the budget with its replies not collapsed")
         if result is None:
             how = f"KL {kl[shipped]:.2f} by its own rollout, unmeasured under FSDP"
         else:
