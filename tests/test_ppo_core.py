@@ -589,10 +589,11 @@ def test_the_result_lands_on_the_target_scaled_up_or_down_never_collapsed_or_pas
     measure, calls = policy(6.3)
     assert land_on_target(measure, fake_measured(6.3), 6.0, 7.5, 1.5).factor == 1.0 and calls == []
     # replies collapse past 1.1: no collapsed factor is shipped; each one after a collapse lies between the
-    # largest that held and the smallest that collapsed (1.2247, then 1.1123, its midpoint with 1, then 1.0562)
+    # largest that held and the smallest that collapsed: 1.2247, then 10% under it (1.1022), then, as 10% under
+    # that would be under 1, which held, halfway between 1 and 1.1022
     measure, calls = policy(4.0, collapse_above=1.1)
     landing = land_on_target(measure, fake_measured(4.0), 6.0, 7.5, 1.5)
-    assert calls[:3] == [1.2247, 1.1123, 1.0562] and len(calls) == 4
+    assert calls[:3] == [1.2247, 1.1022, 1.0511] and len(calls) == 4
     assert all(1.0 < f < min(c for c in calls[:i] if c > 1.1) for i, f in enumerate(calls) if i)
     assert landing.factor == max(f for f in calls if f <= 1.1) and not landing.measured.signals["collapsed"]
     # max 1: only ever scaled down, so a policy under its target is shipped as trained

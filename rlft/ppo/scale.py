@@ -45,9 +45,9 @@ def land_on_target(measure: Callable[[float], object], trained, target: float, b
                    max_factor: float) -> Landing:
     """The factor to ship: measure(factor) measures the policy at that factor (a Measured: kl, upper, signals);
     `trained` is the trained policy's own (factor 1). Stops once a factor lands within LANDED of the target, its
-    bound within the budget and its replies not collapsed. A factor whose replies collapsed is a ceiling: a
-    factor the fit puts at or past it is replaced by the midpoint between it and the largest factor below it
-    that did not collapse. Of those measured, ships the one acceptable (bound within the budget, not collapsed)
+    bound within the budget and its replies not collapsed. A factor whose replies collapsed caps the ones after
+    it at 10% under it, or halfway between it and the largest factor that held where that is higher (so the
+    cap never falls under a factor known to hold). Of those measured, ships the one acceptable (bound within the budget, not collapsed)
     nearest the target, else the trained policy (factor 1, for the checkpoint fallbacks that follow). The bound
     of the factor shipped is read on the sample that chose it among at most TRIES + 1: slightly optimistic,
     which the budget's margin over the target (1.25x by default) absorbs."""
@@ -58,11 +58,9 @@ def land_on_target(measure: Callable[[float], object], trained, target: float, b
         if any(acceptable(m, budget) and abs(m.kl / target - 1) <= LANDED for m in measured.values()):
             break
         ceiling = min((f for f, m in measured.items() if m.signals["collapsed"]), default=math.inf)
-        factor = next_factor(tried, target, max_factor)
-        if factor >= ceiling:
-            below = max((f for f, m in measured.items() if f < ceiling and not m.signals["collapsed"]), default=0.0)
-            factor = (below + ceiling) / 2
-        factor = round(factor, 4)
+        below = max((f for f, m in measured.items() if f < ceiling and not m.signals["collapsed"]), default=0.0)
+        cap = 0.9 * ceiling if 0.9 * ceiling >= below else (below + ceiling) / 2
+        factor = round(min(next_factor(tried, target, max_factor), cap), 4)
         if factor in measured or factor <= 0:  # the cap reached, or the fit repeating itself
             break
         measured[factor] = measure(factor)
