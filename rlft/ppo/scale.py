@@ -47,11 +47,12 @@ def land_on_target(measure: Callable[[float], object], trained, target: float, b
     `trained` is the trained policy's own (factor 1). Stops once a factor lands within LANDED of the target, its
     bound within the budget and its replies not collapsed. A factor whose replies collapsed caps the ones after
     it at 10% under it, or halfway between it and the largest factor that held where that is higher (so the
-    cap never falls under a factor known to hold). Of those measured, ships the one acceptable (bound within the budget, not collapsed)
-    nearest the target, else the trained policy (factor 1, for the checkpoint fallbacks that follow). The bound
+    cap never falls under a factor known to hold). Of those measured, ships the one acceptable (bound within
+    the budget, not collapsed) nearest the target, else the trained policy (factor 1, for the checkpoint
+    fallbacks that follow). The bound
     of the factor shipped is read on the sample that chose it among at most TRIES + 1: slightly optimistic,
     which the budget's margin over the target (1.25x by default) absorbs."""
-    tried, measured = {1.0: trained.kl}, {1.0: trained}
+    measured = {1.0: trained}
     if not 0 < trained.kl < math.inf:  # a policy that never moved has no direction to scale
         return Landing(1.0, trained, measured)
     for _ in range(TRIES):
@@ -60,11 +61,10 @@ def land_on_target(measure: Callable[[float], object], trained, target: float, b
         ceiling = min((f for f, m in measured.items() if m.signals["collapsed"]), default=math.inf)
         below = max((f for f, m in measured.items() if f < ceiling and not m.signals["collapsed"]), default=0.0)
         cap = 0.9 * ceiling if 0.9 * ceiling >= below else (below + ceiling) / 2
-        factor = round(min(next_factor(tried, target, max_factor), cap), 4)
+        factor = round(min(next_factor({f: m.kl for f, m in measured.items()}, target, max_factor), cap), 4)
         if factor in measured or factor <= 0:  # the cap reached, or the fit repeating itself
             break
         measured[factor] = measure(factor)
-        tried[factor] = measured[factor].kl
     good = [f for f, m in measured.items() if acceptable(m, budget)]
     factor = min(good, key=lambda f: abs(math.log(max(measured[f].kl, 1e-9) / target))) if good else 1.0
     return Landing(factor, measured[factor], measured)
