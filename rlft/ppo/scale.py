@@ -71,6 +71,7 @@ def land_on_target(measure: Callable[[float], object], trained, target: float, b
 
 
 def acceptable(measured, budget: float) -> bool:
+    """A policy PPO may ship: its KL's 95% bound within the budget and its replies not collapsed."""
     return measured.upper <= budget and not measured.signals["collapsed"]
 
 

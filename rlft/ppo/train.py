@@ -254,26 +254,9 @@ def finish(ppo: PPORun) -> dict:
     collapsed = trained.signals
     if collapsed["collapsed"] and accelerator.is_main_process:
         log.warning("the final policy's replies collapsed: %s", "; ".join(collapsed["warnings"]))
-    # the final policy's update scaled so that its KL lands on the target (rlft/ppo/scale.py)
     adapter = ppo.actor_critic.policy.active_adapter
-    landing = scale.Landing(1.0, trained, {1.0: trained})
-    if hp.max_result_scale and not scale.scalable(ppo.actor_critic.policy, adapter):
-        log.warning("ppo.max_result_scale: the result is not scaled onto the KL target: only a plain LoRA adapter "
-                    "(no DoRA, (IA)3, trained bias or whole modules) is its reference plus a scalable update")
-    elif hp.max_result_scale:
-        def measure_scaled(factor: float) -> Measured:
-            try:
-                with scale.scaled(ppo.actor_critic.policy, adapter, factor):
-                    return measure()
-            except OffPolicyError as error:  # every process sees the same gap: all count the factor out
-                log.warning("the update scaled by %.3g: %s", factor, error)
-                return Measured(math.inf, math.inf, {"collapsed": True, "warnings": [str(error)]})
-        landing = scale.land_on_target(measure_scaled, trained, hp.target_kl, hp.kl_budget, hp.max_result_scale)
-        measured[hp.steps] = landing.measured
-        if landing.factor != 1.0 and accelerator.is_main_process:
-            log.info("the final policy's update is scaled by %.3g: KL %.2f (95%% bound %.2f) on its %d replies, "
-                     "against %.2f unscaled and ppo.target_kl=%g", landing.factor, landing.measured.kl,
-                     landing.measured.upper, len(final_rows), trained.kl, hp.target_kl)
+    landing = land_result(ppo, adapter, measure, trained)
+    measured[hp.steps] = landing.measured
     ppo.checkpoint_kl[hp.steps], ppo.checkpoint_kl_upper[hp.steps] = trained.kl, trained.upper  # as checkpointed
     # {step: rollout KL} and {step: its bound}: the curve of every policy saved, and the result's fallbacks
     kl, upper = dict(ppo.checkpoint_kl), dict(ppo.checkpoint_kl_upper)
@@ -400,6 +383,33 @@ def estimate_advantages(rewards: torch.Tensor, rollout: Rollout, hp: PPOHyperpar
     return torch.where(mask, per_sequence[:, None], 0), torch.zeros_like(rewards)
 
 
+def land_result(ppo: PPORun, adapter: str, measure, trained: "Measured") -> scale.Landing:
+    """The final policy's update scaled so that its KL lands on the target (rlft/ppo/scale.py), where
+    ppo.max_result_scale asks for it; else the trained policy as it is (factor 1)."""
+    hp, policy = ppo.config.ppo, ppo.actor_critic.policy
+    as_trained = scale.Landing(1.0, trained, {1.0: trained})
+    if not hp.max_result_scale:
+        return as_trained
+    if not scale.scalable(policy, adapter):
+        log.warning("ppo.max_result_scale: the result is not scaled onto the KL target: only a plain LoRA adapter "
+                    "(no DoRA, (IA)3, trained bias or whole modules) is its reference plus a scalable update")
+        return as_trained
+
+    def measure_scaled(factor: float) -> Measured:
+        try:
+            with scale.scaled(policy, adapter, factor):
+                return measure()
+        except OffPolicyError as error:  # every process sees the same gap: all count the factor out
+            log.warning("the update scaled by %.3g: %s", factor, error)
+            return Measured(math.inf, math.inf, {"collapsed": True, "warnings": [str(error)]})
+    landing = scale.land_on_target(measure_scaled, trained, hp.target_kl, hp.kl_budget, hp.max_result_scale)
+    if landing.factor != 1.0 and ppo.accelerator.is_main_process:
+        log.info("the final policy's update is scaled by %.3g: KL %.2f (95%% bound %.2f), against %.2f unscaled "
+                 "and ppo.target_kl=%g", landing.factor, landing.measured.kl, landing.measured.upper, trained.kl,
+                 hp.target_kl)
+    return landing
+
+
 def choose_result(saved: list[int], rollout_upper: dict[int, float], budget: float, measured: dict, measure, load,
                   out: Path) -> int:
     """The policy PPO ships: going back from the final one, the first whose KL bound is within the budget and whose
@@ -416,7 +426,7 @@ def choose_result(saved: list[int], rollout_upper: dict[int, float], budget: flo
                 continue
             load(step)
             measured[step] = measure()
-        if measured[step].upper <= budget and not measured[step].signals["collapsed"]:
+        if scale.acceptable(measured[step], budget):
             return step
     within = sorted((step for step, m in measured.items() if m.upper <= budget), reverse=True)
     if within:
