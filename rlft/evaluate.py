@@ -68,6 +68,9 @@ class EvalConfig:
         "", "A PPO run dir whose metrics.jsonl gives the training curves; empty: the PPO run among `policies`."
     )
     num_prompts: int = option(64, "Evaluate on at most this many held-out prompts.")
+    checkpoint_prompts: int = option(
+        0, "Evaluate the checkpoints of `checkpoints_of` on the first this many of those prompts (0: all of them): "
+        "the over-optimisation curve and the recommended checkpoint come from these; `policies` always get all.")
     num_samples_shown: int = option(8, "Sample completions per policy shown in the report.")
     seed: int = option(
         0, "Seed of every sampling pass (torch.manual_seed before each), and of the hold-out split: keep it "
@@ -106,6 +109,7 @@ class EvalConfig:
         require_seed(self.seed)
         require(bool(self.policies) or bool(self.checkpoints_of), "policies", "name at least one adapter folder")
         require(self.num_prompts > 0, "num_prompts", "must be >= 1")
+        require(self.checkpoint_prompts >= 0, "checkpoint_prompts", "must be >= 0 (0: all num_prompts)")
         require(self.num_samples_shown >= 0, "num_samples_shown", "must be >= 0")
         require(self.batch_size > 0, "batch_size", "must be >= 1")
         require(self.kl_budget >= 0, "kl_budget", "must be >= 0 (0: no budget)")
@@ -400,7 +404,7 @@ def evaluate_adapter(adapter: Adapter, prompts: list, columns: dict[str, list], 
     with timed(times, "kl"):
         kl = kl_drift(model, policy, config.sampling, tokenizer.eos_token_id, config.batch_size)
     sampler = check_sampler(kl["sampler_gap"], config, adapter)
-    lineage = (json.dumps(asdict(adapter.model_config), sort_keys=True), adapter.reference_adapter)
+    lineage = (json.dumps(asdict(adapter.model_config), sort_keys=True), adapter.reference_adapter, len(prompts))
     if lineage not in reference_cache:
         with timed(times, "reference"), model.disable_adapter():
             torch.manual_seed(config.seed)
@@ -419,6 +423,7 @@ def evaluate_adapter(adapter: Adapter, prompts: list, columns: dict[str, list], 
         "label": adapter.label,
         "path": str(adapter.folder),
         "step": adapter.step,
+        "prompts": len(prompts),
         "base_model": adapter.model_config.name_or_path,
         "reference_adapter": adapter.reference_adapter,
         "rewards": {
@@ -514,23 +519,26 @@ def run(config: EvalConfig) -> dict:
     runs.seed_everything(config.seed)
     reference_cache: dict = {}
     done: dict = {}  # a PPO run's final policy is its last checkpoint: evaluate those weights once
+    # the checkpoints only draw a curve and choose among themselves: fewer prompts do (the first ones, same order)
+    few = min(config.checkpoint_prompts or len(prompts), len(prompts))
+    checkpoint_prompts, checkpoint_columns = prompts[:few], rows_of(columns, range(few))
 
-    def evaluate(adapter: Adapter) -> dict:
+    def evaluate(adapter: Adapter, prompts: list, columns: dict[str, list]) -> dict:
         key = fingerprint(adapter)
-        if key not in done:
+        if key not in done or done[key]["prompts"] < len(prompts):  # on more prompts is as good
             done[key] = evaluate_adapter(adapter, prompts, columns, scorers, config, reference_cache)
         return {**done[key], "label": adapter.label, "path": str(adapter.folder), "step": adapter.step}
 
     report = {
-        "prompts": {"source": config.data.path, "count": len(prompts)},
+        "prompts": {"source": config.data.path, "count": len(prompts), "checkpoints": few},
         "sampling": asdict(config.sampling),
         "seed": config.seed,
         "kl_budget": kl_budget,
         "proxy": config.scorers[0].name,
         "gold": config.gold_scorer,
         "scorers": [asdict(scorer) for scorer in config.scorers],
-        "policies": [evaluate(adapter) for adapter in policies],
-        "checkpoints": [evaluate(adapter) for adapter in checkpoints],
+        "policies": [evaluate(adapter, prompts, columns) for adapter in policies],
+        "checkpoints": [evaluate(adapter, checkpoint_prompts, checkpoint_columns) for adapter in checkpoints],
         "training": {"run": training_run, "rows": training} if training_run else None,
     }
     if checkpoints:  # the checkpoint to ship: the best judged one the KL budget allows

@@ -203,6 +203,14 @@ def ci(stats: dict, digits: int = 3) -> str:
     return f"{stats['mean']:.{digits}f} ± {stats['mean'] - stats['ci95'][0]:.{digits}f}"
 
 
+def checkpoint_prompts(report: dict) -> str:
+    count, few = report["prompts"]["count"], report["prompts"].get("checkpoints", report["prompts"]["count"])
+    if not report["checkpoints"] or few >= count:
+        return ""
+    return (f" The checkpoints are evaluated on the first {few} of these prompts (eval.checkpoint_prompts), each "
+            f"against its reference on the same {few}; a checkpoint whose weights are a policy's shares its figures.")
+
+
 def blocks(report: dict, images: dict[str, str]) -> list[tuple]:
     """The report as ("h1"|"h2"|"p", text), ("table", header, rows) and ("image", file, caption)."""
     results = report["policies"] + report["checkpoints"]
@@ -214,7 +222,7 @@ def blocks(report: dict, images: dict[str, str]) -> list[tuple]:
                f"{report['seed']}, temperature {sampling['temperature']}, top_p {sampling['top_p']}, top_k "
                f"{sampling['top_k']}, at most {sampling['max_new_tokens']} new tokens. Values are mean ± the half "
                f"width of a 95% confidence interval. Proxy scorer: {report['proxy']}; gold scorer: "
-               f"{report['gold'] or 'none'}.")),
+               f"{report['gold'] or 'none'}." + checkpoint_prompts(report))),
         ("h2", "Rewards"),
         ("table", ["Policy", "Scorer", "Policy score", "Reference score", "Win rate vs reference"],
          [[r["label"], role(report, name), ci(s["policy"]), ci(s["reference"]),

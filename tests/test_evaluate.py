@@ -250,6 +250,31 @@ def test_each_policy_and_reference_is_sampled_once_however_its_folder_is_named(r
     assert len(calls) == 5
 
 
+def test_checkpoints_on_fewer_prompts_each_against_its_reference_on_the_same_prompts(runs_dir, tmp_path, monkeypatch):
+    """checkpoint_prompts=2 of 4: step 10 and its reference sample the first 2 prompts, the policies all 4; step 20
+    has the final policy's weights, already evaluated on all 4, and shares those figures. Six passes: sft, the
+    base, ppo, the SFT model on 4 prompts; step 10, the SFT model on 2."""
+    import rlft.evaluate
+
+    sampled = []
+    real = rlft.evaluate.sample
+    monkeypatch.setattr(rlft.evaluate, "sample", lambda model, tokenizer, texts, *args, **kwargs:
+                        sampled.append(texts) or real(model, tokenizer, texts, *args, **kwargs))
+    assert cli.main(["eval", "--config", eval_yaml(runs_dir, "few.yaml", output_dir=str(tmp_path / "eval"),
+                                                   checkpoint_prompts=2, num_samples_shown=4)]) == 0
+    report = json.loads((tmp_path / "eval" / "report.json").read_text())
+    assert report["prompts"] == {"source": str(runs_dir / "prompts.jsonl"), "count": 4, "checkpoints": 2}
+    assert [len(texts) for texts in sampled] == [4, 4, 4, 4, 2, 2]
+    assert sampled[4] == sampled[0][:2]  # the first prompts, in order
+    sft, ppo = report["policies"]
+    step10, step20 = report["checkpoints"]
+    assert (sft["prompts"], ppo["prompts"], step10["prompts"], step20["prompts"]) == (4, 4, 2, 4)
+    assert len(step10["per_prompt"]["kl_exact"]) == 2 and len(step10["samples"]) == 2
+    assert [s["prompt"] for s in step10["samples"]] == [s["prompt"] for s in sft["samples"][:2]]
+    assert step20["per_prompt"] == ppo["per_prompt"]
+    assert "evaluated on the first 2 of these prompts" in (tmp_path / "eval" / "report.md").read_text()
+
+
 def test_collapse_leads_the_report_and_the_recommendation_says_how_it_stands_to_ppos_choice(runs_dir, tmp_path, capsys):
     """A policy whose replies collapsed is the report's first section; a collapsed checkpoint is never
     recommended; and the recommendation says how it stands to the checkpoint the PPO run kept, and why."""
