@@ -519,13 +519,14 @@ def run(config: EvalConfig) -> dict:
     runs.seed_everything(config.seed)
     reference_cache: dict = {}
     done: dict = {}  # a PPO run's final policy is its last checkpoint: evaluate those weights once
-    # the checkpoints only draw a curve and choose among themselves: fewer prompts do (the first ones, same order)
+    # the checkpoints only draw a curve and choose among themselves: fewer prompts do (the first ones, same
+    # order), the same ones for all of them, so their scores compare
     few = min(config.checkpoint_prompts or len(prompts), len(prompts))
     checkpoint_prompts, checkpoint_columns = prompts[:few], rows_of(columns, range(few))
 
     def evaluate(adapter: Adapter, prompts: list, columns: dict[str, list]) -> dict:
-        key = fingerprint(adapter)
-        if key not in done or done[key]["prompts"] < len(prompts):  # on more prompts is as good
+        key = (fingerprint(adapter), len(prompts))
+        if key not in done:
             done[key] = evaluate_adapter(adapter, prompts, columns, scorers, config, reference_cache)
         return {**done[key], "label": adapter.label, "path": str(adapter.folder), "step": adapter.step}
 

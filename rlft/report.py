@@ -77,7 +77,9 @@ def plot_rewards(report: dict, results: list[dict]):
         ax.set_ylabel("mean score (bars: 95% CI)")
         ax.set_title(role(report, name), pad=16)
         ax.legend(fontsize=8, loc="lower right")
-    figure.suptitle(f"Reward on {report['prompts']['count']} held-out prompts: policy vs its reference")
+    count, few = report["prompts"]["count"], report["prompts"].get("checkpoints", report["prompts"]["count"])
+    where = f"{count} held-out prompts" + (f" ({few} for checkpoints)" if report["checkpoints"] and few < count else "")
+    figure.suptitle(f"Reward on {where}: policy vs its reference")
     figure.tight_layout()
     return figure
 
@@ -208,7 +210,7 @@ def checkpoint_prompts(report: dict) -> str:
     if not report["checkpoints"] or few >= count:
         return ""
     return (f" The checkpoints are evaluated on the first {few} of these prompts (eval.checkpoint_prompts), each "
-            f"against its reference on the same {few}; a checkpoint whose weights are a policy's shares its figures.")
+            f"against its reference on the same {few}.")
 
 
 def blocks(report: dict, images: dict[str, str]) -> list[tuple]:
