@@ -77,8 +77,8 @@ def plot_rewards(report: dict, results: list[dict]):
         ax.set_ylabel("mean score (bars: 95% CI)")
         ax.set_title(role(report, name), pad=16)
         ax.legend(fontsize=8, loc="lower right")
-    count, few = report["prompts"]["count"], report["prompts"].get("checkpoints", report["prompts"]["count"])
-    where = f"{count} held-out prompts" + (f" ({few} for checkpoints)" if report["checkpoints"] and few < count else "")
+    few = fewer_checkpoint_prompts(report)
+    where = f"{report['prompts']['count']} held-out prompts" + (f" ({few} for checkpoints)" if few else "")
     figure.suptitle(f"Reward on {where}: policy vs its reference")
     figure.tight_layout()
     return figure
@@ -205,12 +205,16 @@ def ci(stats: dict, digits: int = 3) -> str:
     return f"{stats['mean']:.{digits}f} ± {stats['mean'] - stats['ci95'][0]:.{digits}f}"
 
 
+def fewer_checkpoint_prompts(report: dict) -> int | None:
+    """How many prompts the checkpoints were evaluated on, where that is fewer than the policies' (else None)."""
+    few = report["prompts"].get("checkpoints", report["prompts"]["count"])  # reports before checkpoint_prompts
+    return few if report["checkpoints"] and few < report["prompts"]["count"] else None
+
+
 def checkpoint_prompts(report: dict) -> str:
-    count, few = report["prompts"]["count"], report["prompts"].get("checkpoints", report["prompts"]["count"])
-    if not report["checkpoints"] or few >= count:
-        return ""
+    few = fewer_checkpoint_prompts(report)
     return (f" The checkpoints are evaluated on the first {few} of these prompts (eval.checkpoint_prompts), each "
-            f"against its reference on the same {few}.")
+            f"against its reference on the same {few}.") if few else ""
 
 
 def blocks(report: dict, images: dict[str, str]) -> list[tuple]:
